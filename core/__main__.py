@@ -1,0 +1,217 @@
+"""Command line: ``python -m core {fetch-data,prepare,index,explain} ...`` (``-h`` on each)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _prepare_parser(sub) -> None:
+    p = sub.add_parser("prepare", help="train the classifier, detect spans, make checkpoints, variants and the index",
+                       description="Turn a dataset and a backbone into a prepared workspace. Settings left out "
+                                   "come from --preset (demo by default).")
+    p.add_argument("--dataset", default="mams", help="mams, sentihood, or a data file/folder (SemEval XML, JSONL, CSV)")
+    p.add_argument("--data-dir", help="folder holding mams-atsa/ and sentihood/ (default: $SPANLENS_DATA or ../shared/data)")
+    p.add_argument("--workspace", required=True, help="folder of the workspace to create or bring up to date")
+    p.add_argument("--preset", default="demo", choices=["demo", "paper"],
+                   help="demo: packaged MiniLM on CPU; paper: roberta-large, the paper's batch sizes, lr 1e-4, 100 epochs")
+    p.add_argument("--model", help="backbone: Hugging Face path or hub id (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--rc-model", help="extractive QA model for reading-comprehension spans (default: heuristic only)")
+    p.add_argument("--train-limit", type=int, help="use a seeded random subset of this many training instances")
+    p.add_argument("--eval-limit", type=int, help="likewise for dev and test")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--trainable-layers", type=int, help="last N encoder layers trained (plus pooler and head)")
+    p.add_argument("--checkpoints", type=int, help="last C epoch checkpoints kept for TracIn")
+    p.add_argument("--variants", type=int, help="number of variants theta + delta_i")
+    p.add_argument("--variant-lr", type=float, help="learning rate of the variants' single step")
+    p.add_argument("--max-length", type=int, help="max tokens per (aspect, text) pair")
+    p.add_argument("--span-importance", action=argparse.BooleanOptionalAction, default=None,
+                   help="choose spans among candidate chunks by the logit drop (paper Eq. 3)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
+    p.add_argument("--no-index", action="store_true", help="stop before building the gradient index")
+    _index_options(p)
+
+
+def _index_options(p) -> None:
+    p.add_argument("--proj-k", type=int, default=16, help="per-side projection width k (d is printed); 0 = exact")
+    p.add_argument("--proj-seed", type=int, default=0)
+
+
+def _index_settings(args):
+    from .index import IndexSettings
+
+    return IndexSettings(k=args.proj_k or None, seed=args.proj_seed)
+
+
+def cmd_prepare(args) -> int:
+    from .index import build_index
+    from .prepare import PrepareSettings, prepare
+    from .workspace import Workspace
+
+    settings = PrepareSettings.from_preset(
+        args.preset, dataset=args.dataset, data_dir=args.data_dir, model=args.model, rc_model=args.rc_model,
+        train_limit=args.train_limit, eval_limit=args.eval_limit, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, trainable_layers=args.trainable_layers, checkpoints=args.checkpoints, variants=args.variants,
+        variant_lr=args.variant_lr, max_length=args.max_length, span_importance=args.span_importance,
+        seed=args.seed, device=args.device,
+    )
+    manifest = prepare(settings, args.workspace)
+    if not args.no_index:
+        index = build_index(Workspace(args.workspace), _index_settings(args), device=args.device)
+        meta = index.meta
+        manifest = Workspace(args.workspace).manifest()
+        manifest.results["index"] = {"dim": meta["dim"], "seconds": meta["seconds"],
+                                     "bytes": index.size_bytes(), "examples_per_second": meta["examples_per_second"]}
+        Workspace(args.workspace).save_manifest(manifest)
+    _summary(manifest)
+    return 0
+
+
+def _summary(manifest) -> None:
+    print("\nSummary")
+    for stage, rec in manifest.stages.items():
+        print(f"  {stage:<11} {rec.get('seconds', 0):>8.1f}s  {json.dumps(rec.get('counts') or rec.get('timings') or '')}")
+    spans = manifest.stages.get("spans", {}).get("stats")
+    if spans:
+        print(f"  spans: {json.dumps(spans)}")
+    for key in ("dev_accuracy", "test_accuracy", "best_epoch", "index"):
+        if key in manifest.results:
+            print(f"  {key}: {manifest.results[key]}")
+
+
+def cmd_index(args) -> int:
+    from .index import build_index
+    from .workspace import Workspace
+
+    index = build_index(Workspace(args.workspace), _index_settings(args), device=args.device)
+    print(json.dumps({k: index.meta[k] for k in ("dim", "seconds", "examples_per_second", "projection")}, indent=2))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .backend import Backend
+    from .index import IndexSettings
+    from .ihvp import LissaSettings
+
+    backend = Backend(args.workspace, device=args.device, index_settings=IndexSettings(k=args.proj_k or None, seed=args.proj_seed))
+    if args.test_text is not None:
+        if not args.aspect:
+            raise SystemExit("--test-text needs --aspect")
+        test = backend.new_input(args.test_text, args.aspect)
+    elif args.test_id:
+        test = backend.test_input(args.test_id)
+    else:
+        raise SystemExit("give --test-id ID, or --test-text TEXT --aspect ASPECT")
+    lissa = LissaSettings(depth=args.lissa_depth)
+    out = []
+    for method in args.method:
+        exp = backend.explain(test, method, k=args.k, exact=args.exact, ihvp=args.ihvp, paper_signs=args.paper_signs,
+                              lissa=lissa)
+        out.append(exp)
+    if args.json:
+        print(json.dumps([_json_view(backend, e, args.opponents) for e in out], indent=2, ensure_ascii=False))
+        return 0
+    for exp in out:
+        _print_table(backend, test, exp, args.opponents)
+    return 0
+
+
+def _json_view(backend, exp, opponents: bool) -> dict:
+    data = exp.to_dict()
+    data.pop("scores")
+    if not opponents:
+        data.pop("opponents")
+    for key in ("top", "opponents"):
+        for hit in data.get(key, []):
+            row = backend.by_id[hit["train_id"]]
+            hit.update(text=row["text"], aspect=row["aspect"], label=row["label"], span=row.get("span"))
+    return data
+
+
+def _print_table(backend, test, exp, opponents: bool) -> None:
+    span = test.text[test.span[0]:test.span[1]] if test.span else "-"
+    print(f"\n{exp.method}  test {test.id or '(new review)'}  aspect {test.aspect!r}  span {span!r}")
+    print(f"  {json.dumps({k: v for k, v in exp.approx.items() if k != 'ihvp' or 'trace' not in v})}")
+    for title, hits in (("proponents", exp.top), ("opponents", exp.opponents if opponents else [])):
+        if not hits:
+            continue
+        print(f"  {title}:")
+        for hit in hits:
+            row = backend.by_id[hit.train_id]
+            sp = row.get("span")
+            text = row["text"] if not sp else f"{row['text'][:sp['start']]}[{row['text'][sp['start']:sp['end']]}]{row['text'][sp['end']:]}"
+            print(f"  {hit.rank:>3} {hit.score:>+11.4g}  {row['label']:<8} {row['aspect']!r}: {text[:140]}")
+
+
+def _explain_parser(sub) -> None:
+    p = sub.add_parser("explain", help="rank training instances (and spans) for a test instance",
+                       description="Explain a prediction with the top-K training instances of one or more methods.")
+    p.add_argument("--workspace", required=True)
+    p.add_argument("--test-id", help="id of a dataset instance (see instances.jsonl)")
+    p.add_argument("--test-text", help="a new review to explain (with --aspect)")
+    p.add_argument("--aspect")
+    p.add_argument("--method", action="append", required=True,
+                   help="IF, IF+, IF++, TracIn, TracInF, TracIn+, TracIn++, GroundTruth, Control (repeatable)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--opponents", action="store_true", help="also list the most negative scores")
+    p.add_argument("--exact", action="store_true", help="exact gradients, no projection (slow; small workspaces)")
+    p.add_argument("--ihvp", choices=["fast", "lissa"], default="fast", help="inverse Hessian for the IF family")
+    p.add_argument("--lissa-depth", type=int, default=1000)
+    p.add_argument("--paper-signs", action="store_true", help="IF with the paper's Eq. 1 minus sign")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--device")
+    _index_options(p)
+
+
+def cmd_fetch(args) -> int:
+    from .fetch import FetchError, fetch_data
+
+    try:
+        paths = fetch_data(Path(args.dest), tuple(args.datasets))
+    except FetchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m core", description="SpanLens: sample-based explanations with spans.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fetch-data", help="download MAMS and SentiHood from their public repositories")
+    f.add_argument("--dest", required=True)
+    f.add_argument("--datasets", nargs="+", default=["mams", "sentihood"], choices=["mams", "sentihood"])
+    _prepare_parser(sub)
+    i = sub.add_parser("index", help="build (or resume) the gradient index of a prepared workspace")
+    i.add_argument("--workspace", required=True)
+    i.add_argument("--device")
+    _index_options(i)
+    _explain_parser(sub)
+    return parser
+
+
+COMMANDS = {"fetch-data": cmd_fetch, "prepare": cmd_prepare, "index": cmd_index, "explain": cmd_explain}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (DataError, FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

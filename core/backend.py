@@ -1,0 +1,153 @@
+"""The one facade that the pages and the command line call.
+
+A :class:`Backend` opens a prepared workspace, loads the model, its parameter points and the
+gradient index once, and serves explanations from the workspace's SQLite store, computing each
+(workspace fingerprint, method, settings, test) only once.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+
+from .ihvp import LissaSettings
+from .index import GradientIndex, IndexSettings, LoadedModel, build_index, index_fingerprint, load_workspace_model
+from .methods import Engine, Explanation, TestInput, TrainingSide, rank, resolve_method
+from .model import HiddenCache
+from .spans import clause_span
+from .store import Store
+from .workspace import Workspace
+
+
+class Backend:
+    """Explanations for one workspace, cached in its store."""
+
+    def __init__(self, workspace: str | Path, *, device: str | None = None,
+                 index_settings: IndexSettings = IndexSettings()):
+        self.ws = Workspace(workspace)
+        if not self.ws.exists():
+            raise FileNotFoundError(f"{self.ws.root}: no manifest.json; run `python -m core prepare` first")
+        self.device = device
+        self.index_settings = index_settings
+        self.manifest = self.ws.manifest()
+        self.rows = self.ws.load_instances()
+        self.by_id = {row["id"]: row for row in self.rows}
+        self.train_ids = [row["id"] for row in self.rows if row["split"] == "train"]
+        self.store = Store(self.ws.store_path)
+
+    # loading -------------------------------------------------------------------------------
+    @cached_property
+    def loaded(self) -> LoadedModel:
+        return load_workspace_model(self.ws, self.device)
+
+    @cached_property
+    def index(self) -> GradientIndex:
+        return build_index(self.ws, self.index_settings, loaded=self.loaded, progress=False, log=lambda _: None)
+
+    @property
+    def fingerprint(self) -> str:
+        return index_fingerprint(self.ws, self.index_settings)
+
+    def engine(self, exact: bool = False) -> Engine:
+        if exact:
+            return self._exact_engine
+        return self._engine
+
+    @cached_property
+    def _engine(self) -> Engine:
+        from .gradients import Projector
+
+        projector = Projector(self.loaded.split, self.index_settings.k, self.index_settings.seed, self.loaded.device)
+        return Engine(self.loaded, TrainingSide(self.loaded, projector, self.index), self._checkpoint_lrs())
+
+    @cached_property
+    def _exact_engine(self) -> Engine:
+        from .gradients import Projector
+
+        full, labels = self.train_cache
+        masked = HiddenCache.load(self.index.root / "prefix-masked.safetensors")  # built with the index
+        projector = Projector(self.loaded.split, None, 0, self.loaded.device)
+        side = TrainingSide(self.loaded, projector, None, full, masked, labels, self.index_settings.batch_size)
+        return Engine(self.loaded, side, self._checkpoint_lrs())
+
+    @cached_property
+    def train_cache(self):
+        import torch
+
+        cache = HiddenCache.load(self.ws.root / "prefix" / "train.safetensors")
+        labels = torch.tensor([self.manifest.labels.index(self.by_id[i]["label"]) for i in self.train_ids])
+        return cache, labels
+
+    def _checkpoint_lrs(self) -> dict[str, float]:
+        records = self.manifest.stages.get("model", {}).get("checkpoints", [])
+        return {r["point"]: r["lr"] for r in records}
+
+    # instances -----------------------------------------------------------------------------
+    def instances(self, split: str | None = None) -> list[dict]:
+        return [row for row in self.rows if split is None or row["split"] == split]
+
+    def test_input(self, test_id: str) -> TestInput:
+        """The stored instance as a test input, with a person's span correction applied."""
+        row = self.by_id.get(test_id)
+        if row is None:
+            raise KeyError(f"no instance with id {test_id!r} in {self.ws.root}")
+        span = (row["span"]["start"], row["span"]["end"]) if row.get("span") else None
+        ann = self.store.current_annotations().get(test_id)
+        if ann is not None and ann.status == "fix":
+            span = (ann.corrected_start, ann.corrected_end)
+        return TestInput(row["aspect"], row["text"], row["label"], span, test_id)
+
+    def new_input(self, text: str, aspect: str) -> TestInput:
+        """A review not in the dataset: its span from the heuristic around the aspect."""
+        if not text.strip() or not aspect.strip():
+            raise ValueError("both a text and an aspect are needed")
+        span = clause_span(text, None, None, aspect)
+        return TestInput(aspect, text, None, span, None)
+
+    # explanations --------------------------------------------------------------------------
+    def explain(
+        self,
+        test: str | TestInput,
+        method: str,
+        *,
+        k: int = 10,
+        exact: bool = False,
+        ihvp: str = "fast",
+        damping: float | None = None,
+        paper_signs: bool = False,
+        lissa: LissaSettings = LissaSettings(),
+        use_cache: bool = True,
+    ) -> Explanation:
+        """Top-k proponents and opponents of a test input under ``method`` (cached)."""
+        m = resolve_method(method)
+        test_input = self.test_input(test) if isinstance(test, str) else test
+        settings = {"exact": exact, "ihvp": ihvp if m.inverse else None, "damping": damping if m.inverse else None,
+                    "paper_signs": paper_signs if m.name == "IF" else False, "span": test_input.span,
+                    "text": None if test_input.id else [test_input.aspect, test_input.text],
+                    "lissa": asdict(lissa) if m.inverse and ihvp == "lissa" else None}
+        key = test_input.id or "new"
+        if use_cache:
+            cached = self.store.get_result(self.fingerprint, m.name, settings, key)
+            if cached is not None and cached["k"] >= k:
+                return self._cut(Explanation.from_dict(cached), k)
+        engine = self.engine(exact)
+        scores = engine.scores([test_input], m, ihvp=ihvp, damping=damping, lissa_settings=lissa,
+                               paper_signs=paper_signs, train_cache=self.train_cache if ihvp == "lissa" else None)
+        values = scores.values[0]
+        keep = max(k, 100)
+        explanation = Explanation(
+            m.name, test_input.id, test_input.span, keep,
+            rank(values, self.train_ids, keep), rank(values, self.train_ids, keep, opponents=True),
+            [round(float(v), 8) for v in values], scores.approx, round(scores.seconds, 4),
+        )
+        if use_cache:
+            self.store.put_result(self.fingerprint, m.name, settings, key, explanation.to_dict(),
+                                  depends_on_train_spans=m.uses_spans)
+        return self._cut(explanation, k)
+
+    @staticmethod
+    def _cut(explanation: Explanation, k: int) -> Explanation:
+        explanation.top = explanation.top[:k]
+        explanation.opponents = explanation.opponents[:k]
+        explanation.k = k
+        return explanation

@@ -1,0 +1,249 @@
+"""The on-disk gradient index: query-independent training-side vectors of every parameter point.
+
+For each parameter point (``final``, ``checkpoint-K``, ``variant-I``) and every training
+instance z the index holds, projected to d dimensions:
+
+* ``full``: g(z; point)
+* ``diff``: g(z; point) - g(z_-ij; point)   (z_-ij: the instance's span masked)
+
+plus, at the final model, the CLS embeddings emb(x) and emb(x_-ij) that Sag needs and the
+Gauss-Newton matrix sum_n J_n^T (diag p_n - p_n p_n^T) J_n in the projected space (the fast
+inverse Hessian). Matrices are ``.npy`` files opened memory-mapped. The build is resumable: rows
+are written batch by batch and progress is recorded every few batches; an index whose
+fingerprint differs from the workspace's is rebuilt from scratch.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from numpy.lib.format import open_memmap
+from tqdm.auto import tqdm
+
+from .gradients import GradientCollector, Projector, class_weights, loss_weights
+from .model import (
+    Encoded,
+    HiddenCache,
+    SplitModel,
+    compute_prefix,
+    encode_pairs,
+    length_batches,
+    load_backbone,
+    load_params,
+    mask_span,
+    pick_device,
+    split_model,
+)
+from .workspace import Workspace, fingerprint, write_json_atomic
+
+KINDS = ("full", "diff")
+FLUSH_EVERY = 25  # batches between progress records
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """How the index is projected and built. ``k=None`` stores exact gradients (small N only)."""
+
+    k: int | None = 16
+    seed: int = 0
+    batch_size: int = 32
+
+
+@dataclass
+class LoadedModel:
+    """A workspace's classifier at theta, with its tokenizer and every parameter point."""
+
+    split: SplitModel
+    tokenizer: object
+    labels: list[str]
+    points: dict[str, dict[str, torch.Tensor]]
+    device: torch.device
+    max_length: int
+
+    def use(self, point: str) -> None:
+        """Load a parameter point into the model."""
+        self.split.load_state(self.points[point])
+
+    def encode(self, aspect: str, text: str) -> Encoded:
+        return encode_pairs(self.tokenizer, [(aspect, text)], self.max_length)[0]
+
+
+def load_workspace_model(ws: Workspace, device: str | None = None) -> LoadedModel:
+    """Load the classifier and all its parameter points (final, checkpoints, variants)."""
+    manifest = ws.manifest()
+    if not manifest.stage_done("variants", manifest.stages.get("variants", {}).get("fingerprint", "")):
+        raise FileNotFoundError(f"{ws.root} is not fully prepared: run `python -m core prepare` first")
+    settings = manifest.settings
+    dev = pick_device(device)
+    model, tokenizer = load_backbone(settings["model"], manifest.labels, settings["seed"])
+    split = split_model(model.to(dev), settings["trainable_layers"])
+    names = ["final"] + ws.points("checkpoint") + ws.points("variant")
+    points = {name: {k: v.to(dev) for k, v in load_params(ws.point_path(name)).items()} for name in names}
+    loaded = LoadedModel(split, tokenizer, list(manifest.labels), points, dev, settings["max_length"])
+    loaded.use("final")
+    return loaded
+
+
+def index_fingerprint(ws: Workspace, settings: IndexSettings, span_revision: str = "") -> str:
+    stages = ws.manifest().stages
+    upstream = [stages.get(s, {}).get("fingerprint") for s in ("spans", "model", "importance", "variants")]
+    return fingerprint(upstream, asdict(settings), span_revision)
+
+
+class GradientIndex:
+    """A built index, memory-mapped from ``root``."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.meta = json.loads((root / "meta.json").read_text())
+        if not self.meta.get("done"):
+            raise FileNotFoundError(f"{root}: the index build has not finished; run `python -m core index`")
+        self.ids: list[str] = self.meta["ids"]
+        self.points: list[str] = self.meta["points"]
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def matrix(self, point: str, kind: str) -> torch.Tensor:
+        """The (N, d) float32 training-side matrix of a point and kind, kept in memory once read."""
+        key = f"{point}.{kind}"
+        if key not in self._cache:
+            self._cache[key] = torch.from_numpy(np.load(self.root / f"{key}.npy", mmap_mode="r")[:].copy())
+        return self._cache[key]
+
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLS embeddings at theta of every training input and of its span-masked version."""
+        return (torch.from_numpy(np.load(self.root / "emb.full.npy")), torch.from_numpy(np.load(self.root / "emb.masked.npy")))
+
+    def gauss_newton(self) -> torch.Tensor:
+        """The mean Gauss-Newton matrix (d x d, float64) in the projected space."""
+        return torch.from_numpy(np.load(self.root / "ggn.npy"))
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+
+
+def _training_rows(ws: Workspace) -> list[dict]:
+    return [row for row in ws.load_instances() if row["split"] == "train"]
+
+
+def build_index(
+    ws: Workspace,
+    settings: IndexSettings = IndexSettings(),
+    *,
+    loaded: LoadedModel | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    log=print,
+) -> GradientIndex:
+    """Build (or resume, or reuse) the workspace's gradient index and return it."""
+    root = ws.root / "index"
+    fp = index_fingerprint(ws, settings)
+    meta_path = root / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if meta.get("fingerprint") == fp and meta.get("done"):
+        log(f"[index] up to date ({fp})")
+        return GradientIndex(root)
+    if meta.get("fingerprint") != fp:
+        shutil.rmtree(root, ignore_errors=True)
+        meta = {}
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    loaded = loaded or load_workspace_model(ws, device)
+    split, tok = loaded.split, loaded.tokenizer
+    rows = _training_rows(ws)
+    n = len(rows)
+    labels = torch.tensor([loaded.labels.index(r["label"]) for r in rows])
+    full_cache = HiddenCache.load(ws.root / "prefix" / "train.safetensors")
+    masked_path = root / "prefix-masked.safetensors"
+    if masked_path.exists():
+        masked_cache = HiddenCache.load(masked_path)
+    else:
+        enc = encode_pairs(tok, [(r["aspect"], r["text"]) for r in rows], loaded.max_length)
+        masked = [
+            mask_span(e, r["span"]["start"], r["span"]["end"], tok.mask_token_id) if r.get("span") else e
+            for e, r in zip(enc, rows)
+        ]
+        masked_cache = compute_prefix(
+            split, masked, tok.pad_token_id, device=loaded.device, desc="frozen prefix (masked spans)", progress=progress
+        )
+        masked_cache.save(masked_path)
+    projector = Projector(split, settings.k, settings.seed, loaded.device)
+    d = projector.dim
+    points = list(loaded.points)
+    if not meta:
+        meta = {"fingerprint": fp, "done": False, "ids": [r["id"] for r in rows], "points": points,
+                "projection": projector.describe(), "settings": asdict(settings), "progress": {}}
+        for point in points:
+            for kind in KINDS:
+                open_memmap(root / f"{point}.{kind}.npy", mode="w+", dtype=np.float32, shape=(n, d)).flush()
+        hidden = full_cache.states[0].shape[1]
+        for kind in ("full", "masked"):
+            open_memmap(root / f"emb.{kind}.npy", mode="w+", dtype=np.float32, shape=(n, hidden)).flush()
+        np.save(root / "ggn.npy", np.zeros((d, d)))
+        write_json_atomic(meta_path, meta)
+    batches = length_batches(full_cache.lengths(), settings.batch_size)
+    n_classes = len(loaded.labels)
+    for point in points:
+        done = meta["progress"].get(point, 0)
+        if done >= len(batches):
+            continue
+        loaded.use(point)
+        mats = {kind: np.load(root / f"{point}.{kind}.npy", mmap_mode="r+") for kind in KINDS}
+        at_theta = point == "final"
+        if at_theta:
+            ggn = torch.from_numpy(np.load(root / "ggn.npy"))
+            emb = {kind: np.load(root / f"emb.{kind}.npy", mmap_mode="r+") for kind in ("full", "masked")}
+        bar = tqdm(total=len(batches), initial=done, desc=f"index {point}", unit="batch", disable=not progress)
+        with GradientCollector(split, projector) as collector:
+            for b in range(done, len(batches)):
+                idx = batches[b]
+                h1, m1 = full_cache.batch(idx, loaded.device)
+                h2, m2 = masked_cache.batch(idx, loaded.device)
+                h = torch.cat([h1, h2])
+                m = torch.cat([m1, m2])
+                y = labels[idx].repeat(2)
+                weights = [loss_weights(y)] + ([class_weights(c) for c in range(n_classes)] if at_theta else [])
+                grads, logits, cls = collector.gradients(h, m, weights)
+                g = grads[0].cpu()
+                nb = len(idx)
+                mats["full"][idx] = g[:nb].numpy()
+                mats["diff"][idx] = (g[:nb] - g[nb:]).numpy()
+                if at_theta:
+                    emb["full"][idx] = cls[:nb].cpu().numpy()
+                    emb["masked"][idx] = cls[nb:].cpu().numpy()
+                    ggn += _gauss_newton_batch(logits[:nb].cpu(), [j[:nb].cpu() for j in grads[1:]])
+                if (b + 1) % FLUSH_EVERY == 0 or b + 1 == len(batches):
+                    for mat in mats.values():
+                        mat.flush()
+                    if at_theta:
+                        for mat in emb.values():
+                            mat.flush()
+                        np.save(root / "ggn.npy", ggn.numpy())
+                    meta["progress"][point] = b + 1
+                    write_json_atomic(meta_path, meta)
+                bar.update(1)
+        bar.close()
+        del mats
+    loaded.use("final")
+    ggn = np.load(root / "ggn.npy") / max(n, 1)
+    np.save(root / "ggn.npy", ggn)
+    meta.update(done=True, seconds=round(time.perf_counter() - started, 1), dim=d,
+                examples_per_second=round(n * len(points) / max(time.perf_counter() - started, 1e-9), 1))
+    write_json_atomic(meta_path, meta)
+    log(f"[index] built: {n} training instances x {len(points)} points x d={d} in {meta['seconds']:.1f}s")
+    return GradientIndex(root)
+
+
+def _gauss_newton_batch(logits: torch.Tensor, jacobian_rows: list[torch.Tensor]) -> torch.Tensor:
+    """sum_b J_b^T (diag p_b - p_b p_b^T) J_b from the per-class rows J_bc (each (B, d))."""
+    p = logits.double().softmax(-1)  # (B, C)
+    jac = torch.stack(jacobian_rows, dim=1).double()  # (B, C, d)
+    # diag(p) - p p^T = sum_c p_c (e_c - p)(e_c - p)^T, so rows sqrt(p_c) (e_c - p)^T J are a factor
+    eye = torch.eye(p.shape[1], dtype=p.dtype)
+    coeff = (eye[None] - p[:, None, :]) * p[:, :, None].sqrt()  # (B, C, C): row c = sqrt(p_c)(e_c - p)
+    factor = torch.einsum("bck,bkd->bcd", coeff, jac).reshape(-1, jac.shape[-1])
+    return factor.T @ factor

@@ -1,0 +1,315 @@
+"""The eight methods as descriptions over one inner-product engine.
+
+Every method is ``score(z) = sum_p w_p * T_p . X_p(z)``: a test-side vector T_p and a
+training-side vector X_p(z) at each parameter point p. Methods differ only in
+
+* which points are summed: ``final`` (theta), ``checkpoints`` (weighted by their learning rates
+  eta_c), or ``variants`` (theta + delta_i);
+* which gradients make each side: ``full`` = g(z) on the training side and g(z') on the test side;
+  ``diff`` = g(z) - g(z_-ij) on the training side and g(z'_-kl) - g(z') on the test side;
+* whether the test side is multiplied by the inverse Hessian (the IF family).
+
+Larger score = stronger proponent for every method. The paper's Eq. 1 puts a minus sign on IF
+only; ``paper_signs=True`` applies it (ranked descending, that lists IF's opponents first).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .gradients import GradientCollector, Projector, class_weights, loss_weights
+from .ihvp import DampedInverse, LissaSettings, lissa
+from .index import GradientIndex, LoadedModel
+from .model import HiddenCache, compute_prefix, length_batches, mask_span
+
+
+@dataclass(frozen=True)
+class Method:
+    """One explanation method as a point set, two sides and an optional inverse Hessian."""
+
+    name: str
+    points: str  # "final" | "checkpoints" | "variants"
+    train: str  # "full" | "diff"
+    test: str  # "full" | "diff"
+    inverse: bool = False
+    weighted: bool = False  # checkpoint learning rates as weights (TracIn)
+    uses_spans: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "uses_spans", "diff" in (self.train, self.test))
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("IF", "final", "full", "full", inverse=True),
+        Method("IF+", "final", "diff", "full", inverse=True),
+        Method("IF++", "final", "diff", "diff", inverse=True),
+        Method("TracIn", "checkpoints", "full", "full", weighted=True),
+        Method("TracInF", "variants", "full", "full"),
+        Method("TracIn+", "variants", "diff", "full"),
+        Method("TracIn++", "variants", "diff", "diff"),
+        Method("GroundTruth", "final", "diff", "diff"),
+    )
+}
+# TracIn++ with checkpoints in place of variants: the paper's "Control" (table 4).
+CONTROL = Method("Control", "checkpoints", "diff", "diff")
+PAPER_METHODS = ("IF", "IF+", "IF++", "TracInF", "TracIn+", "TracIn++")
+
+
+def resolve_method(name: str) -> Method:
+    """A method by name, case-insensitively (``gt``/``ground-truth`` for GroundTruth)."""
+    table = {m.lower(): m for m in [*METHODS, CONTROL.name]}
+    table.update({"gt": "GroundTruth", "ground-truth": "GroundTruth", "groundtruth": "GroundTruth"})
+    key = table.get(name.strip().lower())
+    if key is None:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join([*METHODS, CONTROL.name])}")
+    return CONTROL if key == CONTROL.name else METHODS[key]
+
+
+@dataclass(frozen=True)
+class TestInput:
+    """The instance to explain: the pair, its gold label when known, and its span."""
+
+    aspect: str
+    text: str
+    label: str | None = None
+    span: tuple[int, int] | None = None
+    id: str | None = None
+
+
+class TrainingSide:
+    """Training-side vectors: from the index (projected) or streamed exactly (no projection)."""
+
+    def __init__(self, loaded: LoadedModel, projector: Projector, index: GradientIndex | None = None,
+                 full: HiddenCache | None = None, masked: HiddenCache | None = None,
+                 labels: torch.Tensor | None = None, batch_size: int = 32):
+        self.loaded, self.projector, self.index = loaded, projector, index
+        self.full, self.masked, self.labels, self.batch_size = full, masked, labels, batch_size
+        self._gram: torch.Tensor | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.index is None
+
+    def dot(self, point: str, kind: str, vecs: torch.Tensor) -> torch.Tensor:
+        """(Q, N) inner products of test vectors (Q, d) with every training vector."""
+        if self.index is not None:
+            return vecs.float() @ self.index.matrix(point, kind).T
+        return self._stream(point, kind, vecs)
+
+    def _stream(self, point: str, kind: str, vecs: torch.Tensor) -> torch.Tensor:
+        assert self.full is not None and self.masked is not None and self.labels is not None
+        out = torch.zeros(vecs.shape[0], len(self.full), dtype=torch.float64)
+        self.loaded.use(point)
+        vecs = vecs.to(self.loaded.device).double()
+        with GradientCollector(self.loaded.split, self.projector) as col:
+            for idx in length_batches(self.full.lengths(), self.batch_size):
+                h1, m1 = self.full.batch(idx, self.loaded.device)
+                h2, m2 = self.masked.batch(idx, self.loaded.device)
+                (g,), _, _ = col.gradients(torch.cat([h1, h2]), torch.cat([m1, m2]), [loss_weights(self.labels[idx].repeat(2))])
+                nb = len(idx)
+                rows = g[:nb] if kind == "full" else g[:nb] - g[nb:]
+                out[:, idx] = (vecs @ rows.double().T).cpu()
+        self.loaded.use("final")
+        return out.float()
+
+    def gram(self) -> torch.Tensor:
+        """The mean Gauss-Newton matrix at theta in this side's space."""
+        if self._gram is None:
+            self._gram = self.index.gauss_newton() if self.index is not None else self._exact_gram()
+        return self._gram
+
+    def _exact_gram(self, limit: int = 20_000) -> torch.Tensor:
+        from .index import _gauss_newton_batch
+
+        d = self.projector.dim
+        if d > limit:
+            raise ValueError(f"an exact inverse over {d} parameters is out of reach; use ihvp='lissa'")
+        gram = torch.zeros(d, d, dtype=torch.float64)
+        n_classes = len(self.loaded.labels)
+        self.loaded.use("final")
+        with GradientCollector(self.loaded.split, self.projector) as col:
+            for idx in length_batches(self.full.lengths(), self.batch_size):
+                h, m = self.full.batch(idx, self.loaded.device)
+                rows, logits, _ = col.gradients(h, m, [class_weights(c) for c in range(n_classes)])
+                gram += _gauss_newton_batch(logits.cpu(), [r.cpu() for r in rows])
+        return gram / len(self.full)
+
+
+@dataclass
+class Scores:
+    """Scores of every training instance for each test input, and how they were computed."""
+
+    method: str
+    values: torch.Tensor  # (Q, N)
+    approx: dict
+    seconds: float
+
+
+class Engine:
+    """Computes any method's scores for test inputs over one training side."""
+
+    def __init__(self, loaded: LoadedModel, side: TrainingSide, checkpoint_lrs: dict[str, float]):
+        self.loaded = loaded
+        self.side = side
+        self.projector = side.projector
+        self.checkpoint_lrs = checkpoint_lrs
+        self._inverse: dict[float | None, DampedInverse] = {}
+
+    def point_names(self, method: Method) -> list[str]:
+        names = list(self.loaded.points)
+        if method.points == "final":
+            return ["final"]
+        chosen = [p for p in names if p.startswith(method.points[:-1] + "-")]
+        if not chosen:
+            raise ValueError(f"{method.name} needs {method.points}, and this workspace has none")
+        return chosen
+
+    # test side ---------------------------------------------------------------------------
+    def _test_caches(self, tests: list[TestInput]) -> tuple[HiddenCache, torch.Tensor]:
+        tok = self.loaded.tokenizer
+        encs = []
+        for t in tests:
+            e = self.loaded.encode(t.aspect, t.text)
+            masked = mask_span(e, t.span[0], t.span[1], tok.mask_token_id) if t.span else e
+            encs += [e, masked]
+        cache = compute_prefix(self.loaded.split, encs, tok.pad_token_id, device=self.loaded.device, progress=False)
+        return cache, self._labels(tests, cache)
+
+    def _labels(self, tests: list[TestInput], cache: HiddenCache) -> torch.Tensor:
+        """Gold labels; the prediction at theta where a test input has none."""
+        labels = []
+        self.loaded.use("final")
+        for q, t in enumerate(tests):
+            if t.label is not None:
+                labels.append(self.loaded.labels.index(t.label))
+            else:
+                h, m = cache.batch([2 * q])
+                with torch.no_grad():
+                    labels.append(int(self.loaded.split.top(inputs_embeds=h.to(self.loaded.device), attention_mask=m.to(self.loaded.device)).logits.argmax()))
+        return torch.tensor(labels)
+
+    def test_vectors(self, tests: list[TestInput], point: str, kind: str, cache=None) -> torch.Tensor:
+        """(Q, d) test-side vectors at a point: g(z') or g(z'_-kl) - g(z')."""
+        cache, labels = cache or self._test_caches(tests)
+        self.loaded.use(point)
+        rows = list(range(len(cache)))
+        h, m = cache.batch(rows, self.loaded.device)
+        with GradientCollector(self.loaded.split, self.projector) as col:
+            (g,), _, _ = col.gradients(h, m, [loss_weights(labels.repeat_interleave(2))])
+        self.loaded.use("final")
+        full, masked = g[0::2], g[1::2]
+        return (full if kind == "full" else masked - full).detach()
+
+    # scores ------------------------------------------------------------------------------
+    def inverse(self, damping: float | None = None) -> DampedInverse:
+        if damping not in self._inverse:
+            self._inverse[damping] = DampedInverse(self.side.gram(), damping)
+        return self._inverse[damping]
+
+    def scores(
+        self,
+        tests: list[TestInput],
+        method: Method,
+        *,
+        ihvp: str = "fast",
+        damping: float | None = None,
+        lissa_settings: LissaSettings = LissaSettings(),
+        paper_signs: bool = False,
+        train_cache: tuple[HiddenCache, torch.Tensor] | None = None,
+    ) -> Scores:
+        """Scores (Q, N) of ``method`` for ``tests``; ``train_cache`` (hidden states, labels) is
+        needed for LiSSA's Hessian-vector products."""
+        started = time.perf_counter()
+        caches = self._test_caches(tests)
+        approx: dict = {"projection": self.projector.describe(), "exact": self.side.exact, "points": self.point_names(method)}
+        total = None
+        for point in self.point_names(method):
+            vecs = self.test_vectors(tests, point, method.test, caches)
+            if method.inverse:
+                vecs, approx["ihvp"] = self._apply_inverse(tests, method, vecs, ihvp, damping, lissa_settings, train_cache, caches)
+            weight = self.checkpoint_lrs.get(point, 1.0) if method.weighted else 1.0
+            part = weight * self.side.dot(point, method.train, vecs)
+            total = part if total is None else total + part
+        if paper_signs and method.name == "IF":
+            total = -total
+        approx["paper_signs"] = paper_signs
+        return Scores(method.name, total, approx, time.perf_counter() - started)
+
+    def _apply_inverse(self, tests, method, vecs, ihvp, damping, settings, train_cache, caches):
+        if ihvp == "fast":
+            inv = self.inverse(damping)
+            return inv.solve(vecs.double().cpu()).float(), inv.describe()
+        if ihvp != "lissa":
+            raise ValueError(f"ihvp must be 'fast' or 'lissa', got {ihvp!r}")
+        if train_cache is None:
+            raise ValueError("LiSSA needs the training cache (hidden states and labels)")
+        dense = self.dense_test_gradients(tests, method.test, caches)
+        out, info = [], []
+        for q in range(len(tests)):
+            res = lissa(self.loaded.split, train_cache[0], train_cache[1], dense[q], settings, device=self.loaded.device)
+            out.append(self.projector.project_params(res.vector))
+            info.append(res.describe() | {"trace": res.trace})
+        return torch.stack(out).float(), info[0] if len(info) == 1 else {"mode": "lissa", "runs": info}
+
+    def dense_test_gradients(self, tests: list[TestInput], kind: str, caches) -> list[dict[str, torch.Tensor]]:
+        """Unprojected test-side vectors at theta (for LiSSA), one dict per test."""
+        cache, labels = caches
+        self.loaded.use("final")
+        params = self.loaded.split.top_params()
+        from .model import top_forward
+
+        out = []
+        for q in range(len(tests)):
+            grads = []
+            for row in (2 * q, 2 * q + 1):
+                h, m = cache.batch([row], self.loaded.device)
+                loss = torch.nn.functional.cross_entropy(top_forward(self.loaded.split, h, m), labels[q : q + 1].to(self.loaded.device))
+                grads.append(torch.autograd.grad(loss, list(params.values())))
+            g_full, g_masked = grads
+            pick = g_full if kind == "full" else [b - a for a, b in zip(g_full, g_masked)]
+            out.append({n: x.detach() for n, x in zip(params, pick)})
+        return out
+
+
+@dataclass
+class Hit:
+    rank: int
+    train_id: str
+    score: float
+
+
+@dataclass
+class Explanation:
+    """One method's answer for one test input."""
+
+    method: str
+    test_id: str | None
+    test_span: tuple[int, int] | None
+    k: int
+    top: list[Hit]
+    opponents: list[Hit]
+    scores: list[float]
+    approx: dict
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Explanation":
+        data = dict(data)
+        data["top"] = [Hit(**h) for h in data["top"]]
+        data["opponents"] = [Hit(**h) for h in data["opponents"]]
+        data["test_span"] = tuple(data["test_span"]) if data["test_span"] else None
+        return cls(**data)
+
+
+def rank(scores: torch.Tensor, ids: list[str], k: int, *, opponents: bool = False) -> list[Hit]:
+    """Top-k training ids by score (descending), or the k most negative (ascending)."""
+    k = min(k, len(ids))
+    values, idx = torch.topk(scores.double(), k, largest=not opponents)
+    return [Hit(r + 1, ids[int(i)], float(v)) for r, (v, i) in enumerate(zip(values, idx))]

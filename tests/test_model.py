@@ -1,0 +1,167 @@
+"""Backbone split, trainable subset, span masking, training resume and variants."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from core.model import (
+    HiddenCache,
+    TrainConfig,
+    collate,
+    compute_prefix,
+    encode_pairs,
+    load_backbone,
+    make_variants,
+    mask_span,
+    span_token_positions,
+    split_model,
+    top_forward,
+    train,
+)
+from tests.builders import roberta_tokenizer, tiny_bert, tiny_deberta, tiny_roberta
+
+LABELS = ["negative", "neutral", "positive"]
+PAIRS = [
+    ("food", "The decor is not special at all but their food and amazing prices make up for it."),
+    ("manager", "when tables opened up, the manager sat another party before us."),
+    ("service", "service is good although a bit in your face, we were asked every five mins"),
+]
+
+
+@pytest.fixture(scope="module")
+def backbones(tmp_path_factory):
+    root = tmp_path_factory.mktemp("backbones")
+    return {"bert": tiny_bert(root / "bert"), "roberta": tiny_roberta(root / "roberta"), "deberta": tiny_deberta(root / "deberta")}
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "deberta"])
+def test_top_of_bottom_equals_full_model(backbones, family):
+    model, tok = load_backbone(str(backbones[family]), LABELS, seed=1)
+    split = split_model(model, 2)
+    batch = collate(encode_pairs(tok, PAIRS), tok.pad_token_id)
+    with torch.no_grad():
+        full = model(**batch).logits
+        hidden = split.bottom(**batch).last_hidden_state
+        top = top_forward(split, hidden, batch["attention_mask"])
+    assert torch.allclose(full, top, atol=1e-5), (full - top).abs().max()
+
+
+@pytest.mark.parametrize("family,n", [("bert", 1), ("bert", 2), ("roberta", 2), ("deberta", 2), ("deberta", 3)])
+def test_trainable_subset_is_last_layers_pooler_and_head(backbones, family, n):
+    model, _ = load_backbone(str(backbones[family]), LABELS)
+    split = split_model(model, n)
+    depth = model.config.num_hidden_layers
+    layers = {int(m.group(1)) for name in split.trainable if (m := re.search(r"encoder\.layer\.(\d+)\.", name))}
+    assert layers == set(range(depth - n, depth))
+    assert not any("embeddings" in name for name in split.trainable)
+    assert any(name.startswith("classifier") for name in split.trainable)
+    head_and_pooler = [n for n in split.trainable if "encoder.layer" not in n]
+    assert all("pooler" in n or n.startswith("classifier") for n in head_and_pooler)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert set(frozen).isdisjoint(split.trainable) and len(frozen) + len(split.trainable) == len(list(model.parameters()))
+
+
+def test_trainable_layers_out_of_range(backbones):
+    model, _ = load_backbone(str(backbones["bert"]), LABELS)
+    with pytest.raises(ValueError, match="1..3"):
+        split_model(model, 4)
+
+
+def _check_masking(tok, aspect: str, text: str, start: int, end: int) -> None:
+    enc = encode_pairs(tok, [(aspect, text)])[0]
+    masked = mask_span(enc, start, end, tok.mask_token_id)
+    assert len(masked) == len(enc)
+    pos = span_token_positions(enc, start, end)
+    assert pos, "the span covers at least one token"
+    changed = [k for k, (a, b) in enumerate(zip(enc.input_ids, masked.input_ids)) if a != b]
+    assert changed == pos
+    assert all(masked.input_ids[k] == tok.mask_token_id for k in pos)
+    covered = tok.decode([enc.input_ids[k] for k in pos]).strip().lower()
+    assert covered == text[start:end].lower()
+    # the aspect segment is never masked, even when the span's words also appear there
+    aspect_positions = [k for k, off in enumerate(enc.text_offsets) if off is None]
+    assert all(masked.input_ids[k] == enc.input_ids[k] for k in aspect_positions)
+
+
+def test_masking_bert_tokenizer(backbones):
+    _, tok = load_backbone(str(backbones["bert"]), LABELS)
+    text = PAIRS[0][1]
+    start = text.index("their food")
+    _check_masking(tok, "food", text, start, start + len("their food and amazing prices"))
+
+
+def test_masking_roberta_tokenizer(tmp_path):
+    tok = roberta_tokenizer(tmp_path)
+    assert tok.mask_token == "<mask>"
+    text = "the food was great but the service was slow"
+    start = text.index("the service")
+    _check_masking(tok, "service", text, start, len(text))
+
+
+def test_empty_span_masks_nothing(backbones):
+    _, tok = load_backbone(str(backbones["bert"]), LABELS)
+    enc = encode_pairs(tok, [PAIRS[1]])[0]
+    assert mask_span(enc, 5, 5, tok.mask_token_id) == enc
+
+
+def _caches(backbone, n=24):
+    model, tok = load_backbone(str(backbone), LABELS, seed=0)
+    split = split_model(model, 2)
+    texts = [(a, f"{t} number {i}") for i in range(n) for a, t in [PAIRS[i % 3]]]
+    cache = compute_prefix(split, encode_pairs(tok, texts), tok.pad_token_id, progress=False)
+    labels = torch.tensor([i % 3 for i in range(n)])
+    return split, cache, labels
+
+
+def test_variants_reproducible_from_seed(backbones):
+    split, cache, labels = _caches(backbones["bert"])
+    theta = split.state()
+    a, rec_a = make_variants(split, cache, labels, count=3, batch_size=4, seed=7)
+    b, rec_b = make_variants(split, cache, labels, count=3, batch_size=4, seed=7)
+    c, _ = make_variants(split, cache, labels, count=3, batch_size=4, seed=8)
+    assert rec_a == rec_b
+    assert all(torch.equal(a[i][n], b[i][n]) for i in range(3) for n in a[i])
+    assert any(not torch.equal(a[0][n], c[0][n]) for n in a[0])
+    assert len({r.rows for r in rec_a}) == 3, "each variant has its own mini-batch"
+    # theta_i - theta = -lr * grad, tiny and non-zero; theta itself untouched
+    step = torch.cat([(a[0][n] - theta[n]).flatten() for n in theta]).norm()
+    assert 0 < float(step) == pytest.approx(rec_a[0].step_norm, rel=1e-3)
+    assert all(torch.equal(split.state()[n], theta[n]) for n in theta)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_training_resumes_to_the_same_parameters(backbones, tmp_path):
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-3, checkpoints=2)
+    split, cache, labels = _caches(backbones["bert"])
+    start = split.state()
+    state = train(split, cache, labels, cache, labels, cfg, out_dir=tmp_path / "straight", progress=False)
+    straight = split.state()
+    assert [r.epoch for r in state.history] == [1, 2, 3]
+    assert sorted(p.name for p in (tmp_path / "straight").glob("epoch-*")) == ["epoch-2.safetensors", "epoch-3.safetensors"]
+
+    split.load_state(start)
+
+    def stop_after_two(record):
+        if record.epoch == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(split, cache, labels, cache, labels, cfg, out_dir=tmp_path / "resumed", progress=False, on_epoch=stop_after_two)
+    split.load_state(start)  # a fresh process would start from the backbone again
+    state = train(split, cache, labels, cache, labels, cfg, out_dir=tmp_path / "resumed", progress=False)
+    assert [r.epoch for r in state.history] == [1, 2, 3]
+    resumed = split.state()
+    assert all(torch.allclose(straight[n], resumed[n], atol=1e-6) for n in straight)
+
+
+def test_hidden_cache_round_trip(backbones, tmp_path):
+    _, cache, _ = _caches(backbones["bert"], n=5)
+    cache.save(tmp_path / "c.safetensors")
+    again = HiddenCache.load(tmp_path / "c.safetensors")
+    assert again.lengths() == cache.lengths()
+    assert all(torch.equal(a, b) for a, b in zip(cache.states, again.states))
