@@ -132,7 +132,6 @@ class GradientCollector:
         self._inputs: dict[str, torch.Tensor] = {}
         self._parts: dict[str, list[torch.Tensor]] = {}
         self._handles: list = []
-        self._params = list(split.top_params().values())
 
     # hooks ------------------------------------------------------------------
     def _forward_hook(self, name: str):
@@ -205,11 +204,14 @@ class GradientCollector:
         (:func:`loss_weights`, :func:`class_weights`). Returns (one (B, d) gradient matrix per
         weight set, logits (B, C), CLS embeddings (B, H)). Must run inside ``with collector:``.
         """
+        # Differentiate w.r.t. the input only: the hooks see every output gradient on the way,
+        # and autograd skips the batch-summed weight gradients that nobody needs.
+        h = h.detach().requires_grad_(True)
         logits, cls = top_forward(self.split, h, mask, with_cls=True)
         outs = []
         for i, w in enumerate(weights):
             w = w(logits.detach()) if callable(w) else w
-            torch.autograd.grad(logits, self._params, grad_outputs=w, retain_graph=i < len(weights) - 1)
+            torch.autograd.grad(logits, h, grad_outputs=w, retain_graph=i < len(weights) - 1)
             outs.append(self._assemble())
         return outs, logits.detach(), cls.detach()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -186,46 +187,36 @@ def build_index(
         np.save(root / "ggn.npy", np.zeros((d, d)))
         write_json_atomic(meta_path, meta)
     batches = length_batches(full_cache.lengths(), settings.batch_size)
-    n_classes = len(loaded.labels)
     for point in points:
         done = meta["progress"].get(point, 0)
         if done >= len(batches):
             continue
-        loaded.use(point)
-        mats = {kind: np.load(root / f"{point}.{kind}.npy", mmap_mode="r+") for kind in KINDS}
         at_theta = point == "final"
+        mats = {kind: np.load(root / f"{point}.{kind}.npy", mmap_mode="r+") for kind in KINDS}
         if at_theta:
             ggn = torch.from_numpy(np.load(root / "ggn.npy"))
             emb = {kind: np.load(root / f"emb.{kind}.npy", mmap_mode="r+") for kind in ("full", "masked")}
         bar = tqdm(total=len(batches), initial=done, desc=f"index {point}", unit="batch", disable=not progress)
-        with GradientCollector(split, projector) as collector:
-            for b in range(done, len(batches)):
-                idx = batches[b]
-                h1, m1 = full_cache.batch(idx, loaded.device)
-                h2, m2 = masked_cache.batch(idx, loaded.device)
-                h = torch.cat([h1, h2])
-                m = torch.cat([m1, m2])
-                y = labels[idx].repeat(2)
-                weights = [loss_weights(y)] + ([class_weights(c) for c in range(n_classes)] if at_theta else [])
-                grads, logits, cls = collector.gradients(h, m, weights)
-                g = grads[0].cpu()
-                nb = len(idx)
-                mats["full"][idx] = g[:nb].numpy()
-                mats["diff"][idx] = (g[:nb] - g[nb:]).numpy()
+        grads = training_gradients(loaded, projector, full_cache, masked_cache, labels, point, batches[done:],
+                                   with_jacobian=at_theta)
+        for b, batch in enumerate(grads, start=done):
+            idx = batch.rows
+            mats["full"][idx] = batch.full.numpy()
+            mats["diff"][idx] = batch.diff.numpy()
+            if at_theta:
+                emb["full"][idx] = batch.cls_full.numpy()
+                emb["masked"][idx] = batch.cls_masked.numpy()
+                ggn += gauss_newton_batch(batch.logits, batch.jacobian)
+            if (b + 1) % FLUSH_EVERY == 0 or b + 1 == len(batches):
+                for mat in mats.values():
+                    mat.flush()
                 if at_theta:
-                    emb["full"][idx] = cls[:nb].cpu().numpy()
-                    emb["masked"][idx] = cls[nb:].cpu().numpy()
-                    ggn += _gauss_newton_batch(logits[:nb].cpu(), [j[:nb].cpu() for j in grads[1:]])
-                if (b + 1) % FLUSH_EVERY == 0 or b + 1 == len(batches):
-                    for mat in mats.values():
+                    for mat in emb.values():
                         mat.flush()
-                    if at_theta:
-                        for mat in emb.values():
-                            mat.flush()
-                        np.save(root / "ggn.npy", ggn.numpy())
-                    meta["progress"][point] = b + 1
-                    write_json_atomic(meta_path, meta)
-                bar.update(1)
+                    np.save(root / "ggn.npy", ggn.numpy())
+                meta["progress"][point] = b + 1
+                write_json_atomic(meta_path, meta)
+            bar.update(1)
         bar.close()
         del mats
     loaded.use("final")
@@ -238,10 +229,65 @@ def build_index(
     return GradientIndex(root)
 
 
-def _gauss_newton_batch(logits: torch.Tensor, jacobian_rows: list[torch.Tensor]) -> torch.Tensor:
-    """sum_b J_b^T (diag p_b - p_b p_b^T) J_b from the per-class rows J_bc (each (B, d))."""
+@dataclass
+class GradientBatch:
+    """Training-side vectors of one batch at one parameter point (all on the CPU)."""
+
+    rows: list[int]
+    full: torch.Tensor  # g(z)                      (B, d)
+    diff: torch.Tensor  # g(z) - g(z_-ij)            (B, d)
+    logits: torch.Tensor  # of the whole inputs      (B, C)
+    cls_full: torch.Tensor  # emb(x)                 (B, H)
+    cls_masked: torch.Tensor  # emb(x_-ij)           (B, H)
+    jacobian: torch.Tensor | None = None  # J(z)     (B, C, d), when asked
+
+
+def training_gradients(
+    loaded: LoadedModel,
+    projector: Projector,
+    full_cache: HiddenCache,
+    masked_cache: HiddenCache,
+    labels: torch.Tensor,
+    point: str,
+    batches: list[list[int]],
+    *,
+    with_jacobian: bool = False,
+) -> Iterator[GradientBatch]:
+    """Per-example (projected) training-side vectors at ``point``, batch by batch.
+
+    Each batch runs the whole inputs and their span-masked versions together (one backward
+    pass, or one per class when the Jacobian is asked for: the loss gradient is then formed
+    from it). The model is back at theta afterwards.
+    """
+    n_classes = len(loaded.labels)
+    loaded.use(point)
+    try:
+        with GradientCollector(loaded.split, projector) as collector:
+            for idx in batches:
+                h1, m1 = full_cache.batch(idx, loaded.device)
+                h2, m2 = masked_cache.batch(idx, loaded.device)
+                h, m = torch.cat([h1, h2]), torch.cat([m1, m2])
+                y = labels[idx].repeat(2)
+                nb = len(idx)
+                jac = None
+                if with_jacobian:
+                    rows, logits, cls = collector.gradients(h, m, [class_weights(c) for c in range(n_classes)])
+                    jac = torch.stack(rows, dim=1).cpu()
+                    g = torch.einsum("bc,bcd->bd", loss_weights(y)(logits.cpu()), jac)
+                else:
+                    (g,), logits, cls = collector.gradients(h, m, [loss_weights(y)])
+                    g = g.cpu()
+                cls = cls.cpu()
+                yield GradientBatch(list(idx), g[:nb], g[:nb] - g[nb:], logits[:nb].cpu(), cls[:nb], cls[nb:],
+                                    None if jac is None else jac[:nb])
+    finally:
+        loaded.use("final")
+
+
+def gauss_newton_batch(logits: torch.Tensor, jacobian: torch.Tensor) -> torch.Tensor:
+    """sum_b J_b^T (diag p_b - p_b p_b^T) J_b from the Jacobians J_b (B, C, d)."""
     p = logits.double().softmax(-1)  # (B, C)
-    jac = torch.stack(jacobian_rows, dim=1).double()  # (B, C, d)
+    jac = jacobian.double()
     # diag(p) - p p^T = sum_c p_c (e_c - p)(e_c - p)^T, so rows sqrt(p_c) (e_c - p)^T J are a factor
     eye = torch.eye(p.shape[1], dtype=p.dtype)
     coeff = (eye[None] - p[:, None, :]) * p[:, :, None].sqrt()  # (B, C, C): row c = sqrt(p_c)(e_c - p)

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .gradients import GradientCollector, Projector, class_weights, loss_weights
+from .gradients import GradientCollector, Projector, loss_weights
 from .ihvp import DampedInverse, LissaSettings, lissa
-from .index import GradientIndex, LoadedModel
-from .model import HiddenCache, compute_prefix, length_batches, mask_span
+from .index import GradientIndex, LoadedModel, gauss_newton_batch, training_gradients
+from .model import HiddenCache, compute_prefix, length_batches, mask_span, predict
 
 
 @dataclass(frozen=True)
@@ -103,17 +103,11 @@ class TrainingSide:
     def _stream(self, point: str, kind: str, vecs: torch.Tensor) -> torch.Tensor:
         assert self.full is not None and self.masked is not None and self.labels is not None
         out = torch.zeros(vecs.shape[0], len(self.full), dtype=torch.float64)
-        self.loaded.use(point)
-        vecs = vecs.to(self.loaded.device).double()
-        with GradientCollector(self.loaded.split, self.projector) as col:
-            for idx in length_batches(self.full.lengths(), self.batch_size):
-                h1, m1 = self.full.batch(idx, self.loaded.device)
-                h2, m2 = self.masked.batch(idx, self.loaded.device)
-                (g,), _, _ = col.gradients(torch.cat([h1, h2]), torch.cat([m1, m2]), [loss_weights(self.labels[idx].repeat(2))])
-                nb = len(idx)
-                rows = g[:nb] if kind == "full" else g[:nb] - g[nb:]
-                out[:, idx] = (vecs @ rows.double().T).cpu()
-        self.loaded.use("final")
+        vecs = vecs.double().cpu()
+        batches = length_batches(self.full.lengths(), self.batch_size)
+        for batch in training_gradients(self.loaded, self.projector, self.full, self.masked, self.labels, point, batches):
+            rows = batch.full if kind == "full" else batch.diff
+            out[:, batch.rows] = vecs @ rows.double().T
         return out.float()
 
     def gram(self) -> torch.Tensor:
@@ -123,19 +117,14 @@ class TrainingSide:
         return self._gram
 
     def _exact_gram(self, limit: int = 20_000) -> torch.Tensor:
-        from .index import _gauss_newton_batch
-
         d = self.projector.dim
         if d > limit:
             raise ValueError(f"an exact inverse over {d} parameters is out of reach; use ihvp='lissa'")
         gram = torch.zeros(d, d, dtype=torch.float64)
-        n_classes = len(self.loaded.labels)
-        self.loaded.use("final")
-        with GradientCollector(self.loaded.split, self.projector) as col:
-            for idx in length_batches(self.full.lengths(), self.batch_size):
-                h, m = self.full.batch(idx, self.loaded.device)
-                rows, logits, _ = col.gradients(h, m, [class_weights(c) for c in range(n_classes)])
-                gram += _gauss_newton_batch(logits.cpu(), [r.cpu() for r in rows])
+        batches = length_batches(self.full.lengths(), self.batch_size)
+        for batch in training_gradients(self.loaded, self.projector, self.full, self.masked, self.labels, "final",
+                                        batches, with_jacobian=True):
+            gram += gauss_newton_batch(batch.logits, batch.jacobian)
         return gram / len(self.full)
 
 
@@ -203,6 +192,14 @@ class Engine:
         self.loaded.use("final")
         full, masked = g[0::2], g[1::2]
         return (full if kind == "full" else masked - full).detach()
+
+    @torch.no_grad()
+    def test_embeddings(self, tests: list[TestInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLS embeddings at theta of each test input and of its span-masked version (Q, H) x 2."""
+        cache, _ = self._test_caches(tests)
+        self.loaded.use("final")
+        _, cls = predict(self.loaded.split, cache, device=self.loaded.device, with_cls=True)
+        return cls[0::2], cls[1::2]
 
     # scores ------------------------------------------------------------------------------
     def inverse(self, damping: float | None = None) -> DampedInverse:

@@ -298,7 +298,7 @@ class HiddenCache:
         """Padded ``(B, T, H)`` hidden states and ``(B, T)`` attention mask."""
         rows = [self.states[i] for i in idx]
         width = max(r.shape[0] for r in rows)
-        h = torch.zeros((len(rows), width, rows[0].shape[1]), dtype=torch.float32)
+        h = torch.zeros((len(rows), width, rows[0].shape[1]), dtype=rows[0].dtype)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, r in enumerate(rows):
             h[j, : r.shape[0]] = r
@@ -340,7 +340,7 @@ def compute_prefix(
     batches = length_batches([len(e) for e in encoded], batch_size)
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         batch = collate([encoded[i] for i in idx], pad_id, device)
-        hidden = split.bottom(**batch).last_hidden_state.float().cpu()
+        hidden = split.bottom(**batch).last_hidden_state.cpu()
         for j, i in enumerate(idx):
             states[i] = hidden[j, : len(encoded[i])].clone()
     return HiddenCache(states)  # type: ignore[arg-type]

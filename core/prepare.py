@@ -69,7 +69,7 @@ class PrepareSettings:
     rc_model: str | None = None
     train_limit: int | None = None
     eval_limit: int | None = None
-    epochs: int = 10
+    epochs: int = 6
     batch_size: int = 32
     lr: float = 5e-4
     trainable_layers: int = 2

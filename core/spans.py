@@ -97,6 +97,7 @@ _CONNECTIVE = re.compile(
     re.IGNORECASE,
 )
 _LEADING_CONJUNCTION = re.compile(r"(?:and|or)\s+", re.IGNORECASE)
+_TRAILING_CONJUNCTION = re.compile(r"\s(?:and|or)\Z", re.IGNORECASE)
 _PHRASE = re.compile(  # not before a pronoun: "make up for it" holds no other aspect
     r"\b(?:" + "|".join(PHRASE_BOUNDARIES) + r")\b(?!\s+(?:it|us|me|them|him|her|you|everything)\b)",
     re.IGNORECASE,
@@ -138,8 +139,8 @@ class _Segment:
 
 
 def _strip(text: str, start: int, end: int, keep: tuple[int, int] | None = None) -> tuple[int, int]:
-    """Shrink ``[start, end)`` past surrounding whitespace/punctuation and a leading "and"/"or",
-    never into ``keep``."""
+    """Shrink ``[start, end)`` past surrounding whitespace, punctuation and "and"/"or", never
+    into ``keep``."""
     lo_limit, hi_limit = keep if keep else (end, start)
     while True:
         while start < min(end, lo_limit) and text[start] in _STRIP_CHARS:
@@ -148,8 +149,13 @@ def _strip(text: str, start: int, end: int, keep: tuple[int, int] | None = None)
         if not (conjunction and conjunction.end() <= lo_limit):
             break
         start = conjunction.end()
-    while end > max(start, hi_limit) and text[end - 1] in _STRIP_CHARS:
-        end -= 1
+    while True:
+        while end > max(start, hi_limit) and text[end - 1] in _STRIP_CHARS:
+            end -= 1
+        conjunction = _TRAILING_CONJUNCTION.search(text, start, end)
+        if not (conjunction and conjunction.start() >= max(start + 1, hi_limit)):
+            break
+        end = conjunction.start()
     return start, end
 
 

@@ -16,12 +16,13 @@ ROBERTA_CORPUS = [
 ]
 
 
-def tiny_bert(path: Path, seed: int = 0) -> Path:
-    """A 3-layer, 32-wide BERT with the packaged MiniLM tokenizer, saved to ``path``."""
+def tiny_bert(path: Path, seed: int = 0, hidden: int = 32) -> Path:
+    """A 3-layer BERT (``hidden`` wide) with the packaged MiniLM tokenizer, saved to ``path``."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     torch.manual_seed(seed)
-    BertModel(BertConfig(vocab_size=30522, **TINY)).save_pretrained(path)
+    config = BertConfig(vocab_size=30522, **{**TINY, "hidden_size": hidden, "intermediate_size": 2 * hidden})
+    BertModel(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(path)
     return path
 

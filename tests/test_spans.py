@@ -102,6 +102,9 @@ def test_paper_example_gives_each_aspect_its_own_clause() -> None:
         ("Noisy room (the drinks were watered down) yet friendly bartenders.", "drinks", "the drinks were watered down"),
         ("Noisy room -- the drinks were watered down -- yet friendly bartenders.", "bartenders", "friendly bartenders"),
         ("It rained. The pizza was cold. We left.", "pizza", "The pizza was cold"),
+        # "and"/"or" left at either end is stripped
+        ("We asked what kind of wine they had and since nobody knew, we left.", "wine", "We asked what kind of wine they had"),
+        ("We ordered wings, and salad was fresh.", "salad", "salad was fresh"),
     ],
 )
 def test_clause_span_on_mams_like_sentences(text: str, aspect: str, expected: str) -> None:

@@ -1,0 +1,112 @@
+"""`prepare`: stages, manifest, resume after interruption, stale-part invalidation, presets."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from core.model import load_params
+from core.prepare import PrepareSettings, prepare
+from core.workspace import Workspace, load_model
+from tests.conftest import tiny_settings
+
+
+def test_workspace_holds_every_part(tiny_workspace):
+    ws = Workspace(tiny_workspace)
+    manifest = ws.manifest()
+    assert all(manifest.stages[s]["done"] for s in ("data", "spans", "model", "importance", "variants"))
+    assert manifest.stages["data"]["counts"] == {"train": 48, "dev": 16, "test": 16}
+    assert {"python", "torch", "transformers"} <= set(manifest.versions)
+    assert 0.0 <= manifest.results["test_accuracy"] <= 1.0
+    assert [r["epoch"] for r in manifest.stages["model"]["checkpoints"]] == [2, 3]
+    assert ws.points("checkpoint") == ["checkpoint-1", "checkpoint-2"]
+    assert ws.points("variant") == ["variant-1", "variant-2", "variant-3"]
+    rows = ws.load_instances()
+    assert len(rows) == 80 and all(r["span"] and r["span"]["start"] < r["span"]["end"] for r in rows)
+    assert all("pred" in r for r in rows if r["split"] in ("dev", "test"))
+
+
+def test_load_model_returns_each_point_as_hf_model(tiny_workspace):
+    ws = Workspace(tiny_workspace)
+    row = next(r for r in ws.load_instances() if r["split"] == "test")
+    logits = {}
+    for point in ("final", "checkpoint-1", "variant-2"):
+        model = load_model(ws, point, device="cpu")
+        tok = model.spanlens_tokenizer
+        with torch.no_grad():
+            logits[point] = model(**tok(row["aspect"], row["text"], return_tensors="pt")).logits[0]
+        saved = load_params(ws.point_path(point))
+        name = next(iter(saved))
+        assert torch.equal(dict(model.named_parameters())[name].detach(), saved[name])
+    probs = logits["final"].softmax(-1)
+    assert probs.tolist() == pytest.approx(row["probs"], abs=2e-3)
+    assert not torch.allclose(logits["final"], logits["checkpoint-1"])
+    # a variant is one small step away from theta
+    assert torch.allclose(logits["final"], logits["variant-2"], atol=1e-2)
+    with pytest.raises(ValueError, match="unknown parameter point"):
+        load_model(ws, "epoch-3")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_prepare_resumes_to_the_same_model(tmp_path, data_dir, tiny_backbone, tiny_workspace):
+    settings = tiny_settings(data_dir, tiny_backbone)
+    lines: list[str] = []
+
+    def stop_at_epoch_two(line: str) -> None:
+        lines.append(line)
+        if "epoch 2:" in line:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        prepare(settings, tmp_path / "ws", progress=False, log=stop_at_epoch_two)
+    assert not Workspace(tmp_path / "ws").manifest().stages["model"]["done"]
+    lines.clear()
+    prepare(settings, tmp_path / "ws", progress=False, log=lines.append)
+    assert "[data] up to date" in " ".join(lines) and any(l.startswith("[model] resuming") for l in lines)
+    assert not any("epoch 1:" in l or "epoch 2:" in l for l in lines), "finished epochs are not trained again"
+    resumed = load_params(Workspace(tmp_path / "ws").point_path("final"))
+    straight = load_params(Workspace(tiny_workspace).point_path("final"))
+    assert all(torch.allclose(resumed[n], straight[n], atol=1e-6) for n in straight)
+
+
+def test_changed_setting_never_reuses_stale_parts(tmp_path, data_dir, tiny_backbone):
+    root = tmp_path / "ws"
+    settings = tiny_settings(data_dir, tiny_backbone, epochs=2)
+    prepare(settings, root, progress=False, log=lambda _: None)
+    before = load_params(Workspace(root).point_path("final"))
+    variant_before = load_params(Workspace(root).point_path("variant-1"))
+
+    lines: list[str] = []
+    prepare(settings, root, progress=False, log=lines.append)
+    assert all("up to date" in l for l in lines if l.startswith("[")), lines
+
+    lines.clear()
+    prepare(tiny_settings(data_dir, tiny_backbone, epochs=2, lr=5e-3), root, progress=False, log=lines.append)
+    joined = "\n".join(lines)
+    assert "[data] up to date" in joined and "[spans] up to date" in joined
+    assert "[model] up to date" not in joined and "[variants] up to date" not in joined
+    after = load_params(Workspace(root).point_path("final"))
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    assert any(not torch.equal(variant_before[n], load_params(Workspace(root).point_path("variant-1"))[n]) for n in before)
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["settings"]["lr"] == 5e-3
+
+    lines.clear()
+    prepare(tiny_settings(data_dir, tiny_backbone, epochs=2, lr=5e-3, train_limit=40), root, progress=False, log=lines.append)
+    assert "[data] up to date" not in "\n".join(lines)
+    assert Workspace(root).manifest().stages["data"]["counts"]["train"] == 40
+
+
+def test_presets_and_overrides():
+    paper = PrepareSettings.from_preset("paper", dataset="sentihood")
+    assert (paper.model, paper.batch_size, paper.lr, paper.epochs) == ("roberta-large", 100, 1e-4, 100)
+    assert PrepareSettings.from_preset("paper", dataset="mams").batch_size == 200
+    assert PrepareSettings.from_preset("paper", dataset="mams", batch_size=16, lr=None).batch_size == 16
+    demo = PrepareSettings.from_preset("demo")
+    assert demo.model == "minilm" and demo.trainable_layers == 2 and demo.variants == 3
+    with pytest.raises(ValueError, match="unknown preset"):
+        PrepareSettings.from_preset("fast")
