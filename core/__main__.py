@@ -184,6 +184,59 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="Sag, Lag, Ral, K-curves and faithfulness: the paper's tables 3 and 4, figure 1",
+                       description="Evaluate explanation methods on a seeded sample of test instances (without those "
+                                   "whose span is marked wrong); resumes an interrupted run from the workspace's store.")
+    p.add_argument("--workspace", required=True)
+    p.add_argument("--methods", default="all",
+                   help="all (the paper's six + TracIn + GroundTruth), paper (the six), or a comma list")
+    p.add_argument("--k", default="10,100", help="K values of Sag@K and Lag@K in the tables")
+    p.add_argument("--kmax", type=int, default=100, help="K-curves for K = 1..kmax")
+    p.add_argument("--test-limit", type=int, default=200, help="test instances (0 = all eligible)")
+    p.add_argument("--out", help="report folder (default: WORKSPACE/evaluation)")
+    p.add_argument("--ral", default="20,50",
+                   help="removal percentages for Ral, or none; each is one retrain per method (minutes each on full MAMS)")
+    p.add_argument("--faithfulness-runs", type=int, default=5, help="runs of table 4 (0 = skip faithfulness)")
+    p.add_argument("--ihvp", choices=["fast", "lissa"], default="fast", help="inverse Hessian for the IF family")
+    p.add_argument("--damping", type=float, help="damping of the fast inverse (default: the engine's)")
+    p.add_argument("--lissa-depth", type=int, default=1000)
+    p.add_argument("--paper-signs", action="store_true", help="IF with the paper's Eq. 1 minus sign")
+    p.add_argument("--seed", type=int, default=0, help="seed of the test sample and the random baselines")
+    p.add_argument("--batch", type=int, default=16, help="test instances scored together")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device")
+    _index_options(p)
+
+
+def cmd_evaluate(args) -> int:
+    import pandas as pd
+
+    from .backend import Backend
+    from .evaluate import ALL_METHODS, EvalSettings, parse_list, run_evaluation
+    from .ihvp import LissaSettings
+    from .methods import PAPER_METHODS
+
+    methods = {"all": ALL_METHODS, "paper": PAPER_METHODS}.get(args.methods.strip().lower()) or parse_list(args.methods, str)
+    settings = EvalSettings(
+        methods=tuple(methods), ks=parse_list(args.k, int), kmax=args.kmax,
+        test_limit=args.test_limit or None, ral=parse_list(args.ral, float), faithfulness_runs=args.faithfulness_runs,
+        ihvp=args.ihvp, damping=args.damping, lissa=LissaSettings(depth=args.lissa_depth),
+        paper_signs=args.paper_signs, seed=args.seed, batch=args.batch,
+    )
+    backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
+    out = Path(args.out) if args.out else Path(args.workspace) / "evaluation"
+    report = run_evaluation(backend, settings, out, progress=not args.quiet)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print("\nTable 3 (Sag, Lag x100; Ral in accuracy points)")
+        print(report.table3.to_string(float_format="%.2f"))
+        if len(report.table4):
+            print("\nTable 4 (Spearman with GroundTruth x100)")
+            print(report.table4.to_string(float_format="%.2f"))
+    print(f"\nReport: {out / 'report.md'}  (CSV, summary.json, k_curves.html/png in {out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core", description="SpanLens: sample-based explanations with spans.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,10 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device")
     _index_options(i)
     _explain_parser(sub)
+    _evaluate_parser(sub)
     return parser
 
 
-COMMANDS = {"fetch-data": cmd_fetch, "prepare": cmd_prepare, "index": cmd_index, "explain": cmd_explain}
+COMMANDS = {"fetch-data": cmd_fetch, "prepare": cmd_prepare, "index": cmd_index, "explain": cmd_explain,
+            "evaluate": cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (DataError, FileNotFoundError, KeyError, ValueError) as err:
+    except (DataError, FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .model import HiddenCache, SplitModel, top_forward
 
@@ -59,10 +60,16 @@ def hvp(split: SplitModel, h_states: torch.Tensor, mask: torch.Tensor, labels: t
         vec: list[torch.Tensor]) -> list[torch.Tensor]:
     """Hessian of the mean cross-entropy on a batch, times ``vec`` (double backward)."""
     params = list(split.top_params().values())
-    loss = nn.functional.cross_entropy(top_forward(split, h_states, mask), labels)
-    grads = torch.autograd.grad(loss, params, create_graph=True)
-    dot = sum((g * v).sum() for g, v in zip(grads, vec))
-    return [x.detach() for x in torch.autograd.grad(dot, params)]
+    # the fused attention kernels have no double backward; the plain one does
+    with sdpa_kernel(SDPBackend.MATH):
+        loss = nn.functional.cross_entropy(top_forward(split, h_states, mask), labels)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        dot = sum((g * v).sum() for g, v in zip(grads, vec))
+        return [x.detach() for x in torch.autograd.grad(dot, params)]
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors))))
 
 
 def lissa(
@@ -76,8 +83,10 @@ def lissa(
 ) -> LissaResult:
     """Estimate (H + lam I)^-1 v by the paper's LiSSA recursion over the training cache."""
     split.top.eval()  # no dropout: the Hessian of the model being explained
-    names = list(split.top_params())
-    v_list = [v[n].to(device).float() for n in names]
+    params = split.top_params()
+    names = list(params)
+    dtype = next(iter(params.values())).dtype
+    v_list = [v[n].to(device, dtype) for n in names]
     h = [x.clone() for x in v_list]
     rng = random.Random(settings.seed)
     result = LissaResult(vector={}, lam=settings.lam)
@@ -86,12 +95,15 @@ def lissa(
         rows = rng.sample(range(len(cache)), min(settings.batch_size, len(cache)))
         hs, mask = cache.batch(rows, device)
         hv = hvp(split, hs, mask, labels[rows].to(device), h)
-        norm_hv = math.sqrt(sum(float(x.pow(2).sum()) for x in hv))
+        norm_hv = _norm(hv)
         if norm_hv > settings.clip:
-            hv = [x * (settings.clip / norm_hv) for x in hv]
+            torch._foreach_mul_(hv, settings.clip / norm_hv)
             result.clipped_steps += 1
-        h = [vi + settings.damping * hi - settings.scale * hvi for vi, hi, hvi in zip(v_list, h, hv)]
-        norm = math.sqrt(sum(float(x.pow(2).sum()) for x in h))
+        # h <- v + damping * h - scale * H h
+        torch._foreach_mul_(h, settings.damping)
+        torch._foreach_add_(h, v_list)
+        torch._foreach_add_(h, hv, alpha=-settings.scale)
+        norm = _norm(h)
         result.trace.append(norm)
         result.steps = step
         if not math.isfinite(norm) or norm > 1e12:

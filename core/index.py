@@ -14,6 +14,7 @@ fingerprint differs from the workspace's is rebuilt from scratch.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import time
@@ -140,8 +141,22 @@ def build_index(
     progress: bool = True,
     log=print,
 ) -> GradientIndex:
-    """Build (or resume, or reuse) the workspace's gradient index and return it."""
+    """Build (or resume, or reuse) the workspace's gradient index and return it.
+
+    One process builds at a time: another one finds the lock and gets a clear error.
+    """
     root = ws.root / "index"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / ".index.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{root} is being built by another process; wait for it to finish") from None
+        return _build_index(ws, settings, root, loaded=loaded, device=device, progress=progress, log=log)
+
+
+def _build_index(ws: Workspace, settings: IndexSettings, root: Path, *, loaded: LoadedModel | None,
+                 device: str | None, progress: bool, log) -> GradientIndex:
     fp = index_fingerprint(ws, settings)
     meta_path = root / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}

@@ -185,11 +185,9 @@ class Engine:
         """(Q, d) test-side vectors at a point: g(z') or g(z'_-kl) - g(z')."""
         cache, labels = cache or self._test_caches(tests)
         self.loaded.use(point)
-        rows = list(range(len(cache)))
-        h, m = cache.batch(rows, self.loaded.device)
+        h, m = cache.batch(range(len(cache)), self.loaded.device)
         with GradientCollector(self.loaded.split, self.projector) as col:
             (g,), _, _ = col.gradients(h, m, [loss_weights(labels.repeat_interleave(2))])
-        self.loaded.use("final")
         full, masked = g[0::2], g[1::2]
         return (full if kind == "full" else masked - full).detach()
 
@@ -231,6 +229,7 @@ class Engine:
             weight = self.checkpoint_lrs.get(point, 1.0) if method.weighted else 1.0
             part = weight * self.side.dot(point, method.train, vecs)
             total = part if total is None else total + part
+        self.loaded.use("final")
         if paper_signs and method.name == "IF":
             total = -total
         approx["paper_signs"] = paper_signs
