@@ -1,4 +1,4 @@
-"""Command line: ``python -m core {fetch-data,prepare,index,explain} ...`` (``-h`` on each)."""
+"""Command line: ``python -m core {fetch-data,prepare,index,explain,evaluate} ...`` (``-h`` on each)."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +31,8 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--checkpoints", type=int, help="last C epoch checkpoints kept for TracIn")
     p.add_argument("--variants", type=int, help="number of variants theta + delta_i")
     p.add_argument("--variant-lr", type=float, help="learning rate of the variants' single step")
+    p.add_argument("--variant-optimizer", choices=["adamw", "sgd"],
+                   help="the variants' single step: AdamW's first step (default) or plain SGD")
     p.add_argument("--max-length", type=int, help="max tokens per (aspect, text) pair")
     p.add_argument("--span-importance", action=argparse.BooleanOptionalAction, default=None,
                    help="choose spans among candidate chunks by the logit drop (paper Eq. 3)")
@@ -60,7 +62,7 @@ def cmd_prepare(args) -> int:
         args.preset, dataset=args.dataset, data_dir=args.data_dir, model=args.model, rc_model=args.rc_model,
         train_limit=args.train_limit, eval_limit=args.eval_limit, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, trainable_layers=args.trainable_layers, checkpoints=args.checkpoints, variants=args.variants,
-        variant_lr=args.variant_lr, max_length=args.max_length, span_importance=args.span_importance,
+        variant_lr=args.variant_lr, variant_optimizer=args.variant_optimizer, max_length=args.max_length, span_importance=args.span_importance,
         seed=args.seed, device=args.device,
     )
     manifest = prepare(settings, args.workspace)
@@ -76,8 +78,13 @@ def cmd_prepare(args) -> int:
 
 
 def _summary(manifest) -> None:
+    from .workspace import STAGES
+
     print("\nSummary")
-    for stage, rec in manifest.stages.items():
+    for stage in STAGES:
+        if stage not in manifest.stages:
+            continue
+        rec = manifest.stages[stage]
         print(f"  {stage:<11} {rec.get('seconds', 0):>8.1f}s  {json.dumps(rec.get('counts') or rec.get('timings') or '')}")
     spans = manifest.stages.get("spans", {}).get("stats")
     if spans:
@@ -165,7 +172,7 @@ def _explain_parser(sub) -> None:
     p.add_argument("--exact", action="store_true", help="exact gradients, no projection (slow; small workspaces)")
     p.add_argument("--ihvp", choices=["fast", "lissa"], default="fast", help="inverse Hessian for the IF family")
     p.add_argument("--lissa-depth", type=int, default=1000)
-    p.add_argument("--paper-signs", action="store_true", help="IF with the paper's Eq. 1 minus sign")
+    p.add_argument("--paper-signs", action="store_true", help="the paper's literal signs: IF with Eq. 1's minus, g(z'_-kl) - g(z') on the test side of IF++/TracIn++ (their opponents then rank first)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--device")
     _index_options(p)
@@ -201,7 +208,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--ihvp", choices=["fast", "lissa"], default="fast", help="inverse Hessian for the IF family")
     p.add_argument("--damping", type=float, help="damping of the fast inverse (default: the engine's)")
     p.add_argument("--lissa-depth", type=int, default=1000)
-    p.add_argument("--paper-signs", action="store_true", help="IF with the paper's Eq. 1 minus sign")
+    p.add_argument("--paper-signs", action="store_true", help="the paper's literal signs: IF with Eq. 1's minus, g(z'_-kl) - g(z') on the test side of IF++/TracIn++ (their opponents then rank first)")
     p.add_argument("--seed", type=int, default=0, help="seed of the test sample and the random baselines")
     p.add_argument("--batch", type=int, default=16, help="test instances scored together")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

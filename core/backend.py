@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .ihvp import LissaSettings
 from .index import GradientIndex, IndexSettings, LoadedModel, build_index, index_fingerprint, load_workspace_model
-from .methods import Engine, Explanation, TestInput, TrainingSide, rank, resolve_method
+from .methods import Engine, Explanation, TestInput, TrainingSide, paper_sign, rank, resolve_method
 from .model import HiddenCache
 from .spans import clause_span
 from .store import Store
@@ -122,7 +122,7 @@ class Backend:
         m = resolve_method(method)
         test_input = self.test_input(test) if isinstance(test, str) else test
         settings = {"exact": exact, "ihvp": ihvp if m.inverse else None, "damping": damping if m.inverse else None,
-                    "paper_signs": paper_signs if m.name == "IF" else False, "span": test_input.span,
+                    "paper_signs": paper_signs and paper_sign(m) < 0, "span": test_input.span,
                     "text": None if test_input.id else [test_input.aspect, test_input.text],
                     "lissa": asdict(lissa) if m.inverse and ihvp == "lissa" else None}
         key = test_input.id or "new"
@@ -151,3 +151,115 @@ class Backend:
         explanation.opponents = explanation.opponents[:k]
         explanation.k = k
         return explanation
+
+    # for the app's pages -------------------------------------------------------------------
+    PROFILE = "profile"
+    """The results-cache method name under which :meth:`profile` stores its answers."""
+
+    def profile(self, test: TestInput) -> dict:
+        """The model's view of ``test`` (cached in the store): predicted label, class
+        probabilities, and the cosine of its span's embedding with every training span's
+        (emb(span) = emb(x) - emb(x_-ij), CLS at theta; the quantity Sag@K averages)."""
+        from .metrics import cosine_to
+
+        settings = {"span": test.span, "text": None if test.id else [test.aspect, test.text]}
+        key = test.id or "new"
+        cached = self.store.get_result(self.fingerprint, self.PROFILE, settings, key)
+        if cached is not None:
+            return cached
+        import torch
+
+        from .model import compute_prefix, mask_span, predict
+
+        tok = self.loaded.tokenizer
+        enc = self.loaded.encode(test.aspect, test.text)
+        masked = mask_span(enc, test.span[0], test.span[1], tok.mask_token_id) if test.span else enc
+        cache = compute_prefix(self.loaded.split, [enc, masked], tok.pad_token_id, device=self.loaded.device,
+                               progress=False)
+        self.loaded.use("final")
+        with torch.no_grad():
+            logits, cls = predict(self.loaded.split, cache, device=self.loaded.device, with_cls=True)
+        probs = logits[0].softmax(-1).tolist()
+        full, masked_emb = self.index.embeddings()
+        cosines = cosine_to(full - masked_emb, cls[0] - cls[1])
+        result = {"label": self.manifest.labels[int(logits[0].argmax())], "probs": [round(p, 6) for p in probs],
+                  "cosines": [round(float(c), 6) for c in cosines]}
+        self.store.put_result(self.fingerprint, self.PROFILE, settings, key, result, depends_on_train_spans=True)
+        return result
+
+    def annotate_span(self, instance_id: str, status: str, annotator: str,
+                      corrected: tuple[int, int] | None = None) -> int:
+        """Record a verdict on an instance's span and drop the cached results it affects.
+
+        A test (or dev) instance's change drops that instance's results; a training span's
+        change drops every span-dependent result (the index keeps the original training spans
+        until it is rebuilt). Returns the annotation's id.
+        """
+        row = self.by_id.get(instance_id)
+        if row is None:
+            raise KeyError(f"no instance with id {instance_id!r} in {self.ws.root}")
+        if corrected is not None and not corrected[1] <= len(row["text"]):
+            raise ValueError(f"corrected span {corrected} ends past the text ({len(row['text'])} characters)")
+        span = row.get("span") or {"start": 0, "end": len(row["text"]), "source": "whole"}
+        entry = self.store.annotate(instance_id, status=status, annotator=annotator,
+                                    original=(span["start"], span["end"], span["source"]), corrected=corrected,
+                                    fingerprint=self.ws.fingerprint)
+        self._span_changed(instance_id)
+        return entry
+
+    def undo_span_annotation(self, annotator: str):
+        """Undo ``annotator``'s latest verdict (store.undo_last) and drop the results it affected."""
+        entry = self.store.undo_last(annotator)
+        if entry is not None:
+            self._span_changed(entry.instance_id)
+        return entry
+
+    def import_span_annotations(self, path: Path, annotator_default: str) -> int:
+        """Append the verdicts of an exported JSONL file; drop the results they affect."""
+        import json
+
+        count = self.store.import_jsonl(path, annotator_default)
+        ids = {json.loads(line)["instance_id"] for line in Path(path).read_text(encoding="utf-8").splitlines()
+               if line.strip()}
+        for instance_id in ids & self.by_id.keys():
+            self._span_changed(instance_id)
+        return count
+
+    def _span_changed(self, instance_id: str) -> None:
+        if self.by_id[instance_id]["split"] == "train":
+            self.store.invalidate_train_span_dependent()
+        else:
+            self.store.invalidate_test(instance_id)
+
+    def current_span(self, instance_id: str) -> tuple[int, int] | None:
+        """The span in use for an instance: a person's fix, else the stored span."""
+        ann = self.store.current_annotations().get(instance_id)
+        if ann is not None and ann.status == "fix":
+            return ann.corrected_start, ann.corrected_end
+        span = self.by_id[instance_id].get("span")
+        return (span["start"], span["end"]) if span else None
+
+    def save_case_study(self, title: str, note: str, workspace: str, test: TestInput, methods: list[str],
+                        k: int) -> int:
+        """Save the current view as a case study with a snapshot of each method's top-1."""
+        from .explore import agreement, snapshot_instance
+
+        profile = self.profile(test)
+        row = self.by_id.get(test.id) if test.id else None
+        snap_test = snapshot_instance(row or {"text": test.text, "aspect": test.aspect}, test.span)
+        snap_test.update(label=test.label, pred=profile["label"])
+        position = {train_id: i for i, train_id in enumerate(self.train_ids)}
+        labels = [self.by_id[i]["label"] for i in self.train_ids]
+        snapshot: dict = {"test": snap_test, "k": k, "methods": {}}
+        for method in methods:
+            exp = self.explain(test, method, k=max(k, 1))
+            scores = agreement([position[h.train_id] for h in exp.top], profile["cosines"], labels,
+                               test.label or profile["label"], k).at(k)
+            top = []
+            for hit in exp.top[:1]:
+                train = self.by_id[hit.train_id]
+                entry = snapshot_instance(train, (train["span"]["start"], train["span"]["end"]) if train.get("span") else None)
+                top.append({**entry, "rank": hit.rank, "score": hit.score})
+            snapshot["methods"][exp.method] = {"top": top, "sag": scores["sag"], "lag": scores["lag"]}
+        return self.store.save_case(title, note, workspace, test.id or "(new review)", list(snapshot["methods"]), k,
+                                    snapshot)

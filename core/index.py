@@ -91,10 +91,23 @@ def load_workspace_model(ws: Workspace, device: str | None = None) -> LoadedMode
     return loaded
 
 
-def index_fingerprint(ws: Workspace, settings: IndexSettings, span_revision: str = "") -> str:
+def _fingerprints(ws: Workspace, settings: IndexSettings) -> tuple[str, str, str]:
+    """(shared, variants, whole) fingerprints of the index.
+
+    Every point's vectors depend on the spans, the masked inputs, the model stage (final and
+    checkpoints) and the projection (shared); the variant points also on the variants stage.
+    The batch size is left out: it changes nothing but float rounding.
+    """
     stages = ws.manifest().stages
-    upstream = [stages.get(s, {}).get("fingerprint") for s in ("spans", "model", "importance", "variants")]
-    return fingerprint(upstream, asdict(settings), span_revision)
+    stage = lambda name: stages.get(name, {}).get("fingerprint")  # noqa: E731
+    shared = fingerprint([stage("spans"), stage("importance"), stage("model")], settings.k, settings.seed)
+    variants = fingerprint(shared, stage("variants"))
+    return shared, variants, fingerprint(shared, variants)
+
+
+def index_fingerprint(ws: Workspace, settings: IndexSettings) -> str:
+    """The fingerprint of the whole index (what cached results are keyed by)."""
+    return _fingerprints(ws, settings)[2]
 
 
 class GradientIndex:
@@ -157,15 +170,15 @@ def build_index(
 
 def _build_index(ws: Workspace, settings: IndexSettings, root: Path, *, loaded: LoadedModel | None,
                  device: str | None, progress: bool, log) -> GradientIndex:
-    fp = index_fingerprint(ws, settings)
+    shared, variants_fp, whole = _fingerprints(ws, settings)
     meta_path = root / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    if meta.get("fingerprint") == fp and meta.get("done"):
-        log(f"[index] up to date ({fp})")
-        return GradientIndex(root)
-    if meta.get("fingerprint") != fp:
+    if meta.get("shared") != shared:
         shutil.rmtree(root, ignore_errors=True)
         meta = {}
+    elif meta.get("fingerprint") == whole and meta.get("done"):
+        log(f"[index] up to date ({whole})")
+        return GradientIndex(root)
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     loaded = loaded or load_workspace_model(ws, device)
@@ -190,22 +203,31 @@ def _build_index(ws: Workspace, settings: IndexSettings, root: Path, *, loaded: 
     projector = Projector(split, settings.k, settings.seed, loaded.device)
     d = projector.dim
     points = list(loaded.points)
+    point_fps = {p: variants_fp if p.startswith("variant-") else shared for p in points}
     if not meta:
-        meta = {"fingerprint": fp, "done": False, "ids": [r["id"] for r in rows], "points": points,
-                "projection": projector.describe(), "settings": asdict(settings), "progress": {}}
-        for point in points:
-            for kind in KINDS:
-                open_memmap(root / f"{point}.{kind}.npy", mode="w+", dtype=np.float32, shape=(n, d)).flush()
+        meta = {"shared": shared, "ids": [r["id"] for r in rows], "projection": projector.describe(),
+                "settings": asdict(settings), "progress": {}, "point_fps": {}}
         hidden = full_cache.states[0].shape[1]
         for kind in ("full", "masked"):
             open_memmap(root / f"emb.{kind}.npy", mode="w+", dtype=np.float32, shape=(n, hidden)).flush()
         np.save(root / "ggn.npy", np.zeros((d, d)))
-        write_json_atomic(meta_path, meta)
+    for point in set(meta.get("points", [])) - set(points):  # points the workspace no longer has
+        for kind in KINDS:
+            (root / f"{point}.{kind}.npy").unlink(missing_ok=True)
+        meta["progress"].pop(point, None)
+        meta["point_fps"].pop(point, None)
+    for point in points:  # new points, and points whose parameters changed, start afresh
+        if meta["point_fps"].get(point) != point_fps[point]:
+            for kind in KINDS:
+                open_memmap(root / f"{point}.{kind}.npy", mode="w+", dtype=np.float32, shape=(n, d)).flush()
+            meta["progress"][point] = 0
+            meta["point_fps"][point] = point_fps[point]
+    meta.update(points=points, fingerprint=whole, done=False)
+    write_json_atomic(meta_path, meta)
     batches = length_batches(full_cache.lengths(), settings.batch_size)
-    for point in points:
+    todo = [p for p in points if meta["progress"].get(p, 0) < len(batches)]
+    for point in todo:
         done = meta["progress"].get(point, 0)
-        if done >= len(batches):
-            continue
         at_theta = point == "final"
         mats = {kind: np.load(root / f"{point}.{kind}.npy", mmap_mode="r+") for kind in KINDS}
         if at_theta:
@@ -235,10 +257,11 @@ def _build_index(ws: Workspace, settings: IndexSettings, root: Path, *, loaded: 
         bar.close()
         del mats
     loaded.use("final")
-    ggn = np.load(root / "ggn.npy") / max(n, 1)
-    np.save(root / "ggn.npy", ggn)
+    if meta["progress"].get("final") == len(batches) and not meta.get("ggn_normalised"):
+        np.save(root / "ggn.npy", np.load(root / "ggn.npy") / max(n, 1))
+        meta["ggn_normalised"] = True
     meta.update(done=True, seconds=round(time.perf_counter() - started, 1), dim=d,
-                examples_per_second=round(n * len(points) / max(time.perf_counter() - started, 1e-9), 1))
+                points_built=todo, examples_per_second=round(n * len(todo) / max(time.perf_counter() - started, 1e-9), 1))
     write_json_atomic(meta_path, meta)
     log(f"[index] built: {n} training instances x {len(points)} points x d={d} in {meta['seconds']:.1f}s")
     return GradientIndex(root)

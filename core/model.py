@@ -520,13 +520,21 @@ def make_variants(
     count: int = 3,
     batch_size: int = 32,
     lr: float = 1e-4,
+    optimizer: str = "adamw",
+    weight_decay: float = 0.01,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> tuple[list[Params], list[VariantRecord]]:
-    """``theta_i = theta - lr * grad L(batch_i; theta)``: one step on a seeded random mini-batch.
+    """``theta_i = theta + delta_i``: one training step from theta on a seeded random mini-batch.
 
-    Dropout is off, so the same seed gives bitwise the same variants.
+    ``optimizer="adamw"``: the first step of a fresh AdamW (the training optimiser), which moves
+    every parameter by about ``lr`` along the sign of its gradient - the paper's "one-step
+    training (learning rate 1e-4)". ``"sgd"``: ``delta = -lr * grad``, which at lr 1e-4 moves the
+    model so little that the variants are theta to about seven digits. Dropout is off, so the
+    same seed gives bitwise the same variants; theta is restored afterwards.
     """
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"variant optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
     theta = split.state()
     params = split.top_params()
     variants, records = [], []
@@ -537,8 +545,20 @@ def make_variants(
         h, mask = train_cache.batch(rows, device)
         loss = nn.functional.cross_entropy(top_forward(split, h, mask), train_labels[list(rows)].to(device))
         grads = torch.autograd.grad(loss, list(params.values()))
-        variant = {n: (theta[n] - lr * g.detach()).clone() for n, g in zip(params, grads)}
-        norm = math.sqrt(sum(float((lr * g).pow(2).sum()) for g in grads))
+        if optimizer == "sgd":
+            variant = {n: (theta[n] - lr * g.detach()).clone() for n, g in zip(params, grads)}
+        else:
+            step = torch.optim.AdamW(
+                [{"params": [p for p in params.values() if p.ndim > 1], "weight_decay": weight_decay},
+                 {"params": [p for p in params.values() if p.ndim <= 1], "weight_decay": 0.0}], lr=lr)
+            for p, g in zip(params.values(), grads):
+                p.grad = g.detach()
+            step.step()
+            for p in params.values():
+                p.grad = None
+            variant = split.state()
+            split.load_state(theta)
+        norm = math.sqrt(sum(float((variant[n] - theta[n]).double().pow(2).sum()) for n in params))
         variants.append(variant)
         records.append(VariantRecord(i, vseed, rows, lr, norm))
     return variants, records

@@ -76,6 +76,7 @@ class PrepareSettings:
     checkpoints: int = 3
     variants: int = 3
     variant_lr: float = 1e-4
+    variant_optimizer: str = "adamw"
     max_length: int = 128
     span_importance: bool = False
     seed: int = 0
@@ -296,7 +297,7 @@ class Preparer:
 
     def _variants(self, instances: list[Instance], split, model_fp: str) -> None:
         s = self.settings
-        fp = fingerprint(model_fp, s.variants, s.variant_lr, s.batch_size, s.seed)
+        fp = fingerprint(model_fp, s.variants, s.variant_lr, s.variant_optimizer, s.batch_size, s.seed)
         if not self._begin("variants", fp):
             return
         started = time.perf_counter()
@@ -305,7 +306,8 @@ class Preparer:
         y = torch.tensor([self.manifest.labels.index(i.label) for i in train_rows])
         theta = split.state()
         variants, records = make_variants(
-            split, cache, y, count=s.variants, batch_size=s.batch_size, lr=s.variant_lr, seed=s.seed, device=self.device
+            split, cache, y, count=s.variants, batch_size=s.batch_size, lr=s.variant_lr, optimizer=s.variant_optimizer,
+            seed=s.seed, device=self.device
         )
         split.load_state(theta)
         for params, rec in zip(variants, records):
@@ -313,7 +315,7 @@ class Preparer:
         self._finish(
             "variants", started,
             records=[{"point": f"variant-{r.index}", "seed": r.seed, "lr": r.lr, "step_norm": r.step_norm,
-                      "rows": [train_rows[k].id for k in r.rows]} for r in records],
+                      "rows": [train_rows[k].id for k in r.rows], "optimizer": s.variant_optimizer} for r in records],
         )
 
 

@@ -39,7 +39,7 @@ def _flat_grad(model, tok, row, label: int, span, masked: bool) -> torch.Tensor:
 def _sides(model, tok, row, label, span, role):
     g = _flat_grad(model, tok, row, label, span, False)
     g_masked = _flat_grad(model, tok, row, label, span, True)
-    return {"full": g, "diff": (g - g_masked) if role == "train" else (g_masked - g)}
+    return {"full": g, "diff": g - g_masked}  # the span's part of the gradient, both sides
 
 
 def _brute_force(backend, test_id, method, train_rows, dtype):

@@ -125,10 +125,15 @@ def test_variants_reproducible_from_seed(backbones):
     assert all(torch.equal(a[i][n], b[i][n]) for i in range(3) for n in a[i])
     assert any(not torch.equal(a[0][n], c[0][n]) for n in a[0])
     assert len({r.rows for r in rec_a}) == 3, "each variant has its own mini-batch"
-    # theta_i - theta = -lr * grad, tiny and non-zero; theta itself untouched
-    step = torch.cat([(a[0][n] - theta[n]).flatten() for n in theta]).norm()
-    assert 0 < float(step) == pytest.approx(rec_a[0].step_norm, rel=1e-3)
-    assert all(torch.equal(split.state()[n], theta[n]) for n in theta)
+    step = torch.cat([(a[0][n] - theta[n]).flatten() for n in theta])
+    assert float(step.norm()) == pytest.approx(rec_a[0].step_norm, rel=1e-3)
+    assert all(torch.equal(split.state()[n], theta[n]) for n in theta), "theta is restored"
+    # AdamW's first step moves (nearly) every parameter by about lr, whatever its gradient's size
+    moved = step.abs()
+    assert float((moved > 0.5e-4).float().mean()) > 0.9 and float(moved.max()) < 1.1e-4 + 1e-6
+    # plain SGD moves by lr * grad: far less
+    sgd, rec_sgd = make_variants(split, cache, labels, count=1, batch_size=4, seed=7, optimizer="sgd")
+    assert rec_sgd[0].rows == rec_a[0].rows and 0 < rec_sgd[0].step_norm < rec_a[0].step_norm / 10
 
 
 class Interrupt(Exception):

@@ -1,0 +1,178 @@
+"""Evaluation runs on the tiny workspace: tables, faithfulness, Ral, resuming, the command line."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core import metrics
+from core.__main__ import main
+from core.backend import Backend
+from core.evaluate import EvalSettings, load_report, retrain_accuracy, run_evaluation, select_tests
+from core.index import IndexSettings
+from core.methods import Engine
+from core.model import HiddenCache, TrainConfig, load_backbone, split_model
+
+EXACT = IndexSettings(k=None, batch_size=8)  # how the tiny workspace's index was built
+QUIET = dict(progress=False, log=lambda _: None)
+
+
+@pytest.fixture
+def workspace(tiny_workspace, tmp_path) -> Path:
+    """A private copy of the tiny workspace (its store gets written), without the shared store."""
+    return Path(shutil.copytree(tiny_workspace, tmp_path / "ws", ignore=shutil.ignore_patterns("store.sqlite*")))
+
+
+def _mark(backend: Backend, test_id: str, status: str, corrected=None) -> None:
+    span = backend.by_id[test_id]["span"]
+    backend.store.annotate(test_id, status=status, annotator="tester", original=(span["start"], span["end"], "heuristic"),
+                           corrected=corrected, fingerprint="")
+
+
+def test_tables_faithfulness_and_selection(workspace, tmp_path):
+    backend = Backend(workspace, device="cpu", index_settings=EXACT)
+    wrong = backend.instances("test")[0]["id"]
+    _mark(backend, wrong, "wrong")
+    settings = EvalSettings(methods=("IF++", "TracIn++", "GroundTruth"), ks=(5, 10), kmax=12,
+                            test_limit=None, ral=(), faithfulness_runs=2, batch=8)
+    report = run_evaluation(backend, settings, tmp_path / "out", **QUIET)
+    sel = report.summary["selection"]
+    assert wrong not in sel["ids"] and sel["excluded_wrong"] == 1 and sel["wrong_ids"] == [wrong]
+    assert sel["n"] == len(backend.instances("test")) - 1
+    # table 3 = means of the per-test values; curve ends = Sag/Lag at K
+    for metric in ("sag", "lag"):
+        for k in (5, 10):
+            cell = report.table3.loc[f"{metric.capitalize()}@{k}", "TracIn++"]
+            rows = report.per_test[report.per_test.method == "TracIn++"]
+            assert cell == pytest.approx(100 * rows[f"{metric}@{k}"].mean())
+            curve = report.per_test_curves
+            at_k = curve[(curve.method == "TracIn++") & (curve.k == k)].set_index("test_id")[metric]
+            np.testing.assert_allclose(at_k.loc[rows.test_id].to_numpy(), rows[f"{metric}@{k}"].to_numpy(), atol=1e-6)
+    lag_random = report.table3.loc["Lag@5", "random"]
+    labels = [r["label"] for r in backend.instances("train")]
+    tests = [backend.by_id[i]["label"] for i in sel["ids"]]
+    assert lag_random == pytest.approx(100 * np.mean([labels.count(t) / len(labels) for t in tests]))
+    # faithfulness: GroundTruth against itself is 1; deterministic methods do not vary across runs
+    # that share their test instances (here every run takes all eligible tests)
+    faith = report.faithfulness
+    np.testing.assert_allclose(faith[faith.method == "GroundTruth"].spearman, 1.0)
+    t4 = report.table4
+    assert t4.loc["GroundTruth", "mean"] == pytest.approx(100.0)
+    assert list(t4.index[:1]) == ["Control"] and t4.loc["Control", "runs"] == 2
+    for m in ("Control", "IF++", "GroundTruth"):
+        assert t4.loc[m, "var_runs"] == pytest.approx(0.0, abs=1e-9)
+    assert set(faith.run) == {0, 1}
+
+
+def test_faithfulness_runs_draw_new_tests(workspace, tmp_path):
+    backend = Backend(workspace, device="cpu", index_settings=EXACT)
+    assert select_tests(backend, 6, 0).ids == select_tests(backend, 6, 0).ids
+    assert select_tests(backend, 6, 0).ids != select_tests(backend, 6, 7919).ids
+
+
+def test_resume_skips_finished_tests(workspace, tmp_path, monkeypatch):
+    calls: list[tuple[str, list[str]]] = []
+    original = Engine.scores
+    stop_at: list[int | None] = [4]
+
+    def counting(self, tests, method, **kwargs):
+        calls.append((method.name, [t.id for t in tests]))
+        if stop_at[0] is not None and len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return original(self, tests, method, **kwargs)
+
+    monkeypatch.setattr(Engine, "scores", counting)
+    settings = EvalSettings(methods=("TracIn++",), ks=(5,), kmax=8, test_limit=6, ral=(), faithfulness_runs=1, batch=2)
+    backend = Backend(workspace, device="cpu", index_settings=EXACT)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(backend, settings, tmp_path / "out", **QUIET)
+    assert len(calls) == 4  # batch 1: TracIn++, GroundTruth, Control; then interrupted
+    first = set(calls[0][1])
+    calls.clear()
+    stop_at[0] = None
+    backend = Backend(workspace, device="cpu", index_settings=EXACT)
+    report = run_evaluation(backend, settings, tmp_path / "out", **QUIET)
+    assert len(calls) == 6  # two more batches of three methods
+    assert not first & {i for _, ids in calls for i in ids}
+    assert len(report.per_test) == 3 * 6
+    # all done: nothing recomputed; a corrected test span recomputes that test only
+    calls.clear()
+    run_evaluation(backend, settings, tmp_path / "out", **QUIET)
+    assert calls == []
+    fixed = sorted(first)[0]
+    span = backend.by_id[fixed]["span"]
+    _mark(backend, fixed, "fix", corrected=(span["start"], span["end"] + 1))
+    run_evaluation(backend, settings, tmp_path / "out", **QUIET)
+    assert {i for _, ids in calls for i in ids} == {fixed}
+
+
+def test_ral_removing_the_support_lowers_accuracy(tiny_backbone, tmp_path):
+    """Three separable classes; removing every class-2 training instance (the top 20 % of a
+    ranking that favours them) must cost the class-2 test instances, a random 20 % must not."""
+    model, _ = load_backbone(str(tiny_backbone), ["a", "b", "c"], 0)
+    split = split_model(model, 1)
+    init = split.state()
+    g = torch.Generator().manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(16, 3, generator=g))[0].T * 4
+
+    def data(counts):
+        states = [0.3 * torch.randn(4, 16, generator=g) + directions[c] for c, n in enumerate(counts) for _ in range(n)]
+        return HiddenCache(states), torch.tensor([c for c, n in enumerate(counts) for _ in range(n)])
+
+    (train, y), dev, test = data([40, 40, 20]), data([5, 5, 5]), data([10, 10, 10])
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=1e-2, seed=0, checkpoints=1)
+
+    def acc(removed, name):
+        keep = np.setdiff1d(np.arange(len(y)), removed)
+        return retrain_accuracy(split, init, train, y, keep, dev, test, cfg, tmp_path / name)
+
+    scores = (y == 2).double().repeat(3, 1) + 0.01 * torch.rand(3, len(y), generator=g, dtype=torch.double)
+    removed = metrics.top_removal(metrics.combined_ranking(scores), 20)
+    assert set(y[removed].tolist()) == {2} and len(removed) == 20
+    base = acc(np.array([], dtype=int), "base")
+    assert base >= 0.9
+    assert base - acc(removed, "support") >= 0.25  # the class-2 third of the test set is lost
+    assert base - acc(metrics.random_removal(len(y), 20, seed=0), "random") <= 0.1
+
+
+def test_ral_in_a_run(workspace, tmp_path):
+    backend = Backend(workspace, device="cpu", index_settings=EXACT)
+    settings = EvalSettings(methods=("TracIn++",), ks=(5,), kmax=5, test_limit=4, ral=(50,), faithfulness_runs=0)
+    report = run_evaluation(backend, settings, tmp_path / "out", **QUIET)
+    ral = report.ral.set_index("method")
+    assert set(ral.index) == {"unchanged", "TracIn++", "random"}
+    n = report.summary["approximations"]["n_train"]
+    assert ral.loc["TracIn++", "removed"] == ral.loc["random", "removed"] == metrics.removal_count(n, 50)
+    # the retrain on the unchanged set reproduces the workspace's training (same start, settings, seed)
+    assert ral.loc["unchanged", "accuracy"] == pytest.approx(ral.loc["unchanged", "theta_accuracy"])
+    assert report.table3.loc["Ral -50%", "TracIn++"] == pytest.approx(100 * ral.loc["TracIn++", "ral"])
+    assert not (tmp_path / "out" / "ral-train").exists()
+    assert "Ral -50%" in (tmp_path / "out" / "report.md").read_text()
+    again = run_evaluation(backend, settings, tmp_path / "out", **QUIET)  # cached: no retrain
+    assert "ral_seconds" not in again.summary["timings"]
+    assert again.ral.accuracy.tolist() == report.ral.accuracy.tolist()
+
+
+def test_cli_writes_report(workspace, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "report"
+    monkeypatch.setattr("core.__main__._index_settings", lambda args: EXACT)  # the index as built: no rebuild
+    rc = main(["evaluate", "--workspace", str(workspace), "--methods", "TracIn++,TracIn", "--k", "5,10", "--kmax", "12",
+               "--test-limit", "6", "--out", str(out), "--ral", "none", "--faithfulness-runs", "1", "--quiet",
+               "--device", "cpu"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "Table 3" in printed and "Table 4" in printed
+    for name in ("per_test.csv", "per_test_curves.csv", "k_curves.csv", "faithfulness.csv", "table3.csv",
+                 "table4.csv", "summary.json", "report.md", "k_curves.html", "k_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = load_report(out)
+    assert report.ral.empty and list(report.table3.columns) == ["TracIn++", "TracIn", "random"]
+    md = (out / "report.md").read_text()
+    assert "78.03" in md and "Zhang et al. 2021, table 3" in md and "60.14" in md  # the paper's numbers
+    ours = report.table3.loc["Lag@10", "TracIn++"]
+    assert f"{ours:.2f} / 78.03" in md and f"{report.table3.loc['Lag@10', 'TracIn']:.2f} / –" in md
+    html = (out / "k_curves.html").read_text()
+    assert "plotly" in html.lower() and "Sag@K" in html and "Lag@K" in html
