@@ -6,6 +6,8 @@ Side by side in one run, on the same MAMS training slice, batches and seeds:
 * ``uncached``: each step runs the whole model (frozen layers without autograd) - what
   training costs without the cache.
 
+The two models train step by step in turn (interleaved), so load on the machine falls on both.
+
 Prints JSON: seconds per epoch for each, their ratio, the one-off prefix time, and the ratio
 amortised over the demo preset's epochs.
 
@@ -27,23 +29,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from core.data import load_dataset  # noqa: E402
-from core.model import collate, compute_prefix, encode_pairs, length_batches, load_backbone, split_model, top_forward  # noqa: E402
+from core.model import collate, compute_prefix, encode_pairs, length_batches, load_backbone, split_model, top_forward  # noqa: E402,F401
 from core.prepare import PrepareSettings, select  # noqa: E402
 
 
-def epoch(step_inputs, split, labels, batches) -> float:
-    params = [p for p in split.top_params().values()]
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
-    split.top.train()
-    torch.manual_seed(0)
-    started = time.perf_counter()
-    for idx in batches:
-        logits = step_inputs(idx)
-        loss = nn.functional.cross_entropy(logits, labels[idx])
-        optimizer.zero_grad(set_to_none=True)
+class Trainer:
+    """One model and its AdamW optimiser; ``step`` times one training step."""
+
+    def __init__(self, settings: PrepareSettings, labels_names, forward):
+        model, self.tok = load_backbone(settings.model, labels_names, 0)
+        self.model, self.split = model, split_model(model, settings.trainable_layers)
+        self.split.top.train()
+        self.optimizer = torch.optim.AdamW(list(self.split.top_params().values()), lr=5e-4, weight_decay=0.01)
+        self.forward = forward
+        self.seconds = 0.0
+
+    def step(self, idx, labels) -> None:
+        started = time.perf_counter()
+        loss = nn.functional.cross_entropy(self.forward(self, idx), labels[idx])
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-    return time.perf_counter() - started
+        self.optimizer.step()
+        self.seconds += time.perf_counter() - started
 
 
 def main() -> None:
@@ -56,29 +63,24 @@ def main() -> None:
     settings = PrepareSettings()
     data = load_dataset("mams", args.data_dir)
     rows = select(data.splits["train"], args.limit, 0)
-    model, tok = load_backbone(settings.model, data.labels, 0)
-    split = split_model(model, settings.trainable_layers)
+    cached = Trainer(settings, data.labels, lambda t, idx: top_forward(t.split, *cache.batch(idx)))
+    uncached = Trainer(settings, data.labels,
+                       lambda t, idx: t.model(**collate([encoded[i] for i in idx], t.tok.pad_token_id)).logits)
+    tok = cached.tok
     encoded = encode_pairs(tok, [(r.aspect, r.text) for r in rows], settings.max_length)
     labels = torch.tensor([data.labels.index(r.label) for r in rows])
     batches = length_batches([len(e) for e in encoded], args.batch_size, shuffle=True, seed=0)
-    theta = split.state()
 
     started = time.perf_counter()
-    cache = compute_prefix(split, encoded, tok.pad_token_id, progress=False)
+    cache = compute_prefix(cached.split, encoded, tok.pad_token_id, progress=False)
     prefix_seconds = time.perf_counter() - started
 
-    def cached(idx):
-        h, mask = cache.batch(idx)
-        return top_forward(split, h, mask)
-
-    def uncached(idx):
-        batch = collate([encoded[i] for i in idx], tok.pad_token_id)
-        return model(**batch).logits
-
-    results = {}
-    for name, fn in (("cached", cached), ("uncached", uncached)):
-        split.load_state(theta)
-        results[name] = epoch(fn, split, labels, batches)
+    # interleaved step by step, so a change in machine load hits both sides alike
+    torch.manual_seed(0)
+    for idx in batches:
+        cached.step(idx, labels)
+        uncached.step(idx, labels)
+    results = {"cached": cached.seconds, "uncached": uncached.seconds}
     epochs = settings.epochs
     print(json.dumps({
         "instances": len(rows), "batch_size": args.batch_size, "threads": torch.get_num_threads(),

@@ -1,0 +1,52 @@
+"""Case studies: saved views, each shown like the paper's table 5 (every method's top-1 beside
+the test review), exported one by one or all together as a standalone HTML report."""
+from __future__ import annotations
+
+import streamlit as st
+
+from core import explore
+from core.store import Case
+from core.views import Html
+from pages import common
+
+common.start_page("Case studies")
+info, backend, lock = common.require_backend()
+
+cases = backend.store.list_cases()
+if not cases:
+    st.info("No case study yet. On **Explore**, open *Save this view as a case study*.")
+    st.stop()
+
+
+def section(case: Case) -> Html:
+    meta = {"case": f"#{case.id}", "workspace": case.workspace, "test": case.test_id, "K": case.k,
+            "saved": case.created_at[:16].replace("T", " ")}
+    return explore.case_html(case.title, case.note, case.snapshot, meta)
+
+
+def report(chosen: list[Case], title: str) -> str:
+    return explore.report_html([section(c) for c in chosen], common.style_sheet(), title)
+
+
+st.download_button(f"Export all {len(cases)} as an HTML report",
+                   lambda: report(cases, f"SpanLens case studies: {info.name}"),
+                   file_name=f"{info.name}-case-studies.html", mime="text/html", icon=":material/download:",
+                   key="export_all")
+st.caption(f"{len(cases)} case studies in this workspace, newest first. Reports are single HTML files with inline "
+           "styles and no scripts.")
+
+for case in cases:
+    with st.container(border=False, key=f"case_{case.id}"):
+        st.html(section(case))
+        row = st.container(horizontal=True)
+        row.download_button("Export HTML", report([case], case.title), file_name=f"case-{case.id}.html",
+                            mime="text/html", icon=":material/download:", key=f"export_{case.id}")
+        if row.button("Open in Explore", icon=":material/search:", key=f"open_{case.id}",
+                      disabled=case.test_id not in backend.by_id):
+            st.session_state.update(test=case.test_id, methods=case.methods, k=case.k, explore_mode="Test set")
+            for key in ("w_test", "w_methods", "w_k"):
+                st.session_state.pop(key, None)
+            st.switch_page("pages/explore.py")
+        if row.button("Delete", icon=":material/delete:", key=f"delete_{case.id}"):
+            backend.store.delete_case(case.id)
+            st.rerun()

@@ -1,0 +1,107 @@
+"""Evaluate: the workspace's evaluation report (table 3 beside the paper's, K-curves, table 4)
+and running an evaluation on a chosen subset with live progress."""
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import streamlit as st
+
+from core import explore
+from core.evaluate import ALL_METHODS, EvalSettings, curve_figures
+from core.methods import PAPER_METHODS
+from pages import common
+
+common.start_page("Evaluate")
+info, backend, lock = common.require_backend()
+out_dir = common.evaluation_dir(info.path)
+
+
+def progress_panel(job: explore.Job) -> None:
+    """Live progress of the evaluation job; refreshes itself while it runs."""
+
+    @st.fragment(run_every=2.0 if job.running else None)
+    def panel() -> None:
+        state = {"running": "running", "done": "complete", "error": "error"}[job.state]
+        box = st.status(f"Evaluation: {job.state}", state=state, expanded=job.state != "done")  # no `with`
+        done = f"{job.rows_done} of {job.expected}" if job.expected else "–"
+        box.progress(job.fraction, text=f"Sag/Lag rows {done} · {time.time() - job.started:.0f}s")
+        if job.error:
+            box.code(job.error, language=None)
+        box.code("\n".join(job.lines[-12:]) or "loading the model…", language=None)
+        box.caption("Runs on the server: reloading this page does not stop it; a stopped run resumes from the "
+                    "rows already stored.")
+        if not job.running and st.session_state.get("_eval_seen") != id(job):
+            st.session_state["_eval_seen"] = id(job)
+            st.rerun(scope="app")
+
+    panel()
+
+
+job = explore.job_for("evaluate", info.path)
+if job is not None and (job.running or job.finished and time.time() - job.finished < 30):
+    progress_panel(job)
+
+report = common.evaluation_report(info.path)
+if report is None:
+    st.info("No evaluation report for this workspace yet. Run one below, or from the command line:")
+    st.code(f"python -m core evaluate --workspace {info.path} --test-limit 200", language="bash")
+else:
+    sel, summary = report.summary["selection"], report.summary
+    common.caption(f"{sel['n']} test instances (seed {sel['seed']}; {sel['excluded_wrong']} excluded as wrongly "
+                   f"spanned, {sel['excluded_no_span']} without a span) · inverse Hessian "
+                   f"{summary['approximations']['ihvp']} · report in {report.out_dir}")
+    t3, curves, t4, per_test = st.tabs(["Table 3", "K-curves", "Table 4 (faithfulness)", "Per test"])
+    with t3:
+        st.markdown("**Ours** (Sag, Lag x100; Ral in accuracy points; `random`: a random ranking)")
+        st.dataframe(common.table3_frame(report), key="eval_table3")
+        paper = summary.get("paper", {})
+        if paper.get("table3"):
+            st.markdown(f"**Paper** ({paper.get('source', 'Zhang et al. 2021')}, table 3, {summary.get('dataset')})")
+            st.dataframe(pd.DataFrame(paper["table3"]).T.style.format("{:.2f}", na_rep="–"), key="paper_table3")
+    with curves:
+        figures = curve_figures(report)
+        c1, c2 = st.columns(2)
+        c1.plotly_chart(figures["sag"], key="eval_sag")
+        c2.plotly_chart(figures["lag"], key="eval_lag")
+    with t4:
+        if len(report.table4):
+            st.dataframe(report.table4.style.format("{:.2f}", na_rep="–"), key="eval_table4")
+            st.caption("Spearman correlation of each method's scores with GroundTruth (x100) over runs.")
+        else:
+            st.caption("Faithfulness was not computed in this run.")
+    with per_test:
+        st.dataframe(report.per_test, hide_index=True, key="eval_per_test")
+    markdown = report.out_dir / "report.md"
+    if markdown.exists():
+        st.download_button("Download report.md", markdown.read_bytes(), file_name=f"{info.name}-report.md",
+                           mime="text/markdown", icon=":material/download:")
+
+st.header("Run an evaluation")
+n_test = len(backend.instances("test"))
+with st.form("run_eval"):
+    c1, c2 = st.columns([3, 1])
+    methods = c1.multiselect("Methods", list(ALL_METHODS), default=list(PAPER_METHODS), key="eval_methods")
+    limit = c2.number_input("Test instances", 1, max(n_test, 1), min(50, max(n_test, 1)), key="eval_limit",
+                            help="A seeded sample of the test split, without spans marked wrong.")
+    c3, c4, c5, c6 = st.columns(4)
+    ks = c3.multiselect("K in the tables", [1, 5, 10, 20, 50, 100], default=[10, 100], key="eval_ks")
+    faith = c4.number_input("Faithfulness runs", 0, 5, 0, key="eval_faith",
+                            help="Table 4; each extra run makes new variants (slow on a CPU).")
+    ral = c5.multiselect("Ral removal %", [10, 20, 30, 50], default=[], key="eval_ral",
+                         help="Each percentage retrains once per method: minutes each on full data.")
+    ihvp = c6.selectbox("Inverse Hessian", ["fast", "lissa"], key="eval_ihvp")
+    paper_signs = st.checkbox("IF with the paper's sign (Eq. 1)", key="eval_signs")
+    start = st.form_submit_button("Run evaluation", type="primary", icon=":material/play_arrow:",
+                                  disabled=bool(job and job.running))
+if start:
+    if not methods or not ks:
+        st.error("Choose at least one method and one K.")
+    else:
+        settings = EvalSettings(methods=tuple(methods), ks=tuple(sorted(ks)), test_limit=int(limit),
+                                ral=tuple(float(p) for p in ral), faithfulness_runs=int(faith), ihvp=ihvp,
+                                paper_signs=paper_signs)
+        explore.start_job(explore.EvalJob(info.path, settings, out_dir))
+        st.rerun()
+common.caption(f"Reports are written to {out_dir}. The command line takes the same settings: "
+               "python -m core evaluate --workspace DIR --methods paper --test-limit 50 --ral none")
