@@ -260,8 +260,10 @@ def _build_index(ws: Workspace, settings: IndexSettings, root: Path, *, loaded: 
     if meta["progress"].get("final") == len(batches) and not meta.get("ggn_normalised"):
         np.save(root / "ggn.npy", np.load(root / "ggn.npy") / max(n, 1))
         meta["ggn_normalised"] = True
-    meta.update(done=True, seconds=round(time.perf_counter() - started, 1), dim=d,
-                points_built=todo, examples_per_second=round(n * len(todo) / max(time.perf_counter() - started, 1e-9), 1))
+    elapsed = time.perf_counter() - started
+    # seconds add up over the runs that built this index (an interrupted run is not counted)
+    meta.update(done=True, seconds=round(meta.get("seconds", 0.0) + elapsed, 1), dim=d, points_built=todo,
+                examples_per_second=round(n * len(todo) / max(elapsed, 1e-9), 1))
     write_json_atomic(meta_path, meta)
     log(f"[index] built: {n} training instances x {len(points)} points x d={d} in {meta['seconds']:.1f}s")
     return GradientIndex(root)
