@@ -7,7 +7,7 @@ with ``st.html``, or as plain-text widget labels from :func:`core.explore.option
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -304,3 +304,25 @@ def at_k(fig: Any, k: int) -> Any:
 
 def style_sheet() -> str:
     return STYLE.read_text(encoding="utf-8")
+
+
+def job_status(job: explore.Job, *, label: Callable[[explore.Job], str], progress: Callable[[explore.Job], str],
+               note: str | None, waiting: str, every: float, seen_key: str) -> None:
+    """Live status of a background job; refreshes itself while it runs and reruns the app once
+    when it has ended (so the page shows what the job made)."""
+
+    @st.fragment(run_every=every if job.running else None)
+    def panel() -> None:
+        state = {"running": "running", "done": "complete", "error": "error"}[job.state]
+        box = st.status(label(job), state=state, expanded=job.state != "done")  # no `with`: it would end as complete
+        box.progress(job.fraction, text=progress(job))
+        if job.error:
+            box.code(job.error, language=None)
+        box.code("\n".join(job.lines[-14:]) or waiting, language=None)
+        if job.running and note:
+            box.caption(note)
+        if not job.running and st.session_state.get(seen_key) != id(job):
+            st.session_state[seen_key] = id(job)
+            st.rerun(scope="app")
+
+    panel()

@@ -18,24 +18,13 @@ out_dir = common.evaluation_dir(info.path)
 
 
 def progress_panel(job: explore.Job) -> None:
-    """Live progress of the evaluation job; refreshes itself while it runs."""
-
-    @st.fragment(run_every=2.0 if job.running else None)
-    def panel() -> None:
-        state = {"running": "running", "done": "complete", "error": "error"}[job.state]
-        box = st.status(f"Evaluation: {job.state}", state=state, expanded=job.state != "done")  # no `with`
-        done = f"{job.rows_done} of {job.expected}" if job.expected else "–"
-        box.progress(job.fraction, text=f"Sag/Lag rows {done} · {time.time() - job.started:.0f}s")
-        if job.error:
-            box.code(job.error, language=None)
-        box.code("\n".join(job.lines[-12:]) or "loading the model…", language=None)
-        box.caption("Runs on the server: reloading this page does not stop it; a stopped run resumes from the "
-                    "rows already stored.")
-        if not job.running and st.session_state.get("_eval_seen") != id(job):
-            st.session_state["_eval_seen"] = id(job)
-            st.rerun(scope="app")
-
-    panel()
+    """Live progress of the evaluation job."""
+    common.job_status(
+        job, label=lambda j: f"Evaluation: {j.state}",
+        progress=lambda j: (f"Sag/Lag rows {f'{j.rows_done} of {j.expected}' if j.expected else '–'}"
+                            f" · {time.time() - j.started:.0f}s"),
+        note="Runs on the server: reloading this page does not stop it; a stopped run resumes from the rows "
+             "already stored.", waiting="loading the model…", every=2.0, seen_key="_eval_seen")
 
 
 job = explore.job_for("evaluate", info.path)

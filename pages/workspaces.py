@@ -19,26 +19,14 @@ common.caption(f"Workspaces are folders under {root.resolve()} (set SPANLENS_WOR
 
 
 def job_panel(job: explore.Job) -> None:
-    """Live progress of a background job; refreshes itself every second while it runs."""
-
-    @st.fragment(run_every=1.0 if job.running else None)
-    def panel() -> None:
-        state = {"running": "running", "done": "complete", "error": "error"}[job.state]
-        label = {"running": f"Building {job.root.name}: {job.stage}…", "done": f"{job.root.name} is ready",
-                 "error": f"Building {job.root.name} failed"}[job.state]
-        box = st.status(label, state=state, expanded=job.state != "done")  # no `with`: it would end as complete
-        box.progress(job.fraction, text=f"{100 * job.fraction:.0f}% · {time.time() - job.started:.0f}s")
-        if job.error:
-            box.code(job.error, language=None)
-        box.code("\n".join(job.lines[-14:]) or "starting…", language=None)
-        if job.running:
-            box.caption("The build runs on the server: reloading or closing this page does not stop it. If the "
-                        "server stops, the build resumes from its last finished stage and epoch when resumed.")
-        if not job.running and st.session_state.get("_job_seen") != id(job):
-            st.session_state["_job_seen"] = id(job)
-            st.rerun(scope="app")
-
-    panel()
+    """Live progress of a background build."""
+    common.job_status(
+        job, label=lambda j: {"running": f"Building {j.root.name}: {j.stage}…", "done": f"{j.root.name} is ready",
+                              "error": f"Building {j.root.name} failed"}[j.state],
+        progress=lambda j: f"{100 * j.fraction:.0f}% · {time.time() - j.started:.0f}s",
+        note="The build runs on the server: reloading or closing this page does not stop it. If the server stops, "
+             "the build resumes from its last finished stage and epoch when resumed.",
+        waiting="starting…", every=1.0, seen_key="_job_seen")
 
 
 # ---------------------------------------------------------------------------- the list
