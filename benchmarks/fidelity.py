@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=IndexSettings().k)
     parser.add_argument("--reference-k", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", default=["TracIn++", "GroundTruth", "IF++"],
+                        choices=["TracIn++", "GroundTruth", "IF++"])
     args = parser.parse_args()
     backend = Backend(args.workspace)
     rng = random.Random(args.seed)
@@ -50,13 +52,17 @@ def main() -> None:
     variants = [p for p in backend.loaded.points if p.startswith("variant-")]
     out: dict = {"train": len(rows), "tests": len(tests)}
 
-    projected, built = subset_side(backend, rows, ["final", *variants], args.k, with_gram=True)
+    with_if = "IF++" in args.methods
+    projected, built = subset_side(backend, rows, ["final", *variants], args.k, with_gram=with_if)
     exact, _ = subset_side(backend, rows, [], None)
-    reference, _ = subset_side(backend, rows, ["final"], args.reference_k, with_gram=True)
     out["d"] = projected.projector.dim
-    out["reference_d"] = reference.projector.dim
     out["projected_build_seconds"] = round(built, 1)
-    for name, ref_side in (("TracIn++", exact), ("GroundTruth", exact), ("IF++", reference)):
+    references = {"TracIn++": exact, "GroundTruth": exact}
+    if with_if:
+        references["IF++"], _ = subset_side(backend, rows, ["final"], args.reference_k, with_gram=True)
+        out["reference_d"] = references["IF++"].projector.dim
+    for name in args.methods:
+        ref_side = references[name]
         started = time.perf_counter()
         ref = Engine(backend.loaded, ref_side, lrs).scores(tests, METHODS[name]).values
         ours = Engine(backend.loaded, projected, lrs).scores(tests, METHODS[name]).values
