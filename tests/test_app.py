@@ -52,12 +52,11 @@ def app_root(tmp_path_factory, tiny_workspace) -> Path:
     return root
 
 
-@pytest.fixture
-def open_app(app_root, monkeypatch) -> Callable[..., AppTest]:
-    """Run the app on a page with URL query parameters (workspace root from the env)."""
-    monkeypatch.setenv("SPANLENS_WORKSPACES", str(app_root))
+def app_runner(root: Path, monkeypatch, default_page: str = "pages/explore.py") -> Callable[..., AppTest]:
+    """Run the app on a page with URL query parameters, workspaces under ``root``."""
+    monkeypatch.setenv("SPANLENS_WORKSPACES", str(root))
 
-    def run(page: str = "pages/explore.py", **params: str) -> AppTest:
+    def run(page: str = default_page, **params: str) -> AppTest:
         at = AppTest.from_file(APP, default_timeout=TIMEOUT)
         at.query_params.update(params)
         at.switch_page(page).run()
@@ -65,6 +64,11 @@ def open_app(app_root, monkeypatch) -> Callable[..., AppTest]:
         return at
 
     return run
+
+
+@pytest.fixture
+def open_app(app_root, monkeypatch) -> Callable[..., AppTest]:
+    return app_runner(app_root, monkeypatch)
 
 
 def html(at: AppTest) -> list[str]:

@@ -21,7 +21,7 @@ from core.index import IndexSettings, build_index
 from core.prepare import prepare
 from core.workspace import Workspace
 from tests.conftest import tiny_settings
-from tests.test_app import APP, TIMEOUT, navigation_only  # noqa: F401  (an autouse fixture)
+from tests.test_app import app_runner, navigation_only  # noqa: F401  (an autouse fixture)
 
 MARK = "qzx"
 """A word in every hostile text and aspect: it must never reach a Markdown element."""
@@ -72,16 +72,7 @@ def hostile_root(tmp_path_factory, data_dir, tiny_backbone) -> Path:
 
 @pytest.fixture
 def open_page(hostile_root, monkeypatch):
-    monkeypatch.setenv("SPANLENS_WORKSPACES", str(hostile_root))
-
-    def run(page: str, **params: str) -> AppTest:
-        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-        at.query_params.update(params)
-        at.switch_page(page).run()
-        assert not at.exception, [e.value for e in at.exception]
-        return at
-
-    return run
+    return app_runner(hostile_root, monkeypatch)
 
 
 class Parsed(HTMLParser):
