@@ -35,19 +35,19 @@ class SubsetIndex(GradientIndex):
         return self._gram
 
 
-def subset_side(backend: Backend, rows: list[int], points: list[str], k: int | None,
+def subset_side(backend: Backend, rows: list[int], points: list[str], dim: int | None,
                 batch_size: int = 32, with_gram: bool = False) -> tuple[TrainingSide, float]:
     """A training side over ``rows`` of the training set: projected matrices built in memory
-    (``k`` set), or streamed exactly (``k=None``). Returns it and the build time in seconds."""
+    (``dim`` set), or streamed exactly (``dim=None``). Returns it and the build time in seconds."""
     from core.index import gauss_newton_batch
 
     full, labels = backend.train_cache
-    masked = HiddenCache.load(backend.index.root / "prefix-masked.safetensors")
+    masked = HiddenCache.load(backend.ws.root / "index" / "prefix-masked.safetensors")  # no index build
     full = HiddenCache([full.states[i] for i in rows])
     masked = HiddenCache([masked.states[i] for i in rows])
     labels = labels[rows]
-    projector = Projector(backend.loaded.split, k, backend.index_settings.seed, backend.loaded.device)
-    if k is None:
+    projector = Projector(backend.loaded.split, dim, backend.index_settings.seed, backend.loaded.device)
+    if dim is None:
         return TrainingSide(backend.loaded, projector, None, full, masked, labels, batch_size), 0.0
     started = time.perf_counter()
     matrices: dict[str, torch.Tensor] = {}

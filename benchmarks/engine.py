@@ -33,7 +33,7 @@ from core.model import HiddenCache, collate, length_batches, mask_span
 def build_rates(backend: Backend, rows: list[int], point: str) -> dict:
     """Instances per second: batched hooks on the cache vs a plain loop on the whole model."""
     loaded = backend.loaded
-    projector = Projector(loaded.split, backend.index_settings.k, backend.index_settings.seed)
+    projector = Projector(loaded.split, backend.index_settings.dim, backend.index_settings.seed)
     full, labels = backend.train_cache
     masked = HiddenCache.load(backend.index.root / "prefix-masked.safetensors")
     sub = lambda c: HiddenCache([c.states[i] for i in rows])  # noqa: E731
@@ -127,7 +127,7 @@ def captum_comparison(backend: Backend, rows: list[int], tests, batch_tests) -> 
     loaded.use("final")
 
     started = time.perf_counter()
-    side, build_s = subset_side(backend, rows, list(lrs), backend.index_settings.k)
+    side, build_s = subset_side(backend, rows, list(lrs), backend.index_settings.dim)
     ours_engine = Engine(loaded, side, lrs)
     first = ours_engine.scores(tests[:1], METHODS["TracIn"])
     build_and_first = time.perf_counter() - started

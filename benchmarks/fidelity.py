@@ -1,11 +1,11 @@
 """Fidelity of the projected gradient index: projected against exact scores.
 
 On a seeded sample of training instances of a prepared workspace and a seeded sample of test
-instances, compares each method's projected scores (the index's default k) with a reference:
+instances, compares each method's sketched scores (the index's default d) with a reference:
 
 * TracIn++ (and GroundTruth): exact, unprojected per-example gradients (streamed);
 * IF++: an exact inverse needs the full Gauss-Newton matrix (P x P, P = millions for the
-  default backbone), out of reach here, so the reference is a wider projection (``--reference-k``)
+  default backbone), out of reach here, so the reference is a wider sketch (``--reference-dim``)
   with its exact damped inverse.
 
 Prints JSON: mean Spearman and mean top-10 overlap per method.
@@ -38,8 +38,8 @@ def main() -> None:
     parser.add_argument("--workspace", required=True)
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--tests", type=int, default=20)
-    parser.add_argument("--k", type=int, default=IndexSettings().k)
-    parser.add_argument("--reference-k", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=IndexSettings().dim, help="sketch dimension d under test")
+    parser.add_argument("--reference-dim", type=int, default=16384, help="the IF++ reference's sketch dimension")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=["TracIn++", "GroundTruth", "IF++"],
                         choices=["TracIn++", "GroundTruth", "IF++"])
@@ -53,13 +53,13 @@ def main() -> None:
     out: dict = {"train": len(rows), "tests": len(tests)}
 
     with_if = "IF++" in args.methods
-    projected, built = subset_side(backend, rows, ["final", *variants], args.k, with_gram=with_if)
+    projected, built = subset_side(backend, rows, ["final", *variants], args.dim, with_gram=with_if)
     exact, _ = subset_side(backend, rows, [], None)
     out["d"] = projected.projector.dim
     out["projected_build_seconds"] = round(built, 1)
     references = {"TracIn++": exact, "GroundTruth": exact}
     if with_if:
-        references["IF++"], _ = subset_side(backend, rows, ["final"], args.reference_k, with_gram=True)
+        references["IF++"], _ = subset_side(backend, rows, ["final"], args.reference_dim, with_gram=True)
         out["reference_d"] = references["IF++"].projector.dim
     for name in args.methods:
         ref_side = references[name]
@@ -68,7 +68,7 @@ def main() -> None:
         ours = Engine(backend.loaded, projected, lrs).scores(tests, METHODS[name]).values
         rho, overlap = compare(ours, ref)
         out[name] = {"spearman": round(rho, 4), "top10_overlap": round(overlap, 2),
-                     "reference": "exact" if ref_side is exact else f"projected k={args.reference_k}",
+                     "reference": "exact" if ref_side is exact else f"sketch d={args.reference_dim}",
                      "seconds": round(time.perf_counter() - started, 1)}
     out["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(out, indent=2))

@@ -43,14 +43,15 @@ def _prepare_parser(sub) -> None:
 
 
 def _index_options(p) -> None:
-    p.add_argument("--proj-k", type=int, default=16, help="per-side projection width k (d is printed); 0 = exact")
+    p.add_argument("--proj-dim", type=int, default=4096,
+                   help="dimension d of the gradient sketch (CountSketch); 0 = exact gradients (small data only)")
     p.add_argument("--proj-seed", type=int, default=0)
 
 
 def _index_settings(args):
     from .index import IndexSettings
 
-    return IndexSettings(k=args.proj_k or None, seed=args.proj_seed)
+    return IndexSettings(dim=args.proj_dim or None, seed=args.proj_seed)
 
 
 def cmd_prepare(args) -> int:
@@ -105,10 +106,9 @@ def cmd_index(args) -> int:
 
 def cmd_explain(args) -> int:
     from .backend import Backend
-    from .index import IndexSettings
     from .ihvp import LissaSettings
 
-    backend = Backend(args.workspace, device=args.device, index_settings=IndexSettings(k=args.proj_k or None, seed=args.proj_seed))
+    backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
     if args.test_text is not None:
         if not args.aspect:
             raise SystemExit("--test-text needs --aspect")

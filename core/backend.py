@@ -40,15 +40,36 @@ class Backend:
     def loaded(self) -> LoadedModel:
         return load_workspace_model(self.ws, self.device)
 
-    @cached_property
+    @property
     def index(self) -> GradientIndex:
-        return build_index(self.ws, self.index_settings, loaded=self.loaded, progress=False, log=lambda _: None)
+        """The gradient index, with the training spans people corrected patched in."""
+        fixes = self.train_span_fixes()
+        current = self.__dict__.get("_index")
+        if current is None or not current.spans_match(fixes):
+            current = build_index(self.ws, self.index_settings, loaded=self.loaded, progress=False,
+                                  log=lambda _: None, overrides=fixes)
+            self.__dict__["_index"] = current
+            for stale in ("_engine", "_exact_engine"):  # they hold the previous rows
+                self.__dict__.pop(stale, None)
+        return current
+
+    def train_span_fixes(self) -> dict[str, tuple[int, int]]:
+        """Corrected spans of training instances (from the store's annotations)."""
+        train = self._train_set
+        return {i: (a.corrected_start, a.corrected_end) for i, a in self.store.current_annotations().items()
+                if a.status == "fix" and i in train}
+
+    @cached_property
+    def _train_set(self) -> set[str]:
+        return set(self.train_ids)
 
     @property
     def fingerprint(self) -> str:
         return index_fingerprint(self.ws, self.index_settings)
 
     def engine(self, exact: bool = False) -> Engine:
+        """The engine over the current index (a corrected training span is patched in first)."""
+        self.index  # a property: brings corrected training spans in, dropping stale engines
         if exact:
             return self._exact_engine
         return self._engine
@@ -57,7 +78,7 @@ class Backend:
     def _engine(self) -> Engine:
         from .gradients import Projector
 
-        projector = Projector(self.loaded.split, self.index_settings.k, self.index_settings.seed, self.loaded.device)
+        projector = Projector(self.loaded.split, self.index_settings.dim, self.index_settings.seed, self.loaded.device)
         return Engine(self.loaded, TrainingSide(self.loaded, projector, self.index), self._checkpoint_lrs())
 
     @cached_property
@@ -192,8 +213,8 @@ class Backend:
         """Record a verdict on an instance's span and drop the cached results it affects.
 
         A test (or dev) instance's change drops that instance's results; a training span's
-        change drops every span-dependent result (the index keeps the original training spans
-        until it is rebuilt). Returns the annotation's id.
+        change drops every result that uses training spans (the index patches that instance's
+        rows when it is next used). Returns the annotation's id.
         """
         row = self.by_id.get(instance_id)
         if row is None:

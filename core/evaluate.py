@@ -231,11 +231,32 @@ def _chunks(items: list, size: int) -> list[list]:
 # ------------------------------------------------------------------------------ the run
 
 
+ProgressCallback = Callable[[str, float], None]
+"""Called with what is being done (e.g. ``Sag/Lag: 40/200 tests``) and the fraction of the run done."""
+
+
+class _Phases:
+    """The run's phases in order (Sag/Lag, each further faithfulness run, Ral), each an equal
+    share of the progress fraction: honest about order, not about time."""
+
+    def __init__(self, settings: EvalSettings, callback: ProgressCallback | None):
+        self.names = ["Sag/Lag"] + [f"faithfulness run {r + 1}" for r in range(1, settings.faithfulness_runs)]
+        self.names += ["Ral retrains"] if settings.ral else []
+        self.callback = callback
+
+    def report(self, name: str, done: int, total: int, unit: str) -> None:
+        if self.callback is not None:
+            at = self.names.index(name)
+            self.callback(f"{name}: {done}/{total} {unit}", (at + done / max(total, 1)) / len(self.names))
+
+
 class _Evaluation:
     """One evaluation run over a backend (see the module docstring)."""
 
-    def __init__(self, backend, settings: EvalSettings, out_dir: Path, progress: bool, log: Callable[[str], None]):
+    def __init__(self, backend, settings: EvalSettings, out_dir: Path, progress: bool, log: Callable[[str], None],
+                 on_progress: ProgressCallback | None = None):
         self.backend, self.settings, self.out_dir, self.progress, self.log = backend, settings, out_dir, progress, log
+        self.phases = _Phases(settings, on_progress)
         self.engine = backend.engine(exact=False)
         self.store = backend.store
         self.reported = list(dict.fromkeys(resolve_method(m) for m in settings.methods))
@@ -263,6 +284,9 @@ class _Evaluation:
     def _key(self, method: Method, part: str, **extra) -> str:
         s = self.settings
         parts = {"fp": self.backend.fingerprint, "method": method.name, "part": part, **extra}
+        fixes = self.backend.train_span_fixes()  # Sag reads every training span; ++ methods too
+        if fixes:
+            parts["train_spans"] = {i: list(span) for i, span in sorted(fixes.items())}
         if method.inverse:
             parts.update(ihvp=s.ihvp, damping=s.damping, lissa=asdict(s.lissa) if s.ihvp == "lissa" else None)
         if method.name == "IF":
@@ -316,6 +340,7 @@ class _Evaluation:
         if len(todo) < len(tests):
             self.log(f"[evaluate] {len(tests) - len(todo)} of {len(tests)} test instances already done")
         started = time.perf_counter()
+        finished = 0
         for batch in tqdm(_chunks(todo, self.settings.batch), desc="Sag/Lag", unit="batch", disable=not self.progress):
             need = [m for m in self.computed if any(missing(m, t) for t in batch)]
             gt_method = METHODS["GroundTruth"]
@@ -340,6 +365,8 @@ class _Evaluation:
                     self.store.put_eval_row(keys[m.name], t.id, row)
                     if m.name in score_keys:
                         self.store.put_eval_row(score_keys[m.name], t.id, {"span": _span(t), "scores": _encode(values[q])})
+            finished += len(batch)
+            self.phases.report("Sag/Lag", finished, len(todo), "tests")
         self.timings["sag_lag_seconds"] = round(time.perf_counter() - started, 2)
         self.timings["sag_lag_tests_computed"] = len(todo)
 
@@ -383,18 +410,20 @@ class _Evaluation:
         out = {m.name: np.zeros((len(tests), self.n)) for m in methods}
         batches = length_batches(full_cache.lengths(), backend.index_settings.batch_size)
         names = [f"faith-run{run}-variant-{i}" for i in range(1, len(variants) + 1)]
+        phase, steps = f"faithfulness run {run + 1}", len(names) * len(batches)
         try:
-            for name, params in zip(names, variants):
+            for v, (name, params) in enumerate(zip(names, variants)):
                 loaded.points[name] = params
                 test_side = {kind: torch.cat([self.engine.test_vectors(c, name, kind).cpu().double()
                                               for c in _chunks(tests, self.settings.batch)])
                              for kind in {m.test for m in methods}}
                 grads = training_gradients(loaded, self.engine.projector, full_cache, masked_cache, labels, name, batches)
-                for gb in tqdm(grads, total=len(batches), desc=f"run {run + 1} {name[-9:]}", unit="batch",
-                               disable=not self.progress):
+                for b, gb in enumerate(tqdm(grads, total=len(batches), desc=f"run {run + 1} {name[-9:]}", unit="batch",
+                                            disable=not self.progress)):
                     side = {"full": gb.full.double(), "diff": gb.diff.double()}
                     for m in methods:
                         out[m.name][:, gb.rows] += (test_side[m.test] @ side[m.train].T).numpy()
+                    self.phases.report(phase, v * len(batches) + b + 1, steps, "batches of new variant gradients")
         finally:
             for name in names:
                 loaded.points.pop(name, None)
@@ -439,7 +468,7 @@ class _Evaluation:
         dev, test = self._split_cache("dev"), self._split_cache("test")
         started = time.perf_counter()
         try:
-            for removed in tqdm(removals, desc="Ral retrains", unit="run", disable=not self.progress):
+            for r, removed in enumerate(tqdm(removals, desc="Ral retrains", unit="run", disable=not self.progress)):
                 key = self._ral_key(cfg, removed)
                 work = self.out_dir / "ral-train" / key.split(":")[-1]
                 t0 = time.perf_counter()
@@ -449,6 +478,7 @@ class _Evaluation:
                 self.store.put_eval_row(key, "result", {"accuracy": acc, "removed": int(len(removed)),
                                                         "seconds": round(time.perf_counter() - t0, 1)})
                 shutil.rmtree(work, ignore_errors=True)
+                self.phases.report("Ral retrains", r + 1, len(removals), "retrains")
         finally:
             loaded.use("final")
         shutil.rmtree(self.out_dir / "ral-train", ignore_errors=True)
@@ -497,12 +527,14 @@ class _Evaluation:
 
 
 def run_evaluation(backend, settings: EvalSettings = EvalSettings(), out_dir: str | Path = "evaluation", *,
-                   progress: bool = True, log: Callable[[str], None] = print) -> EvalReport:
-    """Run (or resume) an evaluation and write its report to ``out_dir`` (see the module docstring)."""
+                   progress: bool = True, log: Callable[[str], None] = print,
+                   on_progress: ProgressCallback | None = None) -> EvalReport:
+    """Run (or resume) an evaluation and write its report to ``out_dir`` (see the module docstring);
+    ``on_progress`` hears what is being done and the fraction done."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    ev = _Evaluation(backend, settings, out, progress, log)
+    ev = _Evaluation(backend, settings, out, progress, log, on_progress)
     selection = select_tests(backend, settings.test_limit, settings.seed)
     if not selection.ids:
         raise ValueError("no test instance to evaluate (none in the test split, or all excluded)")

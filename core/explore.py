@@ -10,14 +10,11 @@ import html
 import json
 import os
 import re
-import sqlite3
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import closing
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -274,43 +271,32 @@ class PrepareJob(Job):
 
 class EvalJob(Job):
     """``core.evaluate.run_evaluation`` with its own Backend (its own model copy, so Explore is
-    not blocked); progress counts the Sag/Lag rows it stores (the run resumes from them)."""
+    not blocked); progress is what the evaluation reports (it resumes from its stored rows)."""
 
     kind = "evaluate"
 
     def __init__(self, root: Path, settings: Any, out_dir: Path) -> None:
         super().__init__(root)
         self.settings, self.out_dir = settings, Path(out_dir)
-        self.expected: int | None = None
-        self._since = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+        self.doing, self._fraction = "starting", 0.0
 
     @property
-    def rows_done(self) -> int:
-        """Sag/Lag rows (one per method and test) this job has stored so far."""
-        with closing(sqlite3.connect(f"file:{self.root / 'store.sqlite'}?mode=ro", uri=True, timeout=5)) as db:
-            return db.execute("SELECT COUNT(*) FROM eval_rows WHERE run_key LIKE 'eval:main:%' AND created_at >= ?",
-                              (self._since,)).fetchone()[0]
+    def stage(self) -> str:
+        return self.doing
 
     @property
     def fraction(self) -> float:
-        if self.state == "done":
-            return 1.0
-        if not self.expected:
-            return 0.0
-        try:
-            return min(self.rows_done / self.expected, 0.99)
-        except sqlite3.Error:
-            return 0.0
+        return 1.0 if self.state == "done" else min(self._fraction, 0.99)
+
+    def _progress(self, doing: str, fraction: float) -> None:
+        self.doing, self._fraction = doing, fraction
 
     def work(self) -> None:
         from .backend import Backend
-        from .evaluate import run_evaluation, select_tests
+        from .evaluate import run_evaluation
 
         backend = Backend(self.root, index_settings=index_settings_of(self.root))
-        s = self.settings
-        methods = len(set(s.methods) | ({"GroundTruth", "Control"} if s.faithfulness_runs > 0 else set()))
-        self.expected = len(select_tests(backend, s.test_limit, s.seed).ids) * methods
-        run_evaluation(backend, s, self.out_dir, progress=False, log=self.log)
+        run_evaluation(backend, self.settings, self.out_dir, progress=False, log=self.log, on_progress=self._progress)
 
 
 _JOBS: dict[tuple[str, Path], Job] = {}

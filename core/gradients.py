@@ -1,15 +1,22 @@
-"""Per-example gradients of the trainable subset, in batches, projected without a dense P x d matrix.
+"""Per-example gradients of the trainable subset, in batches, sketched without a dense P x d matrix.
 
 Every trainable parameter of the top model belongs to a ``Linear`` or a ``LayerNorm``. For a
 linear layer the per-example gradient is ``sum_t delta_t a_t^T`` (output gradients times layer
 inputs), so forward hooks keep the inputs and tensor hooks the output gradients of one ordinary
-batched backward pass, and the per-example gradient is formed from them directly. Projection is
-the LoGra factorisation: ``P_out (sum_t delta_t a_t^T) P_in^T = sum_t (P_out delta_t)(P_in a_t)^T``
-with Gaussian ``P_in`` (k x in) and ``P_out`` (k x out), entries N(0, 1/k), so inner products are
-preserved in expectation and no P x d matrix exists. A side no wider than ``k`` is kept as it is
-(identity); ``k=None`` keeps everything (exact mode). LayerNorm vectors get a dense k x H
-Gaussian projection. The same map applies to any dense parameter-space vector
-(:meth:`Projector.project_params`), e.g. an inverse-Hessian-vector product.
+batched backward pass, and the per-example gradient is formed from them directly.
+
+Projection is a CountSketch of the whole trainable vector: coordinate i goes to bucket h(i) of
+d with a random sign s(i), so ``<Sx, Sy>`` is an unbiased estimate of ``<x, y>`` with variance at
+most ``2 |x|^2 |y|^2 / d`` whatever the structure of the gradients, and the map is two index
+vectors, not a P x d matrix. A Kronecker (LoGra) projection of each layer, ``P_out G P_in^T``,
+is cheaper but loses on the low-rank gradients of the head and pooler (one token): measured on
+MAMS with the default backbone at d = 3,715, Spearman against exact scores 0.77 for the
+Kronecker map against 0.97 for the sketch. A weight's signs are a product ``s_out(o) s_in(i)``
+(still pairwise independent, so still unbiased; as good as free signs when measured), which
+lets them be applied to the output gradients and the inputs before the per-example gradient is
+formed instead of to the far larger gradient itself. ``dim=None`` keeps everything (exact mode). The same
+map applies to any dense parameter-space vector (:meth:`Projector.project_params`), e.g. an
+inverse-Hessian-vector product.
 
 Backward passes take per-example weights over the logits: the weights ``softmax - onehot(y)``
 give the cross-entropy gradient, a one-hot weight on class c gives the Jacobian row of logit c.
@@ -33,95 +40,88 @@ class Block:
     kind: str  # "linear-weight" | "linear-bias" | "ln-weight" | "ln-bias"
     param: str  # full-model parameter name
     shape: tuple[int, ...]
-    dim: int  # its width in the (projected) vector
+
+    @property
+    def size(self) -> int:
+        return int(torch.Size(self.shape).numel())
 
 
-def _gaussian(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.randn(rows, cols, generator=generator) / rows**0.5
+CHUNK_ELEMENTS = 1_200_000  # per-example weight gradients formed at once (about 5 MB: cache-sized)
+_KINDS = {nn.Linear: ("linear-weight", "linear-bias"), nn.LayerNorm: ("ln-weight", "ln-bias")}
 
 
 class Projector:
-    """The factorised random projection of the trainable subset's gradients.
+    """The CountSketch of the trainable subset's gradients into ``dim`` coordinates.
 
-    ``k`` is the per-side width (``None`` = exact: identity everywhere). Matrices are drawn from
-    ``seed`` in a fixed module order, so the same (model layout, k, seed) gives the same map.
+    ``dim=None`` is exact (the identity). Buckets and signs are drawn from ``seed`` block by
+    block in module order, so the same (model layout, dim, seed) gives the same map.
     """
 
-    def __init__(self, split: SplitModel, k: int | None, seed: int = 0, device: torch.device | str = "cpu"):
-        self.k = k
+    def __init__(self, split: SplitModel, dim: int | None, seed: int = 0, device: torch.device | str = "cpu"):
+        if dim is not None and dim < 1:
+            raise ValueError(f"projection dimension must be positive, got {dim}")
         self.seed = seed
         self.modules: dict[str, nn.Module] = {}
         self.blocks: list[Block] = []
-        self.mats: dict[tuple[str, str], torch.Tensor | None] = {}
-        generator = torch.Generator().manual_seed(seed)
         full_names = split.top_to_full
         trainable = set(split.trainable)
         covered: set[str] = set()
         for name, module in split.top.named_modules():
-            params = {pn: p for pn, p in module.named_parameters(recurse=False) if full_names[f"{name}.{pn}"] in trainable}
+            params = {pn for pn, _ in module.named_parameters(recurse=False) if full_names[f"{name}.{pn}"] in trainable}
             if not params:
                 continue
-            if isinstance(module, nn.Linear):
-                out_f, in_f = module.weight.shape
-                p_out = self._side(out_f, generator)
-                p_in = self._side(in_f, generator)
-                self.mats[(name, "out")], self.mats[(name, "in")] = p_out, p_in
-                rows = out_f if p_out is None else p_out.shape[0]
-                cols = in_f if p_in is None else p_in.shape[0]
-                self.blocks.append(Block(name, "linear-weight", full_names[f"{name}.weight"], (out_f, in_f), rows * cols))
-                if module.bias is not None:
-                    self.blocks.append(Block(name, "linear-bias", full_names[f"{name}.bias"], (out_f,), rows))
-            elif isinstance(module, nn.LayerNorm):
-                width = module.normalized_shape[-1]
-                p_ln = self._side(width, generator)
-                self.mats[(name, "ln")] = p_ln
-                dim = width if p_ln is None else p_ln.shape[0]
-                for kind, attr in (("ln-weight", "weight"), ("ln-bias", "bias")):
-                    if getattr(module, attr) is not None:
-                        self.blocks.append(Block(name, kind, full_names[f"{name}.{attr}"], (width,), dim))
-            else:
+            kinds = _KINDS.get(type(module))
+            if kinds is None:
                 raise ValueError(
                     f"trainable parameters in {name} ({type(module).__name__}): only Linear and "
                     "LayerNorm layers are supported for batched per-example gradients"
                 )
+            for kind, attr in zip(kinds, ("weight", "bias")):
+                if getattr(module, attr) is not None:
+                    self.blocks.append(Block(name, kind, full_names[f"{name}.{attr}"], tuple(getattr(module, attr).shape)))
             self.modules[name] = module
             covered |= {f"{name}.{pn}" for pn in params}
         missing = trainable - {full_names[n] for n in covered}
         if missing:
             raise ValueError(f"trainable parameters outside Linear/LayerNorm: {sorted(missing)[:3]}")
-        self.mats = {key: None if m is None else m.to(device) for key, m in self.mats.items()}
-        self.dim = sum(b.dim for b in self.blocks)
-
-    def _side(self, width: int, generator: torch.Generator) -> torch.Tensor | None:
-        if self.k is None or width <= self.k:
-            return None
-        return _gaussian(self.k, width, generator)
+        self.params = sum(b.size for b in self.blocks)
+        self.exact = dim is None
+        self.dim = self.params if dim is None else dim
+        self.buckets: dict[str, torch.Tensor] = {}
+        self.signs: dict[str, tuple[torch.Tensor, ...]] = {}  # weights: (s_out, s_in); others: (s,)
+        if dim is not None:
+            generator = torch.Generator().manual_seed(seed)
+            rademacher = lambda n: torch.randint(0, 2, (n,), generator=generator).float().mul_(2).sub_(1).to(device)  # noqa: E731
+            for b in self.blocks:
+                self.buckets[b.param] = torch.randint(0, dim, (b.size,), generator=generator).to(device)
+                self.signs[b.param] = tuple(rademacher(n) for n in (b.shape if b.kind == "linear-weight" else (b.size,)))
 
     def describe(self) -> dict:
-        return {"k": self.k, "seed": self.seed, "dim": self.dim, "exact": self.k is None}
+        return {"sketch": "exact" if self.exact else "countsketch", "dim": self.dim, "seed": self.seed,
+                "params": self.params, "exact": self.exact}
 
-    @staticmethod
-    def _apply(mat: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        """``x @ mat.T`` over the last axis (identity when ``mat`` is None)."""
-        return x if mat is None else x @ mat.T
+    def sketch(self, block: Block, signed: torch.Tensor, out: torch.Tensor) -> None:
+        """Add the sketch of one block's signed rows (B, size) into ``out`` (B, dim)."""
+        out.index_add_(1, self.buckets[block.param], signed)
 
     def project_params(self, vec: dict[str, torch.Tensor]) -> torch.Tensor:
         """Project a dense parameter-space vector (full-model names) into the same space."""
-        parts = []
-        for b in self.blocks:
-            v = vec[b.param].float()
+        rows = [vec[b.param].float() for b in self.blocks]
+        if self.exact:
+            return torch.cat([r.reshape(-1) for r in rows])
+        out = torch.zeros(1, self.dim, device=rows[0].device)
+        for b, row in zip(self.blocks, rows):
             if b.kind == "linear-weight":
-                p_out, p_in = self.mats[(b.module, "out")], self.mats[(b.module, "in")]
-                parts.append(self._apply(p_in, self._apply(p_out, v.T).T).reshape(-1))
-            elif b.kind == "linear-bias":
-                parts.append(self._apply(self.mats[(b.module, "out")], v))
+                s_out, s_in = self.signs[b.param]
+                row = row * s_out[:, None] * s_in[None, :]
             else:
-                parts.append(self._apply(self.mats[(b.module, "ln")], v))
-        return torch.cat(parts)
+                row = row * self.signs[b.param][0]
+            self.sketch(b, row.reshape(1, -1), out)
+        return out[0]
 
 
 class GradientCollector:
-    """Batched per-example (projected) gradients of the top model via hooks.
+    """Batched per-example (sketched) gradients of the top model via hooks.
 
     Use :meth:`gradients` with cached hidden states and per-example logit weights.
     """
@@ -129,48 +129,65 @@ class GradientCollector:
     def __init__(self, split: SplitModel, projector: Projector):
         self.split = split
         self.proj = projector
+        self._blocks: dict[str, list[Block]] = {}
+        for b in projector.blocks:
+            self._blocks.setdefault(b.module, []).append(b)
         self._inputs: dict[str, torch.Tensor] = {}
-        self._parts: dict[str, list[torch.Tensor]] = {}
+        self._parts: dict[str, torch.Tensor] = {}  # exact mode: one (B, size) matrix per parameter
+        self._sketch: torch.Tensor | None = None  # sketch mode: the (B, dim) sum so far
         self._handles: list = []
 
     # hooks ------------------------------------------------------------------
     def _forward_hook(self, name: str):
-        module = self.proj.modules[name]
-
         def hook(mod: nn.Module, args, output: torch.Tensor):
             x = args[0].detach()
             if x.dim() == 2:  # pooler / head act on one token
                 x = x.unsqueeze(1)
             if isinstance(mod, nn.LayerNorm):
                 x = nn.functional.layer_norm(x, mod.normalized_shape, None, None, mod.eps)
-            else:
-                x = Projector._apply(self.proj.mats[(name, "in")], x)
             self._inputs[name] = x
             if output.requires_grad:
-                output.register_hook(self._backward_hook(name, module))
+                output.register_hook(self._backward_hook(name))
 
         return hook
 
-    def _backward_hook(self, name: str, module: nn.Module):
+    def _backward_hook(self, name: str):
         def hook(grad: torch.Tensor):
             d = grad.detach()
             if d.dim() == 2:
                 d = d.unsqueeze(1)
             a = self._inputs[name]
-            out = self._parts.setdefault(name, [])
-            if isinstance(module, nn.LayerNorm):
-                p = self.proj.mats[(name, "ln")]
-                if module.weight is not None:
-                    out.append(Projector._apply(p, (d * a).sum(1)))
-                if module.bias is not None:
-                    out.append(Projector._apply(p, d.sum(1)))
-            else:
-                d = Projector._apply(self.proj.mats[(name, "out")], d)
-                out.append(torch.einsum("bto,bti->boi", d, a).reshape(d.shape[0], -1))
-                if module.bias is not None:
-                    out.append(d.sum(1))
+            for block in self._blocks[name]:
+                if block.kind == "linear-weight":
+                    self._weight(block, d, a)
+                else:
+                    values = (d * a).sum(1) if block.kind == "ln-weight" else d.sum(1)
+                    self._add(block, values)
 
         return hook
+
+    def _weight(self, block: Block, d: torch.Tensor, a: torch.Tensor) -> None:
+        """Per-example ``sum_t d_t a_t^T``; sketched a few rows at a time so they stay in cache."""
+        if self.proj.exact:
+            self._parts[block.param] = torch.bmm(d.transpose(1, 2), a).reshape(d.shape[0], -1)
+            return
+        s_out, s_in = self.proj.signs[block.param]  # the signs s_out(o) s_in(i), on the factors
+        d, a = (d * s_out).transpose(1, 2), a * s_in
+        out = self._buffer(d.shape[0], d)
+        step = max(1, CHUNK_ELEMENTS // block.size)
+        for s in range(0, d.shape[0], step):
+            self.proj.sketch(block, torch.bmm(d[s : s + step], a[s : s + step]).reshape(-1, block.size), out[s : s + step])
+
+    def _buffer(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        if self._sketch is None:
+            self._sketch = like.new_zeros(rows, self.proj.dim)
+        return self._sketch
+
+    def _add(self, block: Block, values: torch.Tensor) -> None:
+        if self.proj.exact:
+            self._parts[block.param] = values
+        else:
+            self.proj.sketch(block, values * self.proj.signs[block.param][0], self._buffer(values.shape[0], values))
 
     def __enter__(self) -> "GradientCollector":
         for name, module in self.proj.modules.items():
@@ -183,17 +200,16 @@ class GradientCollector:
         self._handles.clear()
         self._inputs.clear()
         self._parts.clear()
+        self._sketch = None
 
     # api --------------------------------------------------------------------
     def _assemble(self) -> torch.Tensor:
-        order: dict[str, int] = {}
-        pieces = []
-        for b in self.proj.blocks:
-            k = order.get(b.module, 0)
-            pieces.append(self._parts[b.module][k])
-            order[b.module] = k + 1
-        self._parts.clear()
-        return torch.cat(pieces, dim=1)
+        if self.proj.exact:
+            out = torch.cat([self._parts[b.param] for b in self.proj.blocks], dim=1)
+            self._parts.clear()
+        else:
+            out, self._sketch = self._sketch, None
+        return out
 
     def gradients(
         self, h: torch.Tensor, mask: torch.Tensor, weights: Sequence[torch.Tensor]

@@ -11,6 +11,11 @@ Gauss-Newton matrix sum_n J_n^T (diag p_n - p_n p_n^T) J_n in the projected spac
 inverse Hessian). Matrices are ``.npy`` files opened memory-mapped. The build is resumable: rows
 are written batch by batch and progress is recorded every few batches; an index whose
 fingerprint differs from the workspace's is rebuilt from scratch.
+
+Training spans a person corrected (``overrides``: id -> (start, end)) replace the workspace's
+spans. A change to them patches only what depends on those instances' spans - their masked
+prefix states, ``diff`` rows at every point and ``emb(x_-ij)`` - and leaves the fingerprint
+as it is: results that do not use training spans stay valid.
 """
 from __future__ import annotations
 
@@ -49,9 +54,9 @@ FLUSH_EVERY = 25  # batches between progress records
 
 @dataclass(frozen=True)
 class IndexSettings:
-    """How the index is projected and built. ``k=None`` stores exact gradients (small N only)."""
+    """How the index is sketched and built. ``dim=None`` stores exact gradients (small N only)."""
 
-    k: int | None = 16
+    dim: int | None = 4096
     seed: int = 0
     batch_size: int = 32
 
@@ -100,7 +105,7 @@ def _fingerprints(ws: Workspace, settings: IndexSettings) -> tuple[str, str, str
     """
     stages = ws.manifest().stages
     stage = lambda name: stages.get(name, {}).get("fingerprint")  # noqa: E731
-    shared = fingerprint([stage("spans"), stage("importance"), stage("model")], settings.k, settings.seed)
+    shared = fingerprint([stage("spans"), stage("importance"), stage("model")], "countsketch", settings.dim, settings.seed)
     variants = fingerprint(shared, stage("variants"))
     return shared, variants, fingerprint(shared, variants)
 
@@ -137,12 +142,36 @@ class GradientIndex:
         """The mean Gauss-Newton matrix (d x d, float64) in the projected space."""
         return torch.from_numpy(np.load(self.root / "ggn.npy"))
 
+    def spans_match(self, overrides: "Overrides") -> bool:
+        """Whether the index holds exactly these corrected training spans."""
+        return self.meta.get("overrides", {}) == _overrides_json(overrides)
+
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
 
 
 def _training_rows(ws: Workspace) -> list[dict]:
     return [row for row in ws.load_instances() if row["split"] == "train"]
+
+
+Overrides = dict[str, tuple[int, int]]
+
+
+def _span_of(row: dict, overrides: Overrides) -> tuple[int, int] | None:
+    if row["id"] in overrides:
+        return tuple(overrides[row["id"]])
+    return (row["span"]["start"], row["span"]["end"]) if row.get("span") else None
+
+
+def _masked_encodings(loaded: LoadedModel, rows: list[dict], overrides: Overrides) -> list[Encoded]:
+    tok = loaded.tokenizer
+    enc = encode_pairs(tok, [(r["aspect"], r["text"]) for r in rows], loaded.max_length)
+    spans = [_span_of(r, overrides) for r in rows]
+    return [mask_span(e, *span, tok.mask_token_id) if span else e for e, span in zip(enc, spans)]
+
+
+def _overrides_json(overrides: Overrides) -> dict[str, list[int]]:
+    return {k: [int(v[0]), int(v[1])] for k, v in sorted(overrides.items())}
 
 
 def build_index(
@@ -153,23 +182,82 @@ def build_index(
     device: str | None = None,
     progress: bool = True,
     log=print,
+    overrides: Overrides | None = None,
 ) -> GradientIndex:
-    """Build (or resume, or reuse) the workspace's gradient index and return it.
+    """Build (or resume, or reuse) the workspace's gradient index and return it, with the
+    training spans in ``overrides`` patched in.
 
-    One process builds at a time: another one finds the lock and gets a clear error.
+    One process builds at a time: another one finds the lock and gets a clear error (a patch of
+    a few corrected spans waits for the lock instead).
     """
     root = ws.root / "index"
     root.mkdir(parents=True, exist_ok=True)
+    overrides = overrides or {}
     with open(root.parent / ".index.lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"{root} is being built by another process; wait for it to finish") from None
-        return _build_index(ws, settings, root, loaded=loaded, device=device, progress=progress, log=log)
+            if not _patch_only(root, ws, settings):
+                raise RuntimeError(f"{root} is being built by another process; wait for it to finish") from None
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        index = _build_index(ws, settings, root, loaded=loaded, device=device, progress=progress, log=log,
+                             overrides=overrides)
+        if not index.spans_match(overrides):
+            index = _patch_spans(ws, index, overrides, loaded or load_workspace_model(ws, device), log)
+        return index
+
+
+def _patch_only(root: Path, ws: Workspace, settings: IndexSettings) -> bool:
+    """Whether the index is complete and current, so that the lock holder can only be patching."""
+    try:
+        meta = json.loads((root / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(meta.get("done")) and meta.get("fingerprint") == index_fingerprint(ws, settings)
+
+
+def _patch_spans(ws: Workspace, index: GradientIndex, overrides: Overrides, loaded: LoadedModel, log) -> GradientIndex:
+    """Recompute what depends on the training spans of the instances whose override changed.
+
+    Idempotent: the applied overrides are recorded last, so an interrupted patch is redone."""
+    root, meta = index.root, index.meta
+    applied = meta.get("overrides", {})
+    wanted = _overrides_json(overrides)
+    changed = {i for i in applied.keys() | wanted.keys() if applied.get(i) != wanted.get(i)}
+    rows = _training_rows(ws)
+    where = [n for n, r in enumerate(rows) if r["id"] in changed]
+    if where:
+        started = time.perf_counter()
+        masked_path = root / "prefix-masked.safetensors"
+        masked_cache = HiddenCache.load(masked_path)
+        fresh = compute_prefix(loaded.split, _masked_encodings(loaded, [rows[n] for n in where], overrides),
+                               loaded.tokenizer.pad_token_id, device=loaded.device, progress=False)
+        for n, state in zip(where, fresh.states):
+            masked_cache.states[n] = state
+        masked_cache.save(masked_path)
+        full_cache = HiddenCache.load(ws.root / "prefix" / "train.safetensors")
+        labels = torch.tensor([loaded.labels.index(r["label"]) for r in rows])
+        batches = [where[i : i + 32] for i in range(0, len(where), 32)]
+        projector = Projector(loaded.split, meta["settings"]["dim"], meta["settings"]["seed"], loaded.device)
+        for point in meta["points"]:
+            diff = np.load(root / f"{point}.diff.npy", mmap_mode="r+")
+            emb = np.load(root / "emb.masked.npy", mmap_mode="r+") if point == "final" else None
+            for batch in training_gradients(loaded, projector, full_cache, masked_cache, labels, point, batches):
+                diff[batch.rows] = batch.diff.numpy()
+                if emb is not None:
+                    emb[batch.rows] = batch.cls_masked.numpy()
+            diff.flush()
+            if emb is not None:
+                emb.flush()
+            del diff, emb
+        log(f"[index] patched the spans of {len(where)} training instances in {time.perf_counter() - started:.1f}s")
+    meta["overrides"] = wanted
+    write_json_atomic(root / "meta.json", meta)
+    return GradientIndex(root)
 
 
 def _build_index(ws: Workspace, settings: IndexSettings, root: Path, *, loaded: LoadedModel | None,
-                 device: str | None, progress: bool, log) -> GradientIndex:
+                 device: str | None, progress: bool, log, overrides: Overrides) -> GradientIndex:
     shared, variants_fp, whole = _fingerprints(ws, settings)
     meta_path = root / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -190,23 +278,18 @@ def _build_index(ws: Workspace, settings: IndexSettings, root: Path, *, loaded: 
     masked_path = root / "prefix-masked.safetensors"
     if masked_path.exists():
         masked_cache = HiddenCache.load(masked_path)
-    else:
-        enc = encode_pairs(tok, [(r["aspect"], r["text"]) for r in rows], loaded.max_length)
-        masked = [
-            mask_span(e, r["span"]["start"], r["span"]["end"], tok.mask_token_id) if r.get("span") else e
-            for e, r in zip(enc, rows)
-        ]
-        masked_cache = compute_prefix(
-            split, masked, tok.pad_token_id, device=loaded.device, desc="frozen prefix (masked spans)", progress=progress
-        )
+    else:  # a fresh index: the overrides go in from the start
+        masked_cache = compute_prefix(split, _masked_encodings(loaded, rows, overrides), tok.pad_token_id,
+                                      device=loaded.device, desc="frozen prefix (masked spans)", progress=progress)
         masked_cache.save(masked_path)
-    projector = Projector(split, settings.k, settings.seed, loaded.device)
+    projector = Projector(split, settings.dim, settings.seed, loaded.device)
     d = projector.dim
     points = list(loaded.points)
     point_fps = {p: variants_fp if p.startswith("variant-") else shared for p in points}
     if not meta:
         meta = {"shared": shared, "ids": [r["id"] for r in rows], "projection": projector.describe(),
-                "settings": asdict(settings), "progress": {}, "point_fps": {}}
+                "settings": asdict(settings), "progress": {}, "point_fps": {},
+                "overrides": _overrides_json(overrides)}
         hidden = full_cache.states[0].shape[1]
         for kind in ("full", "masked"):
             open_memmap(root / f"emb.{kind}.npy", mode="w+", dtype=np.float32, shape=(n, hidden)).flush()

@@ -35,7 +35,7 @@ from .model import (
     split_model,
     train,
 )
-from .spans import RCSpanFinder, Span, candidate_chunks, detect_spans, refine_by_importance, span_stats
+from .spans import RCSpanFinder, Span, detect_spans, refine_by_importance, span_stats
 from .workspace import (
     Manifest,
     Workspace,

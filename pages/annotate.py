@@ -120,7 +120,7 @@ problem = explore.check_span(row["text"], start, end)
 if problem:
     st.error(f"Not a usable span: {problem}.")
 else:
-    st.html(f'<div class="sl-preview-label">Preview</div>'
+    st.html('<div class="sl-preview-label">Preview</div>'
             + highlight_html(row["text"], explore.marks_for(row["text"], aspect, (start, end), kind)))
 if st.button("Save fix", icon=":material/save:", shortcut="Alt+S", disabled=bool(problem),
              key="save_fix", help="Alt+S"):

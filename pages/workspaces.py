@@ -115,8 +115,9 @@ with st.form("create"):
     c3, c4 = st.columns(2)
     backbone = c3.text_input("Backbone", value="minilm", key="new_backbone",
                              help="'minilm' (packaged all-MiniLM-L6-v2), or a Hugging Face model folder or hub id.")
-    proj = c4.number_input("Projection width k (0 = exact gradients)", 0, 256, 16, key="new_proj",
-                           help="Per-side projection of the gradient index; exact only suits small workspaces.")
+    proj = c4.number_input("Sketch dimension d (0 = exact gradients)", 0, 65536, IndexSettings().dim, step=1024,
+                           key="new_proj", help="Dimension of the gradient index's CountSketch; exact only suits "
+                           "small workspaces.")
     submitted = st.form_submit_button("Create and build", type="primary", icon=":material/add:")
 if submitted:
     problem = explore.check_workspace_name(root, name.strip())
@@ -131,7 +132,7 @@ if submitted:
             st.code("python -m core fetch-data --dest DIR", language="bash")
     else:
         settings = explore.settings_for(source.strip(), data_dir, backbone.strip(), size)
-        explore.start_job(explore.PrepareJob(root / name.strip(), settings, IndexSettings(k=int(proj) or None)))
+        explore.start_job(explore.PrepareJob(root / name.strip(), settings, IndexSettings(dim=int(proj) or None)))
         st.session_state["workspace"] = name.strip()
         st.session_state.pop("w_workspace", None)
         st.rerun()

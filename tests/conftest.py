@@ -38,5 +38,5 @@ def tiny_workspace(tmp_path_factory, data_dir, tiny_backbone) -> Path:
 
     root = tmp_path_factory.mktemp("ws") / "tiny"
     prepare(tiny_settings(data_dir, tiny_backbone), root, progress=False, log=lambda _: None)
-    build_index(Workspace(root), IndexSettings(k=None, batch_size=8), progress=False, log=lambda _: None)
+    build_index(Workspace(root), IndexSettings(dim=None, batch_size=8), progress=False, log=lambda _: None)
     return root

@@ -15,7 +15,7 @@ from core.methods import TestInput as Query
 from core.model import HiddenCache, SplitModel, collate, encode_pairs, mask_span
 from core.workspace import Workspace, load_model
 
-EXACT = IndexSettings(k=None, batch_size=8)
+EXACT = IndexSettings(dim=None, batch_size=8)
 DAMPING = None  # the engine's default: 0.1 x the mean eigenvalue
 N_CHECK = 12  # training instances compared against brute force
 
@@ -139,9 +139,9 @@ def test_projected_index_matches_projected_brute_force(tiny_workspace, tmp_path)
 
     root = tmp_path / "ws"
     shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("index", "store.sqlite*"))
-    backend = Backend(root, device="cpu", index_settings=IndexSettings(k=4, batch_size=8))
+    backend = Backend(root, device="cpu", index_settings=IndexSettings(dim=64, batch_size=8))
     index = backend.index
-    assert index.meta["projection"]["k"] == 4 and index.meta["dim"] < backend._exact_engine.projector.dim
+    assert index.meta["projection"]["sketch"] == "countsketch" and index.meta["dim"] == 64 and index.meta["dim"] < backend._exact_engine.projector.dim
     projector = backend.engine().projector
     model = load_model(root, "variant-2", device="cpu")
     tok = model.spanlens_tokenizer
@@ -158,6 +158,27 @@ def test_projected_index_matches_projected_brute_force(tiny_workspace, tmp_path)
         expected = projector.project_params(dense)
         got = index.matrix("variant-2", "diff")[j]
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_sketch_is_an_unbiased_inner_product(backend):
+    """CountSketch: E<Sx, Sy> = <x, y>, with a spread of about sqrt(2/d) |x||y| per seed.
+
+    Positive vectors make every collision add a positive error unless the signs cancel it, so a
+    sketch without working signs fails the mean."""
+    split = backend.loaded.split
+    blocks = Projector(split, None).blocks
+    gen = torch.Generator().manual_seed(0)
+    x = {b.param: torch.rand(b.shape, generator=gen) for b in blocks}
+    y = {b.param: torch.rand(b.shape, generator=gen) + x[b.param] for b in blocks}
+    flat = lambda v: torch.cat([v[b.param].reshape(-1) for b in blocks])  # noqa: E731
+    truth, scale = float(flat(x) @ flat(y)), float(flat(x).norm() * flat(y).norm())
+    dim, seeds = 256, 64
+    estimates = torch.tensor([float(Projector(split, dim, seed).project_params(x) @ Projector(split, dim, seed).project_params(y))
+                              for seed in range(seeds)])
+    spread = (2 / dim) ** 0.5 * scale
+    assert abs(float(estimates.mean()) - truth) < 4 * spread / seeds**0.5
+    assert float((estimates - truth).abs().max()) < 5 * spread
+    assert Projector(split, None).project_params(x).shape[0] == Projector(split, None).params
 
 
 def test_empty_span_gives_zero_for_span_methods(backend):
@@ -345,7 +366,7 @@ def test_index_resumes_after_interruption(tiny_workspace, tmp_path, monkeypatch)
     root = tmp_path / "ws"
     shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("store.sqlite*"))
     reference = GradientIndex(root / "index")
-    settings = IndexSettings(k=None, batch_size=8)
+    settings = IndexSettings(dim=None, batch_size=8)
     shutil.rmtree(root / "index")
     monkeypatch.setattr(index_mod, "FLUSH_EVERY", 1)
     calls = {"n": 0}
@@ -370,7 +391,7 @@ def test_index_resumes_after_interruption(tiny_workspace, tmp_path, monkeypatch)
     again = build_index(Workspace(root), settings, progress=False, log=lines.append)
     assert "up to date" in lines[-1] and again.meta["fingerprint"] == resumed.meta["fingerprint"]
     # a different projection is a different index: rebuilt, not reused
-    other = build_index(Workspace(root), IndexSettings(k=4, batch_size=8), progress=False, log=lines.append)
+    other = build_index(Workspace(root), IndexSettings(dim=64, batch_size=8), progress=False, log=lines.append)
     assert other.meta["fingerprint"] != resumed.meta["fingerprint"] and other.meta["dim"] < resumed.meta["dim"]
 
 
@@ -394,3 +415,46 @@ def test_explanations_are_served_from_the_store(tiny_workspace, tmp_path, monkey
     assert [h.train_id for h in again.top] == [h.train_id for h in first.top]
     with pytest.raises(AssertionError, match="recomputed"):
         backend.explain(test_id, "TracIn++", k=5, use_cache=False)
+
+
+def test_corrected_training_span_patches_its_rows_only(tiny_workspace, tmp_path, monkeypatch):
+    """Fixing a training span re-scores that instance with the new span (brute force), keeps
+    every other row, recomputes only span-dependent results, and undo restores the original."""
+    import shutil
+
+    root = tmp_path / "ws"
+    shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("store.sqlite*"))
+    backend = Backend(root, device="cpu", index_settings=EXACT)
+    test = backend.instances("test")[0]
+    before = torch.tensor(backend.explain(test["id"], "GroundTruth", k=3).scores)
+    backend.explain(test["id"], "TracIn", k=3)
+    j = 2
+    row = backend.instances("train")[j]
+    old = (row["span"]["start"], row["span"]["end"])
+    new = (0, 4) if old != (0, 4) else (2, 9)
+    backend.annotate_span(row["id"], "fix", "tester", new)
+
+    calls: list[str] = []
+    real_scores = Engine.scores
+    monkeypatch.setattr(Engine, "scores", lambda self, tests, m, **kw: calls.append(m.name) or real_scores(self, tests, m, **kw))
+    backend.explain(test["id"], "TracIn", k=3)  # uses no spans: still served from the store
+    after = torch.tensor(backend.explain(test["id"], "GroundTruth", k=3).scores)
+    assert calls == ["GroundTruth"]
+    assert backend.index.meta["overrides"] == {row["id"]: list(new)}
+
+    model = load_model(root, "final", device="cpu")
+    tok, labels = model.spanlens_tokenizer, backend.manifest.labels
+    t_vec = _sides(model, tok, test, labels.index(test["label"]), (test["span"]["start"], test["span"]["end"]), "test")["diff"]
+    expected = float(t_vec @ _sides(model, tok, row, labels.index(row["label"]), new, "train")["diff"])
+    scale = float(before.abs().max())
+    assert abs(float(after[j]) - expected) < 1e-4 * scale
+    assert abs(float(before[j]) - float(after[j])) > 1e-3 * scale  # the span really changed the score
+    others = torch.arange(len(before)) != j
+    assert torch.allclose(after[others], before[others], atol=1e-6 * scale)
+
+    # another process sees the patched index as it is; undo patches the row back
+    fresh = Backend(root, device="cpu", index_settings=EXACT)
+    assert fresh.index.spans_match({row["id"]: new})
+    fresh.undo_span_annotation("tester")
+    restored = torch.tensor(fresh.explain(test["id"], "GroundTruth", k=3).scores)
+    assert torch.allclose(restored, before, atol=1e-6 * scale)

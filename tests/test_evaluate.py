@@ -16,7 +16,7 @@ from core.index import IndexSettings
 from core.methods import Engine
 from core.model import HiddenCache, TrainConfig, load_backbone, split_model
 
-EXACT = IndexSettings(k=None, batch_size=8)  # how the tiny workspace's index was built
+EXACT = IndexSettings(dim=None, batch_size=8)  # how the tiny workspace's index was built
 QUIET = dict(progress=False, log=lambda _: None)
 
 
@@ -38,7 +38,13 @@ def test_tables_faithfulness_and_selection(workspace, tmp_path):
     _mark(backend, wrong, "wrong")
     settings = EvalSettings(methods=("IF++", "TracIn++", "GroundTruth"), ks=(5, 10), kmax=12,
                             test_limit=None, ral=(), faithfulness_runs=2, batch=8)
-    report = run_evaluation(backend, settings, tmp_path / "out", **QUIET)
+    events: list[tuple[str, float]] = []
+    report = run_evaluation(backend, settings, tmp_path / "out", **QUIET, on_progress=lambda *e: events.append(e))
+    fractions = [f for _, f in events]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    n_tests = len(backend.instances("test")) - 1
+    assert events[0][0].startswith("Sag/Lag: 8/") and f"Sag/Lag: {n_tests}/{n_tests} tests" in [d for d, _ in events]
+    assert any(d.startswith("faithfulness run 2:") for d, _ in events)
     sel = report.summary["selection"]
     assert wrong not in sel["ids"] and sel["excluded_wrong"] == 1 and sel["wrong_ids"] == [wrong]
     assert sel["n"] == len(backend.instances("test")) - 1
@@ -141,7 +147,10 @@ def test_ral_removing_the_support_lowers_accuracy(tiny_backbone, tmp_path):
 def test_ral_in_a_run(workspace, tmp_path):
     backend = Backend(workspace, device="cpu", index_settings=EXACT)
     settings = EvalSettings(methods=("TracIn++",), ks=(5,), kmax=5, test_limit=4, ral=(50,), faithfulness_runs=0)
-    report = run_evaluation(backend, settings, tmp_path / "out", **QUIET)
+    events: list[tuple[str, float]] = []
+    report = run_evaluation(backend, settings, tmp_path / "out", **QUIET, on_progress=lambda *e: events.append(e))
+    assert events[-1][0] == "Ral retrains: 3/3 retrains" and events[-1][1] == pytest.approx(1.0)
+    assert events[-2][1] == pytest.approx(0.5 + 0.5 * 2 / 3)
     ral = report.ral.set_index("method")
     assert set(ral.index) == {"unchanged", "TracIn++", "random"}
     n = report.summary["approximations"]["n_train"]

@@ -59,7 +59,7 @@ def build_hostile_workspace(root: Path, data_dir: Path, backbone: Path) -> Path:
     ws = root / "hostile"
     settings = tiny_settings(data_dir, backbone, dataset=str(data), train_limit=None, eval_limit=None)
     prepare(settings, ws, progress=False, log=lambda _: None)
-    build_index(Workspace(ws), IndexSettings(k=None, batch_size=8), progress=False, log=lambda _: None)
+    build_index(Workspace(ws), IndexSettings(dim=None, batch_size=8), progress=False, log=lambda _: None)
     return ws
 
 
