@@ -55,7 +55,7 @@ def _index_settings(args):
 
 
 def cmd_prepare(args) -> int:
-    from .index import build_index
+    from .backend import index_workspace
     from .prepare import PrepareSettings, prepare
     from .workspace import Workspace
 
@@ -68,12 +68,8 @@ def cmd_prepare(args) -> int:
     )
     manifest = prepare(settings, args.workspace)
     if not args.no_index:
-        index = build_index(Workspace(args.workspace), _index_settings(args), device=args.device)
-        meta = index.meta
+        index_workspace(Workspace(args.workspace), _index_settings(args), device=args.device)
         manifest = Workspace(args.workspace).manifest()
-        manifest.results["index"] = {"dim": meta["dim"], "seconds": meta["seconds"],
-                                     "bytes": index.size_bytes(), "examples_per_second": meta["examples_per_second"]}
-        Workspace(args.workspace).save_manifest(manifest)
     _summary(manifest)
     return 0
 
@@ -96,10 +92,10 @@ def _summary(manifest) -> None:
 
 
 def cmd_index(args) -> int:
-    from .index import build_index
+    from .backend import index_workspace
     from .workspace import Workspace
 
-    index = build_index(Workspace(args.workspace), _index_settings(args), device=args.device)
+    index = index_workspace(Workspace(args.workspace), _index_settings(args), device=args.device)
     print(json.dumps({k: index.meta[k] for k in ("dim", "seconds", "examples_per_second", "projection")}, indent=2))
     return 0
 

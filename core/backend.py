@@ -11,12 +11,43 @@ from functools import cached_property
 from pathlib import Path
 
 from .ihvp import LissaSettings
-from .index import GradientIndex, IndexSettings, LoadedModel, build_index, index_fingerprint, load_workspace_model
+from .index import (
+    GradientIndex,
+    IndexSettings,
+    LoadedModel,
+    Overrides,
+    build_index,
+    index_fingerprint,
+    load_workspace_model,
+)
 from .methods import Engine, Explanation, TestInput, TrainingSide, paper_sign, rank, resolve_method
 from .model import HiddenCache
 from .spans import clause_span
 from .store import Store
-from .workspace import Workspace
+from .workspace import Workspace, fingerprint
+
+
+def training_span_fixes(ws: Workspace, store: Store | None = None) -> Overrides:
+    """Corrected spans of the workspace's training instances, from its store's annotations."""
+    if store is None:
+        if not ws.store_path.exists():
+            return {}
+        store = Store(ws.store_path)
+    train = {row["id"] for row in ws.load_instances() if row["split"] == "train"}
+    return {i: (a.corrected_start, a.corrected_end) for i, a in store.current_annotations().items()
+            if a.status == "fix" and i in train}
+
+
+def index_workspace(ws: Workspace, settings: IndexSettings, *, device: str | None = None, progress: bool = True,
+                    log=print) -> GradientIndex:
+    """Build (or bring up to date) the workspace's index with its corrected training spans, and
+    record its size and timing in the manifest."""
+    index = build_index(ws, settings, device=device, progress=progress, log=log, overrides=training_span_fixes(ws))
+    manifest = ws.manifest()
+    manifest.results["index"] = {"dim": index.meta["dim"], "seconds": index.meta["seconds"], "bytes": index.size_bytes(),
+                                 "examples_per_second": index.meta["examples_per_second"]}
+    ws.save_manifest(manifest)
+    return index
 
 
 class Backend:
@@ -53,15 +84,14 @@ class Backend:
                 self.__dict__.pop(stale, None)
         return current
 
-    def train_span_fixes(self) -> dict[str, tuple[int, int]]:
-        """Corrected spans of training instances (from the store's annotations)."""
-        train = self._train_set
-        return {i: (a.corrected_start, a.corrected_end) for i, a in self.store.current_annotations().items()
-                if a.status == "fix" and i in train}
+    def _spans_key(self) -> str:
+        """The corrected training spans in use, as part of a cache key (a result computed before
+        a correction is never served after it)."""
+        return fingerprint(sorted(self.train_span_fixes().items()))
 
-    @cached_property
-    def _train_set(self) -> set[str]:
-        return set(self.train_ids)
+    def train_span_fixes(self) -> Overrides:
+        """Corrected spans of training instances (from the store's annotations)."""
+        return training_span_fixes(self.ws, self.store)
 
     @property
     def fingerprint(self) -> str:
@@ -146,6 +176,8 @@ class Backend:
                     "paper_signs": paper_signs and paper_sign(m) < 0, "span": test_input.span,
                     "text": None if test_input.id else [test_input.aspect, test_input.text],
                     "lissa": asdict(lissa) if m.inverse and ihvp == "lissa" else None}
+        if m.uses_spans:
+            settings["train_spans"] = self._spans_key()
         key = test_input.id or "new"
         if use_cache:
             cached = self.store.get_result(self.fingerprint, m.name, settings, key)
@@ -183,7 +215,8 @@ class Backend:
         (emb(span) = emb(x) - emb(x_-ij), CLS at theta; the quantity Sag@K averages)."""
         from .metrics import cosine_to
 
-        settings = {"span": test.span, "text": None if test.id else [test.aspect, test.text]}
+        settings = {"span": test.span, "text": None if test.id else [test.aspect, test.text],
+                    "train_spans": self._spans_key()}
         key = test.id or "new"
         cached = self.store.get_result(self.fingerprint, self.PROFILE, settings, key)
         if cached is not None:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .ihvp import LissaSettings
-from .index import training_gradients
+from .index import KINDS, training_gradients
 from .methods import CONTROL, METHODS, PAPER_METHODS, Method, TestInput, resolve_method
 from .model import (
     HiddenCache,
@@ -257,7 +257,13 @@ class _Evaluation:
                  on_progress: ProgressCallback | None = None):
         self.backend, self.settings, self.out_dir, self.progress, self.log = backend, settings, out_dir, progress, log
         self.phases = _Phases(settings, on_progress)
+        # one snapshot of the index for the whole run: a span corrected meanwhile counts from the next run
         self.engine = backend.engine(exact=False)
+        self.index = self.engine.side.index
+        self.fixes = self.index.meta.get("overrides", {})
+        for point in self.index.points:  # read now, before any later patch
+            for kind in KINDS:
+                self.index.matrix(point, kind)
         self.store = backend.store
         self.reported = list(dict.fromkeys(resolve_method(m) for m in settings.methods))
         if not self.reported:
@@ -265,7 +271,7 @@ class _Evaluation:
         self.faith = settings.faithfulness_runs > 0
         extra = [METHODS["GroundTruth"], CONTROL] if self.faith else []
         self.computed = list(dict.fromkeys([*self.reported, *extra]))
-        index = backend.index
+        index = self.index
         if index.ids != backend.train_ids:
             raise ValueError("the index's training rows differ from the workspace's; rebuild the index")
         self.n = len(index.ids)
@@ -284,9 +290,8 @@ class _Evaluation:
     def _key(self, method: Method, part: str, **extra) -> str:
         s = self.settings
         parts = {"fp": self.backend.fingerprint, "method": method.name, "part": part, **extra}
-        fixes = self.backend.train_span_fixes()  # Sag reads every training span; ++ methods too
-        if fixes:
-            parts["train_spans"] = {i: list(span) for i, span in sorted(fixes.items())}
+        if self.fixes:  # Sag reads every training span; the ++ methods too
+            parts["train_spans"] = self.fixes
         if method.inverse:
             parts.update(ihvp=s.ihvp, damping=s.damping, lissa=asdict(s.lissa) if s.ihvp == "lissa" else None)
         if method.name == "IF":
@@ -359,7 +364,7 @@ class _Evaluation:
                 rho = metrics.spearman(values, scores[gt_method.name]) if self.faith else None
                 for q, t in enumerate(batch):
                     row = {"span": _span(t), "label": t.label, "sag": sag[q].round(6), "lag": lag[q].round(6),
-                           "top": [self.backend.index.ids[i] for i in ranked[q]], "seconds": round(seconds[m.name], 4)}
+                           "top": [self.index.ids[i] for i in ranked[q]], "seconds": round(seconds[m.name], 4)}
                     if rho is not None:
                         row["spearman"] = float(rho[q])
                     self.store.put_eval_row(keys[m.name], t.id, row)
@@ -383,13 +388,18 @@ class _Evaluation:
             return
         started = time.perf_counter()
         variant_methods = [m for m in self.computed if m.points == "variants"]
-        scores = self._new_variant_scores(todo, variant_methods, run) if variant_methods else {}
+        chunks = _chunks(todo, s.batch)
+        phase = f"faithfulness run {run + 1}"
+        batches = len(length_batches(self.backend.train_cache[0].lengths(), self.backend.index_settings.batch_size))
+        steps = len(chunks) + (self.backend.manifest.settings["variants"] * batches if variant_methods else 0)
+        report = lambda done: self.phases.report(phase, done, steps, "steps")  # noqa: E731
+        scores = self._new_variant_scores(todo, variant_methods, run, report) if variant_methods else {}
         others = [m for m in self.computed if m.points != "variants"]
         parts: dict[str, list[np.ndarray]] = {m.name: [] for m in others}
-        for batch in tqdm(_chunks(todo, s.batch), desc=f"faithfulness run {run + 1}", unit="batch",
-                          disable=not self.progress):
+        for c, batch in enumerate(tqdm(chunks, desc=phase, unit="batch", disable=not self.progress)):
             for m in others:
                 parts[m.name].append(self._scores(batch, m, run))
+            report(steps - len(chunks) + c + 1)
         scores.update({name: np.concatenate(p) for name, p in parts.items()})
         gt = scores["GroundTruth"]
         for m in self.computed:
@@ -398,19 +408,20 @@ class _Evaluation:
                 self.store.put_eval_row(keys[m.name], t.id, {"span": _span(t), "spearman": float(rho[q])})
         self.timings[f"faithfulness_run{run}_seconds"] = round(time.perf_counter() - started, 2)
 
-    def _new_variant_scores(self, tests: list[TestInput], methods: list[Method], run: int) -> dict[str, np.ndarray]:
-        """Scores of variant-based methods at new variants (workspace seed + run), streamed."""
+    def _new_variant_scores(self, tests: list[TestInput], methods: list[Method], run: int,
+                            report: Callable[[int], None]) -> dict[str, np.ndarray]:
+        """Scores of variant-based methods at new variants (workspace seed + run), streamed;
+        ``report`` hears the number of training batches done over all variants."""
         backend, loaded = self.backend, self.backend.loaded
         ws = backend.manifest.settings
         full_cache, labels = backend.train_cache
-        masked_cache = HiddenCache.load(backend.index.root / "prefix-masked.safetensors")
+        masked_cache = HiddenCache.load(self.index.root / "prefix-masked.safetensors")
         loaded.use("final")
         variants, _ = make_variants(loaded.split, full_cache, labels, count=ws["variants"], batch_size=ws["batch_size"],
                                     lr=ws["variant_lr"], seed=ws["seed"] + run, device=loaded.device)
         out = {m.name: np.zeros((len(tests), self.n)) for m in methods}
         batches = length_batches(full_cache.lengths(), backend.index_settings.batch_size)
         names = [f"faith-run{run}-variant-{i}" for i in range(1, len(variants) + 1)]
-        phase, steps = f"faithfulness run {run + 1}", len(names) * len(batches)
         try:
             for v, (name, params) in enumerate(zip(names, variants)):
                 loaded.points[name] = params
@@ -423,7 +434,7 @@ class _Evaluation:
                     side = {"full": gb.full.double(), "diff": gb.diff.double()}
                     for m in methods:
                         out[m.name][:, gb.rows] += (test_side[m.test] @ side[m.train].T).numpy()
-                    self.phases.report(phase, v * len(batches) + b + 1, steps, "batches of new variant gradients")
+                    report(v * len(batches) + b + 1)
         finally:
             for name in names:
                 loaded.points.pop(name, None)

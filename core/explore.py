@@ -22,7 +22,8 @@ import numpy as np
 
 from . import metrics
 from .data import LAYOUT, default_data_dir
-from .index import IndexSettings, build_index
+from .backend import index_workspace
+from .index import IndexSettings
 from .prepare import PrepareSettings, prepare
 from .spans import find_aspect
 from .views import Html, Mark, card_html, escape_text, highlight_html
@@ -56,19 +57,34 @@ def index_settings_of(root: Path) -> IndexSettings:
     for path, key in ((root / "index" / "meta.json", "settings"), (root / REQUEST_FILE, "index")):
         if path.exists():
             try:
-                return IndexSettings(**json.loads(path.read_text())[key])
+                saved = dict(json.loads(path.read_text())[key])
             except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+            if "k" in saved:  # written before the sketch: its exact mode stays exact
+                saved["dim"] = None if saved.pop("k") is None else IndexSettings().dim
+            try:
+                return IndexSettings(**saved)
+            except TypeError:
                 continue
     return IndexSettings()
 
 
+def _index_meta(root: Path) -> dict:
+    try:
+        return json.loads((root / "index" / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def index_done(root: Path) -> bool:
     """Whether the workspace has a finished gradient index."""
-    meta = root / "index" / "meta.json"
-    try:
-        return bool(json.loads(meta.read_text()).get("done")) if meta.exists() else False
-    except json.JSONDecodeError:
-        return False
+    return bool(_index_meta(root).get("done"))
+
+
+def index_fingerprint_of(root: Path) -> str:
+    """The fingerprint of the workspace's finished index ('-' while there is none)."""
+    meta = _index_meta(root)
+    return meta.get("fingerprint", "-") if meta.get("done") else "-"
 
 
 @dataclass(frozen=True)
@@ -219,7 +235,7 @@ class Job:
 
 
 class PrepareJob(Job):
-    """``prepare`` then ``build_index`` (both resume by themselves), with a progress estimate
+    """``prepare`` then ``index_workspace`` (both resume by themselves), with a progress estimate
     from the log lines (stage weights; epochs within training)."""
 
     kind = "prepare"
@@ -234,7 +250,7 @@ class PrepareJob(Job):
         return self._stage
 
     def log(self, line: str) -> None:
-        """The ``log`` callback of prepare and build_index: keep the line, track the stage."""
+        """The ``log`` callback of prepare and the index build: keep the line, track the stage."""
         super().log(line)
         stages = list(STAGES)
         if (m := _STAGE_LINE.match(line)) and m.group(1) in stages:
@@ -260,13 +276,8 @@ class PrepareJob(Job):
 
     def work(self) -> None:
         prepare(self.settings, self.root, progress=False, log=self.log)
-        index = build_index(Workspace(self.root), self.index_settings, device=self.settings.device,
-                            progress=False, log=self.log)
-        ws = Workspace(self.root)
-        manifest = ws.manifest()
-        manifest.results["index"] = {"dim": index.meta["dim"], "seconds": index.meta["seconds"],
-                                     "bytes": index.size_bytes(), "examples_per_second": index.meta["examples_per_second"]}
-        ws.save_manifest(manifest)
+        index_workspace(Workspace(self.root), self.index_settings, device=self.settings.device, progress=False,
+                        log=self.log)
 
 
 class EvalJob(Job):
@@ -278,18 +289,20 @@ class EvalJob(Job):
     def __init__(self, root: Path, settings: Any, out_dir: Path) -> None:
         super().__init__(root)
         self.settings, self.out_dir = settings, Path(out_dir)
-        self.doing, self._fraction = "starting", 0.0
+        self._stage, self._fraction = "starting", 0.0
 
     @property
     def stage(self) -> str:
-        return self.doing
+        """What the evaluation reports it is doing, e.g. ``Sag/Lag: 40/200 tests``."""
+        return self._stage
 
     @property
     def fraction(self) -> float:
         return 1.0 if self.state == "done" else min(self._fraction, 0.99)
 
     def _progress(self, doing: str, fraction: float) -> None:
-        self.doing, self._fraction = doing, fraction
+        """The evaluation's ``on_progress`` callback."""
+        self._stage, self._fraction = doing, fraction
 
     def work(self) -> None:
         from .backend import Backend

@@ -127,24 +127,30 @@ class GradientIndex:
         self.points: list[str] = self.meta["points"]
         self._cache: dict[str, torch.Tensor] = {}
 
+    def _read(self, name: str) -> np.ndarray:
+        """A whole matrix file, read under a shared lock (a span patch writes rows in place)."""
+        with open(_lock_path(self.root), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            return np.load(self.root / name)
+
     def matrix(self, point: str, kind: str) -> torch.Tensor:
         """The (N, d) float32 training-side matrix of a point and kind, kept in memory once read."""
         key = f"{point}.{kind}"
         if key not in self._cache:
-            self._cache[key] = torch.from_numpy(np.load(self.root / f"{key}.npy", mmap_mode="r")[:].copy())
+            self._cache[key] = torch.from_numpy(self._read(f"{key}.npy"))
         return self._cache[key]
 
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """CLS embeddings at theta of every training input and of its span-masked version."""
-        return (torch.from_numpy(np.load(self.root / "emb.full.npy")), torch.from_numpy(np.load(self.root / "emb.masked.npy")))
+        return torch.from_numpy(self._read("emb.full.npy")), torch.from_numpy(self._read("emb.masked.npy"))
 
     def gauss_newton(self) -> torch.Tensor:
         """The mean Gauss-Newton matrix (d x d, float64) in the projected space."""
         return torch.from_numpy(np.load(self.root / "ggn.npy"))
 
     def spans_match(self, overrides: "Overrides") -> bool:
-        """Whether the index holds exactly these corrected training spans."""
-        return self.meta.get("overrides", {}) == _overrides_json(overrides)
+        """Whether the index holds exactly these corrected training spans (and no patch is pending)."""
+        return "patching" not in self.meta and self.meta.get("overrides", {}) == _overrides_json(overrides)
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
@@ -155,15 +161,18 @@ def _training_rows(ws: Workspace) -> list[dict]:
 
 
 Overrides = dict[str, tuple[int, int]]
+"""Corrected training spans: instance id -> (start, end) character offsets."""
 
 
 def _span_of(row: dict, overrides: Overrides) -> tuple[int, int] | None:
+    """The span in use for a training row: its correction, else its own span."""
     if row["id"] in overrides:
         return tuple(overrides[row["id"]])
     return (row["span"]["start"], row["span"]["end"]) if row.get("span") else None
 
 
 def _masked_encodings(loaded: LoadedModel, rows: list[dict], overrides: Overrides) -> list[Encoded]:
+    """The rows' (aspect, text) pairs with their spans in use masked."""
     tok = loaded.tokenizer
     enc = encode_pairs(tok, [(r["aspect"], r["text"]) for r in rows], loaded.max_length)
     spans = [_span_of(r, overrides) for r in rows]
@@ -171,6 +180,7 @@ def _masked_encodings(loaded: LoadedModel, rows: list[dict], overrides: Override
 
 
 def _overrides_json(overrides: Overrides) -> dict[str, list[int]]:
+    """Overrides as stored in the index's meta.json (sorted, lists)."""
     return {k: [int(v[0]), int(v[1])] for k, v in sorted(overrides.items())}
 
 
@@ -184,50 +194,63 @@ def build_index(
     log=print,
     overrides: Overrides | None = None,
 ) -> GradientIndex:
-    """Build (or resume, or reuse) the workspace's gradient index and return it, with the
-    training spans in ``overrides`` patched in.
+    """Build (or resume, or reuse) the workspace's gradient index and return it. ``overrides``
+    (corrected training spans) are patched in; ``None`` keeps the spans the index holds.
 
-    One process builds at a time: another one finds the lock and gets a clear error (a patch of
-    a few corrected spans waits for the lock instead).
+    One process builds at a time: another one finds the lock and gets a clear error, except
+    that a patch of corrected spans waits for another patch to finish.
     """
     root = ws.root / "index"
     root.mkdir(parents=True, exist_ok=True)
-    overrides = overrides or {}
-    with open(root.parent / ".index.lock", "w") as lock:
+    with open(_lock_path(root), "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            if not _patch_only(root, ws, settings):
+            lock.seek(0)
+            if lock.read() != "patch":
                 raise RuntimeError(f"{root} is being built by another process; wait for it to finish") from None
             fcntl.flock(lock, fcntl.LOCK_EX)
+        _declare(lock, "build")
         index = _build_index(ws, settings, root, loaded=loaded, device=device, progress=progress, log=log,
-                             overrides=overrides)
-        if not index.spans_match(overrides):
-            index = _patch_spans(ws, index, overrides, loaded or load_workspace_model(ws, device), log)
+                             overrides=overrides or {})
+        if overrides is not None and not index.spans_match(overrides):
+            _declare(lock, "patch")
+            index = _patch_spans(ws, index, overrides, loaded or load_workspace_model(ws, device), settings, log)
+        _declare(lock, "")
         return index
 
 
-def _patch_only(root: Path, ws: Workspace, settings: IndexSettings) -> bool:
-    """Whether the index is complete and current, so that the lock holder can only be patching."""
-    try:
-        meta = json.loads((root / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return bool(meta.get("done")) and meta.get("fingerprint") == index_fingerprint(ws, settings)
+def _lock_path(root: Path) -> Path:
+    return root.parent / ".index.lock"
 
 
-def _patch_spans(ws: Workspace, index: GradientIndex, overrides: Overrides, loaded: LoadedModel, log) -> GradientIndex:
+def _declare(lock, intent: str) -> None:
+    """Say in the lock file what its holder does (``build`` or ``patch``), for a waiting process."""
+    lock.seek(0)
+    lock.truncate()
+    lock.write(intent)
+    lock.flush()
+
+
+def _patch_spans(ws: Workspace, index: GradientIndex, overrides: Overrides, loaded: LoadedModel,
+                 settings: IndexSettings, log) -> GradientIndex:
     """Recompute what depends on the training spans of the instances whose override changed.
 
-    Idempotent: the applied overrides are recorded last, so an interrupted patch is redone."""
+    The ids being patched are recorded before any file is touched and cleared after the last,
+    so an interrupted patch is redone (and the index does not claim to match meanwhile)."""
     root, meta = index.root, index.meta
+    rows = _training_rows(ws)
+    if meta["ids"] != [r["id"] for r in rows]:
+        raise ValueError(f"{root}: the index's training rows differ from the workspace's; rebuild it")
     applied = meta.get("overrides", {})
     wanted = _overrides_json(overrides)
     changed = {i for i in applied.keys() | wanted.keys() if applied.get(i) != wanted.get(i)}
-    rows = _training_rows(ws)
+    changed |= set(meta.get("patching", []))
     where = [n for n, r in enumerate(rows) if r["id"] in changed]
+    meta["patching"] = sorted(changed)
+    write_json_atomic(root / "meta.json", meta)
+    started = time.perf_counter()
     if where:
-        started = time.perf_counter()
         masked_path = root / "prefix-masked.safetensors"
         masked_cache = HiddenCache.load(masked_path)
         fresh = compute_prefix(loaded.split, _masked_encodings(loaded, [rows[n] for n in where], overrides),
@@ -237,8 +260,9 @@ def _patch_spans(ws: Workspace, index: GradientIndex, overrides: Overrides, load
         masked_cache.save(masked_path)
         full_cache = HiddenCache.load(ws.root / "prefix" / "train.safetensors")
         labels = torch.tensor([loaded.labels.index(r["label"]) for r in rows])
-        batches = [where[i : i + 32] for i in range(0, len(where), 32)]
-        projector = Projector(loaded.split, meta["settings"]["dim"], meta["settings"]["seed"], loaded.device)
+        step = settings.batch_size
+        batches = [where[i : i + step] for i in range(0, len(where), step)]
+        projector = Projector(loaded.split, settings.dim, settings.seed, loaded.device)
         for point in meta["points"]:
             diff = np.load(root / f"{point}.diff.npy", mmap_mode="r+")
             emb = np.load(root / "emb.masked.npy", mmap_mode="r+") if point == "final" else None
@@ -250,9 +274,10 @@ def _patch_spans(ws: Workspace, index: GradientIndex, overrides: Overrides, load
             if emb is not None:
                 emb.flush()
             del diff, emb
-        log(f"[index] patched the spans of {len(where)} training instances in {time.perf_counter() - started:.1f}s")
     meta["overrides"] = wanted
+    meta.pop("patching")
     write_json_atomic(root / "meta.json", meta)
+    log(f"[index] patched the spans of {len(where)} training instances in {time.perf_counter() - started:.1f}s")
     return GradientIndex(root)
 
 

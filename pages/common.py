@@ -120,9 +120,11 @@ def workspace_picker() -> explore.WorkspaceInfo | None:
 
 
 def _stamp(path: Path) -> str:
-    """Changes whenever the workspace is rebuilt (manifest or index rewritten)."""
-    parts = [path / "manifest.json", path / "index" / "meta.json", path / "instances.jsonl"]
-    return ":".join(str(p.stat().st_mtime_ns) if p.exists() else "-" for p in parts)
+    """Changes whenever the workspace or its index is rebuilt (not when a corrected training span
+    is patched into the index: the Backend brings those in itself)."""
+    parts = [path / "manifest.json", path / "instances.jsonl"]
+    stamp = ":".join(str(p.stat().st_mtime_ns) if p.exists() else "-" for p in parts)
+    return f"{stamp}:{explore.index_fingerprint_of(path)}"
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)

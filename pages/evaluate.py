@@ -21,7 +21,7 @@ def progress_panel(job: explore.Job) -> None:
     """Live progress of the evaluation job."""
     common.job_status(
         job, label=lambda j: f"Evaluation: {j.state}",
-        progress=lambda j: f"{j.doing} · {time.time() - j.started:.0f}s",
+        progress=lambda j: f"{j.stage} · {time.time() - j.started:.0f}s",
         note="Runs on the server: reloading this page does not stop it; a stopped run resumes from the rows "
              "already stored.", waiting="loading the model…", every=2.0, seen_key="_eval_seen")
 

@@ -1,6 +1,8 @@
 """The explanation engine against brute force, leave-one-out retraining, explicit inverses and captum."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -458,3 +460,41 @@ def test_corrected_training_span_patches_its_rows_only(tiny_workspace, tmp_path,
     fresh.undo_span_annotation("tester")
     restored = torch.tensor(fresh.explain(test["id"], "GroundTruth", k=3).scores)
     assert torch.allclose(restored, before, atol=1e-6 * scale)
+
+
+def test_interrupted_span_patch_is_redone(tiny_workspace, tmp_path, monkeypatch):
+    """A patch that dies half-way leaves the index marked as not matching; the next use redoes
+    it. Corrections of test spans never touch the index."""
+    import shutil
+
+    import core.index as index_module
+
+    root = tmp_path / "ws"
+    shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("store.sqlite*"))
+    backend = Backend(root, device="cpu", index_settings=EXACT)
+    reference = backend.index.matrix("final", "diff").clone()
+    backend.annotate_span(backend.instances("test")[0]["id"], "fix", "tester", (0, 3))
+    assert backend.index.meta.get("overrides") == {}  # a test span: the index is not patched
+
+    row = backend.instances("train")[1]
+    real = index_module.training_gradients
+
+    def dies_at_second_point(*args, **kwargs):
+        if args[5] != "final":
+            raise KeyboardInterrupt("stopped mid-patch")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(index_module, "training_gradients", dies_at_second_point)
+    backend.annotate_span(row["id"], "fix", "tester", (0, 5))
+    with pytest.raises(KeyboardInterrupt):
+        backend.index
+    meta = json.loads((root / "index" / "meta.json").read_text())
+    assert meta["patching"] == [row["id"]] and meta["overrides"] == {}
+    assert not GradientIndex(root / "index").spans_match({row["id"]: (0, 5)})
+
+    monkeypatch.setattr(index_module, "training_gradients", real)
+    fresh = Backend(root, device="cpu", index_settings=EXACT)
+    index = fresh.index
+    assert "patching" not in index.meta and index.meta["overrides"] == {row["id"]: [0, 5]}
+    changed = (index.matrix("final", "diff") - reference).abs().sum(1) > 0
+    assert changed.tolist() == [n == 1 for n in range(len(reference))]
