@@ -172,12 +172,8 @@ class Backend:
         """Top-k proponents and opponents of a test input under ``method`` (cached)."""
         m = resolve_method(method)
         test_input = self.test_input(test) if isinstance(test, str) else test
-        settings = {"exact": exact, "ihvp": ihvp if m.inverse else None, "damping": damping if m.inverse else None,
-                    "paper_signs": paper_signs and paper_sign(m) < 0, "span": test_input.span,
-                    "text": None if test_input.id else [test_input.aspect, test_input.text],
-                    "lissa": asdict(lissa) if m.inverse and ihvp == "lissa" else None}
-        if m.uses_spans:
-            settings["train_spans"] = self._spans_key()
+        settings = self.result_settings(test_input, m.name, exact=exact, ihvp=ihvp, damping=damping,
+                                        paper_signs=paper_signs, lissa=lissa)
         key = test_input.id or "new"
         if use_cache:
             cached = self.store.get_result(self.fingerprint, m.name, settings, key)
@@ -197,6 +193,19 @@ class Backend:
             self.store.put_result(self.fingerprint, m.name, settings, key, explanation.to_dict(),
                                   depends_on_train_spans=m.uses_spans)
         return self._cut(explanation, k)
+
+    def result_settings(self, test: TestInput, method: str, *, exact: bool = False, ihvp: str = "fast",
+                        damping: float | None = None, paper_signs: bool = False,
+                        lissa: LissaSettings = LissaSettings()) -> dict:
+        """What an explanation's cached result is keyed by, besides the index fingerprint."""
+        m = resolve_method(method)
+        settings = {"exact": exact, "ihvp": ihvp if m.inverse else None, "damping": damping if m.inverse else None,
+                    "paper_signs": paper_signs and paper_sign(m) < 0, "span": test.span,
+                    "text": None if test.id else [test.aspect, test.text],
+                    "lissa": asdict(lissa) if m.inverse and ihvp == "lissa" else None}
+        if m.uses_spans:
+            settings["train_spans"] = self._spans_key()
+        return settings
 
     @staticmethod
     def _cut(explanation: Explanation, k: int) -> Explanation:

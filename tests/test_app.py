@@ -346,9 +346,7 @@ def test_annotations_import_from_an_export(annotate_app, tmp_path):
 
 def _settings(backend: Backend, test_id: str) -> dict:
     """The cache-key settings of Backend.explain for a dataset test instance and TracIn++ (its span now)."""
-    span = backend.test_input(test_id).span
-    return {"exact": False, "ihvp": None, "damping": None, "paper_signs": False,
-            "span": list(span) if span else None, "text": None, "lissa": None}
+    return backend.result_settings(backend.test_input(test_id), "TracIn++")
 
 
 def test_annotations_survive_a_new_session_and_two_annotators(annotate_app):
