@@ -1,8 +1,8 @@
 """Speed of the explanation engine on a prepared workspace, side by side in one run.
 
-* index build rate: batched, projected per-example gradients on the frozen-prefix cache
+* index build rate: batched, sketched per-example gradients on the frozen-prefix cache
   against a plain per-example backward loop on the whole model (same instances, same point,
-  same projection), in training instances per second (each needs g(z) and g(z_-ij));
+  same sketch), in training instances per second (each needs g(z) and g(z_-ij));
 * query latency p50 per method in fast mode with the index built;
 * IF++ with LiSSA at the paper's settings (depth up to 1000, early stop);
 * captum's TracInCP against ours on the same checkpoints, training subset and queries:

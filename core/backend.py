@@ -27,15 +27,18 @@ from .store import Store
 from .workspace import Workspace, fingerprint
 
 
-def training_span_fixes(ws: Workspace, store: Store | None = None) -> Overrides:
+def training_span_fixes(ws: Workspace, store: Store | None = None, train_ids: set[str] | None = None) -> Overrides:
     """Corrected spans of the workspace's training instances, from its store's annotations."""
     if store is None:
         if not ws.store_path.exists():
             return {}
         store = Store(ws.store_path)
-    train = {row["id"] for row in ws.load_instances() if row["split"] == "train"}
-    return {i: (a.corrected_start, a.corrected_end) for i, a in store.current_annotations().items()
-            if a.status == "fix" and i in train}
+    fixes = {i: (a.corrected_start, a.corrected_end) for i, a in store.current_annotations().items() if a.status == "fix"}
+    if not fixes:
+        return {}
+    if train_ids is None:
+        train_ids = {row["id"] for row in ws.load_instances() if row["split"] == "train"}
+    return {i: span for i, span in fixes.items() if i in train_ids}
 
 
 def index_workspace(ws: Workspace, settings: IndexSettings, *, device: str | None = None, progress: bool = True,
@@ -91,7 +94,11 @@ class Backend:
 
     def train_span_fixes(self) -> Overrides:
         """Corrected spans of training instances (from the store's annotations)."""
-        return training_span_fixes(self.ws, self.store)
+        return training_span_fixes(self.ws, self.store, self._train_set)
+
+    @cached_property
+    def _train_set(self) -> set[str]:
+        return set(self.train_ids)
 
     @property
     def fingerprint(self) -> str:

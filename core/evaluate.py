@@ -747,7 +747,7 @@ def report_markdown(report: EvalReport) -> str:
         f"{sel['n']} test instances (seed {sel['seed']}; {sel['eligible']} eligible; {sel['excluded_wrong']} excluded "
         f"because a person marked their span wrong; {sel['excluded_no_span']} without a span); "
         f"{approx['n_train']} training instances.",
-        f"Projection: {json.dumps(approx['projection'])}; inverse Hessian (IF family): {approx['ihvp']}; "
+        f"Gradient sketch: {json.dumps(approx['projection'])}; inverse Hessian (IF family): {approx['ihvp']}; "
         f"The paper's literal signs (IF's Eq. 1 minus; -e(z') on the ++ test side): {approx['paper_signs']}.",
         "",
         "## Table 3: Sag, Lag (x100) and Ral (accuracy points)",
