@@ -35,17 +35,21 @@ class SubsetIndex(GradientIndex):
         return self._gram
 
 
+def subset_caches(backend: Backend, rows: list[int]) -> tuple[HiddenCache, HiddenCache, torch.Tensor]:
+    """Frozen-prefix states of ``rows`` of the training set, whole and span-masked, and labels
+    (read from the index folder, without building the index)."""
+    full, labels = backend.train_cache
+    masked = HiddenCache.load(backend.ws.root / "index" / "prefix-masked.safetensors")
+    return HiddenCache([full.states[i] for i in rows]), HiddenCache([masked.states[i] for i in rows]), labels[rows]
+
+
 def subset_side(backend: Backend, rows: list[int], points: list[str], dim: int | None,
                 batch_size: int = 32, with_gram: bool = False) -> tuple[TrainingSide, float]:
     """A training side over ``rows`` of the training set: projected matrices built in memory
     (``dim`` set), or streamed exactly (``dim=None``). Returns it and the build time in seconds."""
     from core.index import gauss_newton_batch
 
-    full, labels = backend.train_cache
-    masked = HiddenCache.load(backend.ws.root / "index" / "prefix-masked.safetensors")  # no index build
-    full = HiddenCache([full.states[i] for i in rows])
-    masked = HiddenCache([masked.states[i] for i in rows])
-    labels = labels[rows]
+    full, masked, labels = subset_caches(backend, rows)
     projector = Projector(backend.loaded.split, dim, backend.index_settings.seed, backend.loaded.device)
     if dim is None:
         return TrainingSide(backend.loaded, projector, None, full, masked, labels, batch_size), 0.0

@@ -23,7 +23,7 @@ import random
 import torch
 from scipy.stats import spearmanr
 
-from common import Backend, peak_rss_mib, subset_side
+from common import Backend, peak_rss_mib, subset_caches, subset_side
 from core.index import IndexSettings
 from core.methods import METHODS, Engine
 
@@ -37,19 +37,15 @@ def compare(a: torch.Tensor, b: torch.Tensor, top: int = 10) -> tuple[float, flo
 def exact_influence(backend, exact, h_rows: list[int], tests, lam: float, lrs) -> torch.Tensor:
     """IF++ scores with the exact (G + lam I)^-1, G from the rows ``h_rows`` (Woodbury)."""
     from core.gradients import Projector
-    from core.index import training_gradients
-    from core.model import HiddenCache, length_batches
+    from core.index import gauss_newton_factor, training_gradients
+    from core.model import length_batches
 
-    full, labels = backend.train_cache
-    masked = HiddenCache.load(backend.ws.root / "index" / "prefix-masked.safetensors")
-    full, masked = HiddenCache([full.states[i] for i in h_rows]), HiddenCache([masked.states[i] for i in h_rows])
+    full, masked, labels = subset_caches(backend, h_rows)
     projector = Projector(backend.loaded.split, None)
     factors = []
-    for b in training_gradients(backend.loaded, projector, full, masked, labels[h_rows], "final",
+    for b in training_gradients(backend.loaded, projector, full, masked, labels, "final",
                                 length_batches(full.lengths(), 16), with_jacobian=True):
-        p = b.logits.double().softmax(-1)
-        coeff = (torch.eye(p.shape[1], dtype=p.dtype)[None] - p[:, None, :]) * p[:, :, None].sqrt()
-        factors.append(torch.einsum("bck,bkd->bcd", coeff.float(), b.jacobian).reshape(-1, projector.dim))
+        factors.append(gauss_newton_factor(b.logits, b.jacobian))
     rows_f = torch.cat(factors)  # F: G = F^T F / n
     del factors
     n = len(h_rows)

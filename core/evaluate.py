@@ -390,10 +390,10 @@ class _Evaluation:
         variant_methods = [m for m in self.computed if m.points == "variants"]
         chunks = _chunks(todo, s.batch)
         phase = f"faithfulness run {run + 1}"
-        batches = len(length_batches(self.backend.train_cache[0].lengths(), self.backend.index_settings.batch_size))
-        steps = len(chunks) + (self.backend.manifest.settings["variants"] * batches if variant_methods else 0)
+        batches = length_batches(self.backend.train_cache[0].lengths(), self.backend.index_settings.batch_size)
+        steps = len(chunks) + (self.backend.manifest.settings["variants"] * len(batches) if variant_methods else 0)
         report = lambda done: self.phases.report(phase, done, steps, "steps")  # noqa: E731
-        scores = self._new_variant_scores(todo, variant_methods, run, report) if variant_methods else {}
+        scores = self._new_variant_scores(todo, variant_methods, run, batches, report) if variant_methods else {}
         others = [m for m in self.computed if m.points != "variants"]
         parts: dict[str, list[np.ndarray]] = {m.name: [] for m in others}
         for c, batch in enumerate(tqdm(chunks, desc=phase, unit="batch", disable=not self.progress)):
@@ -409,9 +409,9 @@ class _Evaluation:
         self.timings[f"faithfulness_run{run}_seconds"] = round(time.perf_counter() - started, 2)
 
     def _new_variant_scores(self, tests: list[TestInput], methods: list[Method], run: int,
-                            report: Callable[[int], None]) -> dict[str, np.ndarray]:
-        """Scores of variant-based methods at new variants (workspace seed + run), streamed;
-        ``report`` hears the number of training batches done over all variants."""
+                            batches: list[list[int]], report: Callable[[int], None]) -> dict[str, np.ndarray]:
+        """Scores of variant-based methods at new variants (workspace seed + run), streamed over
+        the training ``batches``; ``report`` hears the number of batches done over all variants."""
         backend, loaded = self.backend, self.backend.loaded
         ws = backend.manifest.settings
         full_cache, labels = backend.train_cache
@@ -420,7 +420,6 @@ class _Evaluation:
         variants, _ = make_variants(loaded.split, full_cache, labels, count=ws["variants"], batch_size=ws["batch_size"],
                                     lr=ws["variant_lr"], seed=ws["seed"] + run, device=loaded.device)
         out = {m.name: np.zeros((len(tests), self.n)) for m in methods}
-        batches = length_batches(full_cache.lengths(), backend.index_settings.batch_size)
         names = [f"faith-run{run}-variant-{i}" for i in range(1, len(variants) + 1)]
         try:
             for v, (name, params) in enumerate(zip(names, variants)):

@@ -8,14 +8,15 @@ batched backward pass, and the per-example gradient is formed from them directly
 Projection is a CountSketch of the whole trainable vector: coordinate i goes to bucket h(i) of
 d with a random sign s(i), so ``<Sx, Sy>`` is an unbiased estimate of ``<x, y>`` with variance
 about ``2 |x|^2 |y|^2 / d`` whatever the structure of the gradients (``/ d + / d^2`` with the
-product signs below), and the map is two index vectors, not a P x d matrix. A Kronecker (LoGra) projection of each layer, ``P_out G P_in^T``,
-is cheaper but loses on the low-rank gradients of the head and pooler (one token): measured on
-MAMS with the default backbone at d = 3,715, Spearman against exact scores 0.77 for the
-Kronecker map against 0.97 for the sketch. A weight's signs are a product ``s_out(o) s_in(i)``
-(still pairwise independent, so still unbiased; as good as free signs when measured), which
-lets them be applied to the output gradients and the inputs before the per-example gradient is
-formed instead of to the far larger gradient itself. ``dim=None`` keeps everything (exact mode). The same
-map applies to any dense parameter-space vector (:meth:`Projector.project_params`), e.g. an
+product signs below), and the map is two index vectors, not a P x d matrix. A Kronecker (LoGra)
+projection of each layer, ``P_out G P_in^T``, is cheaper but loses on the low-rank gradients of
+the head and pooler (one token): measured on MAMS with the default backbone at d = 3,715,
+Spearman against exact scores 0.77 for the Kronecker map against 0.97 for the sketch. A
+weight's signs are a product ``s_out(o) s_in(i)`` (still pairwise independent, so still
+unbiased; as good as free signs when measured), which lets them be applied to the output
+gradients and the inputs before the per-example gradient is formed instead of to the far
+larger gradient itself. ``dim=None`` keeps everything (exact mode). The same map applies to any
+dense parameter-space vector (:meth:`Projector.project_params`), e.g. an
 inverse-Hessian-vector product.
 
 Backward passes take per-example weights over the logits: the weights ``softmax - onehot(y)``

@@ -432,12 +432,16 @@ def training_gradients(
         loaded.use("final")
 
 
-def gauss_newton_batch(logits: torch.Tensor, jacobian: torch.Tensor) -> torch.Tensor:
-    """sum_b J_b^T (diag p_b - p_b p_b^T) J_b from the Jacobians J_b (B, C, d)."""
-    p = logits.double().softmax(-1)  # (B, C)
-    jac = jacobian.double()
+def gauss_newton_factor(logits: torch.Tensor, jacobian: torch.Tensor) -> torch.Tensor:
+    """Rows F (B * C, d) with F^T F = sum_b J_b^T (diag p_b - p_b p_b^T) J_b, from J_b (B, C, d)."""
+    p = logits.to(jacobian.dtype).softmax(-1)  # (B, C)
     # diag(p) - p p^T = sum_c p_c (e_c - p)(e_c - p)^T, so rows sqrt(p_c) (e_c - p)^T J are a factor
     eye = torch.eye(p.shape[1], dtype=p.dtype)
     coeff = (eye[None] - p[:, None, :]) * p[:, :, None].sqrt()  # (B, C, C): row c = sqrt(p_c)(e_c - p)
-    factor = torch.einsum("bck,bkd->bcd", coeff, jac).reshape(-1, jac.shape[-1])
+    return torch.einsum("bck,bkd->bcd", coeff, jacobian).reshape(-1, jacobian.shape[-1])
+
+
+def gauss_newton_batch(logits: torch.Tensor, jacobian: torch.Tensor) -> torch.Tensor:
+    """sum_b J_b^T (diag p_b - p_b p_b^T) J_b from the Jacobians J_b (B, C, d), in float64."""
+    factor = gauss_newton_factor(logits, jacobian.double())
     return factor.T @ factor
