@@ -30,37 +30,47 @@ from core.methods import METHODS, Engine
 from core.model import HiddenCache, collate, length_batches, mask_span
 
 
-def build_rates(backend: Backend, rows: list[int], point: str) -> dict:
-    """Instances per second: batched hooks on the cache vs a plain loop on the whole model."""
+def build_rates(backend: Backend, rows: list[int], point: str, warm: int = 32) -> dict:
+    """Instances per second: batched hooks on the cache vs a plain loop on the whole model.
+    Each side first runs on ``warm`` other instances, untimed (allocation, thread start-up)."""
     loaded = backend.loaded
     projector = Projector(loaded.split, backend.index_settings.dim, backend.index_settings.seed)
     full, labels = backend.train_cache
     masked = HiddenCache.load(backend.index.root / "prefix-masked.safetensors")
-    sub = lambda c: HiddenCache([c.states[i] for i in rows])  # noqa: E731
-    started = time.perf_counter()
-    batched = torch.cat([b.diff for b in training_gradients(
-        loaded, projector, sub(full), sub(masked), labels[rows], point,
-        length_batches([full.states[i].shape[0] for i in rows], backend.index_settings.batch_size))])
-    batched_s = time.perf_counter() - started
-
     tok, model = loaded.tokenizer, loaded.split.model
     params = loaded.split.top_params()
     train_rows = backend.instances("train")
-    loaded.use(point)
+    others = [i for i in range(len(train_rows)) if i not in set(rows)][:warm]
+
+    def batched(rows: list[int]) -> torch.Tensor:
+        sub = lambda c: HiddenCache([c.states[i] for i in rows])  # noqa: E731
+        return torch.cat([b.diff for b in training_gradients(
+            loaded, projector, sub(full), sub(masked), labels[rows], point,
+            length_batches([full.states[i].shape[0] for i in rows], backend.index_settings.batch_size))])
+
+    def plain(rows: list[int]) -> None:
+        loaded.use(point)
+        for i in rows:
+            row = train_rows[i]
+            enc = loaded.encode(row["aspect"], row["text"])
+            grads = []
+            for e in (enc, mask_span(enc, row["span"]["start"], row["span"]["end"], tok.mask_token_id)):
+                loss = nn.functional.cross_entropy(model(**collate([e], tok.pad_token_id)).logits, labels[i:i + 1])
+                grads.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
+            projector.project_params({n: grads[0][n] - grads[1][n] for n in params})
+
+    batched(others)
     started = time.perf_counter()
-    for i in rows:
-        row = train_rows[i]
-        enc = loaded.encode(row["aspect"], row["text"])
-        grads = []
-        for e in (enc, mask_span(enc, row["span"]["start"], row["span"]["end"], tok.mask_token_id)):
-            loss = nn.functional.cross_entropy(model(**collate([e], tok.pad_token_id)).logits, labels[i:i + 1])
-            grads.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
-        projector.project_params({n: grads[0][n] - grads[1][n] for n in params})
+    vectors = batched(rows)
+    batched_s = time.perf_counter() - started
+    plain(others)
+    started = time.perf_counter()
+    plain(rows)
     loop_s = time.perf_counter() - started
     loaded.use("final")
     return {"instances": len(rows), "point": point, "batched_per_s": round(len(rows) / batched_s, 1),
             "plain_loop_per_s": round(len(rows) / loop_s, 1), "speedup": round(loop_s / batched_s, 2),
-            "vectors_shape": list(batched.shape)}
+            "warm_up_instances": len(others), "vectors_shape": list(vectors.shape)}
 
 
 def query_latency(backend: Backend, tests, methods) -> dict:
@@ -115,8 +125,8 @@ def captum_comparison(backend: Backend, rows: list[int], tests, batch_tests) -> 
         return lrs[Path(path).stem]
 
     engine = backend.engine()
-    cache, _ = engine._test_caches(tests)
-    t_h, t_m = cache.batch(range(0, 2 * len(tests), 2))
+    cache, _ = engine._test_caches(tests, masked=False)
+    t_h, t_m = cache.batch(range(len(tests)))
     t_y = torch.tensor([loaded.labels.index(t.label) for t in tests])
     tracin = TracInCP(Top(), torch.utils.data.TensorDataset(h, mask, labels[rows]),
                       [str(backend.ws.point_path(p)) for p in lrs], checkpoints_load_func=load,

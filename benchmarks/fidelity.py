@@ -6,7 +6,7 @@ instances, compares each method's sketched scores (the index's default d) with a
 * TracIn++ (and GroundTruth): exact, unprojected per-example gradients (streamed);
 * IF++: the exact damped inverse in the full parameter space, (G + lam I)^-1 with G the
   Gauss-Newton matrix of ``--hessian-train`` of the sampled instances (both sides use the same
-  G and the same absolute lam, the sketch's default), by Woodbury over the exact Jacobian rows:
+  G and the same lam, ``--damping``, default the engine's 2.5), by Woodbury over the exact Jacobian rows:
   (G + lam I)^-1 v = (v - F^T (n lam I + F F^T)^-1 F v) / lam for G = F^T F / n. The rows take
   n x classes x P floats of memory (6.7 GB for 150 MAMS instances).
 
@@ -24,6 +24,7 @@ import torch
 from scipy.stats import spearmanr
 
 from common import Backend, peak_rss_mib, subset_caches, subset_side
+from core.ihvp import DEFAULT_DAMPING
 from core.index import IndexSettings
 from core.methods import METHODS, Engine
 
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=IndexSettings().dim, help="sketch dimension d under test")
     parser.add_argument("--hessian-train", type=int, default=150,
                         help="instances whose Gauss-Newton matrix IF++ inverts (exactly, for the reference)")
+    parser.add_argument("--damping", type=float, default=DEFAULT_DAMPING, help="lambda of both inverses")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=["TracIn++", "GroundTruth", "IF++"],
                         choices=["TracIn++", "GroundTruth", "IF++"])
@@ -93,8 +95,8 @@ def main() -> None:
         hessian_side, _ = subset_side(backend, h_rows, ["final"], args.dim, with_gram=True)
         projected.index._gram = hessian_side.gram()  # G over the Hessian rows, in the sketch
         engine = Engine(backend.loaded, projected, lrs)
-        ours["IF++"] = engine.scores(tests, METHODS["IF++"]).values
-        lam = engine.inverse().lam
+        ours["IF++"] = engine.scores(tests, METHODS["IF++"], damping=args.damping).values
+        lam = args.damping
         references["IF++"] = exact_influence(backend, exact, h_rows, tests, lam, lrs)
         out["hessian_train"], out["lambda"] = len(h_rows), lam
     for name in args.methods:

@@ -100,6 +100,17 @@ def cmd_index(args) -> int:
     return 0
 
 
+def _damping_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--damping", type=float,
+                   help="lambda of the fast inverse (G + lambda I)^-1 (default 2.5, the lambda of the paper's LiSSA settings)")
+
+
+def _damping(args) -> float:
+    from .ihvp import DEFAULT_DAMPING
+
+    return DEFAULT_DAMPING if args.damping is None else args.damping
+
+
 def cmd_explain(args) -> int:
     from .backend import Backend
     from .ihvp import LissaSettings
@@ -116,8 +127,8 @@ def cmd_explain(args) -> int:
     lissa = LissaSettings(depth=args.lissa_depth)
     out = []
     for method in args.method:
-        exp = backend.explain(test, method, k=args.k, exact=args.exact, ihvp=args.ihvp, paper_signs=args.paper_signs,
-                              lissa=lissa)
+        exp = backend.explain(test, method, k=args.k, exact=args.exact, ihvp=args.ihvp, damping=_damping(args),
+                              paper_signs=args.paper_signs, lissa=lissa)
         out.append(exp)
     if args.json:
         print(json.dumps([_json_view(backend, e, args.opponents) for e in out], indent=2, ensure_ascii=False))
@@ -167,6 +178,7 @@ def _explain_parser(sub) -> None:
     p.add_argument("--opponents", action="store_true", help="also list the most negative scores")
     p.add_argument("--exact", action="store_true", help="exact gradients, no projection (slow; small workspaces)")
     p.add_argument("--ihvp", choices=["fast", "lissa"], default="fast", help="inverse Hessian for the IF family")
+    _damping_option(p)
     p.add_argument("--lissa-depth", type=int, default=1000)
     p.add_argument("--paper-signs", action="store_true", help="the paper's literal signs: IF with Eq. 1's minus, g(z'_-kl) - g(z') on the test side of IF++/TracIn++ (their opponents then rank first)")
     p.add_argument("--json", action="store_true")
@@ -202,7 +214,7 @@ def _evaluate_parser(sub) -> None:
                    help="removal percentages for Ral, or none; each is one retrain per method (minutes each on full MAMS)")
     p.add_argument("--faithfulness-runs", type=int, default=5, help="runs of table 4 (0 = skip faithfulness)")
     p.add_argument("--ihvp", choices=["fast", "lissa"], default="fast", help="inverse Hessian for the IF family")
-    p.add_argument("--damping", type=float, help="damping of the fast inverse (default: the engine's)")
+    _damping_option(p)
     p.add_argument("--lissa-depth", type=int, default=1000)
     p.add_argument("--paper-signs", action="store_true", help="the paper's literal signs: IF with Eq. 1's minus, g(z'_-kl) - g(z') on the test side of IF++/TracIn++ (their opponents then rank first)")
     p.add_argument("--seed", type=int, default=0, help="seed of the test sample and the random baselines")
@@ -224,7 +236,7 @@ def cmd_evaluate(args) -> int:
     settings = EvalSettings(
         methods=tuple(methods), ks=parse_list(args.k, int), kmax=args.kmax,
         test_limit=args.test_limit or None, ral=parse_list(args.ral, float), faithfulness_runs=args.faithfulness_runs,
-        ihvp=args.ihvp, damping=args.damping, lissa=LissaSettings(depth=args.lissa_depth),
+        ihvp=args.ihvp, damping=_damping(args), lissa=LissaSettings(depth=args.lissa_depth),
         paper_signs=args.paper_signs, seed=args.seed, batch=args.batch,
     )
     backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 
-from .ihvp import LissaSettings
+from .ihvp import DEFAULT_DAMPING, LissaSettings
 from .index import (
     GradientIndex,
     IndexSettings,
@@ -171,7 +171,7 @@ class Backend:
         k: int = 10,
         exact: bool = False,
         ihvp: str = "fast",
-        damping: float | None = None,
+        damping: float = DEFAULT_DAMPING,
         paper_signs: bool = False,
         lissa: LissaSettings = LissaSettings(),
         use_cache: bool = True,
@@ -202,7 +202,7 @@ class Backend:
         return self._cut(explanation, k)
 
     def result_settings(self, test: TestInput, method: str, *, exact: bool = False, ihvp: str = "fast",
-                        damping: float | None = None, paper_signs: bool = False,
+                        damping: float = DEFAULT_DAMPING, paper_signs: bool = False,
                         lissa: LissaSettings = LissaSettings()) -> dict:
         """What an explanation's cached result is keyed by, besides the index fingerprint."""
         m = resolve_method(method)

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .ihvp import LissaSettings
+from .ihvp import DEFAULT_DAMPING, LissaSettings
 from .index import KINDS, training_gradients
 from .methods import CONTROL, METHODS, PAPER_METHODS, Method, TestInput, resolve_method
 from .model import (
@@ -100,7 +100,7 @@ class EvalSettings:
     ral: tuple[float, ...] = (20, 50)
     faithfulness_runs: int = 5
     ihvp: str = "fast"
-    damping: float | None = None
+    damping: float = DEFAULT_DAMPING
     lissa: LissaSettings = LissaSettings()
     paper_signs: bool = False
     seed: int = 0
@@ -383,18 +383,20 @@ class _Evaluation:
         tests = [self.backend.test_input(i) for i in selection.ids]
         keys = {m.name: self._faith_key(m, run) for m in self.computed}
         done = {name: self.store.eval_rows(k) for name, k in keys.items()}
-        todo = [t for t in tests if any(done[m.name].get(t.id, {}).get("span") != _span(t) for m in self.computed)]
+        missing = lambda m, t: done[m.name].get(t.id, {}).get("span") != _span(t)  # noqa: E731
+        need = [m for m in self.computed if any(missing(m, t) for t in tests)]  # the rest is stored
+        todo = [t for t in tests if any(missing(m, t) for m in need)]
         if not todo:
             return
         started = time.perf_counter()
-        variant_methods = [m for m in self.computed if m.points == "variants"]
+        variant_methods = [m for m in need if m.points == "variants"]  # new variants only if one needs them
         chunks = _chunks(todo, s.batch)
         phase = f"faithfulness run {run + 1}"
         batches = length_batches(self.backend.train_cache[0].lengths(), self.backend.index_settings.batch_size)
         steps = len(chunks) + (self.backend.manifest.settings["variants"] * len(batches) if variant_methods else 0)
         report = lambda done: self.phases.report(phase, done, steps, "steps")  # noqa: E731
         scores = self._new_variant_scores(todo, variant_methods, run, batches, report) if variant_methods else {}
-        others = [m for m in self.computed if m.points != "variants"]
+        others = [m for m in dict.fromkeys([*need, METHODS["GroundTruth"]]) if m.points != "variants"]
         parts: dict[str, list[np.ndarray]] = {m.name: [] for m in others}
         for c, batch in enumerate(tqdm(chunks, desc=phase, unit="batch", disable=not self.progress)):
             for m in others:
@@ -402,7 +404,7 @@ class _Evaluation:
             report(steps - len(chunks) + c + 1)
         scores.update({name: np.concatenate(p) for name, p in parts.items()})
         gt = scores["GroundTruth"]
-        for m in self.computed:
+        for m in need:
             rho = metrics.spearman(scores[m.name], gt)
             for q, t in enumerate(todo):
                 self.store.put_eval_row(keys[m.name], t.id, {"span": _span(t), "spearman": float(rho[q])})

@@ -137,6 +137,7 @@ class GradientCollector:
         self._inputs: dict[str, torch.Tensor] = {}
         self._parts: dict[str, torch.Tensor] = {}  # exact mode: one (B, size) matrix per parameter
         self._sketch: torch.Tensor | None = None  # sketch mode: the (B, dim) sum so far
+        self._groups = 1  # consecutive rows summed into one gradient
         self._handles: list = []
 
     # hooks ------------------------------------------------------------------
@@ -159,6 +160,8 @@ class GradientCollector:
             if d.dim() == 2:
                 d = d.unsqueeze(1)
             a = self._inputs[name]
+            if self._groups > 1:  # a group's rows as one example with their tokens side by side
+                d, a = (x.reshape(x.shape[0] // self._groups, -1, x.shape[2]) for x in (d, a))
             for block in self._blocks[name]:
                 if block.kind == "linear-weight":
                     self._weight(block, d, a)
@@ -216,14 +219,19 @@ class GradientCollector:
         return out
 
     def gradients(
-        self, h: torch.Tensor, mask: torch.Tensor, weights: Sequence[torch.Tensor]
+        self, h: torch.Tensor, mask: torch.Tensor, weights: Sequence[torch.Tensor], groups: int = 1
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Per-example gradients of ``sum_c w[b, c] * logit[b, c]`` for each weight set.
 
         Each entry of ``weights`` is a (B, C) tensor or a function of the logits that returns one
-        (:func:`loss_weights`, :func:`class_weights`). Returns (one (B, d) gradient matrix per
-        weight set, logits (B, C), CLS embeddings (B, H)). Must run inside ``with collector:``.
+        (:func:`loss_weights`, :func:`class_weights`). ``groups`` > 1 sums each run of that many
+        consecutive rows into one gradient (B / groups rows), formed once rather than per row.
+        Returns (one (B / groups, d) gradient matrix per weight set, logits (B, C), CLS
+        embeddings (B, H)). Must run inside ``with collector:``.
         """
+        if h.shape[0] % groups:
+            raise ValueError(f"{h.shape[0]} rows do not split into groups of {groups}")
+        self._groups = groups
         # Differentiate w.r.t. the input only: the hooks see every output gradient on the way,
         # and autograd skips the batch-summed weight gradients that nobody needs.
         h = h.detach().requires_grad_(True)

@@ -7,6 +7,12 @@
   ``(H + lambda I)^-1 v`` with ``lambda = (1 - damping) / scale`` (2.5 at the paper's settings).
 * :class:`DampedInverse`: the fast mode: ``(G + lambda I)^-1`` of the Gauss-Newton matrix G in
   the projected space, exact there (one Cholesky factorisation, then milliseconds per query).
+
+Both default to the same lambda, :data:`DEFAULT_DAMPING` = 2.5 (the paper's LiSSA settings), so
+``--ihvp`` changes how ``(H + lambda I)^-1 v`` is estimated, not which quantity it is. A fixed
+lambda also keeps the fast mode independent of the sketch: a rule relative to the sketched
+spectrum (e.g. 0.1 x its mean eigenvalue) halves with every doubling of d and puts the damping
+in the tail of the spectrum, where the sketch distorts it most.
 """
 from __future__ import annotations
 
@@ -119,13 +125,18 @@ def lissa(
     return result
 
 
-class DampedInverse:
-    """(G + lam I)^-1 for a symmetric PSD matrix G, by Cholesky; lam defaults to 0.1 * mean eigenvalue."""
+DEFAULT_DAMPING: float = LissaSettings().lam
+"""lambda of the fast inverse unless chosen: the one LiSSA's default settings imply (2.5)."""
 
-    def __init__(self, gram: torch.Tensor, damping: float | None = None, ratio: float = 0.1):
+
+class DampedInverse:
+    """(G + lam I)^-1 for a symmetric PSD matrix G, by Cholesky."""
+
+    def __init__(self, gram: torch.Tensor, damping: float = DEFAULT_DAMPING):
+        if not damping > 0:
+            raise ValueError(f"the damping lambda must be positive, got {damping}")
         gram = gram.double()
-        mean_eig = float(torch.diagonal(gram).mean()) if gram.numel() else 0.0
-        self.lam = float(damping) if damping is not None else ratio * max(mean_eig, 1e-12)
+        self.lam = float(damping)
         eye = torch.eye(gram.shape[0], dtype=gram.dtype)
         self._factor = torch.linalg.cholesky(gram + self.lam * eye)
 

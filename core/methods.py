@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .gradients import GradientCollector, Projector, loss_weights
-from .ihvp import DampedInverse, LissaSettings, lissa
+from .ihvp import DEFAULT_DAMPING, DampedInverse, LissaSettings, lissa
 from .index import GradientIndex, LoadedModel, gauss_newton_batch, training_gradients
-from .model import HiddenCache, compute_prefix, length_batches, mask_span, predict
+from .model import HiddenCache, compute_prefix, length_batches, mask_span, predict, top_forward
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class Engine:
         self.side = side
         self.projector = side.projector
         self.checkpoint_lrs = checkpoint_lrs
-        self._inverse: dict[float | None, DampedInverse] = {}
+        self._inverse: dict[float, DampedInverse] = {}
 
     def point_names(self, method: Method) -> list[str]:
         names = list(self.loaded.points)
@@ -168,38 +168,56 @@ class Engine:
         return chosen
 
     # test side ---------------------------------------------------------------------------
-    def _test_caches(self, tests: list[TestInput]) -> tuple[HiddenCache, torch.Tensor]:
+    def _test_caches(self, tests: list[TestInput], masked: bool = True) -> tuple[HiddenCache, torch.Tensor]:
+        """Frozen-prefix states of the test inputs, each followed by its span-masked copy when
+        ``masked`` (rows 2q, 2q + 1; otherwise row q), and the tests' labels."""
         tok = self.loaded.tokenizer
         encs = []
         for t in tests:
             e = self.loaded.encode(t.aspect, t.text)
-            masked = mask_span(e, t.span[0], t.span[1], tok.mask_token_id) if t.span else e
-            encs += [e, masked]
+            encs.append(e)
+            if masked:
+                encs.append(mask_span(e, t.span[0], t.span[1], tok.mask_token_id) if t.span else e)
         cache = compute_prefix(self.loaded.split, encs, tok.pad_token_id, device=self.loaded.device, progress=False)
         return cache, self._labels(tests, cache)
+
+    @staticmethod
+    def _step(tests: list[TestInput], cache: HiddenCache) -> int:
+        """Rows per test in a cache from :meth:`_test_caches`: 2 with masked copies, else 1."""
+        return len(cache) // len(tests)
 
     def _labels(self, tests: list[TestInput], cache: HiddenCache) -> torch.Tensor:
         """Gold labels; the prediction at theta where a test input has none."""
         labels = []
+        step = self._step(tests, cache)
         self.loaded.use("final")
         for q, t in enumerate(tests):
             if t.label is not None:
                 labels.append(self.loaded.labels.index(t.label))
             else:
-                h, m = cache.batch([2 * q])
+                h, m = cache.batch([step * q])
                 with torch.no_grad():
                     labels.append(int(self.loaded.split.top(inputs_embeds=h.to(self.loaded.device), attention_mask=m.to(self.loaded.device)).logits.argmax()))
         return torch.tensor(labels)
 
     def test_vectors(self, tests: list[TestInput], point: str, kind: str, cache=None) -> torch.Tensor:
-        """(Q, d) test-side vectors at a point: g(z') or e(z') = g(z') - g(z'_-kl)."""
-        cache, labels = cache or self._test_caches(tests)
+        """(Q, d) test-side vectors at a point: g(z') or e(z') = g(z') - g(z'_-kl).
+
+        e(z') is one gradient of loss(z') - loss(z'_-kl) per test (the two inputs' tokens side
+        by side), not two gradients subtracted; g(z') uses the whole inputs alone."""
+        cache, labels = cache or self._test_caches(tests, masked=kind == "diff")
+        step = self._step(tests, cache)
+        if kind == "diff" and step != 2:
+            raise ValueError("e(z') needs the span-masked copies of the test inputs")
+        rows = list(range(0, len(cache), step)) if kind == "full" else list(range(len(cache)))
         self.loaded.use(point)
-        h, m = cache.batch(range(len(cache)), self.loaded.device)
+        h, m = cache.batch(rows, self.loaded.device)
+        weights = loss_weights(labels) if kind == "full" else _span_loss_weights(labels)
         with GradientCollector(self.loaded.split, self.projector) as col:
-            (g,), _, _ = col.gradients(h, m, [loss_weights(labels.repeat_interleave(2))])
-        full, masked = g[0::2], g[1::2]
-        return (full if kind == "full" else full - masked).detach()
+            (g,), _, _ = col.gradients(h, m, [weights], groups=1 if kind == "full" else 2)
+        if kind == "diff":  # no span: e(z') is zero by definition (the two copies cancel only to rounding)
+            g[[q for q, t in enumerate(tests) if t.span is None]] = 0.0
+        return g.detach()
 
     @torch.no_grad()
     def test_embeddings(self, tests: list[TestInput]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +228,7 @@ class Engine:
         return cls[0::2], cls[1::2]
 
     # scores ------------------------------------------------------------------------------
-    def inverse(self, damping: float | None = None) -> DampedInverse:
+    def inverse(self, damping: float = DEFAULT_DAMPING) -> DampedInverse:
         if damping not in self._inverse:
             self._inverse[damping] = DampedInverse(self.side.gram(), damping)
         return self._inverse[damping]
@@ -221,7 +239,7 @@ class Engine:
         method: Method,
         *,
         ihvp: str = "fast",
-        damping: float | None = None,
+        damping: float = DEFAULT_DAMPING,
         lissa_settings: LissaSettings = LissaSettings(),
         paper_signs: bool = False,
         train_cache: tuple[HiddenCache, torch.Tensor] | None = None,
@@ -229,7 +247,7 @@ class Engine:
         """Scores (Q, N) of ``method`` for ``tests``; ``train_cache`` (hidden states, labels) is
         needed for LiSSA's Hessian-vector products."""
         started = time.perf_counter()
-        caches = self._test_caches(tests)
+        caches = self._test_caches(tests, masked=method.test == "diff")
         approx: dict = {"projection": self.projector.describe(), "exact": self.side.exact, "points": self.point_names(method)}
         total = None
         for point in self.point_names(method):
@@ -264,21 +282,30 @@ class Engine:
     def dense_test_gradients(self, tests: list[TestInput], kind: str, caches) -> list[dict[str, torch.Tensor]]:
         """Unprojected test-side vectors at theta (for LiSSA), one dict per test."""
         cache, labels = caches
+        step = self._step(tests, cache)
         self.loaded.use("final")
         params = self.loaded.split.top_params()
-        from .model import top_forward
-
         out = []
         for q in range(len(tests)):
-            grads = []
-            for row in (2 * q, 2 * q + 1):
-                h, m = cache.batch([row], self.loaded.device)
-                loss = torch.nn.functional.cross_entropy(top_forward(self.loaded.split, h, m), labels[q : q + 1].to(self.loaded.device))
-                grads.append(torch.autograd.grad(loss, list(params.values())))
-            g_full, g_masked = grads
-            pick = g_full if kind == "full" else [a - b for a, b in zip(g_full, g_masked)]
-            out.append({n: x.detach() for n, x in zip(params, pick)})
+            rows = [step * q] if kind == "full" else [2 * q, 2 * q + 1]
+            h, m = cache.batch(rows, self.loaded.device)
+            losses = torch.nn.functional.cross_entropy(top_forward(self.loaded.split, h, m),
+                                                       labels[[q] * len(rows)].to(self.loaded.device), reduction="none")
+            loss = losses[0] if kind == "full" else losses[0] - losses[1]
+            grads = torch.autograd.grad(loss, list(params.values()))
+            out.append({n: g.detach() for n, g in zip(params, grads)})
         return out
+
+
+def _span_loss_weights(labels: torch.Tensor):
+    """Logit weights of loss(z') - loss(z'_-kl) over rows (z', z'_-kl) of each test."""
+    base = loss_weights(labels.repeat_interleave(2))
+
+    def weights(logits: torch.Tensor) -> torch.Tensor:
+        signs = torch.tensor([1.0, -1.0], dtype=logits.dtype, device=logits.device).repeat(len(labels))
+        return base(logits) * signs[:, None]
+
+    return weights
 
 
 @dataclass

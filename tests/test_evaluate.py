@@ -115,6 +115,27 @@ def test_resume_skips_finished_tests(workspace, tmp_path, monkeypatch):
     assert {i for _, ids in calls for i in ids} == {fixed}
 
 
+def test_new_damping_recomputes_the_if_family_only(workspace, tmp_path, monkeypatch):
+    """A changed lambda recomputes IF++ (and the GroundTruth it is compared with), never variants."""
+    import dataclasses
+
+    import core.evaluate as evaluate
+
+    settings = EvalSettings(methods=("TracIn++", "IF++"), ks=(5,), kmax=8, test_limit=4, ral=(), faithfulness_runs=2,
+                            batch=4, damping=1e-4)
+    backend = Backend(workspace, device="cpu", index_settings=EXACT)
+    before = run_evaluation(backend, settings, tmp_path / "out", **QUIET).table4
+    calls: list[str] = []
+    variants: list[int] = []
+    scores, make_variants = Engine.scores, evaluate.make_variants
+    monkeypatch.setattr(Engine, "scores", lambda self, tests, m, **kw: calls.append(m.name) or scores(self, tests, m, **kw))
+    monkeypatch.setattr(evaluate, "make_variants", lambda *a, **kw: variants.append(1) or make_variants(*a, **kw))
+    after = run_evaluation(backend, dataclasses.replace(settings, damping=2.5), tmp_path / "out", **QUIET).table4
+    assert set(calls) == {"IF++", "GroundTruth"} and not variants
+    assert after.loc["TracIn++", "mean"] == before.loc["TracIn++", "mean"]
+    assert after.loc["IF++", "runs"] == 2
+
+
 def test_ral_removing_the_support_lowers_accuracy(tiny_backbone, tmp_path):
     """Three separable classes; removing every class-2 training instance (the top 20 % of a
     ranking that favours them) must cost the class-2 test instances, a random 20 % must not."""
