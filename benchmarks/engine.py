@@ -40,7 +40,8 @@ def build_rates(backend: Backend, rows: list[int], point: str, warm: int = 32) -
     tok, model = loaded.tokenizer, loaded.split.model
     params = loaded.split.top_params()
     train_rows = backend.instances("train")
-    others = [i for i in range(len(train_rows)) if i not in set(rows)][:warm]
+    chosen = set(rows)
+    others = [i for i in range(len(train_rows)) if i not in chosen][:warm]
 
     def batched(rows: list[int]) -> torch.Tensor:
         sub = lambda c: HiddenCache([c.states[i] for i in rows])  # noqa: E731
@@ -59,11 +60,12 @@ def build_rates(backend: Backend, rows: list[int], point: str, warm: int = 32) -
                 grads.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
             projector.project_params({n: grads[0][n] - grads[1][n] for n in params})
 
-    batched(others)
+    if others:
+        batched(others)
     started = time.perf_counter()
     vectors = batched(rows)
     batched_s = time.perf_counter() - started
-    plain(others)
+    plain(others)  # nothing when every instance is measured
     started = time.perf_counter()
     plain(rows)
     loop_s = time.perf_counter() - started
@@ -125,7 +127,7 @@ def captum_comparison(backend: Backend, rows: list[int], tests, batch_tests) -> 
         return lrs[Path(path).stem]
 
     engine = backend.engine()
-    cache, _ = engine._test_caches(tests, masked=False)
+    cache = engine._test_caches(tests, masked=False).cache
     t_h, t_m = cache.batch(range(len(tests)))
     t_y = torch.tensor([loaded.labels.index(t.label) for t in tests])
     tracin = TracInCP(Top(), torch.utils.data.TensorDataset(h, mask, labels[rows]),

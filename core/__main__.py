@@ -108,6 +108,8 @@ def _damping_option(p: argparse.ArgumentParser) -> None:
 def _damping(args) -> float:
     from .ihvp import DEFAULT_DAMPING
 
+    if args.damping is not None and not args.damping > 0:
+        raise SystemExit(f"--damping must be positive, got {args.damping}")
     return DEFAULT_DAMPING if args.damping is None else args.damping
 
 

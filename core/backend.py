@@ -206,7 +206,8 @@ class Backend:
                         lissa: LissaSettings = LissaSettings()) -> dict:
         """What an explanation's cached result is keyed by, besides the index fingerprint."""
         m = resolve_method(method)
-        settings = {"exact": exact, "ihvp": ihvp if m.inverse else None, "damping": damping if m.inverse else None,
+        settings = {"exact": exact, "ihvp": ihvp if m.inverse else None,
+                    "damping": float(damping) if m.inverse and ihvp == "fast" else None,
                     "paper_signs": paper_signs and paper_sign(m) < 0, "span": test.span,
                     "text": None if test.id else [test.aspect, test.text],
                     "lissa": asdict(lissa) if m.inverse and ihvp == "lissa" else None}

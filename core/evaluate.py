@@ -12,7 +12,9 @@ A run has three parts, each cached so that an interrupted run resumes:
    draws a new test sample (seed + 7919 r) and makes new variants (``make_variants`` with the
    workspace's seed + r) for the variant-based methods; LiSSA (``--ihvp lissa``) uses seed + r.
    Checkpoints (Control, TracIn), theta (GroundTruth) and the fast inverse (IF family) are
-   deterministic, so their spread across runs comes from the test samples alone.
+   deterministic, so their spread across runs comes from the test samples alone. A run
+   recomputes only the methods whose rows are missing (new variants only when a variant-based
+   one is), with GroundTruth beside them for the Spearman.
 3. **Ral**: per method and percentage, the top p % of the combined ranking (scores summed over
    part 1's tests) is removed, the trainable subset retrained from its initial state with the
    workspace's settings, and the test-split accuracy compared with a retrain on the unchanged
@@ -116,6 +118,9 @@ class EvalSettings:
             raise ValueError("K values, kmax, batch and random_draws must be at least 1")
         if self.test_limit is not None and self.test_limit < 1:
             raise ValueError(f"test_limit must be positive (None for all), got {self.test_limit}")
+        if not (isinstance(self.damping, (int, float)) and self.damping > 0):
+            raise ValueError(f"damping must be a positive number, got {self.damping!r}")
+        object.__setattr__(self, "damping", float(self.damping))  # 2 and 2.0: one cache key
         if self.faithfulness_runs < 0 or self.ral_random_seeds < 0:
             raise ValueError("faithfulness_runs and ral_random_seeds must not be negative")
         for p in self.ral:
@@ -293,7 +298,8 @@ class _Evaluation:
         if self.fixes:  # Sag reads every training span; the ++ methods too
             parts["train_spans"] = self.fixes
         if method.inverse:
-            parts.update(ihvp=s.ihvp, damping=s.damping, lissa=asdict(s.lissa) if s.ihvp == "lissa" else None)
+            parts.update(ihvp=s.ihvp, damping=s.damping if s.ihvp == "fast" else None,
+                         lissa=asdict(s.lissa) if s.ihvp == "lissa" else None)
         if method.name == "IF":
             parts["paper_signs"] = s.paper_signs
         return f"eval:{part}:{method.name}:{fingerprint(parts)}"
@@ -620,7 +626,8 @@ def _build_report(ev, selection, per_test, per_test_curves, baselines, faith, ra
     summary = {
         "workspace": str(backend.ws.root), "fingerprint": backend.fingerprint, "dataset": dataset,
         "settings": {**asdict(s), "methods": [m.name for m in ev.reported], "ks": ev.ks, "kmax": ev.kmax},
-        "approximations": {"projection": ev.engine.projector.describe(), "ihvp": s.ihvp,
+        "approximations": {"projection": ev.engine.projector.describe(),
+                           "ihvp": f"fast, lambda = {s.damping:g}" if s.ihvp == "fast" else f"lissa, lambda = {s.lissa.lam:g}",
                            "paper_signs": s.paper_signs, "n_train": ev.n,
                            "variant_seeds": [backend.manifest.settings["seed"] + r for r in range(s.faithfulness_runs)]},
         "selection": selection.describe(),

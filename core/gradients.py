@@ -79,7 +79,7 @@ class Projector:
                     "LayerNorm layers are supported for batched per-example gradients"
                 )
             for kind, attr in zip(kinds, ("weight", "bias")):
-                if getattr(module, attr) is not None:
+                if attr in params:
                     self.blocks.append(Block(name, kind, full_names[f"{name}.{attr}"], tuple(getattr(module, attr).shape)))
             self.modules[name] = module
             covered |= {f"{name}.{pn}" for pn in params}

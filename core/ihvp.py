@@ -133,7 +133,7 @@ class DampedInverse:
     """(G + lam I)^-1 for a symmetric PSD matrix G, by Cholesky."""
 
     def __init__(self, gram: torch.Tensor, damping: float = DEFAULT_DAMPING):
-        if not damping > 0:
+        if not (isinstance(damping, (int, float)) and damping > 0):
             raise ValueError(f"the damping lambda must be positive, got {damping}")
         gram = gram.double()
         self.lam = float(damping)

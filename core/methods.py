@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from .gradients import GradientCollector, Projector, loss_weights
-from .ihvp import DEFAULT_DAMPING, DampedInverse, LissaSettings, lissa
+from .ihvp import DEFAULT_DAMPING, DampedInverse, LissaResult, LissaSettings, lissa
 from .index import GradientIndex, LoadedModel, gauss_newton_batch, training_gradients
 from .model import HiddenCache, compute_prefix, length_batches, mask_span, predict, top_forward
 
@@ -138,6 +139,16 @@ class TrainingSide:
         return gram / len(self.full)
 
 
+class TestBatch(NamedTuple):
+    """Frozen-prefix states of test inputs: row q, or rows 2q and 2q + 1 (the input and its
+    span-masked copy) when ``masked``; ``spanless``: tests whose mask changes no token."""
+
+    cache: HiddenCache
+    labels: torch.Tensor
+    masked: bool
+    spanless: list[int]
+
+
 @dataclass
 class Scores:
     """Scores of every training instance for each test input, and how they were computed."""
@@ -168,28 +179,25 @@ class Engine:
         return chosen
 
     # test side ---------------------------------------------------------------------------
-    def _test_caches(self, tests: list[TestInput], masked: bool = True) -> tuple[HiddenCache, torch.Tensor]:
+    def _test_caches(self, tests: list[TestInput], masked: bool = True) -> TestBatch:
         """Frozen-prefix states of the test inputs, each followed by its span-masked copy when
-        ``masked`` (rows 2q, 2q + 1; otherwise row q), and the tests' labels."""
+        ``masked``, their labels, and which tests' masks change no token."""
         tok = self.loaded.tokenizer
-        encs = []
-        for t in tests:
+        encs, spanless = [], []
+        for q, t in enumerate(tests):
             e = self.loaded.encode(t.aspect, t.text)
             encs.append(e)
             if masked:
                 encs.append(mask_span(e, t.span[0], t.span[1], tok.mask_token_id) if t.span else e)
+                if encs[-1] == e:
+                    spanless.append(q)
         cache = compute_prefix(self.loaded.split, encs, tok.pad_token_id, device=self.loaded.device, progress=False)
-        return cache, self._labels(tests, cache)
+        step = 2 if masked else 1
+        return TestBatch(cache, self._labels(tests, cache, step), masked, spanless)
 
-    @staticmethod
-    def _step(tests: list[TestInput], cache: HiddenCache) -> int:
-        """Rows per test in a cache from :meth:`_test_caches`: 2 with masked copies, else 1."""
-        return len(cache) // len(tests)
-
-    def _labels(self, tests: list[TestInput], cache: HiddenCache) -> torch.Tensor:
-        """Gold labels; the prediction at theta where a test input has none."""
+    def _labels(self, tests: list[TestInput], cache: HiddenCache, step: int) -> torch.Tensor:
+        """Gold labels; the prediction at theta where a test input has none (row ``step * q``)."""
         labels = []
-        step = self._step(tests, cache)
         self.loaded.use("final")
         for q, t in enumerate(tests):
             if t.label is not None:
@@ -200,31 +208,31 @@ class Engine:
                     labels.append(int(self.loaded.split.top(inputs_embeds=h.to(self.loaded.device), attention_mask=m.to(self.loaded.device)).logits.argmax()))
         return torch.tensor(labels)
 
-    def test_vectors(self, tests: list[TestInput], point: str, kind: str, cache=None) -> torch.Tensor:
+    def test_vectors(self, tests: list[TestInput], point: str, kind: str, batch: TestBatch | None = None) -> torch.Tensor:
         """(Q, d) test-side vectors at a point: g(z') or e(z') = g(z') - g(z'_-kl).
 
         e(z') is one gradient of loss(z') - loss(z'_-kl) per test (the two inputs' tokens side
         by side), not two gradients subtracted; g(z') uses the whole inputs alone."""
-        cache, labels = cache or self._test_caches(tests, masked=kind == "diff")
-        step = self._step(tests, cache)
-        if kind == "diff" and step != 2:
+        batch = batch or self._test_caches(tests, masked=kind == "diff")
+        step = 2 if batch.masked else 1
+        if kind == "diff" and not batch.masked:
             raise ValueError("e(z') needs the span-masked copies of the test inputs")
-        rows = list(range(0, len(cache), step)) if kind == "full" else list(range(len(cache)))
+        rows = list(range(0, len(batch.cache), step)) if kind == "full" else list(range(len(batch.cache)))
         self.loaded.use(point)
-        h, m = cache.batch(rows, self.loaded.device)
-        weights = loss_weights(labels) if kind == "full" else _span_loss_weights(labels)
+        h, m = batch.cache.batch(rows, self.loaded.device)
+        weights = loss_weights(batch.labels) if kind == "full" else _span_loss_weights(batch.labels)
         with GradientCollector(self.loaded.split, self.projector) as col:
             (g,), _, _ = col.gradients(h, m, [weights], groups=1 if kind == "full" else 2)
-        if kind == "diff":  # no span: e(z') is zero by definition (the two copies cancel only to rounding)
-            g[[q for q, t in enumerate(tests) if t.span is None]] = 0.0
+        if kind == "diff":  # a mask that changes nothing: e(z') = 0 exactly (the copies cancel only to rounding)
+            g[batch.spanless] = 0.0
         return g.detach()
 
     @torch.no_grad()
     def test_embeddings(self, tests: list[TestInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """CLS embeddings at theta of each test input and of its span-masked version (Q, H) x 2."""
-        cache, _ = self._test_caches(tests)
+        batch = self._test_caches(tests)
         self.loaded.use("final")
-        _, cls = predict(self.loaded.split, cache, device=self.loaded.device, with_cls=True)
+        _, cls = predict(self.loaded.split, batch.cache, device=self.loaded.device, with_cls=True)
         return cls[0::2], cls[1::2]
 
     # scores ------------------------------------------------------------------------------
@@ -247,13 +255,13 @@ class Engine:
         """Scores (Q, N) of ``method`` for ``tests``; ``train_cache`` (hidden states, labels) is
         needed for LiSSA's Hessian-vector products."""
         started = time.perf_counter()
-        caches = self._test_caches(tests, masked=method.test == "diff")
+        batch = self._test_caches(tests, masked=method.test == "diff")
         approx: dict = {"projection": self.projector.describe(), "exact": self.side.exact, "points": self.point_names(method)}
         total = None
         for point in self.point_names(method):
-            vecs = self.test_vectors(tests, point, method.test, caches)
+            vecs = self.test_vectors(tests, point, method.test, batch)
             if method.inverse:
-                vecs, approx["ihvp"] = self._apply_inverse(tests, method, vecs, ihvp, damping, lissa_settings, train_cache, caches)
+                vecs, approx["ihvp"] = self._apply_inverse(tests, method, vecs, ihvp, damping, lissa_settings, train_cache, batch)
             weight = self.checkpoint_lrs.get(point, 1.0) if method.weighted else 1.0
             part = weight * self.side.dot(point, method.train, vecs)
             total = part if total is None else total + part
@@ -263,7 +271,7 @@ class Engine:
         approx["paper_signs"] = paper_signs
         return Scores(method.name, total, approx, time.perf_counter() - started)
 
-    def _apply_inverse(self, tests, method, vecs, ihvp, damping, settings, train_cache, caches):
+    def _apply_inverse(self, tests, method, vecs, ihvp, damping, settings, train_cache, batch: TestBatch):
         if ihvp == "fast":
             inv = self.inverse(damping)
             return inv.solve(vecs.double().cpu()).float(), inv.describe()
@@ -271,26 +279,31 @@ class Engine:
             raise ValueError(f"ihvp must be 'fast' or 'lissa', got {ihvp!r}")
         if train_cache is None:
             raise ValueError("LiSSA needs the training cache (hidden states and labels)")
-        dense = self.dense_test_gradients(tests, method.test, caches)
+        dense = self.dense_test_gradients(tests, method.test, batch)
         out, info = [], []
         for q in range(len(tests)):
+            if method.test == "diff" and q in batch.spanless:  # e(z') = 0: so is its inverse
+                out.append(torch.zeros(self.projector.dim))
+                info.append(LissaResult({}, lam=settings.lam, converged=True).describe() | {"trace": [], "skipped": "the span masks no token"})
+                continue
             res = lissa(self.loaded.split, train_cache[0], train_cache[1], dense[q], settings, device=self.loaded.device)
             out.append(self.projector.project_params(res.vector))
             info.append(res.describe() | {"trace": res.trace})
         return torch.stack(out).float(), info[0] if len(info) == 1 else {"mode": "lissa", "runs": info}
 
-    def dense_test_gradients(self, tests: list[TestInput], kind: str, caches) -> list[dict[str, torch.Tensor]]:
+    def dense_test_gradients(self, tests: list[TestInput], kind: str, batch: TestBatch) -> list[dict[str, torch.Tensor]]:
         """Unprojected test-side vectors at theta (for LiSSA), one dict per test."""
-        cache, labels = caches
-        step = self._step(tests, cache)
+        if kind == "diff" and not batch.masked:
+            raise ValueError("e(z') needs the span-masked copies of the test inputs")
+        step = 2 if batch.masked else 1
         self.loaded.use("final")
         params = self.loaded.split.top_params()
         out = []
         for q in range(len(tests)):
             rows = [step * q] if kind == "full" else [2 * q, 2 * q + 1]
-            h, m = cache.batch(rows, self.loaded.device)
+            h, m = batch.cache.batch(rows, self.loaded.device)
             losses = torch.nn.functional.cross_entropy(top_forward(self.loaded.split, h, m),
-                                                       labels[[q] * len(rows)].to(self.loaded.device), reduction="none")
+                                                       batch.labels[[q] * len(rows)].to(self.loaded.device), reduction="none")
             loss = losses[0] if kind == "full" else losses[0] - losses[1]
             grads = torch.autograd.grad(loss, list(params.values()))
             out.append({n: g.detach() for n, g in zip(params, grads)})

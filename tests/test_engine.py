@@ -182,12 +182,24 @@ def test_sketch_is_an_unbiased_inner_product(backend):
     assert Projector(split, None).project_params(x).shape[0] == Projector(split, None).params
 
 
+def test_projector_covers_exactly_the_trainable_parameters(backend):
+    import dataclasses
+
+    split = backend.loaded.split
+    assert {b.param for b in Projector(split, None).blocks} == set(split.trainable)
+    bias = next(n for n in split.trainable if n.endswith(".bias"))
+    part = dataclasses.replace(split, trainable=[n for n in split.trainable if n != bias])  # a weight without its bias
+    blocks = Projector(part, None).blocks
+    assert {b.param for b in blocks} == set(part.trainable) and bias not in {b.param for b in blocks}
+
+
 def test_empty_span_gives_zero_for_span_methods(backend):
     row = backend.instances("test")[1]
     no_span = Query(row["aspect"], row["text"], row["label"], None, row["id"])
+    masks_nothing = Query(row["aspect"], row["text"], row["label"], (0, 0), row["id"])  # a span of no token
     engine = backend.engine()
     for name in ("IF++", "TracIn++", "GroundTruth"):
-        assert torch.count_nonzero(engine.scores([no_span], METHODS[name], damping=DAMPING).values) == 0
+        assert torch.count_nonzero(engine.scores([no_span, masks_nothing], METHODS[name], damping=DAMPING).values) == 0
     # training side: with every span empty (masked inputs = whole inputs) the + methods give zero
     full, labels = backend.train_cache
     side = TrainingSide(backend.loaded, Projector(backend.loaded.split, None), None, full, full, labels, 8)
@@ -228,7 +240,7 @@ def test_tracin_equals_captum_tracincp(backend, tmp_path):
     tests = backend.instances("test")[:3]
     t_cache = HiddenCache([])
     engine = backend.engine()
-    cache, _ = engine._test_caches([backend.test_input(r["id"]) for r in tests], masked=False)
+    cache = engine._test_caches([backend.test_input(r["id"]) for r in tests], masked=False).cache
     t_h, t_m = cache.batch([0, 1, 2])
     t_y = torch.tensor([backend.manifest.labels.index(r["label"]) for r in tests])
     theirs = tracin.influence((t_h, t_m, t_y)).double()
