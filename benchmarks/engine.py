@@ -144,7 +144,7 @@ def captum_comparison(backend: Backend, rows: list[int], tests, batch_tests) -> 
     first = ours_engine.scores(tests[:1], METHODS["TracIn"])
     build_and_first = time.perf_counter() - started
     singles = []
-    for _ in range(5):
+    for _ in range(20):  # the median of many: single queries on a shared VM vary by ~20 %
         started = time.perf_counter()
         ours_engine.scores(tests[:1], METHODS["TracIn"])
         singles.append(time.perf_counter() - started)
@@ -159,6 +159,7 @@ def captum_comparison(backend: Backend, rows: list[int], tests, batch_tests) -> 
     return {"train": len(rows), "checkpoints": len(lrs), "queries": len(tests),
             "captum_seconds_per_query": round(captum_s, 2), "ours_seconds_per_query": round(per_query, 4),
             "speedup_per_query": round(captum_s / per_query, 1),
+            "ours_single_query_range": [round(min(singles), 4), round(max(singles), 4)],
             "ours_seconds_per_query_batched": round(per_query_batched, 4), "batched_queries": len(batch_tests),
             "speedup_per_query_batched": round(captum_s / per_query_batched, 1),
             "ours_index_build_seconds": round(build_s, 1), "ours_build_plus_first_query_seconds": round(build_and_first, 1),
@@ -169,7 +170,7 @@ def captum_comparison(backend: Backend, rows: list[int], tests, batch_tests) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", required=True)
-    parser.add_argument("--build-sample", type=int, default=256)
+    parser.add_argument("--build-sample", type=int, default=512)
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--captum-train", type=int, default=1000)
     parser.add_argument("--captum-queries", type=int, default=1)
