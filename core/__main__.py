@@ -106,17 +106,16 @@ def _damping_option(p: argparse.ArgumentParser) -> None:
 
 
 def _damping(args) -> float:
-    from .ihvp import DEFAULT_DAMPING
+    from .ihvp import DEFAULT_DAMPING, check_damping
 
-    if args.damping is not None and not args.damping > 0:
-        raise SystemExit(f"--damping must be positive, got {args.damping}")
-    return DEFAULT_DAMPING if args.damping is None else args.damping
+    return DEFAULT_DAMPING if args.damping is None else check_damping(args.damping)
 
 
 def cmd_explain(args) -> int:
     from .backend import Backend
     from .ihvp import LissaSettings
 
+    damping = _damping(args)  # a bad value fails before anything loads
     backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
     if args.test_text is not None:
         if not args.aspect:
@@ -129,7 +128,7 @@ def cmd_explain(args) -> int:
     lissa = LissaSettings(depth=args.lissa_depth)
     out = []
     for method in args.method:
-        exp = backend.explain(test, method, k=args.k, exact=args.exact, ihvp=args.ihvp, damping=_damping(args),
+        exp = backend.explain(test, method, k=args.k, exact=args.exact, ihvp=args.ihvp, damping=damping,
                               paper_signs=args.paper_signs, lissa=lissa)
         out.append(exp)
     if args.json:

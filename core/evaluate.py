@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import metrics
-from .ihvp import DEFAULT_DAMPING, LissaSettings
+from .ihvp import DEFAULT_DAMPING, LissaSettings, check_damping
 from .index import KINDS, training_gradients
 from .methods import CONTROL, METHODS, PAPER_METHODS, Method, TestInput, resolve_method
 from .model import (
@@ -118,9 +118,7 @@ class EvalSettings:
             raise ValueError("K values, kmax, batch and random_draws must be at least 1")
         if self.test_limit is not None and self.test_limit < 1:
             raise ValueError(f"test_limit must be positive (None for all), got {self.test_limit}")
-        if not (isinstance(self.damping, (int, float)) and self.damping > 0):
-            raise ValueError(f"damping must be a positive number, got {self.damping!r}")
-        object.__setattr__(self, "damping", float(self.damping))  # 2 and 2.0: one cache key
+        object.__setattr__(self, "damping", check_damping(self.damping))
         if self.faithfulness_runs < 0 or self.ral_random_seeds < 0:
             raise ValueError("faithfulness_runs and ral_random_seeds must not be negative")
         for p in self.ral:

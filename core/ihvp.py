@@ -129,14 +129,19 @@ DEFAULT_DAMPING: float = LissaSettings().lam
 """lambda of the fast inverse unless chosen: the one LiSSA's default settings imply (2.5)."""
 
 
+def check_damping(damping: float) -> float:
+    """``damping`` as a float (2 and 2.0 give one cache key); ValueError unless positive."""
+    if not (isinstance(damping, (int, float)) and damping > 0):
+        raise ValueError(f"the damping lambda must be a positive number, got {damping!r}")
+    return float(damping)
+
+
 class DampedInverse:
     """(G + lam I)^-1 for a symmetric PSD matrix G, by Cholesky."""
 
     def __init__(self, gram: torch.Tensor, damping: float = DEFAULT_DAMPING):
-        if not (isinstance(damping, (int, float)) and damping > 0):
-            raise ValueError(f"the damping lambda must be positive, got {damping}")
+        self.lam = check_damping(damping)
         gram = gram.double()
-        self.lam = float(damping)
         eye = torch.eye(gram.shape[0], dtype=gram.dtype)
         self._factor = torch.linalg.cholesky(gram + self.lam * eye)
 

@@ -148,6 +148,19 @@ class TestBatch(NamedTuple):
     masked: bool
     spanless: list[int]
 
+    @property
+    def step(self) -> int:
+        """Rows per test."""
+        return 2 if self.masked else 1
+
+    def rows(self, q: int, kind: str) -> list[int]:
+        """Test q's rows for a test side: [input] for g(z'), [input, masked copy] for e(z')."""
+        if kind == "full":
+            return [self.step * q]
+        if not self.masked:
+            raise ValueError("e(z') needs the span-masked copies of the test inputs")
+        return [2 * q, 2 * q + 1]
+
 
 @dataclass
 class Scores:
@@ -192,8 +205,7 @@ class Engine:
                 if encs[-1] == e:
                     spanless.append(q)
         cache = compute_prefix(self.loaded.split, encs, tok.pad_token_id, device=self.loaded.device, progress=False)
-        step = 2 if masked else 1
-        return TestBatch(cache, self._labels(tests, cache, step), masked, spanless)
+        return TestBatch(cache, self._labels(tests, cache, 2 if masked else 1), masked, spanless)
 
     def _labels(self, tests: list[TestInput], cache: HiddenCache, step: int) -> torch.Tensor:
         """Gold labels; the prediction at theta where a test input has none (row ``step * q``)."""
@@ -214,10 +226,7 @@ class Engine:
         e(z') is one gradient of loss(z') - loss(z'_-kl) per test (the two inputs' tokens side
         by side), not two gradients subtracted; g(z') uses the whole inputs alone."""
         batch = batch or self._test_caches(tests, masked=kind == "diff")
-        step = 2 if batch.masked else 1
-        if kind == "diff" and not batch.masked:
-            raise ValueError("e(z') needs the span-masked copies of the test inputs")
-        rows = list(range(0, len(batch.cache), step)) if kind == "full" else list(range(len(batch.cache)))
+        rows = [r for q in range(len(tests)) for r in batch.rows(q, kind)]
         self.loaded.use(point)
         h, m = batch.cache.batch(rows, self.loaded.device)
         weights = loss_weights(batch.labels) if kind == "full" else _span_loss_weights(batch.labels)
@@ -293,14 +302,11 @@ class Engine:
 
     def dense_test_gradients(self, tests: list[TestInput], kind: str, batch: TestBatch) -> list[dict[str, torch.Tensor]]:
         """Unprojected test-side vectors at theta (for LiSSA), one dict per test."""
-        if kind == "diff" and not batch.masked:
-            raise ValueError("e(z') needs the span-masked copies of the test inputs")
-        step = 2 if batch.masked else 1
         self.loaded.use("final")
         params = self.loaded.split.top_params()
         out = []
         for q in range(len(tests)):
-            rows = [step * q] if kind == "full" else [2 * q, 2 * q + 1]
+            rows = batch.rows(q, kind)
             h, m = batch.cache.batch(rows, self.loaded.device)
             losses = torch.nn.functional.cross_entropy(top_forward(self.loaded.split, h, m),
                                                        batch.labels[[q] * len(rows)].to(self.loaded.device), reduction="none")
