@@ -2,7 +2,8 @@
 
 * index build rate: batched, sketched per-example gradients on the frozen-prefix cache
   against a plain per-example backward loop on the whole model (same instances, same point,
-  same sketch), in training instances per second (each needs g(z) and g(z_-ij));
+  same sketch), in training instances per second; each side makes the index's two rows of an
+  instance, the sketches of g(z) and of g(z) - g(z_-ij);
 * query latency p50 per method in fast mode with the index built;
 * IF++ with LiSSA at the paper's settings (depth up to 1000, early stop);
 * captum's TracInCP against ours on the same checkpoints, training subset and queries:
@@ -58,6 +59,7 @@ def build_rates(backend: Backend, rows: list[int], point: str, warm: int = 32) -
             for e in (enc, mask_span(enc, row["span"]["start"], row["span"]["end"], tok.mask_token_id)):
                 loss = nn.functional.cross_entropy(model(**collate([e], tok.pad_token_id)).logits, labels[i:i + 1])
                 grads.append(dict(zip(params, torch.autograd.grad(loss, list(params.values())))))
+            projector.project_params(grads[0])  # g(z) and e(z), as the index stores them
             projector.project_params({n: grads[0][n] - grads[1][n] for n in params})
 
     if others:

@@ -49,6 +49,7 @@ class Block:
 
 
 CHUNK_ELEMENTS = 1_200_000  # per-example weight gradients formed at once (about 5 MB: cache-sized)
+SPLIT_PARTS, SPLIT_MIN = 4, 65_536  # a lone row's large blocks are scattered in this many parts
 _KINDS = {nn.Linear: ("linear-weight", "linear-bias"), nn.LayerNorm: ("ln-weight", "ln-bias")}
 
 
@@ -104,7 +105,14 @@ class Projector:
 
     def sketch(self, block: Block, signed: torch.Tensor, out: torch.Tensor) -> None:
         """Add the sketch of one block's signed rows (B, size) into ``out`` (B, dim)."""
-        out.index_add_(1, self.buckets[block.param], signed)
+        buckets = self.buckets[block.param]
+        if signed.shape[0] == 1 and not signed.is_cuda and block.size >= SPLIT_MIN and block.size % SPLIT_PARTS == 0:
+            # One row scatters on one thread; as SPLIT_PARTS rows of its parts it uses them all.
+            parts = signed.new_zeros(SPLIT_PARTS, self.dim)
+            parts.scatter_add_(1, buckets.view(SPLIT_PARTS, -1), signed.reshape(SPLIT_PARTS, -1))
+            out += parts.sum(0, keepdim=True)
+        else:
+            out.index_add_(1, buckets, signed)
 
     def project_params(self, vec: dict[str, torch.Tensor]) -> torch.Tensor:
         """Project a dense parameter-space vector (full-model names) into the same space."""
@@ -115,7 +123,7 @@ class Projector:
         for b, row in zip(self.blocks, rows):
             if b.kind == "linear-weight":
                 s_out, s_in = self.signs[b.param]
-                row = row * s_out[:, None] * s_in[None, :]
+                row = torch.mul(row, s_out[:, None]).mul_(s_in)
             else:
                 row = row * self.signs[b.param][0]
             self.sketch(b, row.reshape(1, -1), out)

@@ -24,6 +24,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,6 +76,22 @@ class LoadedModel:
     def use(self, point: str) -> None:
         """Load a parameter point into the model."""
         self.split.load_state(self.points[point])
+
+    @contextmanager
+    def at(self, point: str) -> Iterator[None]:
+        """The model at a parameter point for the block, without copying it in: the parameters
+        point at the stored tensors meanwhile (so the block must not change them in place, and
+        must run its backward passes inside), and back at their own afterwards."""
+        params = self.split.top_params()
+        own = {name: p.data for name, p in params.items()}
+        stored = self.points[point]
+        try:
+            for name, p in params.items():
+                p.data = stored[name]
+            yield
+        finally:
+            for name, p in params.items():
+                p.data = own[name]
 
     def encode(self, aspect: str, text: str) -> Encoded:
         return encode_pairs(self.tokenizer, [(aspect, text)], self.max_length)[0]

@@ -210,13 +210,12 @@ class Engine:
     def _labels(self, tests: list[TestInput], cache: HiddenCache, step: int) -> torch.Tensor:
         """Gold labels; the prediction at theta where a test input has none (row ``step * q``)."""
         labels = []
-        self.loaded.use("final")
         for q, t in enumerate(tests):
             if t.label is not None:
                 labels.append(self.loaded.labels.index(t.label))
             else:
                 h, m = cache.batch([step * q])
-                with torch.no_grad():
+                with torch.no_grad(), self.loaded.at("final"):
                     labels.append(int(self.loaded.split.top(inputs_embeds=h.to(self.loaded.device), attention_mask=m.to(self.loaded.device)).logits.argmax()))
         return torch.tensor(labels)
 
@@ -227,10 +226,9 @@ class Engine:
         by side), not two gradients subtracted; g(z') uses the whole inputs alone."""
         batch = batch or self._test_caches(tests, masked=kind == "diff")
         rows = [r for q in range(len(tests)) for r in batch.rows(q, kind)]
-        self.loaded.use(point)
         h, m = batch.cache.batch(rows, self.loaded.device)
         weights = loss_weights(batch.labels) if kind == "full" else _span_loss_weights(batch.labels)
-        with GradientCollector(self.loaded.split, self.projector) as col:
+        with self.loaded.at(point), GradientCollector(self.loaded.split, self.projector) as col:
             (g,), _, _ = col.gradients(h, m, [weights], groups=1 if kind == "full" else 2)
         if kind == "diff":  # a mask that changes nothing: e(z') = 0 exactly (the copies cancel only to rounding)
             g[batch.spanless] = 0.0
@@ -240,8 +238,8 @@ class Engine:
     def test_embeddings(self, tests: list[TestInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """CLS embeddings at theta of each test input and of its span-masked version (Q, H) x 2."""
         batch = self._test_caches(tests)
-        self.loaded.use("final")
-        _, cls = predict(self.loaded.split, batch.cache, device=self.loaded.device, with_cls=True)
+        with self.loaded.at("final"):
+            _, cls = predict(self.loaded.split, batch.cache, device=self.loaded.device, with_cls=True)
         return cls[0::2], cls[1::2]
 
     # scores ------------------------------------------------------------------------------
@@ -274,7 +272,6 @@ class Engine:
             weight = self.checkpoint_lrs.get(point, 1.0) if method.weighted else 1.0
             part = weight * self.side.dot(point, method.train, vecs)
             total = part if total is None else total + part
-        self.loaded.use("final")
         if paper_signs and paper_sign(method) < 0:
             total = -total
         approx["paper_signs"] = paper_signs

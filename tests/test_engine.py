@@ -182,6 +182,26 @@ def test_sketch_is_an_unbiased_inner_product(backend):
     assert Projector(split, None).project_params(x).shape[0] == Projector(split, None).params
 
 
+def test_lone_row_sketch_equals_the_batched_sketch(backend, monkeypatch):
+    """A single row's blocks are scattered in parts (to use every thread): same sketch as a batch."""
+    import core.gradients as gradients
+
+    monkeypatch.setattr(gradients, "SPLIT_MIN", 1)  # the tiny model's blocks take the lone-row path too
+    projector = Projector(backend.loaded.split, 32, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    split_blocks = 0
+    for block in projector.blocks:
+        rows = torch.randn(2, block.size, generator=gen)
+        together = torch.zeros(2, projector.dim)
+        projector.sketch(block, rows, together)
+        for r in range(2):
+            alone = torch.zeros(1, projector.dim)
+            projector.sketch(block, rows[r : r + 1], alone)
+            assert torch.allclose(alone[0], together[r], atol=1e-5)
+        split_blocks += block.size % gradients.SPLIT_PARTS == 0
+    assert split_blocks > 0
+
+
 def test_projector_covers_exactly_the_trainable_parameters(backend):
     import dataclasses
 
@@ -207,6 +227,23 @@ def test_empty_span_gives_zero_for_span_methods(backend):
     assert float(whole.abs().max()) > 0
     # zero up to float32 rounding (x - x computed in two rows of one batch)
     assert float(scores.abs().max()) < 1e-6 * float(whole.abs().max())
+
+
+def test_queries_leave_the_model_and_its_points_as_they_were(backend):
+    """Test sides run at other points without copying them in: afterwards the model is back at
+    its own parameters and no stored point has changed, even when the block fails."""
+    loaded = backend.loaded
+    before = loaded.split.state()
+    points = {name: {k: v.clone() for k, v in params.items()} for name, params in loaded.points.items()}
+    query = backend.test_input(backend.instances("test")[0]["id"])
+    for name in ("TracIn", "TracIn++", "IF++"):
+        backend.engine().scores([query], METHODS[name])
+    with pytest.raises(RuntimeError, match="inside"):
+        with loaded.at("checkpoint-1"):
+            assert all(torch.equal(loaded.split.state()[k], v) for k, v in points["checkpoint-1"].items())
+            raise RuntimeError("inside")
+    assert all(torch.equal(loaded.split.state()[k], v) for k, v in before.items())
+    assert all(torch.equal(loaded.points[name][k], v) for name, params in points.items() for k, v in params.items())
 
 
 def test_tracin_equals_captum_tracincp(backend, tmp_path):
