@@ -272,9 +272,7 @@ def _patch_spans(ws: Workspace, index: GradientIndex, overrides: Overrides, load
         masked_cache = HiddenCache.load(masked_path)
         fresh = compute_prefix(loaded.split, _masked_encodings(loaded, [rows[n] for n in where], overrides),
                                loaded.tokenizer.pad_token_id, device=loaded.device, progress=False)
-        for n, state in zip(where, fresh.states):
-            masked_cache.states[n] = state
-        masked_cache.save(masked_path)
+        masked_cache.save_rows(masked_path, dict(zip(where, fresh.states)))  # in place: a redone patch rewrites them
         full_cache = HiddenCache.load(ws.root / "prefix" / "train.safetensors")
         labels = torch.tensor([loaded.labels.index(r["label"]) for r in rows])
         step = settings.batch_size

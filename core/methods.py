@@ -285,32 +285,29 @@ class Engine:
             raise ValueError(f"ihvp must be 'fast' or 'lissa', got {ihvp!r}")
         if train_cache is None:
             raise ValueError("LiSSA needs the training cache (hidden states and labels)")
-        dense = self.dense_test_gradients(tests, method.test, batch)
         out, info = [], []
         for q in range(len(tests)):
             if method.test == "diff" and q in batch.spanless:  # e(z') = 0: so is its inverse
                 out.append(torch.zeros(self.projector.dim))
                 info.append(LissaResult({}, lam=settings.lam, converged=True).describe() | {"trace": [], "skipped": "the span masks no token"})
                 continue
-            res = lissa(self.loaded.split, train_cache[0], train_cache[1], dense[q], settings, device=self.loaded.device)
+            dense = self.dense_test_gradient(batch, q, method.test)
+            res = lissa(self.loaded.split, train_cache[0], train_cache[1], dense, settings, device=self.loaded.device)
             out.append(self.projector.project_params(res.vector))
             info.append(res.describe() | {"trace": res.trace})
         return torch.stack(out).float(), info[0] if len(info) == 1 else {"mode": "lissa", "runs": info}
 
-    def dense_test_gradients(self, tests: list[TestInput], kind: str, batch: TestBatch) -> list[dict[str, torch.Tensor]]:
-        """Unprojected test-side vectors at theta (for LiSSA), one dict per test."""
+    def dense_test_gradient(self, batch: TestBatch, q: int, kind: str) -> dict[str, torch.Tensor]:
+        """Test q's unprojected test-side vector at theta (for LiSSA); leaves the model at theta."""
         self.loaded.use("final")
         params = self.loaded.split.top_params()
-        out = []
-        for q in range(len(tests)):
-            rows = batch.rows(q, kind)
-            h, m = batch.cache.batch(rows, self.loaded.device)
-            losses = torch.nn.functional.cross_entropy(top_forward(self.loaded.split, h, m),
-                                                       batch.labels[[q] * len(rows)].to(self.loaded.device), reduction="none")
-            loss = losses[0] if kind == "full" else losses[0] - losses[1]
-            grads = torch.autograd.grad(loss, list(params.values()))
-            out.append({n: g.detach() for n, g in zip(params, grads)})
-        return out
+        rows = batch.rows(q, kind)
+        h, m = batch.cache.batch(rows, self.loaded.device)
+        losses = torch.nn.functional.cross_entropy(top_forward(self.loaded.split, h, m),
+                                                   batch.labels[[q] * len(rows)].to(self.loaded.device), reduction="none")
+        loss = losses[0] if kind == "full" else losses[0] - losses[1]
+        grads = torch.autograd.grad(loss, list(params.values()))
+        return {n: g.detach() for n, g in zip(params, grads)}
 
 
 def _span_loss_weights(labels: torch.Tensor):

@@ -182,7 +182,9 @@ def test_ral_in_a_run(workspace, tmp_path):
     assert not (tmp_path / "out" / "ral-train").exists()
     assert "Ral -50%" in (tmp_path / "out" / "report.md").read_text()
     again = run_evaluation(backend, settings, tmp_path / "out", **QUIET)  # cached: no retrain
-    assert "ral_seconds" not in again.summary["timings"]
+    assert "ral_seconds" not in again.summary["timings"]["this_run"]  # nothing computed, and it says so
+    assert again.summary["timings"]["computed"] == report.summary["timings"]["computed"]
+    assert report.summary["timings"]["computed"]["ral_seconds"] == report.summary["timings"]["this_run"]["ral_seconds"] > 0
     assert again.ral.accuracy.tolist() == report.ral.accuracy.tolist()
 
 
