@@ -62,6 +62,7 @@ from .workspace import fingerprint, write_json_atomic
 
 ALL_METHODS = (*PAPER_METHODS, "TracIn", "GroundTruth")
 RUN_SEED_STEP = 7919  # test sample of faithfulness run r: seed + r * RUN_SEED_STEP
+FAITH_COLUMNS = ["run", "test_id", "method", "spearman", "seconds"]
 
 PAPER_SOURCE = "Zhang et al. 2021"
 # Zhang et al. 2021, table 3 (200 test instances per data set; x100). No TracIn column; SentiHood uses K=50.
@@ -288,19 +289,6 @@ class _Evaluation:
         if self.ks != sorted(set(settings.ks)):
             self.notes.append(f"K clipped to the {self.n} training instances: {self.ks}")
         self.timings: dict[str, float] = {}  # this run's wall times of the phases it computed
-        self._timings_key = "eval:timings:" + fingerprint(backend.fingerprint, asdict(settings), self.fixes)
-
-    def _timed(self, phase: str, started: float, digits: int = 2) -> None:
-        """Record a phase that computed something: its wall time in this run, and added to the
-        stored total of every run with these settings (what a fully cached re-run reports)."""
-        seconds = round(time.perf_counter() - started, digits)
-        self.timings[phase] = seconds
-        total = self.store.eval_rows(self._timings_key).get(phase, {}).get("seconds", 0.0)
-        self.store.put_eval_row(self._timings_key, phase, {"seconds": round(total + seconds, digits)})
-
-    def computed_timings(self) -> dict[str, float]:
-        """Seconds each phase took, summed over the runs (with these settings) that computed it."""
-        return {phase: row["seconds"] for phase, row in self.store.eval_rows(self._timings_key).items()}
 
     # keys --------------------------------------------------------------------------------
     def _key(self, method: Method, part: str, **extra) -> str:
@@ -389,9 +377,9 @@ class _Evaluation:
                         self.store.put_eval_row(score_keys[m.name], t.id, {"span": _span(t), "scores": _encode(values[q])})
             finished += len(batch)
             self.phases.report("Sag/Lag", finished, len(todo), "tests")
-        self.timings["sag_lag_tests_computed"] = len(todo)
         if todo:
-            self._timed("sag_lag_seconds", started)
+            self.timings["sag_lag_seconds"] = round(time.perf_counter() - started, 2)
+            self.timings["sag_lag_tests_computed"] = len(todo)
 
     # part 2 ------------------------------------------------------------------------------
     def faithfulness_run(self, run: int) -> None:
@@ -422,11 +410,13 @@ class _Evaluation:
             report(steps - len(chunks) + c + 1)
         scores.update({name: np.concatenate(p) for name, p in parts.items()})
         gt = scores["GroundTruth"]
+        elapsed = time.perf_counter() - started
+        share = round(elapsed / (len(need) * len(todo)), 4)  # the run's time, shared by its rows
         for m in need:
             rho = metrics.spearman(scores[m.name], gt)
             for q, t in enumerate(todo):
-                self.store.put_eval_row(keys[m.name], t.id, {"span": _span(t), "spearman": float(rho[q])})
-        self._timed(f"faithfulness_run{run}_seconds", started)
+                self.store.put_eval_row(keys[m.name], t.id, {"span": _span(t), "spearman": float(rho[q]), "seconds": share})
+        self.timings[f"faithfulness_run{run}_seconds"] = round(elapsed, 2)
 
     def _new_variant_scores(self, tests: list[TestInput], methods: list[Method], run: int,
                             batches: list[list[int]], report: Callable[[int], None]) -> dict[str, np.ndarray]:
@@ -512,7 +502,7 @@ class _Evaluation:
         finally:
             loaded.use("final")
         shutil.rmtree(self.out_dir / "ral-train", ignore_errors=True)
-        self._timed("ral_seconds", started, digits=1)
+        self.timings["ral_seconds"] = round(time.perf_counter() - started, 1)
 
     def _ral_key(self, cfg: TrainConfig, removed: np.ndarray) -> str:
         return "eval:ral:" + fingerprint(self.backend.fingerprint, asdict(cfg), removed.tolist())
@@ -552,8 +542,9 @@ class _Evaluation:
                 self.backend, self.settings.test_limit, self.settings.seed + RUN_SEED_STEP * run).ids
             for m in self.computed:
                 rows = self.store.eval_rows(self._main_key(m) if run == 0 else self._faith_key(m, run))
-                records += [{"run": run, "test_id": i, "method": m.name, "spearman": rows[i]["spearman"]} for i in ids]
-        return pd.DataFrame(records, columns=["run", "test_id", "method", "spearman"])
+                records += [{"run": run, "test_id": i, "method": m.name, "spearman": rows[i]["spearman"],
+                             "seconds": rows[i].get("seconds")} for i in ids]
+        return pd.DataFrame(records, columns=FAITH_COLUMNS)
 
 
 def run_evaluation(backend, settings: EvalSettings = EvalSettings(), out_dir: str | Path = "evaluation", *,
@@ -577,7 +568,7 @@ def run_evaluation(backend, settings: EvalSettings = EvalSettings(), out_dir: st
         ev.faithfulness_run(run)
     ral = ev.ral(tests) if settings.ral else pd.DataFrame()
     per_test, per_test_curves, baselines = ev.collect(tests)
-    faith = ev.faithfulness_table(selection.ids) if ev.faith else pd.DataFrame(columns=["run", "test_id", "method", "spearman"])
+    faith = ev.faithfulness_table(selection.ids) if ev.faith else pd.DataFrame(columns=FAITH_COLUMNS)
     ev.timings["total_seconds"] = round(time.perf_counter() - started, 1)
     report = _build_report(ev, selection, per_test, per_test_curves, baselines, faith, ral)
     write_report(report)
@@ -629,6 +620,21 @@ def _curves(ev: _Evaluation, per_test_curves: pd.DataFrame, baselines: dict) -> 
     return pd.DataFrame(records)
 
 
+def _computed_seconds(per_test: pd.DataFrame, faith: pd.DataFrame, ral: pd.DataFrame) -> dict[str, float | None]:
+    """Seconds spent computing the results in this report, from the rows that hold them (by
+    whichever runs computed them); None where some rows predate the record."""
+    def total(values: pd.Series) -> float | None:
+        return None if values.isna().any() else round(float(values.sum()), 1)
+
+    out = {"sag_lag_scoring_seconds": total(per_test.seconds)}
+    later = faith[faith.run > 0]
+    if len(later):
+        out["faithfulness_seconds"] = total(later.seconds)
+    if len(ral):
+        out["ral_retrain_seconds"] = total(ral.seconds)
+    return out
+
+
 def _build_report(ev, selection, per_test, per_test_curves, baselines, faith, ral) -> EvalReport:
     backend, s = ev.backend, ev.settings
     dataset = DATASETS.get(str(backend.manifest.settings.get("dataset", "")).lower(), "")
@@ -648,7 +654,7 @@ def _build_report(ev, selection, per_test, per_test_curves, baselines, faith, ra
                             for m, b in baselines.items()},
         "paper": {"source": PAPER_SOURCE, "table3": PAPER_TABLE3.get(dataset, {}),
                   "table4": PAPER_TABLE4 if dataset == "MAMS" else {}},
-        "timings": {"this_run": ev.timings, "computed": ev.computed_timings(),
+        "timings": {"this_run": ev.timings, "computed": _computed_seconds(per_test, faith, ral),
                     "seconds_per_test": {m: round(float(v), 4) for m, v in seconds.items()}},
         "notes": ev.notes,
     }
@@ -815,8 +821,9 @@ def report_markdown(report: EvalReport) -> str:
                 "every run has the same tests). With `--ihvp lissa`, run r uses LiSSA seed + r. GroundTruth against "
                 "itself is 1 (100) by construction.", ""]
     t = report.summary["timings"]
-    out += ["## Timings", "", "Seconds. `this_run`: the phases this run computed (a fully cached re-run computes "
-            "none); `computed`: each phase summed over every run with these settings that computed part of it; "
+    out += ["## Timings", "", "Seconds. `this_run`: this run's total and the phases it computed (a fully cached "
+            "re-run computes none); `computed`: what the results in this report cost to compute, summed from "
+            "their stored rows whichever run computed them (null where rows predate that record); "
             "`seconds_per_test`: scoring time per test instance, by method.", "",
             "```", json.dumps(t, indent=1), "```", ""]
     if report.summary["notes"]:

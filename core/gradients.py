@@ -49,7 +49,7 @@ class Block:
 
 
 CHUNK_ELEMENTS = 1_200_000  # per-example weight gradients formed at once (about 5 MB: cache-sized)
-SPLIT_PARTS, SPLIT_MIN = 4, 65_536  # a lone row's large blocks are scattered in this many parts
+SPLIT_PARTS, SPLIT_MIN = 4, 65_536  # a one-row scatter of a large block goes in this many parts
 _KINDS = {nn.Linear: ("linear-weight", "linear-bias"), nn.LayerNorm: ("ln-weight", "ln-bias")}
 
 
@@ -107,7 +107,7 @@ class Projector:
         """Add the sketch of one block's signed rows (B, size) into ``out`` (B, dim)."""
         buckets = self.buckets[block.param]
         if signed.shape[0] == 1 and not signed.is_cuda and block.size >= SPLIT_MIN and block.size % SPLIT_PARTS == 0:
-            # One row scatters on one thread; as SPLIT_PARTS rows of its parts it uses them all.
+            # index_add_ scatters one row on one thread; as SPLIT_PARTS rows of its parts it uses them all
             parts = signed.new_zeros(SPLIT_PARTS, self.dim)
             parts.scatter_add_(1, buckets.view(SPLIT_PARTS, -1), signed.reshape(SPLIT_PARTS, -1))
             out += parts.sum(0, keepdim=True)

@@ -25,7 +25,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,26 +72,44 @@ class LoadedModel:
     points: dict[str, dict[str, torch.Tensor]]
     device: torch.device
     max_length: int
+    _at: str | None = field(default=None, init=False, repr=False)  # the point of the open `at` body
 
     def use(self, point: str) -> None:
-        """Load a parameter point into the model."""
+        """Load a parameter point into the model (a copy into its own tensors)."""
+        if self._at is not None:
+            raise RuntimeError(f"use({point!r}) inside at({self._at!r}) would write into that stored point")
         self.split.load_state(self.points[point])
 
     @contextmanager
     def at(self, point: str) -> Iterator[None]:
-        """The model at a parameter point for the block, without copying it in: the parameters
-        point at the stored tensors meanwhile (so the block must not change them in place, and
-        must run its backward passes inside), and back at their own afterwards."""
+        """The model at a parameter point for the with-statement body, without copying it in.
+
+        Meanwhile the trainable parameters are the stored tensors themselves, so the body must
+        run its backward passes inside and must not change the parameters: ``use`` raises, and an
+        in-place change is reported on the way out. Afterwards they are the model's own again."""
+        if self._at is not None:
+            raise RuntimeError(f"at({point!r}) inside at({self._at!r}): one point at a time")
         params = self.split.top_params()
-        own = {name: p.data for name, p in params.items()}
         stored = self.points[point]
+        for name, p in params.items():
+            t = stored[name]
+            if (t.shape, t.dtype, t.device) != (p.shape, p.dtype, p.device):
+                raise ValueError(f"point {point!r}: {name} is {tuple(t.shape)} {t.dtype} on {t.device}, "
+                                 f"the model's is {tuple(p.shape)} {p.dtype} on {p.device}")
+        own = {name: p.data for name, p in params.items()}
+        versions = {name: p._version for name, p in params.items()}
+        self._at = point
         try:
             for name, p in params.items():
                 p.data = stored[name]
             yield
         finally:
+            changed = [name for name, p in params.items() if p._version != versions[name]]
             for name, p in params.items():
                 p.data = own[name]
+            self._at = None
+        if changed:
+            raise RuntimeError(f"stored point {point!r} was changed in place inside at(): {changed[:3]}")
 
     def encode(self, aspect: str, text: str) -> Encoded:
         return encode_pairs(self.tokenizer, [(aspect, text)], self.max_length)[0]
@@ -272,7 +290,9 @@ def _patch_spans(ws: Workspace, index: GradientIndex, overrides: Overrides, load
         masked_cache = HiddenCache.load(masked_path)
         fresh = compute_prefix(loaded.split, _masked_encodings(loaded, [rows[n] for n in where], overrides),
                                loaded.tokenizer.pad_token_id, device=loaded.device, progress=False)
-        masked_cache.save_rows(masked_path, dict(zip(where, fresh.states)))  # in place: a redone patch rewrites them
+        for n, state in zip(where, fresh.states):
+            masked_cache.states[n] = state
+        masked_cache.save(masked_path)  # a new file: readers (a running evaluation) keep theirs
         full_cache = HiddenCache.load(ws.root / "prefix" / "train.safetensors")
         labels = torch.tensor([loaded.labels.index(r["label"]) for r in rows])
         step = settings.batch_size

@@ -286,6 +286,7 @@ class Engine:
         if train_cache is None:
             raise ValueError("LiSSA needs the training cache (hidden states and labels)")
         out, info = [], []
+        self.loaded.use("final")  # LiSSA's Hessian-vector products run on the model itself, at theta
         for q in range(len(tests)):
             if method.test == "diff" and q in batch.spanless:  # e(z') = 0: so is its inverse
                 out.append(torch.zeros(self.projector.dim))
@@ -298,8 +299,7 @@ class Engine:
         return torch.stack(out).float(), info[0] if len(info) == 1 else {"mode": "lissa", "runs": info}
 
     def dense_test_gradient(self, batch: TestBatch, q: int, kind: str) -> dict[str, torch.Tensor]:
-        """Test q's unprojected test-side vector at theta (for LiSSA); leaves the model at theta."""
-        self.loaded.use("final")
+        """Test q's unprojected test-side vector (for LiSSA) with the model as it is (at theta)."""
         params = self.loaded.split.top_params()
         rows = batch.rows(q, kind)
         h, m = batch.cache.batch(rows, self.loaded.device)

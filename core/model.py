@@ -10,14 +10,10 @@ base model has ``embeddings`` and ``encoder.layer`` (BERT, RoBERTa, DeBERTa, ELE
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import random
-import struct
 import time
 from collections.abc import Sequence
-from itertools import accumulate
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -318,26 +314,6 @@ class HiddenCache:
         tmp = path.with_suffix(".tmp")
         save_file({"flat": flat.contiguous(), "lengths": lengths}, str(tmp))
         tmp.replace(path)
-
-    def save_rows(self, path: Path, rows: dict[int, torch.Tensor]) -> None:
-        """Replace some rows, here and in place in ``path`` (this cache as :meth:`save` wrote it):
-        only their bytes are written. A row keeps its length (a masked span keeps its tokens)."""
-        with open(path, "r+b") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            flat = json.loads(f.read(size))["flat"]
-            starts = [0, *accumulate(self.lengths())]
-            width = int(flat["shape"][1])
-            if flat["dtype"] != "F32" or int(flat["shape"][0]) != starts[-1]:
-                raise ValueError(f"{path} does not hold this cache's float32 states")
-            for i, state in rows.items():  # all checked before any is written
-                if tuple(state.shape) != tuple(self.states[i].shape):
-                    raise ValueError(f"row {i}: shape {tuple(state.shape)} differs from {tuple(self.states[i].shape)}")
-            for i, state in sorted(rows.items()):
-                f.seek(8 + size + flat["data_offsets"][0] + starts[i] * width * 4)
-                f.write(state.float().contiguous().numpy().tobytes())
-                self.states[i] = state
-            f.flush()
-            os.fsync(f.fileno())
 
     @classmethod
     def load(cls, path: Path) -> "HiddenCache":

@@ -231,19 +231,31 @@ def test_empty_span_gives_zero_for_span_methods(backend):
 
 def test_queries_leave_the_model_and_its_points_as_they_were(backend):
     """Test sides run at other points without copying them in: afterwards the model is back at
-    its own parameters and no stored point has changed, even when the block fails."""
+    its own parameters and no stored point has changed, even when the body fails; a body that
+    would write into a stored point is stopped or reported."""
     loaded = backend.loaded
+    loaded.use("checkpoint-2")  # not theta, so a query that loaded theta and left it shows
     before = loaded.split.state()
     points = {name: {k: v.clone() for k, v in params.items()} for name, params in loaded.points.items()}
+    unchanged = lambda: all(torch.equal(loaded.split.state()[k], v) for k, v in before.items())  # noqa: E731
     query = backend.test_input(backend.instances("test")[0]["id"])
-    for name in ("TracIn", "TracIn++", "IF++"):
+    for name in ("TracIn", "TracIn++", "IF++", "GroundTruth"):
         backend.engine().scores([query], METHODS[name])
-    with pytest.raises(RuntimeError, match="inside"):
+        assert unchanged(), name
+    with pytest.raises(RuntimeError, match="body"):
         with loaded.at("checkpoint-1"):
             assert all(torch.equal(loaded.split.state()[k], v) for k, v in points["checkpoint-1"].items())
-            raise RuntimeError("inside")
-    assert all(torch.equal(loaded.split.state()[k], v) for k, v in before.items())
+            raise RuntimeError("body")
+    with pytest.raises(RuntimeError, match="would write into that stored point"):
+        with loaded.at("checkpoint-1"):
+            loaded.use("final")
+    assert unchanged()
     assert all(torch.equal(loaded.points[name][k], v) for name, params in points.items() for k, v in params.items())
+    with pytest.raises(RuntimeError, match="changed in place"):
+        with loaded.at("checkpoint-1"), torch.no_grad():
+            next(iter(loaded.split.top_params().values())).mul_(1.0)  # same values, but written
+    assert unchanged()
+    loaded.use("final")
 
 
 def test_tracin_equals_captum_tracincp(backend, tmp_path):

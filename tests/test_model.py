@@ -170,23 +170,3 @@ def test_hidden_cache_round_trip(backbones, tmp_path):
     again = HiddenCache.load(tmp_path / "c.safetensors")
     assert again.lengths() == cache.lengths()
     assert all(torch.equal(a, b) for a, b in zip(cache.states, again.states))
-
-
-def test_hidden_cache_rows_are_replaced_in_place(tmp_path):
-    gen = torch.Generator().manual_seed(0)
-    cache = HiddenCache([torch.randn(n, 4, generator=gen) for n in (3, 1, 5, 2)])
-    path = tmp_path / "c.safetensors"
-    cache.save(path)
-    size = path.stat().st_size
-    new = {2: torch.randn(5, 4, generator=gen), 0: torch.randn(3, 4, generator=gen)}
-    cache.save_rows(path, new)
-    again = HiddenCache.load(path)
-    assert path.stat().st_size == size
-    assert [torch.equal(a, b) for a, b in zip(again.states, cache.states)] == [True] * 4
-    assert torch.equal(again.states[2], new[2]) and torch.equal(again.states[0], new[0])
-    before = path.read_bytes()
-    with pytest.raises(ValueError, match="row 1: shape"):
-        cache.save_rows(path, {3: torch.zeros(2, 4), 1: torch.zeros(2, 4)})  # row 1 has one token
-    assert path.read_bytes() == before  # nothing written
-    with pytest.raises(ValueError, match="does not hold"):
-        HiddenCache(cache.states[:3]).save_rows(path, {0: torch.zeros(3, 4)})
