@@ -463,18 +463,21 @@ class _Evaluation:
             jobs += [(m.name, None, p, metrics.top_removal(ranking, p)) for p in s.ral]
         for p in s.ral:
             jobs += [("random", r, p, metrics.random_removal(self.n, p, s.seed + r)) for r in range(s.ral_random_seeds)]
-        todo = [removed for *_, removed in jobs if not self.store.eval_rows(self._ral_key(cfg, removed))]
+        keys = [self._ral_key(cfg, removed) for *_, removed in jobs]
+        unique = {key: removed for key, (*_, removed) in zip(keys, jobs)}  # equal sets share one retrain
+        todo = [removed for key, removed in unique.items() if not self.store.eval_rows(key)]
         if todo:
             self._retrain(cfg, todo)
         test_cache, test_labels = self._split_cache("test")
         loaded = self.backend.loaded
         theta_acc = accuracy(predict(loaded.split, test_cache, device=loaded.device), test_labels)
-        results = [self.store.eval_rows(self._ral_key(cfg, removed))["result"] for *_, removed in jobs]
+        results = [self.store.eval_rows(key)["result"] for key in keys]
         base = results[0]["accuracy"]
         return pd.DataFrame([
             {"method": name, "draw": draw, "percent": p, "removed": r["removed"], "accuracy": r["accuracy"],
-             "baseline_accuracy": base, "theta_accuracy": theta_acc, "ral": base - r["accuracy"], "seconds": r["seconds"]}
-            for (name, draw, p, _), r in zip(jobs, results)
+             "baseline_accuracy": base, "theta_accuracy": theta_acc, "ral": base - r["accuracy"], "seconds": r["seconds"],
+             "retrain": key.split(":")[-1][:12]}
+            for (name, draw, p, _), r, key in zip(jobs, results, keys)
         ])
 
     def _retrain(self, cfg: TrainConfig, removals: list[np.ndarray]) -> None:
@@ -631,7 +634,7 @@ def _computed_seconds(per_test: pd.DataFrame, faith: pd.DataFrame, ral: pd.DataF
     if len(later):
         out["faithfulness_seconds"] = total(later.seconds)
     if len(ral):
-        out["ral_retrain_seconds"] = total(ral.seconds)
+        out["ral_retrain_seconds"] = total(ral.drop_duplicates("retrain").seconds)  # rows may share a retrain
     return out
 
 

@@ -193,6 +193,20 @@ def test_ral_in_a_run(workspace, tmp_path):
     assert again.ral.accuracy.tolist() == report.ral.accuracy.tolist()
 
 
+def test_equal_removals_share_one_retrain(workspace, tmp_path, monkeypatch):
+    """Two methods that remove the same training instances cost one retrain, counted once."""
+    backend = Backend(workspace, device="cpu", index_settings=EXACT)
+    monkeypatch.setattr(metrics, "combined_ranking", lambda scores: np.arange(scores.shape[1]))  # one ranking for all
+    settings = EvalSettings(methods=("TracIn++", "TracIn"), ks=(5,), kmax=5, test_limit=4, ral=(50,), faithfulness_runs=0)
+    events: list[tuple[str, float]] = []
+    report = run_evaluation(backend, settings, tmp_path / "out", **QUIET, on_progress=lambda *e: events.append(e))
+    assert events[-1][0] == "Ral retrains: 3/3 retrains"  # unchanged, the shared removal, random
+    ral = report.ral.set_index("method")
+    assert ral.loc["TracIn++", "retrain"] == ral.loc["TracIn", "retrain"] != ral.loc["random", "retrain"]
+    assert ral.loc["TracIn++", "accuracy"] == ral.loc["TracIn", "accuracy"]
+    assert report.summary["timings"]["computed"]["ral_retrain_seconds"] == round(float(report.ral.seconds.sum() - ral.loc["TracIn", "seconds"]), 1)
+
+
 def test_cli_writes_report(workspace, tmp_path, capsys, monkeypatch):
     out = tmp_path / "report"
     monkeypatch.setattr("core.__main__._index_settings", lambda args: EXACT)  # the index as built: no rebuild
