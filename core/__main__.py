@@ -115,7 +115,13 @@ def cmd_explain(args) -> int:
     from .backend import Backend
     from .ihvp import LissaSettings
 
+    from .evaluate import parse_list
+    from .methods import resolve_method
+
     damping = _damping(args)  # a bad value fails before anything loads
+    methods = [resolve_method(m).name for value in args.method for m in parse_list(value)]  # and so does a bad method
+    if not methods:
+        raise SystemExit("--method needs a method name")
     backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
     if args.test_text is not None:
         if not args.aspect:
@@ -127,7 +133,7 @@ def cmd_explain(args) -> int:
         raise SystemExit("give --test-id ID, or --test-text TEXT --aspect ASPECT")
     lissa = LissaSettings(depth=args.lissa_depth)
     out = []
-    for method in args.method:
+    for method in methods:
         exp = backend.explain(test, method, k=args.k, exact=args.exact, ihvp=args.ihvp, damping=damping,
                               paper_signs=args.paper_signs, lissa=lissa)
         out.append(exp)
@@ -174,7 +180,8 @@ def _explain_parser(sub) -> None:
     p.add_argument("--test-text", help="a new review to explain (with --aspect)")
     p.add_argument("--aspect")
     p.add_argument("--method", action="append", required=True,
-                   help="IF, IF+, IF++, TracIn, TracInF, TracIn+, TracIn++, GroundTruth, Control (repeatable)")
+                   help="IF, IF+, IF++, TracIn, TracInF, TracIn+, TracIn++, GroundTruth, Control "
+                        "(repeatable, or comma-separated)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--opponents", action="store_true", help="also list the most negative scores")
     p.add_argument("--exact", action="store_true", help="exact gradients, no projection (slow; small workspaces)")

@@ -562,3 +562,23 @@ def test_interrupted_span_patch_is_redone(tiny_workspace, tmp_path, monkeypatch)
     assert "patching" not in index.meta and index.meta["overrides"] == {row["id"]: [0, 5]}
     changed = (index.matrix("final", "diff") - reference).abs().sum(1) > 0
     assert changed.tolist() == [n == 1 for n in range(len(reference))]
+
+
+def test_cli_explains_several_methods(tiny_workspace, tmp_path, capsys, monkeypatch):
+    """`explain --method` takes repeated and comma-separated names; a bad name fails before any work."""
+    import shutil
+
+    from core.__main__ import main
+
+    root = tmp_path / "ws"
+    shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("store.sqlite*"))
+    monkeypatch.setattr("core.__main__._index_settings", lambda args: EXACT)  # the index as built
+    test_id = Backend(root, device="cpu", index_settings=EXACT).instances("test")[1]["id"]
+    base = ["explain", "--workspace", str(root), "--test-id", test_id, "--device", "cpu", "--k", "3"]
+    assert main([*base, "--method", "TracIn++, IF++", "--method", "gt", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [e["method"] for e in out] == ["TracIn++", "IF++", "GroundTruth"]
+    assert all(len(e["top"]) == 3 and all(h["text"] for h in e["top"]) for e in out)
+    monkeypatch.setattr(Backend, "__init__", lambda *a, **k: pytest.fail("loaded the workspace for a bad method"))
+    assert main([*base, "--method", "TracIn++,nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
