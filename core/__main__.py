@@ -43,15 +43,31 @@ def _prepare_parser(sub) -> None:
 
 
 def _index_options(p) -> None:
-    p.add_argument("--proj-dim", type=int, default=4096,
-                   help="dimension d of the gradient sketch (CountSketch); 0 = exact gradients (small data only)")
-    p.add_argument("--proj-seed", type=int, default=0)
+    p.add_argument("--proj-dim", type=int,
+                   help="dimension d of the gradient sketch (CountSketch); 0 = exact gradients (small data only); "
+                        "default: as the workspace's index was built, else 4096")
+    p.add_argument("--proj-seed", type=int, help="seed of the sketch (default: as built, else 0)")
 
 
-def _index_settings(args):
-    from .index import IndexSettings
+def _index_settings(args, *, rebuild: bool = False):
+    """The index settings of a command: the workspace's index's (or the default) unless --proj-dim or
+    --proj-seed say otherwise. Only ``prepare`` and ``index`` (``rebuild``) may rebuild an index
+    with other settings; the other commands stop rather than rebuild it on the way."""
+    from dataclasses import replace
 
-    return IndexSettings(dim=args.proj_dim or None, seed=args.proj_seed)
+    from .explore import index_settings_of
+
+    root = Path(args.workspace)
+    current = index_settings_of(root)
+    wanted = replace(current, dim=current.dim if args.proj_dim is None else (args.proj_dim or None),
+                     seed=current.seed if args.proj_seed is None else args.proj_seed)
+    if not rebuild and (root / "index" / "meta.json").exists() and (wanted.dim, wanted.seed) != (current.dim, current.seed):
+        raise ValueError(
+            f"{root}: its index is built with d = {current.dim or 'exact'}, seed {current.seed}; drop --proj-dim/"
+            f"--proj-seed to use it, or rebuild it first (as long as the first build): python -m core index "
+            f"--workspace {root} --proj-dim {args.proj_dim if args.proj_dim is not None else current.dim or 0} "
+            f"--proj-seed {wanted.seed}")
+    return wanted
 
 
 def cmd_prepare(args) -> int:
@@ -68,7 +84,7 @@ def cmd_prepare(args) -> int:
     )
     manifest = prepare(settings, args.workspace)
     if not args.no_index:
-        index_workspace(Workspace(args.workspace), _index_settings(args), device=args.device)
+        index_workspace(Workspace(args.workspace), _index_settings(args, rebuild=True), device=args.device)
         manifest = Workspace(args.workspace).manifest()
     _summary(manifest)
     return 0
@@ -95,7 +111,7 @@ def cmd_index(args) -> int:
     from .backend import index_workspace
     from .workspace import Workspace
 
-    index = index_workspace(Workspace(args.workspace), _index_settings(args), device=args.device)
+    index = index_workspace(Workspace(args.workspace), _index_settings(args, rebuild=True), device=args.device)
     print(json.dumps({k: index.meta[k] for k in ("dim", "seconds", "examples_per_second", "projection")}, indent=2))
     return 0
 
@@ -118,20 +134,20 @@ def cmd_explain(args) -> int:
     from .evaluate import parse_list
     from .methods import resolve_method
 
-    damping = _damping(args)  # a bad value fails before anything loads
-    methods = [resolve_method(m).name for value in args.method for m in parse_list(value)]  # and so does a bad method
+    # every option is checked before anything loads
+    damping = _damping(args)
+    methods = [resolve_method(m).name for value in args.method for m in parse_list(value)]
     if not methods:
-        raise SystemExit("--method needs a method name")
-    backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
-    if args.test_text is not None:
-        if not args.aspect:
-            raise SystemExit("--test-text needs --aspect")
-        test = backend.new_input(args.test_text, args.aspect)
-    elif args.test_id:
-        test = backend.test_input(args.test_id)
-    else:
-        raise SystemExit("give --test-id ID, or --test-text TEXT --aspect ASPECT")
+        raise ValueError("--method needs a method name")
+    if args.k < 1:
+        raise ValueError(f"--k must be at least 1, got {args.k}")
+    if (args.test_text is None) == (args.test_id is None):
+        raise ValueError("give either --test-id ID or --test-text TEXT --aspect ASPECT")
+    if args.test_text is not None and not args.aspect:
+        raise ValueError("--test-text needs --aspect")
     lissa = LissaSettings(depth=args.lissa_depth)
+    backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
+    test = backend.new_input(args.test_text, args.aspect) if args.test_text is not None else backend.test_input(args.test_id)
     out = []
     for method in methods:
         exp = backend.explain(test, method, k=args.k, exact=args.exact, ihvp=args.ihvp, damping=damping,
@@ -160,7 +176,14 @@ def _json_view(backend, exp, opponents: bool) -> dict:
 def _print_table(backend, test, exp, opponents: bool) -> None:
     span = test.text[test.span[0]:test.span[1]] if test.span else "-"
     print(f"\n{exp.method}  test {test.id or '(new review)'}  aspect {test.aspect!r}  span {span!r}")
-    print(f"  {json.dumps({k: v for k, v in exp.approx.items() if k != 'ihvp' or 'trace' not in v})}")
+    approx = dict(exp.approx)
+    ihvp = approx.get("ihvp")
+    if isinstance(ihvp, dict):
+        approx["ihvp"] = {k: v for k, v in ihvp.items() if k != "trace"}  # the trace: in --json
+    print(f"  {json.dumps(approx)}")
+    if isinstance(ihvp, dict) and ihvp.get("mode") == "lissa" and (ihvp.get("diverged") or not ihvp.get("converged")):
+        state = "diverged" if ihvp.get("diverged") else f"did not converge in {ihvp.get('steps')} steps (raise --lissa-depth)"
+        print(f"  warning: LiSSA {state}; these scores are not reliable")
     for title, hits in (("proponents", exp.top), ("opponents", exp.opponents if opponents else [])):
         if not hits:
             continue
@@ -182,15 +205,15 @@ def _explain_parser(sub) -> None:
     p.add_argument("--method", action="append", required=True,
                    help="IF, IF+, IF++, TracIn, TracInF, TracIn+, TracIn++, GroundTruth, Control "
                         "(repeatable, or comma-separated)")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=int, default=10, help="training instances listed per method (default 10)")
     p.add_argument("--opponents", action="store_true", help="also list the most negative scores")
     p.add_argument("--exact", action="store_true", help="exact gradients, no projection (slow; small workspaces)")
     p.add_argument("--ihvp", choices=["fast", "lissa"], default="fast", help="inverse Hessian for the IF family")
     _damping_option(p)
-    p.add_argument("--lissa-depth", type=int, default=1000)
+    p.add_argument("--lissa-depth", type=int, default=1000, help="LiSSA's most steps (default 1000, the paper's)")
     p.add_argument("--paper-signs", action="store_true", help="the paper's literal signs: IF with Eq. 1's minus, g(z'_-kl) - g(z') on the test side of IF++/TracIn++ (their opponents then rank first)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--device")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     _index_options(p)
 
 
@@ -287,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except (DataError, FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # no repr quotes
+        print(f"error: {message}", file=sys.stderr)
         return 2
 
 

@@ -40,6 +40,12 @@ class LissaSettings:
     patience: int = 20
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.depth < 1 or self.batch_size < 1:
+            raise ValueError(f"LiSSA depth and batch size must be at least 1, got {self.depth} and {self.batch_size}")
+        if self.scale <= 0:
+            raise ValueError(f"LiSSA's scale must be positive, got {self.scale}")
+
     @property
     def lam(self) -> float:
         return (1.0 - self.damping) / self.scale
@@ -59,7 +65,7 @@ class LissaResult:
 
     def describe(self) -> dict:
         return {"mode": "lissa", "steps": self.steps, "converged": self.converged, "diverged": self.diverged,
-                "clipped_steps": self.clipped_steps, "lambda": self.lam, "final_norm": self.trace[-1] if self.trace else None}
+                "clipped_steps": self.clipped_steps, "lambda": float(f"{self.lam:.12g}"), "final_norm": self.trace[-1] if self.trace else None}
 
 
 def hvp(split: SplitModel, h_states: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
@@ -151,4 +157,4 @@ class DampedInverse:
         return out.to(vecs.dtype)
 
     def describe(self) -> dict:
-        return {"mode": "fast", "lambda": self.lam, "dim": self._factor.shape[0]}
+        return {"mode": "fast", "lambda": float(f"{self.lam:.12g}"), "dim": self._factor.shape[0]}

@@ -130,7 +130,7 @@ class TrainingSide:
     def _exact_gram(self, limit: int = 20_000) -> torch.Tensor:
         d = self.projector.dim
         if d > limit:
-            raise ValueError(f"an exact inverse over {d} parameters is out of reach; use ihvp='lissa'")
+            raise ValueError(f"an exact inverse over {d} parameters is out of reach; use the LiSSA inverse (--ihvp lissa)")
         gram = torch.zeros(d, d, dtype=torch.float64)
         batches = length_batches(self.full.lengths(), self.batch_size)
         for batch in training_gradients(self.loaded, self.projector, self.full, self.masked, self.labels, "final",

@@ -565,20 +565,26 @@ def test_interrupted_span_patch_is_redone(tiny_workspace, tmp_path, monkeypatch)
 
 
 def test_cli_explains_several_methods(tiny_workspace, tmp_path, capsys, monkeypatch):
-    """`explain --method` takes repeated and comma-separated names; a bad name fails before any work."""
+    """`explain --method` takes repeated and comma-separated names; bad options fail before any
+    work, and so does a sketch other than the index's (it would rebuild the index on the way)."""
     import shutil
 
     from core.__main__ import main
 
     root = tmp_path / "ws"
     shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("store.sqlite*"))
-    monkeypatch.setattr("core.__main__._index_settings", lambda args: EXACT)  # the index as built
     test_id = Backend(root, device="cpu", index_settings=EXACT).instances("test")[1]["id"]
     base = ["explain", "--workspace", str(root), "--test-id", test_id, "--device", "cpu", "--k", "3"]
-    assert main([*base, "--method", "TracIn++, IF++", "--method", "gt", "--json"]) == 0
+    assert main([*base, "--method", "TracIn++, IF++", "--method", "gt", "--json"]) == 0  # the index as built: exact
     out = json.loads(capsys.readouterr().out)
     assert [e["method"] for e in out] == ["TracIn++", "IF++", "GroundTruth"]
     assert all(len(e["top"]) == 3 and all(h["text"] for h in e["top"]) for e in out)
-    monkeypatch.setattr(Backend, "__init__", lambda *a, **k: pytest.fail("loaded the workspace for a bad method"))
-    assert main([*base, "--method", "TracIn++,nope"]) == 2
-    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert all(e["approx"]["projection"]["exact"] for e in out)
+    monkeypatch.setattr(Backend, "__init__", lambda *a, **k: pytest.fail("loaded the workspace despite a bad option"))
+    for extra, message in ((["--method", "TracIn++,nope"], "unknown method 'nope'"),
+                           (["--method", "IF", "--proj-dim", "64"], "its index is built with d = exact"),
+                           (["--method", "IF", "--k", "0"], "--k must be at least 1"),
+                           (["--method", "IF", "--test-text", "x", "--aspect", "y"], "give either --test-id"),
+                           (["--method", "IF++", "--ihvp", "lissa", "--lissa-depth", "0"], "depth and batch size")):
+        assert main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err

@@ -207,9 +207,8 @@ def test_equal_removals_share_one_retrain(workspace, tmp_path, monkeypatch):
     assert report.summary["timings"]["computed"]["ral_retrain_seconds"] == round(float(report.ral.seconds.sum() - ral.loc["TracIn", "seconds"]), 1)
 
 
-def test_cli_writes_report(workspace, tmp_path, capsys, monkeypatch):
+def test_cli_writes_report(workspace, tmp_path, capsys):
     out = tmp_path / "report"
-    monkeypatch.setattr("core.__main__._index_settings", lambda args: EXACT)  # the index as built: no rebuild
     rc = main(["evaluate", "--workspace", str(workspace), "--methods", "TracIn++,TracIn", "--k", "5,10", "--kmax", "12",
                "--test-limit", "6", "--out", str(out), "--ral", "none", "--faithfulness-runs", "1", "--quiet",
                "--device", "cpu"])
