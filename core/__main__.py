@@ -153,9 +153,15 @@ def cmd_explain(args) -> int:
         exp = backend.explain(test, method, k=args.k, exact=args.exact, ihvp=args.ihvp, damping=damping,
                               paper_signs=args.paper_signs, lissa=lissa)
         out.append(exp)
+    profile = backend.profile(test)
+    view = {"id": test.id, "aspect": test.aspect, "text": test.text, "span": test.span, "gold": test.label,
+            "predicted": profile["label"], "probability": max(profile["probs"])}
     if args.json:
-        print(json.dumps([_json_view(backend, e, args.opponents) for e in out], indent=2, ensure_ascii=False))
+        print(json.dumps([{"test": view, **_json_view(backend, e, args.opponents)} for e in out], indent=2,
+                         ensure_ascii=False))
         return 0
+    print(f"test {test.id or '(new review)'}: gold {test.label or '-'}, predicted {view['predicted']} "
+          f"(p = {view['probability']:.2f})")
     for exp in out:
         _print_table(backend, test, exp, args.opponents)
     return 0

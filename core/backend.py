@@ -46,11 +46,18 @@ def index_workspace(ws: Workspace, settings: IndexSettings, *, device: str | Non
     """Build (or bring up to date) the workspace's index with its corrected training spans, and
     record its size and timing in the manifest."""
     index = build_index(ws, settings, device=device, progress=progress, log=log, overrides=training_span_fixes(ws))
-    manifest = ws.manifest()
-    manifest.results["index"] = {"dim": index.meta["dim"], "seconds": index.meta["seconds"], "bytes": index.size_bytes(),
-                                 "examples_per_second": index.meta["examples_per_second"]}
-    ws.save_manifest(manifest)
+    record_index(ws, index)
     return index
+
+
+def record_index(ws: Workspace, index: GradientIndex) -> None:
+    """Record the index's size and timing in the workspace's manifest (written only on a change)."""
+    record = {"dim": index.meta["dim"], "seconds": index.meta["seconds"], "bytes": index.size_bytes(),
+              "examples_per_second": index.meta["examples_per_second"]}
+    manifest = ws.manifest()
+    if manifest.results.get("index") != record:
+        manifest.results["index"] = record
+        ws.save_manifest(manifest)
 
 
 class Backend:
@@ -82,6 +89,7 @@ class Backend:
         if current is None or not current.spans_match(fixes):
             current = build_index(self.ws, self.index_settings, loaded=self.loaded, progress=False,
                                   log=lambda _: None, overrides=fixes)
+            record_index(self.ws, current)  # it may have been (re)built here
             self.__dict__["_index"] = current
             for stale in ("_engine", "_exact_engine"):  # they hold the previous rows
                 self.__dict__.pop(stale, None)

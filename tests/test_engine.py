@@ -143,6 +143,7 @@ def test_projected_index_matches_projected_brute_force(tiny_workspace, tmp_path)
     backend = Backend(root, device="cpu", index_settings=IndexSettings(dim=64, batch_size=8))
     index = backend.index
     assert index.meta["projection"]["sketch"] == "countsketch" and index.meta["dim"] == 64 and index.meta["dim"] < backend._exact_engine.projector.dim
+    assert Workspace(root).manifest().results["index"]["dim"] == 64  # the rebuild is on record
     projector = backend.engine().projector
     model = load_model(root, "variant-2", device="cpu")
     tok = model.spanlens_tokenizer
@@ -580,6 +581,9 @@ def test_cli_explains_several_methods(tiny_workspace, tmp_path, capsys, monkeypa
     assert [e["method"] for e in out] == ["TracIn++", "IF++", "GroundTruth"]
     assert all(len(e["top"]) == 3 and all(h["text"] for h in e["top"]) for e in out)
     assert all(e["approx"]["projection"]["exact"] for e in out)
+    row = Backend(root, device="cpu", index_settings=EXACT).by_id[test_id]
+    assert out[0]["test"]["gold"] == row["label"] and out[0]["test"]["text"] == row["text"]
+    assert out[0]["test"]["predicted"] in json.loads((root / "manifest.json").read_text())["labels"]
     monkeypatch.setattr(Backend, "__init__", lambda *a, **k: pytest.fail("loaded the workspace despite a bad option"))
     for extra, message in ((["--method", "TracIn++,nope"], "unknown method 'nope'"),
                            (["--method", "IF", "--proj-dim", "64"], "its index is built with d = exact"),
