@@ -42,6 +42,13 @@ def _prepare_parser(sub) -> None:
     _index_options(p)
 
 
+def parse_list(text: str, kind=str) -> tuple:
+    """Comma-separated values (``"10,100"``), stripped; ``none`` or an empty string gives ()."""
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+
+
 def _index_options(p) -> None:
     p.add_argument("--proj-dim", type=int,
                    help="dimension d of the gradient sketch (CountSketch); 0 = exact gradients (small data only); "
@@ -55,13 +62,14 @@ def _index_settings(args, *, rebuild: bool = False):
     with other settings; the other commands stop rather than rebuild it on the way."""
     from dataclasses import replace
 
-    from .explore import index_settings_of
+    from .index import IndexSettings, saved_settings
 
     root = Path(args.workspace)
-    current = index_settings_of(root)
+    built = saved_settings(root / "index" / "meta.json")
+    current = built or IndexSettings()
     wanted = replace(current, dim=current.dim if args.proj_dim is None else (args.proj_dim or None),
                      seed=current.seed if args.proj_seed is None else args.proj_seed)
-    if not rebuild and (root / "index" / "meta.json").exists() and (wanted.dim, wanted.seed) != (current.dim, current.seed):
+    if not rebuild and built is not None and (wanted.dim, wanted.seed) != (built.dim, built.seed):
         raise ValueError(
             f"{root}: its index is built with d = {current.dim or 'exact'}, seed {current.seed}; drop --proj-dim/"
             f"--proj-seed to use it, or rebuild it first (as long as the first build): python -m core index "
@@ -131,7 +139,6 @@ def cmd_explain(args) -> int:
     from .backend import Backend
     from .ihvp import LissaSettings
 
-    from .evaluate import parse_list
     from .methods import resolve_method
 
     # every option is checked before anything loads
@@ -265,7 +272,7 @@ def cmd_evaluate(args) -> int:
     import pandas as pd
 
     from .backend import Backend
-    from .evaluate import ALL_METHODS, EvalSettings, parse_list, run_evaluation
+    from .evaluate import ALL_METHODS, EvalSettings, run_evaluation
     from .ihvp import LissaSettings
     from .methods import PAPER_METHODS
 

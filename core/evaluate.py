@@ -221,13 +221,6 @@ def _decode(text: str) -> np.ndarray:
     return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.float32)
 
 
-def parse_list(text: str, kind: Callable = str) -> tuple:
-    """Comma-separated values (``"10,100"``), stripped; ``none`` or an empty string gives ()."""
-    if text.strip().lower() == "none":
-        return ()
-    return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
-
-
 def _chunks(items: list, size: int) -> list[list]:
     return [items[s : s + size] for s in range(0, len(items), size)]
 

@@ -23,7 +23,7 @@ import numpy as np
 from . import metrics
 from .data import LAYOUT, default_data_dir
 from .backend import index_workspace
-from .index import IndexSettings
+from .index import IndexSettings, saved_settings
 from .prepare import PrepareSettings, prepare
 from .spans import find_aspect
 from .views import Html, Mark, card_html, escape_text, highlight_html
@@ -54,19 +54,7 @@ def workspaces_root() -> Path:
 
 def index_settings_of(root: Path) -> IndexSettings:
     """The settings the workspace's index was built (or requested) with; the default otherwise."""
-    for path, key in ((root / "index" / "meta.json", "settings"), (root / REQUEST_FILE, "index")):
-        if path.exists():
-            try:
-                saved = dict(json.loads(path.read_text())[key])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-            if "k" in saved:  # written before the sketch: its exact mode stays exact
-                saved["dim"] = None if saved.pop("k") is None else IndexSettings().dim
-            try:
-                return IndexSettings(**saved)
-            except TypeError:
-                continue
-    return IndexSettings()
+    return saved_settings(root / "index" / "meta.json") or saved_settings(root / REQUEST_FILE, "index") or IndexSettings()
 
 
 def _index_meta(root: Path) -> dict:

@@ -62,6 +62,21 @@ class IndexSettings:
     batch_size: int = 32
 
 
+def saved_settings(path: Path, key: str = "settings") -> IndexSettings | None:
+    """Index settings stored under ``key`` of a JSON file (an index's meta.json by default);
+    None when the file, the entry or its fields are missing or unreadable."""
+    try:
+        saved = dict(json.loads(path.read_text())[key])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    if "k" in saved:  # written before the sketch: its exact mode stays exact
+        saved["dim"] = None if saved.pop("k") is None else IndexSettings().dim
+    try:
+        return IndexSettings(**saved)
+    except TypeError:
+        return None
+
+
 @dataclass
 class LoadedModel:
     """A workspace's classifier at theta, with its tokenizer and every parameter point."""
