@@ -23,10 +23,12 @@ import random
 import torch
 from scipy.stats import spearmanr
 
-from common import Backend, peak_rss_mib, subset_caches, subset_side
+from common import Backend, engine_over, gold_tests, peak_rss_mib, subset_caches, subset_side
 from core.ihvp import DEFAULT_DAMPING
 from core.index import IndexSettings
-from core.methods import METHODS, Engine
+from core.registry import METHODS
+from core.scoring import ScoreSettings
+from core.training_sides import InMemorySide
 
 
 def compare(a: torch.Tensor, b: torch.Tensor, top: int = 10) -> tuple[float, float]:
@@ -35,28 +37,27 @@ def compare(a: torch.Tensor, b: torch.Tensor, top: int = 10) -> tuple[float, flo
     return float(sum(rho) / len(rho)), float(sum(overlap) / len(overlap))
 
 
-def exact_influence(backend, exact, h_rows: list[int], tests, lam: float, lrs) -> torch.Tensor:
+def exact_influence(backend, exact, exact_projector, h_rows: list[int], tests, lam: float) -> torch.Tensor:
     """IF++ scores with the exact (G + lam I)^-1, G from the rows ``h_rows`` (Woodbury)."""
-    from core.gradients import Projector
-    from core.index import gauss_newton_factor, training_gradients
+    from core.ggn import gauss_newton_factor
     from core.model import length_batches
+    from core.training_rows import training_gradients
 
     full, masked, labels = subset_caches(backend, h_rows)
-    projector = Projector(backend.loaded.split, None)
     factors = []
-    for b in training_gradients(backend.loaded, projector, full, masked, labels, "final",
-                                length_batches(full.lengths(), 16), with_jacobian=True):
+    for b in training_gradients(backend.loaded, exact_projector, full, masked, labels, "final",
+                                length_batches(full.lengths(), 16), kinds=("full",), with_jacobian=True):
         factors.append(gauss_newton_factor(b.logits, b.jacobian))
     rows_f = torch.cat(factors)  # F: G = F^T F / n
     del factors
     n = len(h_rows)
-    engine = Engine(backend.loaded, exact, lrs)
+    engine = engine_over(backend, exact, exact_projector)
     v = engine.test_vectors(tests, "final", "diff").double()
     small = (rows_f @ rows_f.T).double() + n * lam * torch.eye(rows_f.shape[0], dtype=torch.float64)
     coef = torch.linalg.solve(small, (rows_f @ v.float().T).double())  # (n C, Q)
     u = (v - (coef.T.float() @ rows_f).double()) / lam
     del rows_f
-    return exact.dot("final", "diff", u.float())
+    return exact.dot_many("final", {"u": ("diff", u.float())})["u"]
 
 
 def main() -> None:
@@ -75,29 +76,29 @@ def main() -> None:
     backend = Backend(args.workspace)
     rng = random.Random(args.seed)
     rows = sorted(rng.sample(range(len(backend.train_ids)), min(args.train, len(backend.train_ids))))
-    tests = [backend.test_input(r["id"]) for r in rng.sample(backend.instances("test"), args.tests)]
-    lrs = backend._checkpoint_lrs()
-    variants = [p for p in backend.loaded.points if p.startswith("variant-")]
+    tests = gold_tests(backend, rng.sample(backend.instances("test"), args.tests))
+    variants = backend.loaded.point_set.of("variants")
     out: dict = {"train": len(rows), "tests": len(tests)}
 
     with_if = "IF++" in args.methods
-    projected, built = subset_side(backend, rows, ["final", *variants], args.dim)
-    exact, _ = subset_side(backend, rows, [], None)
-    out["d"] = projected.projector.dim
+    projected, projector, built = subset_side(backend, rows, ["final", *variants], args.dim)
+    exact, exact_projector, _ = subset_side(backend, rows, [], None)
+    out["d"] = projector.dim
     out["projected_build_seconds"] = round(built, 1)
     references: dict[str, torch.Tensor] = {}
     for name in [m for m in args.methods if m != "IF++"]:
-        references[name] = Engine(backend.loaded, exact, lrs).scores(tests, METHODS[name]).values
-    ours: dict[str, torch.Tensor] = {name: Engine(backend.loaded, projected, lrs).scores(tests, METHODS[name]).values
+        references[name] = engine_over(backend, exact, exact_projector).scores(tests, METHODS.resolve(name)).values
+    ours: dict[str, torch.Tensor] = {name: engine_over(backend, projected, projector).scores(tests, METHODS.resolve(name)).values
                                      for name in references}
     if with_if:
         h_rows = rows[: args.hessian_train]
-        hessian_side, _ = subset_side(backend, h_rows, ["final"], args.dim, with_gram=True)
-        projected.index._gram = hessian_side.gram()  # G over the Hessian rows, in the sketch
-        engine = Engine(backend.loaded, projected, lrs)
-        ours["IF++"] = engine.scores(tests, METHODS["IF++"], damping=args.damping).values
+        hessian_side, _, _ = subset_side(backend, h_rows, ["final"], args.dim, with_gram=True)
+        # the projected rows with G over the Hessian rows, in the sketch
+        with_gram = InMemorySide(projected.rows, gram=hessian_side.gauss_newton(), exact=projected.exact)
+        engine = engine_over(backend, with_gram, projector)
+        ours["IF++"] = engine.scores(tests, METHODS.resolve("IF++"), ScoreSettings(damping=args.damping)).values
         lam = args.damping
-        references["IF++"] = exact_influence(backend, exact, h_rows, tests, lam, lrs)
+        references["IF++"] = exact_influence(backend, exact, exact_projector, h_rows, tests, lam)
         out["hessian_train"], out["lambda"] = len(h_rows), lam
     for name in args.methods:
         rho, overlap = compare(ours[name], references[name])

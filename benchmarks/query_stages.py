@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from common import Backend
-from core.methods import METHODS
+from common import Backend, gold_tests
+from core.registry import METHODS
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -36,15 +36,16 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def stages(backend: Backend, tests, repeats: int) -> dict:
     engine = backend.engine()
-    points = engine.point_names(METHODS["TracIn"])
+    spec = METHODS.resolve("TracIn")
+    points = engine.points.of(spec.points, spec.name)
     out: dict[str, list[float]] = {"prefix": [], "test_side_per_point": [], "dot_per_point": [], "scores_call": []}
     for test in tests:
-        batch = engine._test_caches([test], masked=False)
+        batch = engine.test_batch([test], masked=False)
         vecs = engine.test_vectors([test], points[0], "full", batch)
-        out["prefix"].append(median_ms(lambda: engine._test_caches([test], masked=False), repeats))
+        out["prefix"].append(median_ms(lambda: engine.test_batch([test], masked=False), repeats))
         out["test_side_per_point"].append(median_ms(lambda: [engine.test_vectors([test], p, "full", batch) for p in points], repeats) / len(points))
-        out["dot_per_point"].append(median_ms(lambda: engine.side.dot(points[0], "full", vecs), repeats))
-        out["scores_call"].append(median_ms(lambda: engine.scores([test], METHODS["TracIn"]), repeats))
+        out["dot_per_point"].append(median_ms(lambda: engine.side.dot_many(points[0], {"q": ("full", vecs)}), repeats))
+        out["scores_call"].append(median_ms(lambda: engine.scores([test], spec), repeats))
     lengths = [len(backend.loaded.encode(t.aspect, t.text)) for t in tests]
     return {"method": "TracIn", "points": len(points), "tokens": [min(lengths), max(lengths)],
             "median_ms": {k: round(statistics.median(v), 2) for k, v in out.items()}}
@@ -71,7 +72,7 @@ def hashing(backend: Backend, repeats: int) -> dict:
 
 def point_switch(backend: Backend, repeats: int) -> dict:
     loaded = backend.loaded
-    point = next(p for p in loaded.points if p != "final")
+    point = next(p for p in loaded.point_set.names() if p != "final")
 
     def copy() -> None:
         loaded.use(point)
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     backend = Backend(args.workspace)
-    tests = [backend.test_input(r["id"]) for r in random.Random(0).sample(backend.instances("test"), args.queries)]
+    tests = gold_tests(backend, random.Random(0).sample(backend.instances("test"), args.queries))
     print(json.dumps({"workspace": args.workspace, "train": len(backend.train_ids), "d": backend.index.meta["dim"],
                       "threads": torch.get_num_threads(), "stages": stages(backend, tests, args.repeats),
                       "one_row_hashing": hashing(backend, args.repeats),

@@ -6,7 +6,8 @@ GroundTruth. For each learning rate this makes 3 new variants (the workspace's o
 seed), scores a seeded sample of test instances over a seeded sample of training instances in
 the index's sketch, and reports the mean Spearman correlation with GroundTruth (x100, as in
 table 4), its spread over the tests, and the step's size relative to theta. Control
-(checkpoints in place of variants) is scored once for reference.
+(checkpoints in place of variants) is scored once for reference. The new variants are added to
+the loaded model under their own names (the workspace's variants are left as they are).
 
 Prints JSON. ``python benchmarks/variant_step.py --workspace workspaces/sentihood-full``
 """
@@ -20,9 +21,9 @@ import statistics
 import torch
 from scipy.stats import spearmanr
 
-from common import Backend, peak_rss_mib, subset_side
-from core.methods import CONTROL, METHODS, Engine
-from core.model import make_variants
+from common import Backend, engine_over, gold_tests, peak_rss_mib, subset_side
+from core.registry import METHODS
+from core.training import variants_like
 
 
 def faithfulness(values: torch.Tensor, truth: torch.Tensor) -> dict:
@@ -47,30 +48,35 @@ def main() -> None:
     loaded, ws = backend.loaded, backend.manifest.settings
     rng = random.Random(args.seed)
     rows = sorted(rng.sample(range(len(backend.train_ids)), min(args.train, len(backend.train_ids))))
-    tests = [backend.test_input(r["id"]) for r in rng.sample(backend.instances("test"), args.tests)]
-    dim, lrs = backend.index_settings.dim, backend._checkpoint_lrs()
-    checkpoints = list(lrs)
-    side, _ = subset_side(backend, rows, ["final", *checkpoints], dim)
-    engine = Engine(loaded, side, lrs)
-    truth = engine.scores(tests, METHODS["GroundTruth"]).values
+    tests = gold_tests(backend, rng.sample(backend.instances("test"), args.tests))
+    dim, point_set = backend.index.settings.dim, loaded.point_set
+    checkpoints = point_set.of("checkpoints")
+    side, projector, _ = subset_side(backend, rows, ["final", *checkpoints], dim)
+    engine = engine_over(backend, side, projector)
+    truth = engine.scores(tests, METHODS.resolve("GroundTruth")).values
     out: dict = {"train": len(rows), "tests": len(tests), "d": dim, "optimizer": ws.get("variant_optimizer", "adamw"),
-                 "workspace_lr": ws["variant_lr"], "control": faithfulness(engine.scores(tests, CONTROL).values, truth)}
-    names = [p for p in loaded.points if p.startswith("variant-")]
-    own = {p: loaded.points[p] for p in names}
+                 "workspace_lr": ws["variant_lr"],
+                 "control": faithfulness(engine.scores(tests, METHODS.resolve("Control")).values, truth)}
     theta = {n: p.detach().clone() for n, p in loaded.points["final"].items()}
-    full, labels = backend.train_cache
+    full, labels = backend.train_cache()
     loaded.use("final")
+    added: list[str] = []
     try:
         for lr in (float(x) for x in args.lrs.split(",")):
-            variants, _ = make_variants(loaded.split, full, labels, count=len(names), batch_size=ws["batch_size"], lr=lr,
-                                        optimizer=out["optimizer"], seed=ws["seed"], device=loaded.device)
+            # the workspace's variant settings (count, batch size, optimiser, seed) at this learning rate
+            variants, _ = variants_like({**ws, "variant_lr": lr}, loaded.split, full, labels, seed=ws["seed"],
+                                        device=loaded.device)
+            names = tuple(f"step-lr{lr:g}-variant-{i}" for i in range(1, len(variants) + 1))
             loaded.points.update(zip(names, variants))
-            side, _ = subset_side(backend, rows, names, dim)
-            scores = Engine(loaded, side, lrs).scores(tests, METHODS["TracIn++"]).values
+            added += names
+            side, projector, _ = subset_side(backend, rows, list(names), dim)
+            points = point_set.with_group("variants", names)
+            scores = engine_over(backend, side, projector, points).scores(tests, METHODS.resolve("TracIn++")).values
             out[f"lr={lr:g}"] = {**faithfulness(scores, truth), "relative_step": round(relative_step(variants, theta), 6)}
             loaded.use("final")
     finally:
-        loaded.points.update(own)
+        for name in added:
+            loaded.points.pop(name, None)
         loaded.use("final")
     out["peak_rss_mib"] = peak_rss_mib()
     print(json.dumps(out, indent=2))

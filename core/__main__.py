@@ -1,15 +1,59 @@
-"""Command line: ``python -m core {fetch-data,prepare,index,explain,evaluate} ...`` (``-h`` on each)."""
+"""Command line: ``python -m core {fetch-data,prepare,index,explain,evaluate} ...`` (``-h`` on each).
+
+Every option is checked before any work starts; errors are one line on stderr with exit code 2
+(an interruption: exit code 130, and the work resumes when the command is run again).
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+# ------------------------------------------------------------------------------ option types
+
+def _number(kind, low: float | None = None, *, above: bool = False, name: str = "a number"):
+    """An argparse type: ``kind`` at least ``low`` (``above``: greater than ``low``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if low is not None and (value <= low if above else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'greater than' if above else 'at least'} {low:g}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE = _number(int, 1, name="a whole number")
+NON_NEGATIVE = _number(int, 0, name="a whole number")
+POSITIVE_FLOAT = _number(float, 0, above=True)
+
+
+def parse_list(text: str, kind=str) -> tuple:
+    """Comma-separated values (``"10,100"``), stripped; ``none`` gives (); ValueError naming a bad item."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{text!r}: expected a comma-separated list of {kind.__name__} values") from None
+
+
+def _k_list(text: str) -> tuple[int, ...]:
+    values = parse_list(text, int)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected K values of at least 1, comma-separated (e.g. 10,100), got {text!r}")
+    return values
+
+
+# ------------------------------------------------------------------------------ prepare and index
 
 def _prepare_parser(sub) -> None:
     p = sub.add_parser("prepare", help="train the classifier, detect spans, make checkpoints, variants and the index",
@@ -22,47 +66,41 @@ def _prepare_parser(sub) -> None:
                    help="demo: packaged MiniLM on CPU; paper: roberta-large, the paper's batch sizes, lr 1e-4, 100 epochs")
     p.add_argument("--model", help="backbone: Hugging Face path or hub id (default: packaged all-MiniLM-L6-v2)")
     p.add_argument("--rc-model", help="extractive QA model for reading-comprehension spans (default: heuristic only)")
-    p.add_argument("--train-limit", type=int, help="use a seeded random subset of this many training instances")
-    p.add_argument("--eval-limit", type=int, help="likewise for dev and test")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--trainable-layers", type=int, help="last N encoder layers trained (plus pooler and head)")
-    p.add_argument("--checkpoints", type=int, help="last C epoch checkpoints kept for TracIn")
-    p.add_argument("--variants", type=int, help="number of variants theta + delta_i")
-    p.add_argument("--variant-lr", type=float, help="learning rate of the variants' single step")
+    p.add_argument("--train-limit", type=POSITIVE, help="use a seeded random subset of this many training instances")
+    p.add_argument("--eval-limit", type=POSITIVE, help="likewise for dev and test")
+    p.add_argument("--epochs", type=POSITIVE)
+    p.add_argument("--batch-size", type=POSITIVE)
+    p.add_argument("--lr", type=POSITIVE_FLOAT)
+    p.add_argument("--trainable-layers", type=POSITIVE, help="last N encoder layers trained (plus pooler and head)")
+    p.add_argument("--checkpoints", type=POSITIVE, help="last C epoch checkpoints kept for TracIn")
+    p.add_argument("--variants", type=POSITIVE, help="number of variants theta + delta_i")
+    p.add_argument("--variant-lr", type=POSITIVE_FLOAT, help="learning rate of the variants' single step")
     p.add_argument("--variant-optimizer", choices=["adamw", "sgd"],
                    help="the variants' single step: AdamW's first step (default) or plain SGD")
-    p.add_argument("--max-length", type=int, help="max tokens per (aspect, text) pair")
+    p.add_argument("--max-length", type=_number(int, 8, name="a whole number"), help="max tokens per (aspect, text) pair")
     p.add_argument("--span-importance", action=argparse.BooleanOptionalAction, default=None,
                    help="choose spans among candidate chunks by the logit drop (paper Eq. 3)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=NON_NEGATIVE)
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--no-index", action="store_true", help="stop before building the gradient index")
     _index_options(p)
 
 
-def parse_list(text: str, kind=str) -> tuple:
-    """Comma-separated values (``"10,100"``), stripped; ``none`` or an empty string gives ()."""
-    if text.strip().lower() == "none":
-        return ()
-    return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
-
-
 def _index_options(p) -> None:
-    p.add_argument("--proj-dim", type=int,
+    p.add_argument("--proj-dim", type=NON_NEGATIVE,
                    help="dimension d of the gradient sketch (CountSketch); 0 = exact gradients (small data only); "
                         "default: as the workspace's index was built, else 4096")
-    p.add_argument("--proj-seed", type=int, help="seed of the sketch (default: as built, else 0)")
+    p.add_argument("--proj-seed", type=NON_NEGATIVE, help="seed of the sketch (default: as built, else 0)")
 
 
 def _index_settings(args, *, rebuild: bool = False):
     """The index settings of a command: the workspace's index's (or the default) unless --proj-dim or
-    --proj-seed say otherwise. Only ``prepare`` and ``index`` (``rebuild``) may rebuild an index
-    with other settings; the other commands stop rather than rebuild it on the way."""
+    --proj-seed say otherwise. Only ``prepare`` and ``index`` (``rebuild``) may build an index; the
+    other commands stop rather than build one on the way."""
     from dataclasses import replace
 
-    from .index import IndexSettings, saved_settings
+    from .index import IndexSettings, index_command, saved_settings
+    from .workspace import Workspace
 
     root = Path(args.workspace)
     built = saved_settings(root / "index" / "meta.json")
@@ -72,9 +110,8 @@ def _index_settings(args, *, rebuild: bool = False):
     if not rebuild and built is not None and (wanted.dim, wanted.seed) != (built.dim, built.seed):
         raise ValueError(
             f"{root}: its index is built with d = {current.dim or 'exact'}, seed {current.seed}; drop --proj-dim/"
-            f"--proj-seed to use it, or rebuild it first (as long as the first build): python -m core index "
-            f"--workspace {root} --proj-dim {args.proj_dim if args.proj_dim is not None else current.dim or 0} "
-            f"--proj-seed {wanted.seed}")
+            f"--proj-seed to use it, or rebuild it first (as long as the first build): "
+            f"{index_command(Workspace(root), wanted)}")
     return wanted
 
 
@@ -87,12 +124,13 @@ def cmd_prepare(args) -> int:
         args.preset, dataset=args.dataset, data_dir=args.data_dir, model=args.model, rc_model=args.rc_model,
         train_limit=args.train_limit, eval_limit=args.eval_limit, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, trainable_layers=args.trainable_layers, checkpoints=args.checkpoints, variants=args.variants,
-        variant_lr=args.variant_lr, variant_optimizer=args.variant_optimizer, max_length=args.max_length, span_importance=args.span_importance,
-        seed=args.seed, device=args.device,
+        variant_lr=args.variant_lr, variant_optimizer=args.variant_optimizer, max_length=args.max_length,
+        span_importance=args.span_importance, seed=args.seed, device=args.device,
     )
+    index_settings = _index_settings(args, rebuild=True)
     manifest = prepare(settings, args.workspace)
     if not args.no_index:
-        index_workspace(Workspace(args.workspace), _index_settings(args, rebuild=True), device=args.device)
+        index_workspace(Workspace(args.workspace), index_settings, device=args.device)
         manifest = Workspace(args.workspace).manifest()
     _summary(manifest)
     return 0
@@ -119,57 +157,87 @@ def cmd_index(args) -> int:
     from .backend import index_workspace
     from .workspace import Workspace
 
-    index = index_workspace(Workspace(args.workspace), _index_settings(args, rebuild=True), device=args.device)
+    ws = Workspace(args.workspace)
+    if not ws.exists():
+        raise FileNotFoundError(f"{ws.root}: no manifest.json; run `python -m core prepare` first")
+    index = index_workspace(ws, _index_settings(args, rebuild=True), device=args.device)
     print(json.dumps({k: index.meta[k] for k in ("dim", "seconds", "examples_per_second", "projection")}, indent=2))
     return 0
 
 
-def _damping_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--damping", type=float,
+# ------------------------------------------------------------------------------ explain
+
+def _scoring_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ihvp", choices=["fast", "lissa"], default="fast", help="inverse Hessian for the IF family")
+    p.add_argument("--damping", type=POSITIVE_FLOAT,
                    help="lambda of the fast inverse (G + lambda I)^-1 (default 2.5, the lambda of the paper's LiSSA settings)")
+    p.add_argument("--lissa-depth", type=POSITIVE, default=1000, help="LiSSA's most steps (default 1000, the paper's)")
+    p.add_argument("--paper-signs", action="store_true",
+                   help="the paper's literal signs: IF with Eq. 1's minus, g(z'_-kl) - g(z') on the ++ test side "
+                        "(their opponents then rank first)")
 
 
-def _damping(args) -> float:
-    from .ihvp import DEFAULT_DAMPING, check_damping
+def _scoring(args, exact: bool = False):
+    from .ihvp import DEFAULT_DAMPING, LissaSettings
+    from .scoring import ScoreSettings
 
-    return DEFAULT_DAMPING if args.damping is None else check_damping(args.damping)
+    return ScoreSettings(args.ihvp, DEFAULT_DAMPING if args.damping is None else args.damping,
+                         LissaSettings(depth=args.lissa_depth), args.paper_signs, exact)
+
+
+def _explain_parser(sub) -> None:
+    from .registry import METHODS
+
+    p = sub.add_parser("explain", help="rank training instances (and spans) for a test instance",
+                       description="Explain a prediction with the top-K training instances of one or more methods.")
+    p.add_argument("--workspace", required=True)
+    p.add_argument("--test-id", help="id of a dataset instance (see instances.jsonl)")
+    p.add_argument("--test-text", help="a new review to explain (with --aspect)")
+    p.add_argument("--aspect")
+    p.add_argument("--method", action="append", required=True,
+                   help=f"repeatable, or comma-separated: {METHODS.help_text()}")
+    p.add_argument("--label", default="predicted",
+                   help="the label explained: predicted (default: what the model predicted), gold, or a label name")
+    p.add_argument("--k", type=POSITIVE, default=10, help="training instances listed per method (default 10)")
+    p.add_argument("--opponents", action="store_true", help="also list the most negative scores")
+    p.add_argument("--exact", action="store_true", help="exact gradients, no projection (slow; small workspaces)")
+    _scoring_options(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
+    _index_options(p)
 
 
 def cmd_explain(args) -> int:
     from .backend import Backend
-    from .ihvp import LissaSettings
+    from .registry import METHODS
 
-    from .methods import resolve_method
-
-    # every option is checked before anything loads
-    damping = _damping(args)
-    methods = [resolve_method(m).name for value in args.method for m in parse_list(value)]
+    methods = [METHODS.resolve(m).name for value in args.method for m in parse_list(value)]  # checked before loading
     if not methods:
         raise ValueError("--method needs a method name")
-    if args.k < 1:
-        raise ValueError(f"--k must be at least 1, got {args.k}")
     if (args.test_text is None) == (args.test_id is None):
         raise ValueError("give either --test-id ID or --test-text TEXT --aspect ASPECT")
     if args.test_text is not None and not args.aspect:
         raise ValueError("--test-text needs --aspect")
-    lissa = LissaSettings(depth=args.lissa_depth)
+    settings = _scoring(args, args.exact)
     backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
-    test = backend.new_input(args.test_text, args.aspect) if args.test_text is not None else backend.test_input(args.test_id)
-    out = []
-    for method in methods:
-        exp = backend.explain(test, method, k=args.k, exact=args.exact, ihvp=args.ihvp, damping=damping,
-                              paper_signs=args.paper_signs, lissa=lissa)
-        out.append(exp)
+    if args.test_text is not None:
+        test = backend.new_input(args.test_text, args.aspect, args.label)
+    else:
+        test = backend.test_input(args.test_id, args.label)
+    explanations = backend.explain_many(test, methods, k=args.k, settings=settings)
     profile = backend.profile(test)
-    view = {"id": test.id, "aspect": test.aspect, "text": test.text, "span": test.span, "gold": test.label,
-            "predicted": profile["label"], "probability": max(profile["probs"])}
+    view = {"id": test.id, "aspect": test.aspect, "text": test.text, "span": test.span, "gold": test.gold,
+            "predicted": profile["label"], "explained": explanations[0].label, "probability": max(profile["probs"]),
+            "span_masks_nothing": profile["span_masks_nothing"]}
     if args.json:
-        print(json.dumps([{"test": view, **_json_view(backend, e, args.opponents)} for e in out], indent=2,
+        print(json.dumps([{"test": view, **_json_view(backend, e, args.opponents)} for e in explanations], indent=2,
                          ensure_ascii=False))
         return 0
-    print(f"test {test.id or '(new review)'}: gold {test.label or '-'}, predicted {view['predicted']} "
-          f"(p = {view['probability']:.2f})")
-    for exp in out:
+    print(f"test {test.id or '(new review)'}: gold {test.gold or '-'}, predicted {view['predicted']} "
+          f"(p = {view['probability']:.2f}); explaining {view['explained']}")
+    if view["span_masks_nothing"]:
+        print("  warning: the test span masks no token (past the token limit?): span methods score 0 for it")
+    for exp in explanations:
         _print_table(backend, test, exp, args.opponents)
     return 0
 
@@ -181,8 +249,9 @@ def _json_view(backend, exp, opponents: bool) -> dict:
         data.pop("opponents")
     for key in ("top", "opponents"):
         for hit in data.get(key, []):
-            row = backend.by_id[hit["train_id"]]
-            hit.update(text=row["text"], aspect=row["aspect"], label=row["label"], span=row.get("span"))
+            r = backend.by_id[hit["train_id"]]
+            hit.update(text=r.text, aspect=r.aspect, label=r.label, span=list(r.span_pair) if r.span else None,
+                       span_source=r.span_source)
     return data
 
 
@@ -202,32 +271,61 @@ def _print_table(backend, test, exp, opponents: bool) -> None:
             continue
         print(f"  {title}:")
         for hit in hits:
-            row = backend.by_id[hit.train_id]
-            sp = row.get("span")
-            text = row["text"] if not sp else f"{row['text'][:sp['start']]}[{row['text'][sp['start']:sp['end']]}]{row['text'][sp['end']:]}"
-            print(f"  {hit.rank:>3} {hit.score:>+11.4g}  {row['label']:<8} {row['aspect']!r}: {text[:140]}")
+            r = backend.by_id[hit.train_id]
+            text = r.text if not r.span else f"{r.text[:r.span.start]}[{r.text[r.span.start:r.span.end]}]{r.text[r.span.end:]}"
+            print(f"  {hit.rank:>3} {hit.score:>+11.4g}  {r.label:<8} {r.aspect!r}: {text[:140]}")
 
 
-def _explain_parser(sub) -> None:
-    p = sub.add_parser("explain", help="rank training instances (and spans) for a test instance",
-                       description="Explain a prediction with the top-K training instances of one or more methods.")
+# ------------------------------------------------------------------------------ evaluate
+
+def _evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="Sag, Lag, Ral, K-curves and faithfulness: the paper's tables 3 and 4, figure 1",
+                       description="Evaluate explanation methods on a seeded sample of test instances (without those "
+                                   "whose span is marked wrong); resumes an interrupted run from the workspace's store.")
     p.add_argument("--workspace", required=True)
-    p.add_argument("--test-id", help="id of a dataset instance (see instances.jsonl)")
-    p.add_argument("--test-text", help="a new review to explain (with --aspect)")
-    p.add_argument("--aspect")
-    p.add_argument("--method", action="append", required=True,
-                   help="IF, IF+, IF++, TracIn, TracInF, TracIn+, TracIn++, GroundTruth, Control "
-                        "(repeatable, or comma-separated)")
-    p.add_argument("--k", type=int, default=10, help="training instances listed per method (default 10)")
-    p.add_argument("--opponents", action="store_true", help="also list the most negative scores")
-    p.add_argument("--exact", action="store_true", help="exact gradients, no projection (slow; small workspaces)")
-    p.add_argument("--ihvp", choices=["fast", "lissa"], default="fast", help="inverse Hessian for the IF family")
-    _damping_option(p)
-    p.add_argument("--lissa-depth", type=int, default=1000, help="LiSSA's most steps (default 1000, the paper's)")
-    p.add_argument("--paper-signs", action="store_true", help="the paper's literal signs: IF with Eq. 1's minus, g(z'_-kl) - g(z') on the test side of IF++/TracIn++ (their opponents then rank first)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
+    p.add_argument("--methods", default="all",
+                   help="all (every method), paper (the paper's six), or a comma list of names and groups")
+    p.add_argument("--k", type=_k_list, default=(10, 100), help="K values of Sag@K and Lag@K in the tables (e.g. 10,100)")
+    p.add_argument("--kmax", type=POSITIVE, default=100, help="K-curves for K = 1..kmax")
+    p.add_argument("--test-limit", type=NON_NEGATIVE, default=200, help="test instances (0 = all eligible)")
+    p.add_argument("--out", help="report folder (default: WORKSPACE/evaluation)")
+    p.add_argument("--ral", default="20,50",
+                   help="removal percentages for Ral, or none; each is one retrain per method (minutes each on full MAMS)")
+    p.add_argument("--faithfulness-runs", type=NON_NEGATIVE, default=5, help="runs of table 4 (0 = skip faithfulness)")
+    _scoring_options(p)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the test sample and the random baselines")
+    p.add_argument("--batch", type=POSITIVE, default=16, help="test instances scored together")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--device")
     _index_options(p)
+
+
+def cmd_evaluate(args) -> int:
+    import pandas as pd
+
+    from .backend import Backend
+    from .evaluate import EvalSettings, run_evaluation
+    from .ihvp import DEFAULT_DAMPING, LissaSettings
+
+    out = Path(args.out) if args.out else Path(args.workspace) / "evaluation"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the report")
+    settings = EvalSettings(
+        methods=parse_list(args.methods), ks=args.k, kmax=args.kmax, test_limit=args.test_limit or None,
+        ral=parse_list(args.ral, float), faithfulness_runs=args.faithfulness_runs, ihvp=args.ihvp,
+        damping=DEFAULT_DAMPING if args.damping is None else args.damping,
+        lissa=LissaSettings(depth=args.lissa_depth), paper_signs=args.paper_signs, seed=args.seed, batch=args.batch,
+    )
+    backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
+    report = run_evaluation(backend, settings, out, progress=not args.quiet)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print("\nTable 3 (Sag, Lag x100; Ral in accuracy points)")
+        print(report.table3.to_string(float_format="%.2f"))
+        if len(report.table4):
+            print("\nTable 4 (Spearman with GroundTruth x100)")
+            print(report.table4.to_string(float_format="%.2f"))
+    print(f"\nReport: {out / 'report.md'}  (CSV, summary.json, k_curves.html/png in {out})")
+    return 0
 
 
 def cmd_fetch(args) -> int:
@@ -243,61 +341,8 @@ def cmd_fetch(args) -> int:
     return 0
 
 
-def _evaluate_parser(sub) -> None:
-    p = sub.add_parser("evaluate", help="Sag, Lag, Ral, K-curves and faithfulness: the paper's tables 3 and 4, figure 1",
-                       description="Evaluate explanation methods on a seeded sample of test instances (without those "
-                                   "whose span is marked wrong); resumes an interrupted run from the workspace's store.")
-    p.add_argument("--workspace", required=True)
-    p.add_argument("--methods", default="all",
-                   help="all (the paper's six + TracIn + GroundTruth), paper (the six), or a comma list")
-    p.add_argument("--k", default="10,100", help="K values of Sag@K and Lag@K in the tables")
-    p.add_argument("--kmax", type=int, default=100, help="K-curves for K = 1..kmax")
-    p.add_argument("--test-limit", type=int, default=200, help="test instances (0 = all eligible)")
-    p.add_argument("--out", help="report folder (default: WORKSPACE/evaluation)")
-    p.add_argument("--ral", default="20,50",
-                   help="removal percentages for Ral, or none; each is one retrain per method (minutes each on full MAMS)")
-    p.add_argument("--faithfulness-runs", type=int, default=5, help="runs of table 4 (0 = skip faithfulness)")
-    p.add_argument("--ihvp", choices=["fast", "lissa"], default="fast", help="inverse Hessian for the IF family")
-    _damping_option(p)
-    p.add_argument("--lissa-depth", type=int, default=1000)
-    p.add_argument("--paper-signs", action="store_true", help="the paper's literal signs: IF with Eq. 1's minus, g(z'_-kl) - g(z') on the test side of IF++/TracIn++ (their opponents then rank first)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the test sample and the random baselines")
-    p.add_argument("--batch", type=int, default=16, help="test instances scored together")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--device")
-    _index_options(p)
-
-
-def cmd_evaluate(args) -> int:
-    import pandas as pd
-
-    from .backend import Backend
-    from .evaluate import ALL_METHODS, EvalSettings, run_evaluation
-    from .ihvp import LissaSettings
-    from .methods import PAPER_METHODS
-
-    methods = {"all": ALL_METHODS, "paper": PAPER_METHODS}.get(args.methods.strip().lower()) or parse_list(args.methods, str)
-    settings = EvalSettings(
-        methods=tuple(methods), ks=parse_list(args.k, int), kmax=args.kmax,
-        test_limit=args.test_limit or None, ral=parse_list(args.ral, float), faithfulness_runs=args.faithfulness_runs,
-        ihvp=args.ihvp, damping=_damping(args), lissa=LissaSettings(depth=args.lissa_depth),
-        paper_signs=args.paper_signs, seed=args.seed, batch=args.batch,
-    )
-    backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
-    out = Path(args.out) if args.out else Path(args.workspace) / "evaluation"
-    report = run_evaluation(backend, settings, out, progress=not args.quiet)
-    with pd.option_context("display.width", 200, "display.max_columns", 20):
-        print("\nTable 3 (Sag, Lag x100; Ral in accuracy points)")
-        print(report.table3.to_string(float_format="%.2f"))
-        if len(report.table4):
-            print("\nTable 4 (Spearman with GroundTruth x100)")
-            print(report.table4.to_string(float_format="%.2f"))
-    print(f"\nReport: {out / 'report.md'}  (CSV, summary.json, k_curves.html/png in {out})")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m core", description="SpanLens: sample-based explanations with spans.")
+    parser = _Parser(prog="python -m core", description="SpanLens: sample-based explanations with spans.")
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch-data", help="download MAMS and SentiHood from their public repositories")
     f.add_argument("--dest", required=True)
@@ -316,13 +361,24 @@ COMMANDS = {"fetch-data": cmd_fetch, "prepare": cmd_prepare, "index": cmd_index,
             "evaluate": cmd_evaluate}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .data import DataError
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``error: ...``), exit code 2."""
 
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} -h`)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # -h, or a usage error already printed
+        return int(stop.code or 0)
     try:
         return COMMANDS[args.command](args)
-    except (DataError, FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError, OSError, sqlite3.Error) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # no repr quotes
         print(f"error: {message}", file=sys.stderr)
         return 2

@@ -1,51 +1,62 @@
 """The one facade that the pages and the command line call.
 
-A :class:`Backend` opens a prepared workspace, loads the model, its parameter points and the
-gradient index once, and serves explanations from the workspace's SQLite store, computing each
-(workspace fingerprint, method, settings, test) only once.
+A :class:`Backend` opens a prepared workspace, reads how its gradient index was built, loads the
+model and its parameter points once, and serves explanations from the workspace's SQLite store,
+computing each (index fingerprint, method, settings, test) only once.
+
+The index has an explicit lifecycle: opening a backend or reading its index never builds
+anything; :func:`index_workspace` builds (the ``prepare``/``index`` commands and the app's build
+job), and :meth:`Backend.sync_spans` patches people's corrected training spans into it (after an
+annotation, and before explaining when another process annotated). One backend may be shared by
+threads: :attr:`Backend.lock` serialises the model's use.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
-from functools import cached_property
+import json
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
-from .ihvp import DEFAULT_DAMPING, LissaSettings
+import torch
+
+from .engine import Engine, TestInput
+from .explanations import Explanation, rank
+from .gradients import Projector
 from .index import (
     GradientIndex,
     IndexSettings,
-    LoadedModel,
     Overrides,
     build_index,
-    index_fingerprint,
-    load_workspace_model,
+    index_command,
+    open_index,
+    patch_spans,
 )
-from .methods import Engine, Explanation, TestInput, TrainingSide, paper_sign, rank, resolve_method
-from .model import HiddenCache
-from .spans import clause_span
+from .instances import InstanceRecord, Instances
+from .model import HiddenCache, compute_prefix, mask_span, predict
+from .points import LoadedModel, load_workspace_model
+from .registry import METHODS, MethodSpec
+from .scoring import ScoreSettings, result_key
+from .spans import clause_span, find_aspect
 from .store import Store
+from .training_sides import IndexedSide, StreamedSide
 from .workspace import Workspace, fingerprint
 
-
-def training_span_fixes(ws: Workspace, store: Store | None = None, train_ids: set[str] | None = None) -> Overrides:
-    """Corrected spans of the workspace's training instances, from its store's annotations."""
-    if store is None:
-        if not ws.store_path.exists():
-            return {}
-        store = Store(ws.store_path)
-    fixes = {i: (a.corrected_start, a.corrected_end) for i, a in store.current_annotations().items() if a.status == "fix"}
-    if not fixes:
-        return {}
-    if train_ids is None:
-        train_ids = {row["id"] for row in ws.load_instances() if row["split"] == "train"}
-    return {i: span for i, span in fixes.items() if i in train_ids}
+KEEP = 100
+"""Hits kept per stored explanation (the app's K-curves run to 100)."""
+PROFILE = "profile"
+"""The results-cache method name under which :meth:`Backend.profile` stores its answers."""
 
 
 def index_workspace(ws: Workspace, settings: IndexSettings, *, device: str | None = None, progress: bool = True,
-                    log=print) -> GradientIndex:
+                    log=print, on_progress=None) -> GradientIndex:
     """Build (or bring up to date) the workspace's index with its corrected training spans, and
     record its size and timing in the manifest."""
-    index = build_index(ws, settings, device=device, progress=progress, log=log, overrides=training_span_fixes(ws))
+    fixes: Overrides = {}
+    if ws.store_path.exists():
+        with Store(ws.store_path) as store:
+            fixes = Instances(ws.load_instances(), store.current_annotations()).fixed_train_spans()
+    index = build_index(ws, settings, device=device, progress=progress, log=log, overrides=fixes,
+                        on_progress=on_progress)
     record_index(ws, index)
     return index
 
@@ -64,281 +75,239 @@ class Backend:
     """Explanations for one workspace, cached in its store."""
 
     def __init__(self, workspace: str | Path, *, device: str | None = None,
-                 index_settings: IndexSettings = IndexSettings()):
+                 index_settings: IndexSettings | None = None):
         self.ws = Workspace(workspace)
         if not self.ws.exists():
             raise FileNotFoundError(f"{self.ws.root}: no manifest.json; run `python -m core prepare` first")
         self.device = device
-        self.index_settings = index_settings
         self.manifest = self.ws.manifest()
-        self.rows = self.ws.load_instances()
-        self.by_id = {row["id"]: row for row in self.rows}
-        self.train_ids = [row["id"] for row in self.rows if row["split"] == "train"]
         self.store = Store(self.ws.store_path)
+        self.lock = threading.RLock()
+        self._rows = self.ws.load_instances()
+        self._instances: tuple[tuple, Instances] | None = None
+        self._index: tuple[int, GradientIndex] | None = None
+        self._engines: dict[bool, Engine] = {}
+        if index_settings is not None:
+            self._check_settings(index_settings)
 
-    # loading -------------------------------------------------------------------------------
-    @cached_property
+    def _check_settings(self, wanted: IndexSettings) -> None:
+        """The index as built is the one used: other sketch settings are an error, never a rebuild."""
+        built = self.index.settings
+        if (wanted.dim, wanted.seed) != (built.dim, built.seed):
+            raise ValueError(f"{self.ws.root}: its index is built with d = {built.dim or 'exact'}, seed {built.seed}; "
+                             f"rebuild it first with `{index_command(self.ws, wanted)}` (as long as the first build)")
+
+    # instances -----------------------------------------------------------------------------
+    @property
+    def table(self) -> Instances:
+        """The instance records, rebuilt when the store's annotations changed."""
+        version = self.store.annotations_version()
+        if self._instances is None or self._instances[0] != version:
+            self._instances = (version, Instances(self._rows, self.store.current_annotations()))
+        return self._instances[1]
+
+    @property
+    def by_id(self) -> dict[str, InstanceRecord]:
+        return self.table.by_id
+
+    @property
+    def train_ids(self) -> list[str]:
+        return self.table.train_ids
+
+    def instances(self, split: str | None = None) -> list[InstanceRecord]:
+        return self.table.split(split)
+
+    def record(self, instance_id: str) -> InstanceRecord:
+        return self.table.get(instance_id, self.ws.root)
+
+    def test_input(self, test_id: str, label: str = "predicted") -> TestInput:
+        """A stored instance as a test input (its span in use) explaining ``label``."""
+        record = self.record(test_id)
+        if label not in ("predicted", "gold") and label not in self.manifest.labels:
+            raise ValueError(f"unknown label {label!r}; use predicted, gold or one of {', '.join(self.manifest.labels)}")
+        return record.test_input(label)
+
+    def new_input(self, text: str, aspect: str, label: str = "predicted") -> TestInput:
+        """A review not in the dataset; its span from the heuristic around the aspect, which must
+        occur in the text."""
+        if not text.strip() or not aspect.strip():
+            raise ValueError("both a text and an aspect are needed")
+        if find_aspect(text, aspect) is None:
+            raise ValueError(f"the aspect {aspect!r} does not occur in the review; give a word or phrase of it")
+        if label == "gold":
+            raise ValueError("a new review has no gold label: explain the predicted label or name one")
+        if label != "predicted" and label not in self.manifest.labels:
+            raise ValueError(f"unknown label {label!r}; use predicted or one of {', '.join(self.manifest.labels)}")
+        explained = None if label == "predicted" else label
+        return TestInput(aspect, text, explained, clause_span(text, None, None, aspect), None)
+
+    # the model and the index ---------------------------------------------------------------
+    @property
     def loaded(self) -> LoadedModel:
-        return load_workspace_model(self.ws, self.device)
+        if not hasattr(self, "_loaded"):
+            self._loaded = load_workspace_model(self.ws, self.device)
+        return self._loaded
 
     @property
     def index(self) -> GradientIndex:
-        """The gradient index, with the training spans people corrected patched in."""
-        fixes = self.train_span_fixes()
-        current = self.__dict__.get("_index")
-        if current is None or not current.spans_match(fixes):
-            current = build_index(self.ws, self.index_settings, loaded=self.loaded, progress=False,
-                                  log=lambda _: None, overrides=fixes)
-            record_index(self.ws, current)  # it may have been (re)built here
-            self.__dict__["_index"] = current
-            for stale in ("_engine", "_exact_engine"):  # they hold the previous rows
-                self.__dict__.pop(stale, None)
-        return current
-
-    def _spans_key(self) -> str:
-        """The corrected training spans in use, as part of a cache key (a result computed before
-        a correction is never served after it)."""
-        return fingerprint(sorted(self.train_span_fixes().items()))
-
-    def train_span_fixes(self) -> Overrides:
-        """Corrected spans of training instances (from the store's annotations)."""
-        return training_span_fixes(self.ws, self.store, self._train_set)
-
-    @cached_property
-    def _train_set(self) -> set[str]:
-        return set(self.train_ids)
+        """The finished index as it is on disk (reopened when another process changed it)."""
+        meta = self.ws.root / "index" / "meta.json"
+        stamp = meta.stat().st_mtime_ns if meta.exists() else -1
+        if self._index is None or self._index[0] != stamp:
+            self._index = (stamp, open_index(self.ws))
+            self._engines.clear()  # they hold the previous rows
+        return self._index[1]
 
     @property
     def fingerprint(self) -> str:
-        return index_fingerprint(self.ws, self.index_settings)
+        return self.index.meta["fingerprint"]
+
+    def sync_spans(self) -> GradientIndex:
+        """Patch the store's corrected training spans into the index when it lacks them."""
+        fixes = self.table.fixed_train_spans()
+        if not self.index.spans_match(fixes):
+            with self.lock:
+                patch_spans(self.ws, fixes, self.loaded, log=lambda _: None)
+        return self.index
 
     def engine(self, exact: bool = False) -> Engine:
-        """The engine over the current index (a corrected training span is patched in first)."""
-        self.index  # a property: brings corrected training spans in, dropping stale engines
-        if exact:
-            return self._exact_engine
-        return self._engine
+        """The engine over the index's rows (or, ``exact``, over streamed exact gradients)."""
+        index = self.index
+        if exact not in self._engines:
+            loaded = self.loaded
+            if exact:
+                full, labels = self.train_cache()
+                masked = HiddenCache.load(index.root / "prefix-masked.safetensors")
+                projector = Projector(loaded.split, None, 0, loaded.device)
+                side = StreamedSide(loaded, projector, full, masked, labels, index.settings.batch_size)
+            else:
+                projector = Projector(loaded.split, index.settings.dim, index.settings.seed, loaded.device)
+                side = IndexedSide(index)
+            self._engines[exact] = Engine(loaded, side, projector, train_cache=self.train_cache)
+        return self._engines[exact]
 
-    @cached_property
-    def _engine(self) -> Engine:
-        from .gradients import Projector
-
-        projector = Projector(self.loaded.split, self.index_settings.dim, self.index_settings.seed, self.loaded.device)
-        return Engine(self.loaded, TrainingSide(self.loaded, projector, self.index), self._checkpoint_lrs())
-
-    @cached_property
-    def _exact_engine(self) -> Engine:
-        from .gradients import Projector
-
-        full, labels = self.train_cache
-        masked = HiddenCache.load(self.index.root / "prefix-masked.safetensors")  # built with the index
-        projector = Projector(self.loaded.split, None, 0, self.loaded.device)
-        side = TrainingSide(self.loaded, projector, None, full, masked, labels, self.index_settings.batch_size)
-        return Engine(self.loaded, side, self._checkpoint_lrs())
-
-    @cached_property
-    def train_cache(self):
-        import torch
-
-        cache = HiddenCache.load(self.ws.root / "prefix" / "train.safetensors")
-        labels = torch.tensor([self.manifest.labels.index(self.by_id[i]["label"]) for i in self.train_ids])
-        return cache, labels
-
-    def _checkpoint_lrs(self) -> dict[str, float]:
-        records = self.manifest.stages.get("model", {}).get("checkpoints", [])
-        return {r["point"]: r["lr"] for r in records}
-
-    # instances -----------------------------------------------------------------------------
-    def instances(self, split: str | None = None) -> list[dict]:
-        return [row for row in self.rows if split is None or row["split"] == split]
-
-    def test_input(self, test_id: str) -> TestInput:
-        """The stored instance as a test input, with a person's span correction applied."""
-        row = self.by_id.get(test_id)
-        if row is None:
-            raise KeyError(f"no instance with id {test_id!r} in {self.ws.root}")
-        span = (row["span"]["start"], row["span"]["end"]) if row.get("span") else None
-        ann = self.store.current_annotations().get(test_id)
-        if ann is not None and ann.status == "fix":
-            span = (ann.corrected_start, ann.corrected_end)
-        return TestInput(row["aspect"], row["text"], row["label"], span, test_id)
-
-    def new_input(self, text: str, aspect: str) -> TestInput:
-        """A review not in the dataset: its span from the heuristic around the aspect."""
-        if not text.strip() or not aspect.strip():
-            raise ValueError("both a text and an aspect are needed")
-        span = clause_span(text, None, None, aspect)
-        return TestInput(aspect, text, None, span, None)
+    def train_cache(self) -> tuple[HiddenCache, torch.Tensor]:
+        """Frozen-prefix states and labels of the training inputs (loaded once)."""
+        if not hasattr(self, "_train_cache"):
+            cache = HiddenCache.load(self.ws.root / "prefix" / "train.safetensors")
+            labels = torch.tensor([self.manifest.labels.index(self.by_id[i].label) for i in self.train_ids])
+            self._train_cache = (cache, labels)
+        return self._train_cache
 
     # explanations --------------------------------------------------------------------------
-    def explain(
-        self,
-        test: str | TestInput,
-        method: str,
-        *,
-        k: int = 10,
-        exact: bool = False,
-        ihvp: str = "fast",
-        damping: float = DEFAULT_DAMPING,
-        paper_signs: bool = False,
-        lissa: LissaSettings = LissaSettings(),
-        use_cache: bool = True,
-    ) -> Explanation:
-        """Top-k proponents and opponents of a test input under ``method`` (cached)."""
-        m = resolve_method(method)
-        test_input = self.test_input(test) if isinstance(test, str) else test
-        settings = self.result_settings(test_input, m.name, exact=exact, ihvp=ihvp, damping=damping,
-                                        paper_signs=paper_signs, lissa=lissa)
-        key = test_input.id or "new"
-        if use_cache:
-            cached = self.store.get_result(self.fingerprint, m.name, settings, key)
-            if cached is not None and cached["k"] >= k:
-                return self._cut(Explanation.from_dict(cached), k)
-        engine = self.engine(exact)
-        scores = engine.scores([test_input], m, ihvp=ihvp, damping=damping, lissa_settings=lissa,
-                               paper_signs=paper_signs, train_cache=self.train_cache if ihvp == "lissa" else None)
-        values = scores.values[0]
-        keep = max(k, 100)
-        explanation = Explanation(
-            m.name, test_input.id, test_input.span, keep,
-            rank(values, self.train_ids, keep), rank(values, self.train_ids, keep, opponents=True),
-            [round(float(v), 8) for v in values], scores.approx, round(scores.seconds, 4),
-        )
-        if use_cache:
-            self.store.put_result(self.fingerprint, m.name, settings, key, explanation.to_dict(),
-                                  depends_on_train_spans=m.uses_spans)
-        return self._cut(explanation, k)
-
-    def result_settings(self, test: TestInput, method: str, *, exact: bool = False, ihvp: str = "fast",
-                        damping: float = DEFAULT_DAMPING, paper_signs: bool = False,
-                        lissa: LissaSettings = LissaSettings()) -> dict:
+    def result_settings(self, test: TestInput, spec: MethodSpec, settings: ScoreSettings) -> dict:
         """What an explanation's cached result is keyed by, besides the index fingerprint."""
-        m = resolve_method(method)
-        settings = {"exact": exact, "ihvp": ihvp if m.inverse else None,
-                    "damping": float(damping) if m.inverse and ihvp == "fast" else None,
-                    "paper_signs": paper_signs and paper_sign(m) < 0, "span": test.span,
-                    "text": None if test.id else [test.aspect, test.text],
-                    "lissa": asdict(lissa) if m.inverse and ihvp == "lissa" else None}
-        if m.uses_spans:
-            settings["train_spans"] = self._spans_key()
-        return settings
+        extra = {"span": test.span, "label": test.label or "predicted",
+                 "text": None if test.id else [test.aspect, test.text]}
+        if spec.uses_spans:
+            extra["train_spans"] = fingerprint(sorted(self.index.meta.get("overrides", {}).items()))
+        return result_key(spec, settings, **extra)
 
-    @staticmethod
-    def _cut(explanation: Explanation, k: int) -> Explanation:
-        explanation.top = explanation.top[:k]
-        explanation.opponents = explanation.opponents[:k]
-        explanation.k = k
-        return explanation
+    def explain(self, test: str | TestInput, method: str, *, k: int = 10,
+                settings: ScoreSettings = ScoreSettings(), use_cache: bool = True) -> Explanation:
+        """Top-k proponents and opponents of a test input under ``method`` (cached)."""
+        return self.explain_many(test, [method], k=k, settings=settings, use_cache=use_cache)[0]
+
+    def explain_many(self, test: str | TestInput, methods: Sequence[str], *, k: int = 10,
+                     settings: ScoreSettings = ScoreSettings(), use_cache: bool = True) -> list[Explanation]:
+        """Explanations of several methods; the missing ones are scored together (shared work once)."""
+        specs = list(dict.fromkeys(METHODS.resolve(m) for m in methods))
+        test_input = self.test_input(test) if isinstance(test, str) else test
+        with self.lock:
+            self.sync_spans()
+            keys = {s.name: self.result_settings(test_input, s, settings) for s in specs}
+            found: dict[str, Explanation] = {}
+            if use_cache:
+                for s in specs:
+                    cached = self.store.get_result(self.fingerprint, s.name, keys[s.name], test_input.id or "new")
+                    if cached is not None and cached["k"] >= k:
+                        found[s.name] = Explanation.from_dict(cached)
+            missing = [s for s in specs if s.name not in found]
+            if missing:
+                found |= self._compute(test_input, missing, settings, keys, use_cache)
+        return [found[s.name].cut(k) for s in specs]
+
+    def _compute(self, test: TestInput, specs: list[MethodSpec], settings: ScoreSettings, keys: dict,
+                 store: bool) -> dict[str, Explanation]:
+        engine = self.engine(settings.exact)
+        label = test.label or self.profile(test)["label"]
+        scored = engine.scores_many([test], specs, settings)
+        out = {}
+        for s in specs:
+            values = scored[s.name].values[0]
+            exp = Explanation(s.name, test.id, test.span, KEEP, rank(values, self.train_ids, KEEP),
+                              rank(values, self.train_ids, KEEP, opponents=True), [float(f"{v:.7g}") for v in values.tolist()],
+                              scored[s.name].approx, round(scored[s.name].seconds, 4), label)
+            if store:
+                self.store.put_result(self.fingerprint, s.name, keys[s.name], test.id or "new", exp.to_dict(),
+                                      depends_on_train_spans=s.uses_spans)
+            out[s.name] = exp
+        return out
 
     # for the app's pages -------------------------------------------------------------------
-    PROFILE = "profile"
-    """The results-cache method name under which :meth:`profile` stores its answers."""
-
     def profile(self, test: TestInput) -> dict:
         """The model's view of ``test`` (cached in the store): predicted label, class
         probabilities, and the cosine of its span's embedding with every training span's
         (emb(span) = emb(x) - emb(x_-ij), CLS at theta; the quantity Sag@K averages)."""
         from .metrics import cosine_to
 
+        index = self.sync_spans()
         settings = {"span": test.span, "text": None if test.id else [test.aspect, test.text],
-                    "train_spans": self._spans_key()}
+                    "train_spans": fingerprint(sorted(index.meta.get("overrides", {}).items()))}
         key = test.id or "new"
-        cached = self.store.get_result(self.fingerprint, self.PROFILE, settings, key)
+        cached = self.store.get_result(self.fingerprint, PROFILE, settings, key)
         if cached is not None:
             return cached
-        import torch
-
-        from .model import compute_prefix, mask_span, predict
-
-        tok = self.loaded.tokenizer
-        enc = self.loaded.encode(test.aspect, test.text)
-        masked = mask_span(enc, test.span[0], test.span[1], tok.mask_token_id) if test.span else enc
-        cache = compute_prefix(self.loaded.split, [enc, masked], tok.pad_token_id, device=self.loaded.device,
-                               progress=False)
-        self.loaded.use("final")
-        with torch.no_grad():
-            logits, cls = predict(self.loaded.split, cache, device=self.loaded.device, with_cls=True)
-        probs = logits[0].softmax(-1).tolist()
-        full, masked_emb = self.index.embeddings()
-        cosines = cosine_to(full - masked_emb, cls[0] - cls[1])
-        result = {"label": self.manifest.labels[int(logits[0].argmax())], "probs": [round(p, 6) for p in probs],
-                  "cosines": [round(float(c), 6) for c in cosines]}
-        self.store.put_result(self.fingerprint, self.PROFILE, settings, key, result, depends_on_train_spans=True)
+        with self.lock:
+            tok = self.loaded.tokenizer
+            enc = self.loaded.encode(test.aspect, test.text)
+            masked = mask_span(enc, test.span[0], test.span[1], tok.mask_token_id) if test.span else enc
+            cache = compute_prefix(self.loaded.split, [enc, masked], tok.pad_token_id, device=self.loaded.device,
+                                   progress=False)
+            with torch.no_grad(), self.loaded.at("final"):
+                logits, cls = predict(self.loaded.split, cache, device=self.loaded.device, with_cls=True)
+        full, masked_emb = index.embeddings()
+        result = {"label": self.manifest.labels[int(logits[0].argmax())],
+                  "probs": [round(p, 6) for p in logits[0].softmax(-1).tolist()],
+                  "cosines": [round(float(c), 6) for c in cosine_to(full - masked_emb, cls[0] - cls[1])],
+                  "span_masks_nothing": masked == enc}
+        self.store.put_result(self.fingerprint, PROFILE, settings, key, result, depends_on_train_spans=True)
         return result
 
     def annotate_span(self, instance_id: str, status: str, annotator: str,
                       corrected: tuple[int, int] | None = None) -> int:
-        """Record a verdict on an instance's span and drop the cached results it affects.
-
-        A test (or dev) instance's change drops that instance's results; a training span's
-        change drops every result that uses training spans (the index patches that instance's
-        rows when it is next used). Returns the annotation's id.
-        """
-        row = self.by_id.get(instance_id)
-        if row is None:
-            raise KeyError(f"no instance with id {instance_id!r} in {self.ws.root}")
-        if corrected is not None and not corrected[1] <= len(row["text"]):
-            raise ValueError(f"corrected span {corrected} ends past the text ({len(row['text'])} characters)")
-        span = row.get("span") or {"start": 0, "end": len(row["text"]), "source": "whole"}
-        entry = self.store.annotate(instance_id, status=status, annotator=annotator,
-                                    original=(span["start"], span["end"], span["source"]), corrected=corrected,
-                                    fingerprint=self.ws.fingerprint)
-        self._span_changed(instance_id)
+        """Record a verdict on an instance's span, drop the cached results it affects and, for a
+        training instance, patch the index. Returns the annotation's id."""
+        record = self.record(instance_id)
+        if corrected is not None and not corrected[1] <= len(record.text):
+            raise ValueError(f"corrected span {corrected} ends past the text ({len(record.text)} characters)")
+        span = record.detected
+        original = (span.start, span.end, span.source) if span else (0, len(record.text), "whole")
+        entry = self.store.annotate(instance_id, status=status, annotator=annotator, original=original,
+                                    corrected=corrected, fingerprint=self.ws.fingerprint)
+        self._spans_changed([instance_id])
         return entry
 
     def undo_span_annotation(self, annotator: str):
         """Undo ``annotator``'s latest verdict (store.undo_last) and drop the results it affected."""
         entry = self.store.undo_last(annotator)
         if entry is not None:
-            self._span_changed(entry.instance_id)
+            self._spans_changed([entry.instance_id])
         return entry
 
     def import_span_annotations(self, path: Path, annotator_default: str) -> int:
         """Append the verdicts of an exported JSONL file; drop the results they affect."""
-        import json
-
         count = self.store.import_jsonl(path, annotator_default)
         ids = {json.loads(line)["instance_id"] for line in Path(path).read_text(encoding="utf-8").splitlines()
                if line.strip()}
-        for instance_id in ids & self.by_id.keys():
-            self._span_changed(instance_id)
+        self._spans_changed(sorted(ids & self.by_id.keys()))
         return count
 
-    def _span_changed(self, instance_id: str) -> None:
-        if self.by_id[instance_id]["split"] == "train":
+    def _spans_changed(self, ids: list[str]) -> None:
+        train = [i for i in ids if self.by_id[i].split == "train"]
+        if train:
             self.store.invalidate_train_span_dependent()
-        else:
-            self.store.invalidate_test(instance_id)
-
-    def current_span(self, instance_id: str) -> tuple[int, int] | None:
-        """The span in use for an instance: a person's fix, else the stored span."""
-        ann = self.store.current_annotations().get(instance_id)
-        if ann is not None and ann.status == "fix":
-            return ann.corrected_start, ann.corrected_end
-        span = self.by_id[instance_id].get("span")
-        return (span["start"], span["end"]) if span else None
-
-    def save_case_study(self, title: str, note: str, workspace: str, test: TestInput, methods: list[str],
-                        k: int) -> int:
-        """Save the current view as a case study with a snapshot of each method's top-1."""
-        from .explore import agreement, snapshot_instance
-
-        profile = self.profile(test)
-        row = self.by_id.get(test.id) if test.id else None
-        snap_test = snapshot_instance(row or {"text": test.text, "aspect": test.aspect}, test.span)
-        snap_test.update(label=test.label, pred=profile["label"])
-        position = {train_id: i for i, train_id in enumerate(self.train_ids)}
-        labels = [self.by_id[i]["label"] for i in self.train_ids]
-        snapshot: dict = {"test": snap_test, "k": k, "methods": {}}
-        for method in methods:
-            exp = self.explain(test, method, k=max(k, 1))
-            scores = agreement([position[h.train_id] for h in exp.top], profile["cosines"], labels,
-                               test.label or profile["label"], k).at(k)
-            top = []
-            for hit in exp.top[:1]:
-                train = self.by_id[hit.train_id]
-                entry = snapshot_instance(train, (train["span"]["start"], train["span"]["end"]) if train.get("span") else None)
-                top.append({**entry, "rank": hit.rank, "score": hit.score})
-            snapshot["methods"][exp.method] = {"top": top, "sag": scores["sag"], "lag": scores["lag"]}
-        return self.store.save_case(title, note, workspace, test.id or "(new review)", list(snapshot["methods"]), k,
-                                    snapshot)
+            self.sync_spans()
+        for i in ids:
+            if i not in train:
+                self.store.invalidate_test(i)

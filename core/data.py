@@ -300,40 +300,48 @@ def _read_sentihood(f: _File, name: str) -> Found:
         if not isinstance(text, str) or not text.strip():
             raise f.error(where, "missing or empty text")
         text = text.strip()
-        parsed = []  # (j, place, target, category, label)
-        for j, opinion in enumerate(opinions):
-            at = f"{where}, opinion {j}"
-            if not isinstance(opinion, dict):
-                raise f.error(at, "expected a JSON object")
-            missing = [k for k in ("target_entity", "aspect", "sentiment") if k not in opinion]
-            if missing:
-                raise f.error(at, f"missing field(s) {', '.join(missing)}")
-            target, category = opinion["target_entity"], opinion["aspect"]
-            if not all(isinstance(v, str) and v.strip() for v in (target, category)):
-                raise f.error(at, "empty target_entity or aspect")
-            label = f.label(opinion["sentiment"], at)
-            if label is not None:
-                parsed.append((j, at, target.strip(), category.strip(), label))
-        by_pair: dict[tuple[str, str], set[str]] = {}
-        for _, _, target, category, label in parsed:
-            by_pair.setdefault((target.lower(), category.lower()), set()).add(label)
-        done: set[tuple[str, str]] = set()
-        for j, at, target, category, label in parsed:
-            pair = (target.lower(), category.lower())
-            if len(by_pair[pair]) > 1:
-                f.skip(at, CONFLICT, f"contradictory sentiments {sorted(by_pair[pair])} for {target} {category}")
-                continue
-            if pair in done:
-                f.report.skipped["duplicate opinion"] += 1
-                continue
-            done.add(pair)
-            split = f.split_of(text)
-            start, end = _find(text, target)
-            found.append((
-                Instance(f"{name}/{split}/{sid}/{j}", split, text, f"{target} {category}".lower(), label,
-                         start, end, meta={"target": target, "category": category}),
-                f"{f.path}: {at}",
-            ))
+        found += _sentihood_opinions(f, name, sid, where, text, opinions)
+    return found
+
+
+def _sentihood_opinions(f: _File, name: str, sid: object, where: str, text: str, opinions: list) -> Found:
+    """One SentiHood sentence's opinions as instances: one per (target, category) pair; a pair
+    with contradictory sentiments is skipped as a conflict, a repeated one as a duplicate."""
+    parsed = []  # (j, place, target, category, label)
+    for j, opinion in enumerate(opinions):
+        at = f"{where}, opinion {j}"
+        if not isinstance(opinion, dict):
+            raise f.error(at, "expected a JSON object")
+        missing = [k for k in ("target_entity", "aspect", "sentiment") if k not in opinion]
+        if missing:
+            raise f.error(at, f"missing field(s) {', '.join(missing)}")
+        target, category = opinion["target_entity"], opinion["aspect"]
+        if not all(isinstance(v, str) and v.strip() for v in (target, category)):
+            raise f.error(at, "empty target_entity or aspect")
+        label = f.label(opinion["sentiment"], at)
+        if label is not None:
+            parsed.append((j, at, target.strip(), category.strip(), label))
+    by_pair: dict[tuple[str, str], set[str]] = {}
+    for _, _, target, category, label in parsed:
+        by_pair.setdefault((target.lower(), category.lower()), set()).add(label)
+    found: Found = []
+    done: set[tuple[str, str]] = set()
+    for j, at, target, category, label in parsed:
+        pair = (target.lower(), category.lower())
+        if len(by_pair[pair]) > 1:
+            f.skip(at, CONFLICT, f"contradictory sentiments {sorted(by_pair[pair])} for {target} {category}")
+            continue
+        if pair in done:
+            f.report.skipped["duplicate opinion"] += 1
+            continue
+        done.add(pair)
+        split = f.split_of(text)
+        start, end = _find(text, target)
+        found.append((
+            Instance(f"{name}/{split}/{sid}/{j}", split, text, f"{target} {category}".lower(), label,
+                     start, end, meta={"target": target, "category": category}),
+            f"{f.path}: {at}",
+        ))
     return found
 
 

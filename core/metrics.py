@@ -13,6 +13,7 @@ fractions (the paper's tables show them x100).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -173,3 +174,49 @@ def run_statistics(per_run: list) -> dict[str, float]:
             "var_runs": float(means.var(ddof=1)) if len(means) > 1 else 0.0,
             "sd_tests": float(np.nanstd(pooled, ddof=1)) if len(pooled) > 1 else 0.0,
             "runs": len(runs), "tests": int(sum(len(r) for r in runs))}
+
+
+# ------------------------------------------------------------------------------ one ranked list
+
+@dataclass
+class Agreement:
+    """Sag@K and Lag@K of one ranked list for K = 1..kmax, with the random-ranking baseline
+    (``*_random``: mean, low, high per K; ``*_expected``: its analytic expectation)."""
+
+    ks: list[int]
+    sag: list[float]
+    lag: list[float]
+    sag_random: tuple[list[float], list[float], list[float]]
+    lag_random: tuple[list[float], list[float], list[float]]
+    sag_expected: float
+    lag_expected: float
+
+    def at(self, k: int) -> dict[str, float]:
+        """Sag, Lag and a random ranking's expectation of each, at ``k`` (clipped to the curve)."""
+        i = min(max(k, 1), len(self.ks)) - 1
+        return {"sag": self.sag[i], "lag": self.lag[i], "sag_random": self.sag_expected,
+                "lag_random": self.lag_expected}
+
+
+def agreement(ranked_rows: Sequence[int], cosines: Sequence[float], train_labels: Sequence[str], gold: str,
+              kmax: int, draws: int = 100) -> Agreement:
+    """Sag/Lag K-curves (core.metrics) of a ranking given as row indices into the training set."""
+    kmax = min(kmax, len(ranked_rows))
+    cos = np.asarray(cosines, dtype=np.float64)
+    match = label_agreement(np.asarray(train_labels), np.asarray(gold))
+    base = {name: random_baseline(values, kmax, draws=draws) for name, values in (("sag", cos), ("lag", match))}
+    band = {name: (b.mean.tolist(), b.low.tolist(), b.high.tolist()) for name, b in base.items()}
+    ranked = np.asarray(ranked_rows[:kmax])
+    return Agreement(list(range(1, kmax + 1)), k_curve(ranked, cos, kmax).tolist(),
+                     k_curve(ranked, match, kmax).tolist(), band["sag"], band["lag"],
+                     base["sag"].expected, base["lag"].expected)
+
+
+def top_k_overlap(a: Sequence[str], b: Sequence[str], k: int) -> float:
+    """|top-K(a) & top-K(b)| / K."""
+    return len(set(a[:k]) & set(b[:k])) / k if k else 0.0
+
+
+def pairwise(methods: Sequence[str], fn: Callable[[str, str], float]) -> list[list[float]]:
+    """The square matrix ``fn(row method, column method)``."""
+    return [[fn(a, b) for b in methods] for a in methods]

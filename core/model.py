@@ -1,5 +1,5 @@
-"""The classifier: backbone, trainable subset, span masking, frozen-prefix cache, training,
-checkpoints and variants.
+"""The classifier: backbone, trainable subset, span masking, frozen-prefix cache, prediction and
+parameter files (training, checkpoints and variants: :mod:`core.training`).
 
 The model is split once into a *bottom* (embeddings + all encoder layers below the trainable
 subset, run once per input) and a *top* (the last N encoder layers + pooler + head) that takes
@@ -10,11 +10,9 @@ base model has ``embeddings`` and ``encoder.layer`` (BERT, RoBERTa, DeBERTa, ELE
 from __future__ import annotations
 
 import copy
-import math
 import random
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -373,195 +371,6 @@ def predict(
                 cls[i] = emb[j].float().cpu()
     stacked = torch.stack(logits)  # type: ignore[arg-type]
     return (stacked, torch.stack(cls)) if with_cls else stacked  # type: ignore[arg-type]
-
-
-# ----------------------------------------------------------------------------- training
-
-
-@dataclass
-class TrainConfig:
-    """Settings of the classifier training (the subset above the frozen prefix)."""
-
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup: float = 0.06
-    seed: int = 0
-    checkpoints: int = 3
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    lr: float
-    train_loss: float
-    dev_accuracy: float
-    seconds: float
-
-
-@dataclass
-class TrainState:
-    """Everything needed to resume training after an interruption."""
-
-    epoch: int = 0
-    history: list[EpochRecord] = field(default_factory=list)
-    best_epoch: int = 0
-    best_accuracy: float = -1.0
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else float("nan")
-
-
-def _schedule(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def train(
-    split: SplitModel,
-    train_cache: HiddenCache,
-    train_labels: torch.Tensor,
-    dev_cache: HiddenCache,
-    dev_labels: torch.Tensor,
-    cfg: TrainConfig,
-    *,
-    out_dir: Path,
-    device: torch.device | str = "cpu",
-    progress: bool = True,
-    on_epoch=None,
-) -> TrainState:
-    """AdamW training of the trainable subset on the frozen-prefix cache, resumable.
-
-    After every epoch the trainable parameters are saved as ``epoch-E.safetensors`` with the
-    optimiser state (``state.pt``); an interrupted run continues from the last finished epoch.
-    The parameters of the best epoch on dev become ``final.safetensors``; the last
-    ``cfg.checkpoints`` epoch files are kept (TracIn's checkpoints), older ones removed.
-    ``on_epoch(record)`` is called after each epoch (for progress in the app).
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    params = split.top_params()
-    decay = [p for n, p in params.items() if p.ndim > 1]
-    no_decay = [p for n, p in params.items() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
-    steps_per_epoch = math.ceil(len(train_cache) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, warmup))
-    state = TrainState()
-    state_file = out_dir / "state.pt"
-    if state_file.exists():
-        saved = torch.load(state_file, weights_only=False)
-        split.load_state(load_params(out_dir / f"epoch-{saved['state'].epoch}.safetensors"))
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
-    lengths = train_cache.lengths()
-    for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        started = time.perf_counter()
-        split.top.train()
-        batches = length_batches(lengths, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch)
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout
-        lrs, losses = [], []
-        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, unit="batch")
-        for idx in bar:
-            h, mask = train_cache.batch(idx, device)
-            logits = top_forward(split, h, mask)
-            loss = nn.functional.cross_entropy(logits, train_labels[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            lrs.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.3f}")
-        split.top.eval()
-        dev_acc = accuracy(predict(split, dev_cache, device=device), dev_labels)
-        record = EpochRecord(epoch, sum(lrs) / len(lrs), sum(losses) / len(losses), dev_acc, time.perf_counter() - started)
-        state.history.append(record)
-        state.epoch = epoch
-        save_params(split.state(), out_dir / f"epoch-{epoch}.safetensors")
-        if dev_acc > state.best_accuracy:
-            state.best_accuracy, state.best_epoch = dev_acc, epoch
-            save_params(split.state(), out_dir / "best.safetensors")
-        tmp = state_file.with_suffix(".tmp")
-        torch.save({"state": state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp)
-        tmp.replace(state_file)
-        stale = out_dir / f"epoch-{epoch - cfg.checkpoints}.safetensors"
-        if stale.exists():
-            stale.unlink()
-        if on_epoch is not None:
-            on_epoch(record)
-    split.load_state(load_params(out_dir / "best.safetensors"))
-    return state
-
-
-@dataclass(frozen=True)
-class VariantRecord:
-    """How variant i was made: one SGD step from theta on these training rows."""
-
-    index: int
-    seed: int
-    rows: tuple[int, ...]
-    lr: float
-    step_norm: float
-
-
-def make_variants(
-    split: SplitModel,
-    train_cache: HiddenCache,
-    train_labels: torch.Tensor,
-    *,
-    count: int = 3,
-    batch_size: int = 32,
-    lr: float = 1e-4,
-    optimizer: str = "adamw",
-    weight_decay: float = 0.01,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-) -> tuple[list[Params], list[VariantRecord]]:
-    """``theta_i = theta + delta_i``: one training step from theta on a seeded random mini-batch.
-
-    ``optimizer="adamw"``: the first step of a fresh AdamW (the training optimiser), which moves
-    every parameter by about ``lr`` along the sign of its gradient - the paper's "one-step
-    training (learning rate 1e-4)". ``"sgd"``: ``delta = -lr * grad``, which at lr 1e-4 moves the
-    model so little that the variants are theta to about seven digits. Dropout is off, so the
-    same seed gives bitwise the same variants; theta is restored afterwards.
-    """
-    if optimizer not in ("adamw", "sgd"):
-        raise ValueError(f"variant optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
-    theta = split.state()
-    params = split.top_params()
-    variants, records = [], []
-    split.top.eval()
-    for i in range(1, count + 1):
-        vseed = seed * 7919 + i
-        rows = tuple(sorted(random.Random(vseed).sample(range(len(train_cache)), min(batch_size, len(train_cache)))))
-        h, mask = train_cache.batch(rows, device)
-        loss = nn.functional.cross_entropy(top_forward(split, h, mask), train_labels[list(rows)].to(device))
-        grads = torch.autograd.grad(loss, list(params.values()))
-        if optimizer == "sgd":
-            variant = {n: (theta[n] - lr * g.detach()).clone() for n, g in zip(params, grads)}
-        else:
-            step = torch.optim.AdamW(
-                [{"params": [p for p in params.values() if p.ndim > 1], "weight_decay": weight_decay},
-                 {"params": [p for p in params.values() if p.ndim <= 1], "weight_decay": 0.0}], lr=lr)
-            for p, g in zip(params.values(), grads):
-                p.grad = g.detach()
-            step.step()
-            for p in params.values():
-                p.grad = None
-            variant = split.state()
-            split.load_state(theta)
-        norm = math.sqrt(sum(float((variant[n] - theta[n]).double().pow(2).sum()) for n in params))
-        variants.append(variant)
-        records.append(VariantRecord(i, vseed, rows, lr, norm))
-    return variants, records
 
 
 # ----------------------------------------------------------------------------- files

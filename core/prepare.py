@@ -20,22 +20,19 @@ import torch
 from .data import Dataset, Instance, load_dataset
 from .model import (
     HiddenCache,
-    TrainConfig,
-    accuracy,
     compute_prefix,
     encode_pairs,
     load_backbone,
     load_params,
-    make_variants,
     mask_span,
     pick_device,
     predict,
     resolve_backbone,
     save_params,
     split_model,
-    train,
 )
 from .spans import RCSpanFinder, Span, detect_spans, refine_by_importance, span_stats
+from .training import TrainConfig, accuracy, train, variants_like
 from .workspace import (
     Manifest,
     Workspace,
@@ -44,6 +41,11 @@ from .workspace import (
     instance_row,
     library_versions,
 )
+
+StageProgress = Callable[[str, float], None]
+"""Called with a stage name and the fraction of that stage done."""
+CHECKPOINT_RULE = "last C epochs up to the selected one"  # in the model stage's fingerprint
+PREFIX_SHARE = 0.1  # of the model stage: the frozen prefix; the rest is training, step by step
 
 PRESETS: dict[str, dict] = {
     "demo": {},
@@ -117,8 +119,10 @@ class Preparer:
         *,
         progress: bool = True,
         log: Callable[[str], None] = print,
+        on_progress: StageProgress | None = None,
     ):
         self.settings = settings
+        self.on_progress = on_progress
         self.ws = Workspace(workspace)
         self.progress = progress
         self.log = log
@@ -126,9 +130,15 @@ class Preparer:
         self.manifest = self.ws.manifest()
 
     # ------------------------------------------------------------------ bookkeeping
+    def report(self, stage: str, fraction: float) -> None:
+        if self.on_progress is not None:
+            self.on_progress(stage, min(max(fraction, 0.0), 1.0))
+
     def _begin(self, stage: str, fp: str, clean: tuple[str, ...] = ()) -> bool:
         """True when the stage must run; wipes its folders when its fingerprint changed."""
+        self.report(stage, 0.0)
         if self.manifest.stage_done(stage, fp):
+            self.report(stage, 1.0)
             self.log(f"[{stage}] up to date ({fp})")
             return False
         record = self.manifest.stages.get(stage)
@@ -146,6 +156,7 @@ class Preparer:
         rec.update(done=True, seconds=round(time.perf_counter() - started, 1), **extra)
         self.ws.save_manifest(self.manifest)
         self.log(f"[{stage}] done in {rec['seconds']:.1f}s")
+        self.report(stage, 1.0)
 
     # ------------------------------------------------------------------ stages
     def run(self) -> Manifest:
@@ -208,7 +219,8 @@ class Preparer:
         s = self.settings
         backbone = resolve_backbone(s.model)
         cfg = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed, checkpoints=s.checkpoints)
-        fp = fingerprint(data_fp, backbone_fingerprint(backbone), asdict(cfg), s.trainable_layers, s.max_length)
+        fp = fingerprint(data_fp, backbone_fingerprint(backbone), asdict(cfg), s.trainable_layers, s.max_length,
+                         CHECKPOINT_RULE)
         model, tokenizer = load_backbone(s.model, self.manifest.labels, s.seed)
         model.to(self.device)
         split = split_model(model, s.trainable_layers)
@@ -232,6 +244,7 @@ class Preparer:
                 device=self.device, desc=f"frozen prefix ({name})", progress=self.progress,
             )
             caches[name].save(path)
+            self.report("model", PREFIX_SHARE * (len(caches) / len(by_split)))
         timings["prefix"] = round(time.perf_counter() - t0, 1)
         y = {name: torch.tensor([labels.index(i.label) for i in rows]) for name, rows in by_split.items()}
         t0 = time.perf_counter()
@@ -241,14 +254,15 @@ class Preparer:
             on_epoch=lambda r: self.log(
                 f"  epoch {r.epoch}: loss {r.train_loss:.4f}, dev accuracy {r.dev_accuracy:.4f} ({r.seconds:.0f}s)"
             ),
+            on_step=lambda done, total: self.report("model", PREFIX_SHARE + (1 - PREFIX_SHARE) * done / max(total, 1)),
         )
         timings["train"] = round(time.perf_counter() - t0, 1)
         model_dir = self.ws.dir("model")
         save_params(split.state(), model_dir / "final.safetensors")
-        kept = [r for r in state.history if (self.ws.root / "train" / f"epoch-{r.epoch}.safetensors").exists()]
-        for k, record in enumerate(kept[-s.checkpoints :], start=1):
+        kept = [state.history[e - 1] for e in state.checkpoint_epochs(s.checkpoints)]  # up to the selected epoch
+        for k, record in enumerate(kept, start=1):
             shutil.copyfile(self.ws.root / "train" / f"epoch-{record.epoch}.safetensors", model_dir / f"checkpoint-{k}.safetensors")
-        checkpoints = [{"point": f"checkpoint-{k}", "epoch": r.epoch, "lr": r.lr} for k, r in enumerate(kept[-s.checkpoints :], 1)]
+        checkpoints = [{"point": f"checkpoint-{k}", "epoch": r.epoch, "lr": r.lr} for k, r in enumerate(kept, 1)]
         results = {"best_epoch": state.best_epoch, "history": [asdict(r) for r in state.history]}
         for name in ("train", "dev", "test"):
             if len(caches[name]):
@@ -305,10 +319,7 @@ class Preparer:
         cache = HiddenCache.load(self.ws.root / "prefix" / "train.safetensors")
         y = torch.tensor([self.manifest.labels.index(i.label) for i in train_rows])
         theta = split.state()
-        variants, records = make_variants(
-            split, cache, y, count=s.variants, batch_size=s.batch_size, lr=s.variant_lr, optimizer=s.variant_optimizer,
-            seed=s.seed, device=self.device
-        )
+        variants, records = variants_like(asdict(s), split, cache, y, seed=s.seed, device=self.device)
         split.load_state(theta)
         for params, rec in zip(variants, records):
             save_params(params, self.ws.dir("model") / f"variant-{rec.index}.safetensors")
@@ -320,6 +331,7 @@ class Preparer:
 
 
 def prepare(settings: PrepareSettings, workspace: str | Path, *, progress: bool = True,
-            log: Callable[[str], None] = print) -> Manifest:
-    """Build (or bring up to date) the workspace at ``workspace``; returns its manifest."""
-    return Preparer(settings, workspace, progress=progress, log=log).run()
+            log: Callable[[str], None] = print, on_progress: StageProgress | None = None) -> Manifest:
+    """Build (or bring up to date) the workspace at ``workspace``; returns its manifest.
+    ``on_progress(stage, fraction)`` hears each stage's start (0), progress and end (1)."""
+    return Preparer(settings, workspace, progress=progress, log=log, on_progress=on_progress).run()

@@ -6,7 +6,11 @@ no transaction has to upgrade a read lock and fail with "database is locked"). O
 :class:`Store` may be shared between threads; a lock serialises use of its connection.
 
 The schema carries a version (table ``schema_version``); :data:`_MIGRATIONS` brings any older
-file up to date, once, under the write lock, so two processes opening a fresh file both succeed.
+file up to date, once, under the write lock. Opening switches the file to WAL only if it is not
+in WAL already, and retries that switch and the migration while the file is busy (SQLite does
+not run the busy handler for every lock they need), so any number of processes opening a fresh
+file at once all succeed. A file that is not an SQLite database, or a damaged one, is refused
+with a ``ValueError`` naming it.
 
 Annotations are an append-only log: an entry is never deleted or changed, except that undo sets
 its ``undone`` flag. All offsets are character offsets (Python ``str`` indices, i.e. code
@@ -16,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -102,6 +108,12 @@ class Case:
     k: int
     snapshot: dict[str, Any]
     created_at: str
+
+
+def _error_code(err: sqlite3.Error) -> int | None:
+    """The primary SQLite result code of ``err`` (``None`` for errors of the sqlite3 module)."""
+    code = getattr(err, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
 
 
 def _now() -> str:
@@ -220,10 +232,13 @@ class Store:
         self._db.row_factory = sqlite3.Row
         try:
             self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._migrate()
-        except BaseException:
+            self._prepare()
+        except BaseException as err:
             self._db.close()
+            if (isinstance(err, sqlite3.DatabaseError)
+                    and _error_code(err) in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT)):
+                raise ValueError(f"{self.path}: not a SpanLens store ({err}); "
+                                 "move it away to start a new one") from None
             raise
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -255,6 +270,29 @@ class Store:
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
+
+    def _prepare(self) -> None:
+        """Put the file in WAL mode and migrate it; retry while another connection holds it.
+
+        A journal-mode change and a connection meeting another one's WAL recovery or last-close
+        checkpoint can fail with SQLITE_BUSY without the busy handler running, so such failures
+        are retried after a short random pause until ``BUSY_TIMEOUT_MS`` has passed. Reading
+        the mode first means files already in WAL never take the lock the change needs.
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        pause = 0.002
+        while True:
+            try:
+                if self._db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self._db.execute("PRAGMA journal_mode = WAL")
+                self._migrate()
+                return
+            except sqlite3.OperationalError as err:
+                busy = _error_code(err) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or time.monotonic() >= deadline:
+                    raise
+            time.sleep(random.uniform(0, pause))
+            pause = min(2 * pause, 0.1)
 
     def _migrate(self) -> None:
         with self._write() as db:
@@ -336,6 +374,11 @@ class Store:
             "(SELECT MAX(id) FROM annotations WHERE instance_id = a.instance_id AND undone = 0) "
             "ORDER BY id")
         return {row["instance_id"]: _annotation(row) for row in rows}
+
+    def annotations_version(self) -> tuple[int, int]:
+        """Changes whenever an annotation is added or undone: (latest id, entries undone)."""
+        row = self._read("SELECT COALESCE(MAX(id), 0), COALESCE(SUM(undone), 0) FROM annotations")[0]
+        return int(row[0]), int(row[1])
 
     def undo_last(self, annotator: str) -> Annotation | None:
         """Mark ``annotator``'s latest active entry undone and return it (``None``: nothing to undo).

@@ -1,21 +1,15 @@
-"""Pure builders of escaped highlight HTML and Plotly figures (no Streamlit here).
+"""Pure builders of escaped HTML: highlighted reviews, cards, page blocks, case studies (no Streamlit).
 
 Review text is untrusted. Every piece of it that reaches HTML goes through :func:`html.escape`
 and, in addition, has its Markdown-active characters written as numeric character references,
 so it stays literal even if a page renders it through Markdown. Offsets are character offsets
 (Python ``str`` indices: code points, so an emoji counts as one character).
-
-Text that reaches Plotly (titles, hover labels) is escaped the way Plotly decodes it: it knows
-``&amp; &lt; &gt;`` and numeric references only, and treats ``$...$`` as LaTeX.
 """
 from __future__ import annotations
 
 import html
-import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import plotly.graph_objects as go
 
 KIND_CLASSES: dict[str, str] = {
     "span": "sl-span",
@@ -27,33 +21,17 @@ KIND_CLASSES: dict[str, str] = {
 
 CARD_CLASSES = ("sl-card", "sl-card-head", "sl-rank", "sl-score", "sl-label", "sl-card-body",
                 "sl-extra")
+BLOCK_CLASSES = ("sl-review", "sl-probs", "sl-prob", "sl-prob-label", "sl-prob-bar", "sl-prob-value", "sl-tag",
+                 "sl-tag-gold", "sl-tag-predicted", "sl-tag-explained", "sl-verdict", "sl-ok", "sl-bad", "sl-method",
+                 "sl-swatch", "sl-method-note", "sl-cards", "sl-cols-1", "sl-cols-2", "sl-caption", "sl-legend",
+                 "sl-case", "sl-case-meta", "sl-case-note", "sl-case-test", "sl-case-aspect", "sl-case-grid",
+                 "sl-case-method", "sl-case-cell", "sl-report")
 CSS_CLASSES: frozenset[str] = frozenset({"sl-text", "sl-plain", *KIND_CLASSES.values(),
-                                         *CARD_CLASSES})
+                                         *CARD_CLASSES, *BLOCK_CLASSES})
 """Every CSS class this module emits (for assets/style.css to match)."""
 
 # Applied after html.escape, so none of these may occur in its output ("&#x27;" has '#').
 _MARKDOWN_REFS = str.maketrans({c: f"&#{ord(c)};" for c in "\\`*_{}[]()+-!|~$:"})
-_PLOTLY_REFS = str.maketrans({'"': "&#34;", "'": "&#39;", "$": "&#36;"})
-
-# Okabe & Ito (2008) colour-blind-safe palette; the line dash separates the two families too.
-METHOD_COLOURS: dict[str, str] = {
-    "IF": "#E69F00",  # orange
-    "IF+": "#D55E00",  # vermillion
-    "IF++": "#CC79A7",  # reddish purple
-    "TracIn": "#F0E442",  # yellow
-    "TracInF": "#56B4E9",  # sky blue
-    "TracIn+": "#009E73",  # bluish green
-    "TracIn++": "#0072B2",  # blue
-    "GroundTruth": "#000000",  # black
-}
-METHOD_DASHES: dict[str, str] = {
-    m: "dot" if m == "GroundTruth" else "dash" if m.startswith("IF") else "solid"
-    for m in METHOD_COLOURS
-}
-BASELINE_COLOUR = "#808080"
-TOP_K_COLOUR = METHOD_COLOURS["IF+"]
-HOVER_WIDTH = 60
-HOVER_MAX_CHARS = 240
 
 
 class Html(str):
@@ -122,88 +100,103 @@ def card_html(rank: int, score: float, label: str, text_html: Html,
                 f'<div class="sl-card-body">{text_html}</div>{tail}</div>')
 
 
-def plot_text(text: str) -> str:
-    """``text`` escaped for Plotly titles, names and hover labels (no tags, no LaTeX)."""
-    return html.escape(text, quote=False).translate(_PLOTLY_REFS)
 
 
-def _hover_snippet(text: str) -> str:
-    """Untrusted text shortened and wrapped for a hover label, escaped line by line."""
-    if len(text) > HOVER_MAX_CHARS:
-        text = text[:HOVER_MAX_CHARS - 1] + "…"
-    return "<br>".join(plot_text(line) for line in textwrap.wrap(text, HOVER_WIDTH))
+def marks_for(text: str, aspect: tuple[int, int] | None, span: tuple[int, int] | None, kind: str) -> list[Mark]:
+    """Marks for a review: its span as ``kind`` and its aspect mention, where valid."""
+    marks = []
+    for offsets, mark_kind in ((span, kind), (aspect, "aspect")):
+        if offsets and 0 <= offsets[0] < offsets[1] <= len(text):
+            marks.append(Mark(offsets[0], offsets[1], mark_kind))
+    return marks
 
 
-def _method(name: str) -> str:
-    if name not in METHOD_COLOURS:
-        raise ValueError(f"unknown method {name!r}; one of {', '.join(METHOD_COLOURS)}")
-    return name
+def review_block(text: str, aspect: tuple[int, int] | None, span: tuple[int, int] | None,
+                 kind: str = "test-span") -> Html:
+    """The review with its aspect and its span (as ``kind``) highlighted, in a card."""
+    return Html(f'<div class="sl-review">{highlight_html(text, marks_for(text, aspect, span, kind))}</div>')
 
 
-def gauge_figure(value: float, reference: float, title: str, *,
-                 axis_range: tuple[float, float] = (0.0, 1.0), colour: str | None = None) -> go.Figure:
-    """A gauge of ``value`` with its difference to ``reference`` (e.g. Sag@K against random)."""
-    indicator = go.Indicator(
-        mode="gauge+number+delta", value=value,
-        number={"valueformat": ".3f"},
-        delta={"reference": reference, "valueformat": ".3f"},
-        title={"text": plot_text(title)},
-        gauge={"axis": {"range": list(axis_range)},
-               "bar": {"color": colour or METHOD_COLOURS["TracIn++"]},
-               "threshold": {"value": reference, "line": {"color": BASELINE_COLOUR, "width": 3},
-                             "thickness": 0.9}},
-    )
-    fig = go.Figure(indicator)
-    fig.update_layout(height=220, margin={"l": 20, "r": 20, "t": 50, "b": 10})
-    return fig
+def labels_block(labels: Sequence[str], probs: Sequence[float], gold: str | None, predicted: str,
+                 explained: str | None = None) -> Html:
+    """Gold, predicted (and explained) labels and the class probabilities as bars."""
+    rows = []
+    for label, p in zip(labels, probs):
+        flags = (("gold", label == gold), ("predicted", label == predicted), ("explained", label == explained))
+        tags = "".join(f'<span class="sl-tag sl-tag-{kind}">{kind}</span>' for kind, on in flags if on)
+        rows.append(f'<div class="sl-prob"><span class="sl-prob-label">{escape_text(label)}</span>'
+                    f'<span class="sl-prob-bar"><span style="width:{100 * float(p):.1f}%"></span></span>'
+                    f'<span class="sl-prob-value">{float(p):.3f}</span><span>{tags}</span></div>')
+    verdict = ("" if gold is None else '<div class="sl-verdict sl-ok">correct</div>' if gold == predicted
+               else '<div class="sl-verdict sl-bad">wrong</div>')
+    return Html(f'<div class="sl-probs">{"".join(rows)}{verdict}</div>')
 
 
-def k_curve_figure(ks: Sequence[int], curves: Mapping[str, Sequence[float]],
-                   baseline_mean: Sequence[float], baseline_low: Sequence[float],
-                   baseline_high: Sequence[float], title: str) -> go.Figure:
-    """Metric@K for each method (in its colour) over a shaded random-ranking baseline band."""
-    ks = list(ks)
-    series = {"baseline_mean": baseline_mean, "baseline_low": baseline_low,
-              "baseline_high": baseline_high, **{_method(m): ys for m, ys in curves.items()}}
-    for name, ys in series.items():
-        if len(ys) != len(ks):
-            raise ValueError(f"{name} has {len(ys)} values for {len(ks)} values of K")
-    band = {"color": BASELINE_COLOUR, "width": 0}
-    fig = go.Figure([
-        go.Scatter(x=ks, y=list(baseline_high), mode="lines", line=band, hoverinfo="skip",
-                   showlegend=False, legendgroup="baseline"),
-        go.Scatter(x=ks, y=list(baseline_low), mode="lines", line=band, fill="tonexty",
-                   fillcolor="rgba(128, 128, 128, 0.25)", hoverinfo="skip",
-                   name="random (band)", legendgroup="baseline"),
-        go.Scatter(x=ks, y=list(baseline_mean), mode="lines", name="random (mean)",
-                   line={"color": BASELINE_COLOUR, "dash": "dashdot"}, legendgroup="baseline"),
-        *(go.Scatter(x=ks, y=list(ys), mode="lines+markers", name=plot_text(m),
-                     line={"color": METHOD_COLOURS[m], "dash": METHOD_DASHES[m]},
-                     marker={"color": METHOD_COLOURS[m], "size": 5})
-          for m, ys in curves.items()),
-    ])
-    fig.update_layout(title={"text": plot_text(title)}, xaxis_title="K", hovermode="x unified",
-                      margin={"l": 40, "r": 20, "t": 50, "b": 40})
-    return fig
+def method_heading(method: str, colour: str, note: str = "") -> Html:
+    """A method's heading with its colour swatch (``colour``: '#RRGGBB' from the registry)."""
+    if not (len(colour) == 7 and colour.startswith("#") and all(c in "0123456789abcdefABCDEF" for c in colour[1:])):
+        raise ValueError(f"colour must be '#RRGGBB', got {colour!r}")
+    extra = f' <span class="sl-method-note">{escape_text(note)}</span>' if note else ""
+    return Html(f'<div class="sl-method" style="border-color:{colour}">'
+                f'<span class="sl-swatch" style="background:{colour}"></span>{escape_text(method)}{extra}</div>')
 
 
-def score_histogram(scores: Sequence[float], top_k_scores: Sequence[float], title: str,
-                    top_k_texts: Sequence[str] | None = None) -> go.Figure:
-    """Histogram of all training scores with the top-K marked; ``top_k_texts`` feed their hovers."""
-    top = list(top_k_scores)
-    if top_k_texts is not None and len(top_k_texts) != len(top):
-        raise ValueError(f"{len(top_k_texts)} texts for {len(top)} top-K scores")
-    hover = [f"#{i} score {s:.4g}" for i, s in enumerate(top, start=1)]
-    if top_k_texts is not None:
-        hover = [f"{h}<br>{_hover_snippet(t)}" for h, t in zip(hover, top_k_texts)]
-    fig = go.Figure([
-        go.Histogram(x=list(scores), name="all training instances",
-                     marker={"color": BASELINE_COLOUR}),
-        go.Scatter(x=top, y=[0] * len(top), mode="markers", name=f"top {len(top)}",
-                   marker={"color": TOP_K_COLOUR, "symbol": "line-ns-open", "size": 18,
-                           "line": {"width": 2, "color": TOP_K_COLOUR}},
-                   hovertext=hover, hoverinfo="text"),
-    ])
-    fig.update_layout(title={"text": plot_text(title)}, xaxis_title="score", yaxis_title="count",
-                      bargap=0.05, margin={"l": 40, "r": 20, "t": 50, "b": 40})
-    return fig
+def cards_block(cards: Sequence[Html], columns: int = 2) -> Html:
+    if not all(isinstance(c, Html) for c in cards):
+        raise TypeError("cards must be built by card_html")
+    return Html(f'<div class="sl-cards sl-cols-{int(columns)}">{"".join(cards)}</div>')
+
+
+def caption_html(text: str) -> Html:
+    """A caption that may hold dataset strings (ids, aspects): escaped, never Markdown."""
+    return Html(f'<p class="sl-caption">{escape_text(text)}</p>')
+
+
+def legend_html() -> Html:
+    """What the highlight colours mean."""
+    items = [("sl-aspect", "aspect"), ("sl-test-span", "test span"), ("sl-train-span", "training span")]
+    return Html('<div class="sl-legend">' + "".join(
+        f'<span class="{cls}">{escape_text(name)}</span>' for cls, name in items) + "</div>")
+
+
+# --------------------------------------------------------------------------- case studies
+
+def _pair(value) -> tuple[int, int] | None:
+    return (int(value[0]), int(value[1])) if value else None
+
+
+def case_html(title: str, note: str, snapshot: Mapping, meta: Mapping[str, object]) -> Html:
+    """One case study like the paper's table 5: the test review, then each method's top-1."""
+    test = snapshot["test"]
+    review = highlight_html(test["text"], marks_for(test["text"], _pair(test["aspect_span"]), _pair(test["span"]), "test-span"))
+    facts = " · ".join(f"{escape_text(k)}: {escape_text(str(v))}" for k, v in meta.items())
+    label = f"gold {escape_text(str(test.get('label') or '-'))} · predicted {escape_text(str(test.get('pred') or '-'))}"
+    if test.get("explained"):
+        label += f" · explained {escape_text(str(test['explained']))}"
+    cells = []
+    for method, entry in snapshot["methods"].items():
+        head = f'<div class="sl-case-method">{escape_text(method)}</div>'
+        if not entry.get("top"):
+            cells.append(f'<div class="sl-case-cell">{head}<p>no training instance</p></div>')
+            continue
+        hit = entry["top"][0]
+        text = highlight_html(hit["text"], marks_for(hit["text"], _pair(hit["aspect_span"]), _pair(hit["span"]), "train-span"))
+        extra = {"aspect": hit["aspect"], "train id": hit["id"]}
+        if "sag" in entry:
+            extra[f"Sag@{snapshot['k']} / Lag@{snapshot['k']}"] = f"{entry['sag']:.3f} / {entry['lag']:.3f}"
+        cells.append(f'<div class="sl-case-cell">{head}{card_html(1, hit["score"], hit["label"], text, extra)}</div>')
+    return Html(
+        f'<section class="sl-case"><h2>{escape_text(title)}</h2>'
+        f'<p class="sl-case-meta">{facts}</p>'
+        + (f'<p class="sl-case-note">{escape_text(note)}</p>' if note else "")
+        + f'<div class="sl-case-test"><div class="sl-case-aspect">aspect: {escape_text(test["aspect"])} · {label}</div>'
+        f'{review}</div><div class="sl-case-grid">{"".join(cells)}</div></section>')
+
+
+def report_html(sections: Sequence[Html], css: str, title: str = "SpanLens case studies") -> str:
+    """A standalone HTML document (inline CSS, no scripts) of case-study sections."""
+    if "</style" in css.lower():
+        raise ValueError("the style sheet must not close its <style> element")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{css}</style></head>"
+            f"<body class=\"sl-report\"><h1>{html.escape(title)}</h1>{''.join(sections)}</body></html>\n")

@@ -141,8 +141,18 @@ class Workspace:
         os.replace(tmp, self.instances_path)
 
     def load_instances(self) -> list[dict]:
+        """The rows of ``instances.jsonl``; a damaged line is an error naming the file and line."""
+        rows = []
         with self.instances_path.open(encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{self.instances_path}, line {number}: damaged ({err.msg}); run "
+                                     f"`python -m core prepare --workspace {self.root}` again to rewrite it") from None
+        return rows
 
     # parameter points
     def point_path(self, point: str) -> Path:
@@ -155,9 +165,10 @@ class Workspace:
         return path
 
     def points(self, kind: str) -> list[str]:
-        """Names of the saved points of a kind (``checkpoint`` or ``variant``), in order."""
-        files = sorted((self.root / "model").glob(f"{kind}-*.safetensors"), key=lambda p: int(p.stem.split("-")[1]))
-        return [p.stem for p in files]
+        """Names of the points of a kind (``checkpoint`` or ``variant``) the manifest lists, in order."""
+        from .points import PointSet
+
+        return list(PointSet.from_manifest(self.manifest()).groups[f"{kind}s"])
 
 
 def instance_row(inst: Instance, span: Span | None) -> dict:
@@ -175,7 +186,8 @@ def load_model(workspace: str | Path | Workspace, point: str = "final", device: 
     returned model is in eval mode on ``device`` (CUDA when present unless forced), with its
     tokenizer as ``model.spanlens_tokenizer``.
     """
-    from .model import load_backbone, load_params, pick_device, split_model
+    from .model import load_backbone, pick_device, split_model
+    from .points import load_point
 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     manifest = ws.manifest()
@@ -184,6 +196,6 @@ def load_model(workspace: str | Path | Workspace, point: str = "final", device: 
     settings = manifest.settings
     model, tokenizer = load_backbone(settings["model"], manifest.labels, settings["seed"])
     split = split_model(model, settings["trainable_layers"])
-    split.load_state(load_params(ws.point_path(point)))
+    split.load_state(load_point(ws, point))
     model.spanlens_tokenizer = tokenizer
     return model.to(pick_device(device)).eval()

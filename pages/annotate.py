@@ -9,35 +9,35 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from core import explore
-from core.views import escape_text, highlight_html
-from pages import common
+from core.spanfix import check_span, review_queue, snap, token_range, word_tokens
+from core.views import escape_text, highlight_html, marks_for, review_block
+from pages import resources, state, widgets
 
-common.start_page("Annotate spans")
-info, backend, lock = common.require_backend()
+state.start_page("Annotate spans")
+info, backend = resources.require_backend()
 
 QUEUES = {"Test, then training": ["test", "train"], "Test only": ["test"], "Dev only": ["dev"],
           "Training only": ["train"]}
 
 c1, c2, c3 = st.columns([2, 2, 1], vertical_alignment="bottom")
-annotator = c1.text_input("Your name (saved with every verdict)", key=common.seeded("annotator", ""),
+annotator = c1.text_input("Your name (saved with every verdict)", key=state.seeded("annotator", ""),
                           max_chars=60).strip()
-common.remember("annotator", annotator)
-queue_name = c2.selectbox("Queue", list(QUEUES), key=common.seeded("annotate_queue", "Test, then training"))
-common.remember("annotate_queue", queue_name)
-unreviewed = c3.toggle("Unreviewed only", key=common.seeded("annotate_unreviewed", True))
-common.remember("annotate_unreviewed", unreviewed)
+state.remember("annotator", annotator)
+queue_name = c2.selectbox("Queue", list(QUEUES), key=state.seeded("annotate_queue", "Test, then training"))
+state.remember("annotate_queue", queue_name)
+unreviewed = c3.toggle("Unreviewed only", key=state.seeded("annotate_unreviewed", True))
+state.remember("annotate_unreviewed", unreviewed)
 
 splits = QUEUES[queue_name]
-statuses = common.statuses(backend)
-in_splits = [r for r in backend.rows if r["split"] in splits]
-reviewed = sum(r["id"] in statuses for r in in_splits)
+records = backend.instances()
+in_splits = [r for r in records if r.split in splits]
+reviewed = sum(r.verdict is not None for r in in_splits)
 st.progress(reviewed / max(len(in_splits), 1), text=f"{reviewed} of {len(in_splits)} spans reviewed in this queue")
-queue = explore.review_queue(backend.rows, statuses, splits, unreviewed)
-ids = [r["id"] for r in queue]
+queue = review_queue(records, splits, unreviewed)
+ids = [r.id for r in queue]
 
 item_id = st.session_state.get("annotate_item")  # kept when reviewed already (e.g. opened from Explore)
-if item_id not in backend.by_id or backend.by_id[item_id]["split"] not in splits:
+if item_id not in backend.by_id or backend.by_id[item_id].split not in splits:
     item_id = ids[0] if ids else None
 if item_id is None:
     st.success("Every span in this queue has a verdict. Choose another queue, or turn off *Unreviewed only*.")
@@ -50,7 +50,7 @@ following = ids[position + 1] if 0 <= position < len(ids) - 1 else (ids[0] if po
 
 def go(target: str | None) -> None:
     st.session_state["annotate_item"] = target
-    common.set_url(item=target)
+    state.set_url(item=target)
 
 
 with st.container(horizontal=True, vertical_alignment="center"):
@@ -60,17 +60,15 @@ with st.container(horizontal=True, vertical_alignment="center"):
     if st.button("Next", icon=":material/arrow_forward:", shortcut="Alt+Right", disabled=following is None):
         go(following)
         st.rerun()
-    common.caption(f"Item {position + 1 if position >= 0 else '–'} of {len(ids)} in the queue · {row['split']} · "
-                   f"id {row['id']}")
+    widgets.caption(f"Item {position + 1 if position >= 0 else '–'} of {len(ids)} in the queue · {row.split} · "
+                    f"id {row.id}")
 
-original = explore.span_of(row)
-current = backend.current_span(item_id)
-verdict = statuses.get(item_id)
-kind = "test-span" if row["split"] != "train" else "train-span"
-aspect = explore.aspect_offsets(row)
-st.html(common.review_block(row["text"], aspect, current, kind))
-source = (row.get("span") or {}).get("source", "none")
-st.caption(f"Aspect and detected span (source: {source}). Current verdict: **{verdict or 'none'}**.")
+current, verdict = row.span_pair, row.verdict
+kind = "test-span" if row.split != "train" else "train-span"
+aspect = row.aspect_offsets()
+st.html(review_block(row.text, aspect, current, kind))
+source = "corrected by an annotator" if verdict == "fix" else f"detected by: {row.detected.source if row.detected else 'none'}"
+st.caption(f"Aspect and span in use ({source}). Current verdict: **{verdict or 'none'}**.")
 
 if not annotator:
     st.info("Enter your name above to record verdicts.")
@@ -100,34 +98,34 @@ if flash := st.session_state.pop("annotate_flash", None):
     st.toast(flash)
 
 st.subheader("Fix the span")
-tokens = explore.word_tokens(row["text"])
+tokens = word_tokens(row.text)
 if not tokens:
     st.warning("This text has no words to choose from.")
     st.stop()
-first_default, last_default = explore.token_range(tokens, current)
-words = [row["text"][a:b] for a, b in tokens]
+first_default, last_default = token_range(tokens, current)
+words = [row.text[a:b] for a, b in tokens]
 f1, f2 = st.columns(2)
 first = f1.selectbox("First word", range(len(tokens)), index=first_default, key=f"first_{item_id}",
                      format_func=lambda i: f"{i + 1} · {words[i]}")
 last = f2.selectbox("Last word", range(len(tokens)), index=last_default, key=f"last_{item_id}",
                     format_func=lambda i: f"{i + 1} · {words[i]}")
-start, end = explore.snap(tokens, first, last)
+start, end = snap(tokens, first, last)
 if st.toggle("Set exact character offsets", key=f"chars_{item_id}"):
     o1, o2 = st.columns(2)
-    start = int(o1.number_input("Start character", 0, len(row["text"]), start, key=f"start_{item_id}"))
-    end = int(o2.number_input("End character (exclusive)", 0, len(row["text"]), end, key=f"end_{item_id}"))
-problem = explore.check_span(row["text"], start, end)
+    start = int(o1.number_input("Start character", 0, len(row.text), start, key=f"start_{item_id}"))
+    end = int(o2.number_input("End character (exclusive)", 0, len(row.text), end, key=f"end_{item_id}"))
+problem = check_span(row.text, start, end)
 if problem:
     st.error(f"Not a usable span: {problem}.")
 else:
     st.html('<div class="sl-preview-label">Preview</div>'
-            + highlight_html(row["text"], explore.marks_for(row["text"], aspect, (start, end), kind)))
+            + highlight_html(row.text, marks_for(row.text, aspect, (start, end), kind)))
 if st.button("Save fix", icon=":material/save:", shortcut="Alt+S", disabled=bool(problem),
              key="save_fix", help="Alt+S"):
     record("fix", (start, end))
-if row["split"] == "train":
-    st.caption("A fixed training span is recorded and the cached span-dependent results are dropped; the gradient "
-               "index keeps using the original training spans until it is rebuilt.")
+if row.split == "train":
+    st.caption("A fixed training span is recorded, patched into the gradient index at once (its rows at every "
+               "parameter point), and the cached results that used training spans are dropped.")
 
 with st.expander("History of this instance"):
     history = backend.store.history(item_id)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from core import explore
 from core.store import Case
-from core.views import Html
-from pages import common
+from core.views import Html, case_html, report_html
+from pages import resources, state
 
-common.start_page("Case studies")
-info, backend, lock = common.require_backend()
+state.start_page("Case studies")
+info, backend = resources.require_backend()
 
 cases = backend.store.list_cases()
 if not cases:
@@ -21,11 +20,11 @@ if not cases:
 def section(case: Case) -> Html:
     meta = {"case": f"#{case.id}", "workspace": case.workspace, "test": case.test_id, "K": case.k,
             "saved": case.created_at[:16].replace("T", " ")}
-    return explore.case_html(case.title, case.note, case.snapshot, meta)
+    return case_html(case.title, case.note, case.snapshot, meta)
 
 
 def report(chosen: list[Case], title: str) -> str:
-    return explore.report_html([section(c) for c in chosen], common.style_sheet(), title)
+    return report_html([section(c) for c in chosen], resources.style_sheet(), title)
 
 
 st.download_button(f"Export all {len(cases)} as an HTML report",
@@ -43,8 +42,11 @@ for case in cases:
                             mime="text/html", icon=":material/download:", key=f"export_{case.id}")
         if row.button("Open in Explore", icon=":material/search:", key=f"open_{case.id}",
                       disabled=case.test_id not in backend.by_id):
-            st.session_state.update(test=case.test_id, methods=case.methods, k=case.k, explore_mode="Test set")
-            for key in ("w_test", "w_methods", "w_k"):
+            shown = case.snapshot.get("test", {})  # the label the case explained: gold where it was not the prediction
+            gold = shown.get("explained") is not None and shown.get("explained") == shown.get("label") != shown.get("pred")
+            st.session_state.update(test=case.test_id, methods=case.methods, k=case.k, explore_mode="Test set",
+                                    label="gold" if gold else "predicted")
+            for key in ("w_test", "w_methods", "w_k", "w_label"):
                 st.session_state.pop(key, None)
             st.switch_page("pages/explore.py")
         if row.button("Delete", icon=":material/delete:", key=f"delete_{case.id}"):

@@ -7,42 +7,42 @@ import time
 import pandas as pd
 import streamlit as st
 
-from core import explore
-from core.evaluate import ALL_METHODS, EvalSettings, curve_figures
-from core.methods import PAPER_METHODS
-from pages import common
+from core.evaluate import EvalSettings, curve_figures
+from core.jobs import EvalJob, Job, job_for, start_job
+from core.registry import METHODS
+from pages import resources, state, widgets
 
-common.start_page("Evaluate")
-info, backend, lock = common.require_backend()
-out_dir = common.evaluation_dir(info.path)
+state.start_page("Evaluate")
+info, backend = resources.require_backend()
+out_dir = resources.evaluation_dir(info.path)
 
 
-def progress_panel(job: explore.Job) -> None:
+def progress_panel(job: Job) -> None:
     """Live progress of the evaluation job."""
-    common.job_status(
+    widgets.job_status(
         job, label=lambda j: f"Evaluation: {j.state}",
         progress=lambda j: f"{j.stage} · {time.time() - j.started:.0f}s",
         note="Runs on the server: reloading this page does not stop it; a stopped run resumes from the rows "
              "already stored.", waiting="loading the model…", every=2.0, seen_key="_eval_seen")
 
 
-job = explore.job_for("evaluate", info.path)
+job = job_for("evaluate", info.path)
 if job is not None and (job.running or job.finished and time.time() - job.finished < 30):
     progress_panel(job)
 
-report = common.evaluation_report(info.path)
+report = resources.evaluation_report(info.path)
 if report is None:
     st.info("No evaluation report for this workspace yet. Run one below, or from the command line:")
     st.code(f"python -m core evaluate --workspace {info.path} --test-limit 200", language="bash")
 else:
     sel, summary = report.summary["selection"], report.summary
-    common.caption(f"{sel['n']} test instances (seed {sel['seed']}; {sel['excluded_wrong']} excluded as wrongly "
+    widgets.caption(f"{sel['n']} test instances (seed {sel['seed']}; {sel['excluded_wrong']} excluded as wrongly "
                    f"spanned, {sel['excluded_no_span']} without a span) · inverse Hessian "
                    f"{summary['approximations']['ihvp']} · report in {report.out_dir}")
     t3, curves, t4, per_test = st.tabs(["Table 3", "K-curves", "Table 4 (faithfulness)", "Per test"])
     with t3:
         st.markdown("**Ours** (Sag, Lag x100; Ral in accuracy points; `random`: a random ranking)")
-        st.dataframe(common.table3_frame(report), key="eval_table3")
+        st.dataframe(widgets.table3_frame(report), key="eval_table3")
         paper = summary.get("paper", {})
         if paper.get("table3"):
             st.markdown(f"**Paper** ({paper.get('source', 'Zhang et al. 2021')}, table 3, {summary.get('dataset')})")
@@ -69,7 +69,7 @@ st.header("Run an evaluation")
 n_test = len(backend.instances("test"))
 with st.form("run_eval"):
     c1, c2 = st.columns([3, 1])
-    methods = c1.multiselect("Methods", list(ALL_METHODS), default=list(PAPER_METHODS), key="eval_methods")
+    methods = c1.multiselect("Methods", METHODS.names(), default=METHODS.paper(), key="eval_methods")
     limit = c2.number_input("Test instances", 1, max(n_test, 1), min(50, max(n_test, 1)), key="eval_limit",
                             help="A seeded sample of the test split, without spans marked wrong.")
     c3, c4, c5, c6 = st.columns(4)
@@ -79,7 +79,7 @@ with st.form("run_eval"):
     ral = c5.multiselect("Ral removal %", [10, 20, 30, 50], default=[], key="eval_ral",
                          help="Each percentage retrains once per method: minutes each on full data.")
     ihvp = c6.selectbox("Inverse Hessian", ["fast", "lissa"], key="eval_ihvp")
-    paper_signs = st.checkbox("IF with the paper's sign (Eq. 1)", key="eval_signs")
+    paper_signs = st.checkbox("The paper's literal signs (IF's Eq. 1 minus; the ++ test side reversed)", key="eval_signs")
     start = st.form_submit_button("Run evaluation", type="primary", icon=":material/play_arrow:",
                                   disabled=bool(job and job.running))
 if start:
@@ -89,7 +89,7 @@ if start:
         settings = EvalSettings(methods=tuple(methods), ks=tuple(sorted(ks)), test_limit=int(limit),
                                 ral=tuple(float(p) for p in ral), faithfulness_runs=int(faith), ihvp=ihvp,
                                 paper_signs=paper_signs)
-        explore.start_job(explore.EvalJob(info.path, settings, out_dir))
+        start_job(EvalJob(info.path, settings, out_dir))
         st.rerun()
-common.caption(f"Reports are written to {out_dir}. The command line takes the same settings: "
+widgets.caption(f"Reports are written to {out_dir}. The command line takes the same settings: "
                "python -m core evaluate --workspace DIR --methods paper --test-limit 50 --ral none")

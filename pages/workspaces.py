@@ -7,20 +7,21 @@ import time
 import pandas as pd
 import streamlit as st
 
-from core import explore
+from core import catalog
 from core.data import default_data_dir
 from core.index import IndexSettings
-from pages import common
+from core.jobs import Job, PrepareJob, job_for, resume_settings, start_job
+from pages import resources, state, widgets
 
-common.start_page("Workspaces")
-root = common.root()
-infos = explore.list_workspaces(root)
-common.caption(f"Workspaces are folders under {root.resolve()} (set SPANLENS_WORKSPACES to use another folder).")
+state.start_page("Workspaces")
+root = resources.root()
+infos = catalog.list_workspaces(root)
+widgets.caption(f"Workspaces are folders under {root.resolve()} (set SPANLENS_WORKSPACES to use another folder).")
 
 
-def job_panel(job: explore.Job) -> None:
+def job_panel(job: Job) -> None:
     """Live progress of a background build."""
-    common.job_status(
+    widgets.job_status(
         job, label=lambda j: {"running": f"Building {j.root.name}: {j.stage}…", "done": f"{j.root.name} is ready",
                               "error": f"Building {j.root.name} failed"}[j.state],
         progress=lambda j: f"{100 * j.fraction:.0f}% · {time.time() - j.started:.0f}s",
@@ -33,7 +34,7 @@ def job_panel(job: explore.Job) -> None:
 if infos:
     rows = []
     for i in infos:
-        summary = explore.manifest_summary(i.path)
+        summary = catalog.manifest_summary(i.path)
         rows.append({"workspace": i.name, "status": i.status,
                      "dataset": str(summary["settings"].get("dataset", "")),
                      "backbone": str(summary["settings"].get("model", "")),
@@ -46,20 +47,20 @@ else:
     st.info(f"No workspace yet under {root}. Create one below.")
 
 # ---------------------------------------------------------------------------- the chosen one
-info: explore.WorkspaceInfo | None = st.session_state.get("workspace_info")
+info: catalog.WorkspaceInfo | None = st.session_state.get("workspace_info")
 if info is not None:
     st.header(info.name)
-    job = explore.job_for("prepare", info.path)
+    job = job_for("prepare", info.path)
     if job is not None and (job.running or job.finished and time.time() - job.finished < 30):
         job_panel(job)
     elif info.status in ("unfinished", "needs index"):
         st.warning("This workspace's build stopped before the end (the server stopped during the build). "
                    "Resuming continues from the last finished stage and training epoch; nothing done is redone.")
-        resume = explore.resume_settings(info.path)
+        resume = resume_settings(info.path)
         if resume and st.button("Resume building", type="primary", icon=":material/play_arrow:", key="resume"):
-            explore.start_job(explore.PrepareJob(info.path, *resume))
+            start_job(PrepareJob(info.path, *resume))
             st.rerun()
-    summary = explore.manifest_summary(info.path)
+    summary = catalog.manifest_summary(info.path)
     counts, acc, index = summary["counts"], summary["accuracy"], summary["index"]
     m = st.columns(6)
     for col, split in zip(m, ("train", "dev", "test")):
@@ -102,7 +103,7 @@ dataset_kind = st.radio("Dataset", list(DATASETS), format_func=DATASETS.get, hor
 with st.form("create"):
     c1, c2 = st.columns(2)
     name = c1.text_input("Name", placeholder="e.g. mams-demo", key="new_name")
-    size = c2.selectbox("Size", list(explore.SIZE_PRESETS), index=1, key="new_size",
+    size = c2.selectbox("Size", list(catalog.SIZE_PRESETS), index=1, key="new_size",
                         help="tiny slice: 300 training instances (a minute on a CPU); demo: 2,000; full: everything.")
     if dataset_kind == "file":
         source = st.text_input("Data file or folder", key="new_path",
@@ -120,8 +121,8 @@ with st.form("create"):
                            "small workspaces.")
     submitted = st.form_submit_button("Create and build", type="primary", icon=":material/add:")
 if submitted:
-    problem = explore.check_workspace_name(root, name.strip())
-    missing = explore.missing_data(source.strip(), data_dir) if source.strip() else ["(no file given)"]
+    problem = catalog.check_workspace_name(root, name.strip())
+    missing = catalog.missing_data(source.strip(), data_dir) if source.strip() else ["(no file given)"]
     if problem:
         st.error(f"Name: {problem}.")
     elif missing:
@@ -131,11 +132,11 @@ if submitted:
             st.markdown("Download the public data sets into a folder, then give that folder above:")
             st.code("python -m core fetch-data --dest DIR", language="bash")
     else:
-        settings = explore.settings_for(source.strip(), data_dir, backbone.strip(), size)
-        explore.start_job(explore.PrepareJob(root / name.strip(), settings, IndexSettings(dim=int(proj) or None)))
+        settings = catalog.settings_for(source.strip(), data_dir, backbone.strip(), size)
+        start_job(PrepareJob(root / name.strip(), settings, IndexSettings(dim=int(proj) or None)))
         st.session_state["workspace"] = name.strip()
         st.session_state.pop("w_workspace", None)
         st.rerun()
-elif dataset_kind != "file" and explore.missing_data(dataset_kind, st.session_state.get("new_data_dir")):
+elif dataset_kind != "file" and catalog.missing_data(dataset_kind, st.session_state.get("new_data_dir")):
     st.info("The data set is not in the data folder. Fetch it with `python -m core fetch-data --dest DIR` "
             "(needs internet), then set the folder above.")

@@ -13,8 +13,20 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import explore
+from core import catalog, jobs
 from core.backend import Backend
+from core.instances import (
+    InstanceFilter,
+    InstanceRecord,
+    filter_instances,
+    option_label,
+)
+from core.metrics import agreement, top_k_overlap
+from core.registry import METHODS
+from core.scoring import ScoreSettings
+from core.spanfix import check_span, review_queue, snap, token_range, word_tokens
+from core.spans import Span
+from core.views import escape_text
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 TIMEOUT = 180
@@ -25,7 +37,7 @@ def navigation_only(monkeypatch) -> None:
     """Keep app.py's st.navigation in charge of every AppTest run.
 
     AppTest resets Streamlit's "legacy pages/ folder" flag before each run, so every run would
-    start as a legacy page run and go through the rerun of ``common.start_page`` (a real server
+    start as a legacy page run and go through the rerun of ``state.start_page`` (a real server
     does that once, on its first request), losing button clicks.
     """
     from streamlit.runtime.pages_manager import PagesManager
@@ -117,23 +129,42 @@ def marked(fragment: str, cls: str) -> str:
 
 
 def backend_for(root: Path) -> Backend:
-    return Backend(root, index_settings=explore.index_settings_of(root))
+    return Backend(root)
+
+
+def tagged(fragment: str) -> dict[str, list[str]]:
+    """The labels block: each label with its tags (gold, predicted, explained)."""
+    rows = re.findall(r'sl-prob-label">(.*?)</span>.*?<span>(.*?)</span></div>', fragment)
+    return {label: re.findall(r"sl-tag-(\w+)", tags) for label, tags in rows}
+
+
+def notes(at: AppTest) -> list[str]:
+    """The method headings' notes (dimension, explained label, time), in order."""
+    return [unescape(n) for h in html(at) for n in re.findall(r'sl-method-note">(.*?)</span>', h)]
 
 
 # ----------------------------------------------------------------------------- Explore
 
 def test_explore_shows_review_cards_gauges_and_curves(open_app, app_root):
     backend = backend_for(app_root / "tiny")
-    test_row = backend.instances("test")[2]
-    at = open_app(test=test_row["id"], methods="TracIn++,IF", k="3")
+    wrong = [r for r in backend.instances("test") if r.pred != r.label]
+    assert wrong  # a misclassified review: its predicted and gold labels differ
+    test_row = wrong[0]
+    at = open_app(test=test_row.id, methods="TracIn++,IF", k="3")
     body = joined(at)
     # the review with its aspect and test span, gold vs predicted with probabilities
-    span = test_row["span"]
+    span, aspect = test_row.span, test_row.aspect_offsets()
     review = [h for h in html(at) if 'class="sl-review"' in h][0]
-    assert marked(review, "sl-test-span") == test_row["text"][span["start"]:span["end"]]
-    assert marked(review, "sl-aspect") == test_row["text"][test_row["start"]:test_row["end"]]
+    assert marked(review, "sl-test-span") == test_row.text[span.start:span.end]
+    assert aspect is not None and marked(review, "sl-aspect") == test_row.text[aspect[0]:aspect[1]]
     assert "sl-tag-gold" in body and "sl-tag-predicted" in body
-    assert at.selectbox(key="w_test").value == test_row["id"]
+    # by default the explanations explain the predicted label
+    labels = [tagged(h) for h in html(at) if 'class="sl-probs"' in h][0]
+    assert "gold" in labels[test_row.label] and "predicted" in labels[test_row.pred]
+    assert [label for label, tags in labels.items() if "explained" in tags] == [test_row.pred]
+    assert at.radio(key="w_label").value == "predicted"
+    assert len(notes(at)) == 2 and all(f"explains {test_row.pred}" in n for n in notes(at))
+    assert at.selectbox(key="w_test").value == test_row.id
     assert at.multiselect(key="w_methods").value == ["TracIn++", "IF"]
     assert at.slider(key="w_k").value == 3
     # three cards per method, each a training instance with its training span and label
@@ -141,9 +172,9 @@ def test_explore_shows_review_cards_gauges_and_curves(open_app, app_root):
     assert len(shown) == 6
     assert all("sl-train-span" in c and re.search(r'sl-label">(negative|neutral|positive)<', c) for c in shown)
     assert sum("test span" in c for c in shown) == 3  # only TracIn++ (a ++ method) shows the test span
-    top = backend.explain(test_row["id"], "TracIn++", k=3).top
+    top = backend.explain(test_row.id, "TracIn++", k=3).top
     for hit, card in zip(top, shown[:3]):
-        assert f'#{hit.rank}</span>' in card and backend.by_id[hit.train_id]["aspect"][:3] in card
+        assert f'#{hit.rank}</span>' in card and backend.by_id[hit.train_id].aspect[:3] in card
     # Sag/Lag gauges and a K-curve for each method; the score histogram on request
     titles = plotly_titles(at)
     assert titles.count("Sag@3") == 2 and titles.count("Lag@3") == 2 and titles.count("Sag@K") == 2
@@ -154,7 +185,8 @@ def test_explore_shows_review_cards_gauges_and_curves(open_app, app_root):
     histogram = [json.loads(c.proto.spec) for c in at.get("plotly_chart")
                  if "scores, top" in json.dumps(json.loads(c.proto.spec)["layout"].get("title", {}))][0]
     assert len(histogram["data"][0]["x"]) == len(backend.train_ids)  # every training score
-    assert at.query_params["test"] == test_row["id"] and at.query_params["k"] == "3"
+    assert at.query_params["test"] == test_row.id and at.query_params["k"] == "3"
+    assert at.query_params["label"] == "predicted"
 
     # a widget change reruns from the store: quick, and the cards follow K
     at.slider(key="w_k").set_value(5)
@@ -165,6 +197,20 @@ def test_explore_shows_review_cards_gauges_and_curves(open_app, app_root):
     assert len(cards(at)) == 10 and seconds < 3
     at.toggle(key="explore_opponents").set_value(True).run()
     assert len(cards(at)) == 20
+    at.toggle(key="explore_opponents").set_value(False).run()
+
+    # the label radio: explain the gold label instead; kept in the URL
+    at.radio(key="w_label").set_value("gold").run()
+    assert not at.exception and at.query_params["label"] == "gold"
+    labels = [tagged(h) for h in html(at) if 'class="sl-probs"' in h][0]
+    assert [label for label, tags in labels.items() if "explained" in tags] == [test_row.label]
+    assert all(f"explains {test_row.label}" in n for n in notes(at))
+    gold_top = backend.explain(backend.test_input(test_row.id, "gold"), "TracIn++", k=5).top
+    for hit, card in zip(gold_top, cards(at)[:5]):
+        assert f'#{hit.rank}</span> <span class="sl-score">{hit.score:.4g}</span>' in card
+    # a link with the label reproduces the view
+    again = open_app(test=test_row.id, methods="TracIn++", k="2", label="gold")
+    assert again.radio(key="w_label").value == "gold" and all(f"explains {test_row.label}" in n for n in notes(again))
 
 
 def test_explore_filters_narrow_the_picker(open_app):
@@ -189,6 +235,7 @@ def test_explore_a_new_review(open_app):
     at = open_app(methods="TracIn++", k="2")
     at.radio(key="explore_mode").set_value("New review").run()
     assert at.info and "Type a review" in at.info[0].value
+    assert at.radio(key="w_label").disabled  # a new review has no gold label: its prediction is explained
     at.text_area(key="new_text").set_value("The soup was cold, but the waiter was friendly.")
     at.text_input(key="new_aspect").set_value("waiter")
     [b for b in at.form_submit_button if b.label == "Explain"][0].click().run()
@@ -203,9 +250,16 @@ def test_explore_a_new_review(open_app):
 
 def test_compare_side_by_side_with_overlap_and_correlation(open_app, app_root):
     backend = backend_for(app_root / "tiny")
-    test_id = backend.instances("test")[0]["id"]
+    test_row = backend.instances("test")[0]
+    test_id = test_row.id
     at = open_app("pages/compare.py", test=test_id, methods="IF++,TracIn++,TracInF", k="4")
     assert [h for h in html(at) if 'class="sl-method"' in h].__len__() == 3
+    for method in ("IF++", "TracIn++", "TracInF"):  # each heading in the registry's colour
+        assert any(f'border-color:{METHODS.resolve(method).colour}' in h and f"</span>{method}" in unescape(h)
+                   for h in html(at))
+    labels = [tagged(h) for h in html(at) if 'class="sl-probs"' in h][0]
+    assert [label for label, tags in labels.items() if "explained" in tags] == [test_row.pred]
+    assert at.radio(key="w_label").value == "predicted"
     assert len(cards(at)) == 12
     overlap, rho = at.dataframe[0].value, at.dataframe[1].value
     assert list(overlap.columns) == ["IF++", "TracIn++", "TracInF"]
@@ -219,14 +273,19 @@ def test_compare_side_by_side_with_overlap_and_correlation(open_app, app_root):
     # one method is not a comparison
     at.multiselect(key="w_methods").set_value(["IF++"]).run()
     assert any("two to four" in i.value for i in at.info)
+    at.radio(key="w_label").set_value("gold").run()
+    assert at.query_params["label"] == "gold"
+    labels = [tagged(h) for h in html(at) if 'class="sl-probs"' in h][0]
+    assert [label for label, tags in labels.items() if "explained" in tags] == [test_row.label]
 
 
 # ----------------------------------------------------------------------------- Case studies
 
 def test_save_a_case_study_and_list_it(open_app, app_root):
     backend = backend_for(app_root / "tiny")
-    test_id = backend.instances("test")[1]["id"]
-    at = open_app(test=test_id, methods="TracIn++,IF++", k="2")
+    test_row = [r for r in backend.instances("test") if r.pred != r.label][-1]  # misclassified: gold != predicted
+    test_id = test_row.id
+    at = open_app(test=test_id, methods="TracIn++,IF++", k="2", label="gold")  # explaining the gold label
     form_inputs = [t for t in at.text_input if t.label == "Title"]
     form_inputs[0].set_value("Helpful neighbours")
     [t for t in at.text_area if t.label == "Note"][0].set_value("the ++ methods agree")
@@ -235,12 +294,25 @@ def test_save_a_case_study_and_list_it(open_app, app_root):
     cases = backend.store.list_cases()
     assert cases[0].title == "Helpful neighbours" and cases[0].methods == ["TracIn++", "IF++"]
     assert set(cases[0].snapshot["methods"]) == {"TracIn++", "IF++"}
+    snap_test = cases[0].snapshot["test"]
+    assert (snap_test["id"], snap_test["label"], snap_test["pred"]) == (test_id, test_row.label, test_row.pred)
+    assert snap_test["explained"] == test_row.label and snap_test["span"] == list(test_row.span_pair)
+    gold_top = backend.explain(backend.test_input(test_id, "gold"), "TracIn++", k=1).top[0]
+    assert cases[0].snapshot["methods"]["TracIn++"]["top"][0]["id"] == gold_top.train_id
 
     at = open_app("pages/cases.py")
     body = joined(at)
     assert "Helpful neighbours" in unescape(body) and "the ++ methods agree" in unescape(body)
     assert body.count('class="sl-case-cell"') == 2 and "sl-test-span" in body and "sl-train-span" in body
+    assert f"predicted {test_row.pred} · explained {test_row.label}" in unescape(body)
     assert any(b.label.startswith("Export all") for b in at.get("download_button"))
+
+    # open the case in Explore: the same review, methods, K and explained label
+    at.button(key=f"open_{cases[0].id}").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox(key="w_test").value == test_id and at.multiselect(key="w_methods").value == ["TracIn++", "IF++"]
+    assert at.slider(key="w_k").value == 2 and at.radio(key="w_label").value == "gold"
+    assert all(f"explains {test_row.label}" in n for n in notes(at)) and len(cards(at)) == 4
 
 
 # ----------------------------------------------------------------------------- Annotate
@@ -269,55 +341,80 @@ def test_annotate_accept_fix_undo_and_cache_invalidation(annotate_app):
     assert any("Enter your name" in i.value for i in at.info)
     assert "0 of 64 spans reviewed" in at.get("progress")[0].proto.text
     at.text_input(key="w_annotator").set_value("ada").run()
-    assert first["id"] in joined(at)
+    assert first.id in joined(at)
 
     at.button(key="accept").click().run()
-    entry = backend.store.current_annotations()[first["id"]]
+    entry = backend.store.current_annotations()[first.id]
     assert (entry.status, entry.annotator) == ("accept", "ada")
-    assert (entry.original_start, entry.original_end) == (first["span"]["start"], first["span"]["end"])
+    assert (entry.original_start, entry.original_end) == (first.detected.start, first.detected.end)
+    assert backend.by_id[first.id].verdict == "accept" and backend.by_id[first.id].span == first.detected
     assert "1 of 64 spans reviewed" in at.get("progress")[0].proto.text
-    assert second["id"] in joined(at)  # moved on to the next unreviewed span
+    assert second.id in joined(at)  # moved on to the next unreviewed span
 
     # a cached explanation of the second test instance, then a fix of its span
-    backend.explain(second["id"], "TracIn++", k=3)
-    cached_key = _settings(backend, second["id"])
-    assert backend.store.get_result(backend.fingerprint, "TracIn++", cached_key, second["id"]) is not None
-    words = explore.word_tokens(second["text"])
-    at.selectbox(key=f"first_{second['id']}").set_value(0)
-    at.selectbox(key=f"last_{second['id']}").set_value(2).run()
+    backend.explain(second.id, "TracIn++", k=3)
+    cached_key = _settings(backend, second.id)
+    assert backend.store.get_result(backend.fingerprint, "TracIn++", cached_key, second.id) is not None
+    words = word_tokens(second.text)
+    at.selectbox(key=f"first_{second.id}").set_value(0)
+    at.selectbox(key=f"last_{second.id}").set_value(2).run()
     preview = [h for h in html(at) if "Preview" in h][0]
-    assert marked(preview, "sl-test-span") == second["text"][:words[2][1]]
+    assert marked(preview, "sl-test-span") == second.text[:words[2][1]]
     at.button(key="save_fix").click().run()
-    fix = backend.store.current_annotations()[second["id"]]
+    fix = backend.store.current_annotations()[second.id]
     assert (fix.status, fix.corrected_start, fix.corrected_end) == ("fix", 0, words[2][1])
-    assert backend.test_input(second["id"]).span == (0, words[2][1])
-    assert backend.store.get_result(backend.fingerprint, "TracIn++", cached_key, second["id"]) is None
+    assert backend.test_input(second.id).span == (0, words[2][1])
+    assert backend.by_id[second.id].span_source == "corrected" and backend.by_id[second.id].detected == second.detected
+    assert backend.store.get_result(backend.fingerprint, "TracIn++", cached_key, second.id) is None
 
     # undo takes back ada's latest verdict (the fix) and returns to that instance
     at.button(key="undo").click().run()
-    assert backend.store.current_annotations().get(second["id"]) is None
-    assert second["id"] in joined(at)
+    assert backend.store.current_annotations().get(second.id) is None
+    assert backend.by_id[second.id].span == second.detected
+    assert second.id in joined(at)
 
-    # character-level override, and a training span fix with its note
-    at.toggle(key=f"chars_{second['id']}").set_value(True).run()
-    at.number_input(key=f"start_{second['id']}").set_value(1)
-    at.number_input(key=f"end_{second['id']}").set_value(4).run()
+    # character-level override
+    at.toggle(key=f"chars_{second.id}").set_value(True).run()
+    at.number_input(key=f"start_{second.id}").set_value(1)
+    at.number_input(key=f"end_{second.id}").set_value(4).run()
     at.button(key="save_fix").click().run()
-    assert backend.current_span(second["id"]) == (1, 4)
+    assert backend.by_id[second.id].span_pair == (1, 4)
 
+    # a training span marked wrong drops the results that used training spans
     at.selectbox(key="w_annotate_queue").set_value("Training only").run()
-    train_id = backend.instances("train")[0]["id"]
+    train = backend.instances("train")
+    train_id = train[0].id
     backend.store.put_result("fp", "TracIn+", {}, "t", {"x": 1}, depends_on_train_spans=True)
     at.button(key="wrong").click().run()
     assert backend.store.current_annotations()[train_id].status == "wrong"
     assert backend.store.get_result("fp", "TracIn+", {}, "t") is None
-    assert any("index keeps using the original training spans" in c.value for c in at.caption)
+    assert any("patched into the gradient index at once" in c.value for c in at.caption)
+
+    # a training span fix: patched into the index at once, shown (and used) on Explore at once
+    fixed_id = train[1].id
+    assert fixed_id in joined(at)
+    tokens = word_tokens(train[1].text)
+    at.selectbox(key=f"first_{fixed_id}").set_value(0)
+    at.selectbox(key=f"last_{fixed_id}").set_value(1).run()
+    at.button(key="save_fix").click().run()
+    fixed = (0, tokens[1][1])
+    assert backend.by_id[fixed_id].span_pair == fixed and backend.by_id[fixed_id].span_source == "corrected"
+    assert backend.index.spans_match({fixed_id: fixed})
+    explore = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    explore.query_params.update(test=first.id, methods="TracIn++", k=str(len(backend.train_ids)))
+    explore.switch_page("pages/explore.py").run()
+    assert not explore.exception, [e.value for e in explore.exception]
+    shown = [c for c in cards(explore) if f"<dd>{escape_text(fixed_id)}</dd>" in c]
+    assert len(shown) == 1 and "the index uses the corrected span" in shown[0]
+    assert marked(shown[0], "sl-train-span") == train[1].text[fixed[0]:fixed[1]]
+    marked_wrong = [c for c in cards(explore) if f"<dd>{escape_text(train_id)}</dd>" in c]
+    assert len(marked_wrong) == 1 and "span marked wrong by an annotator" in marked_wrong[0]
 
 
 def test_annotations_import_from_an_export(annotate_app, tmp_path):
     run, ws = annotate_app
     backend = backend_for(ws)
-    test_id, train_id = backend.instances("test")[3]["id"], backend.instances("train")[0]["id"]
+    test_id, train_id = backend.instances("test")[3].id, backend.instances("train")[0].id
     backend.annotate_span(test_id, "fix", "carl", (0, 5))
     backend.annotate_span(train_id, "wrong", "carl", None)
     export = tmp_path / "export.jsonl"
@@ -346,13 +443,13 @@ def test_annotations_import_from_an_export(annotate_app, tmp_path):
 
 def _settings(backend: Backend, test_id: str) -> dict:
     """The cache-key settings of Backend.explain for a dataset test instance and TracIn++ (its span now)."""
-    return backend.result_settings(backend.test_input(test_id), "TracIn++")
+    return backend.result_settings(backend.test_input(test_id), METHODS.resolve("TracIn++"), ScoreSettings())
 
 
 def test_annotations_survive_a_new_session_and_two_annotators(annotate_app):
     run, ws = annotate_app
     backend = backend_for(ws)
-    first = backend.instances("test")[0]["id"]
+    first = backend.instances("test")[0].id
     one, two = run(), run()
     one.text_input(key="w_annotator").set_value("ada").run()
     two.text_input(key="w_annotator").set_value("bob").run()
@@ -377,7 +474,7 @@ def test_evaluate_runs_a_subset_and_shows_the_report(tmp_path, tiny_workspace, m
     at.number_input(key="eval_limit").set_value(4)
     at.multiselect(key="eval_ks").set_value([5])
     at.form_submit_button[0].click().run()
-    job = explore.job_for("evaluate", ws)
+    job = jobs.job_for("evaluate", ws)
     assert job is not None
     deadline = time.time() + 120
     while job.running and time.time() < deadline:
@@ -438,7 +535,7 @@ def test_workspaces_lists_shows_manifest_and_creates_one(tmp_path, tiny_workspac
     at.selectbox(key="new_size").set_value("tiny slice")
     at.number_input(key="new_proj").set_value(4)
     at.form_submit_button[0].click().run()
-    job = explore.job_for("prepare", root / "mine")
+    job = jobs.job_for("prepare", root / "mine")
     assert job is not None
     assert at.selectbox(key="w_workspace").value == "mine"
     status = at.get("status")[0].proto
@@ -449,10 +546,11 @@ def test_workspaces_lists_shows_manifest_and_creates_one(tmp_path, tiny_workspac
         time.sleep(0.5)
     assert job.state == "done", job.lines
     assert any(line.startswith("[index] built") for line in job.lines) and job.fraction == 1.0
+    assert job.stage == "index" and job.error is None  # progress from the build's callbacks, to its last stage
     at.run()
     listing = at.dataframe[0].value.set_index("workspace")
     assert listing.loc["mine", "status"] == "ready" and listing.loc["mine", "train"] == 28
-    assert (root / "mine" / explore.REQUEST_FILE).exists()
+    assert (root / "mine" / catalog.REQUEST_FILE).exists()
 
 
 def test_an_interrupted_workspace_offers_to_resume(tmp_path, tiny_workspace, monkeypatch):
@@ -478,29 +576,40 @@ def test_no_workspace_says_where_to_start(tmp_path, monkeypatch):
     assert any("Pick a workspace" in i.value for i in at.info)
 
 
-# ----------------------------------------------------------------------------- pure helpers (core.explore)
+# ----------------------------------------------------------------------------- pure helpers (core.spanfix, core.instances, core.metrics)
 
 def test_word_tokens_snap_and_span_checks():
     text = "Pizza 🍕 was $5, *great*!"
-    tokens = explore.word_tokens(text)
+    tokens = word_tokens(text)
     assert [text[a:b] for a, b in tokens] == ["Pizza", "🍕", "was", "$", "5", ",", "*", "great", "*", "!"]
-    assert explore.snap(tokens, 7, 2) == (tokens[2][0], tokens[7][1])
-    assert explore.token_range(tokens, (8, 12)) == (2, 2) and explore.token_range(tokens, (8, 13)) == (2, 3)
-    assert explore.check_span(text, 3, 3) and explore.check_span(text, 0, 99) and explore.check_span(text, 5, 6)
-    assert explore.check_span(text, 0, 5) is None
+    assert snap(tokens, 7, 2) == (tokens[2][0], tokens[7][1])
+    assert token_range(tokens, (8, 12)) == (2, 2) and token_range(tokens, (8, 13)) == (2, 3)
+    assert check_span(text, 3, 3) and check_span(text, 0, 99) and check_span(text, 5, 6)
+    assert check_span(text, 0, 5) is None
 
 
 def test_filters_queue_and_agreement():
-    rows = [{"id": f"t{i}", "split": "test" if i < 3 else "train", "text": f"text {i}", "aspect": "a" if i % 2 else "b",
-             "label": "positive", "pred": "positive" if i else "negative",
-             "span": {"start": 0, "end": 4, "source": "heuristic"}} for i in range(6)]
-    assert [r["id"] for r in explore.filter_instances(rows, explore.InstanceFilter(outcome="wrong"))] == ["t0"]
-    assert len(explore.filter_instances(rows, explore.InstanceFilter(query="TEXT 1", aspect="a"))) == 1
-    fixed = explore.filter_instances(rows, explore.InstanceFilter(source="corrected"), {"t2": "fix"})
-    assert [r["id"] for r in fixed] == ["t2"]
-    queue = explore.review_queue(list(reversed(rows)), {"t1": "accept"}, ["test", "train"], unreviewed_only=True)
-    assert [r["id"] for r in queue] == ["t2", "t0", "t5", "t4", "t3"]
-    agree = explore.agreement([2, 0, 1], [0.0, 0.5, 1.0], ["x", "y", "x"], "x", 3)
+    verdicts = {"t1": "accept", "t2": "fix"}
+    records = []
+    for i in range(6):
+        detected = Span(0, 4, "heuristic")
+        span = Span(1, 5, "manual") if verdicts.get(f"t{i}") == "fix" else detected
+        records.append(InstanceRecord(f"t{i}", "test" if i < 3 else "train", f"text {i}", "a" if i % 2 else "b",
+                                      "positive", span, detected, verdicts.get(f"t{i}"),
+                                      "positive" if i else "negative"))
+    assert [r.id for r in filter_instances(records, InstanceFilter(outcome="wrong"))] == ["t0"]
+    assert len(filter_instances(records, InstanceFilter(query="TEXT 1", aspect="a"))) == 1
+    assert [r.id for r in filter_instances(records, InstanceFilter(predicted="negative"))] == ["t0"]
+    fixed = filter_instances(records, InstanceFilter(source="corrected"))
+    assert [r.id for r in fixed] == ["t2"] and fixed[0].span_pair == (1, 5) and fixed[0].detected.source == "heuristic"
+    assert len(filter_instances(records, InstanceFilter(source="heuristic"))) == 5
+    queue = review_queue(list(reversed(records)), ["test", "train"], unreviewed_only=True)
+    assert [r.id for r in queue] == ["t0", "t5", "t4", "t3"]
+    everything = review_queue(list(reversed(records)), ["test", "train"], unreviewed_only=False)
+    assert [r.id for r in everything] == ["t2", "t1", "t0", "t5", "t4", "t3"]
+    assert option_label(records[1]) == "a · text 1"
+    assert records[0].test_input().label == "negative" and records[0].test_input("gold").label == "positive"
+    agree = agreement([2, 0, 1], [0.0, 0.5, 1.0], ["x", "y", "x"], "x", 3)
     assert agree.sag == [1.0, 0.5, 0.5] and agree.lag == [1.0, 1.0, 2 / 3]
     assert agree.at(2)["lag_random"] == pytest.approx(2 / 3) and agree.at(2)["sag_random"] == pytest.approx(0.5)
-    assert explore.top_k_overlap(["a", "b", "c"], ["c", "a", "d"], 2) == 0.5
+    assert top_k_overlap(["a", "b", "c"], ["c", "a", "d"], 2) == 0.5

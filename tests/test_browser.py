@@ -19,7 +19,6 @@ from urllib.parse import quote
 
 import pytest
 
-from core import explore
 from core.backend import Backend
 from tests.test_injection import build_hostile_workspace
 
@@ -45,9 +44,9 @@ def root(tmp_path_factory, tiny_workspace, data_dir, tiny_backbone) -> Path:
     shutil.copytree(tiny_workspace, root / "tiny", ignore=shutil.ignore_patterns("store.sqlite*"))
     build_hostile_workspace(root, data_dir, tiny_backbone)
     for name in ("tiny", "hostile"):  # explanations and profiles in the store: the browser sees cached views
-        backend = Backend(root / name, index_settings=explore.index_settings_of(root / name))
+        backend = Backend(root / name)
         for row in backend.instances("test")[:3]:
-            test = backend.test_input(row["id"])
+            test = backend.test_input(row.id)
             backend.profile(test)
             for method in METHODS:
                 backend.explain(test, method, k=100)
@@ -116,14 +115,14 @@ def shoot(page, name: str) -> None:
 
 
 def test_explore_annotate_and_hostile_text_in_chromium(server, browser, root):
-    tiny = Backend(root / "tiny", index_settings=explore.index_settings_of(root / "tiny"))
+    tiny = Backend(root / "tiny")
     first, second = tiny.instances("test")[:2]
     page = browser.new_page(viewport={"width": 1400, "height": 2600})
     dialogs: list[str] = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
 
     # a deep link on a fresh server goes through app.py's navigation and restores the view
-    page.goto(f"{server}/explore?workspace=tiny&test={quote(first['id'], safe='')}&methods="
+    page.goto(f"{server}/explore?workspace=tiny&test={quote(first.id, safe='')}&methods="
               f"{quote(','.join(METHODS))}&k={K}")
     settle(page, cards(2 * K))
     nav = page.locator("[data-testid='stSidebarNav']").inner_text()
@@ -134,14 +133,16 @@ def test_explore_annotate_and_hostile_text_in_chromium(server, browser, root):
     # choose another review: the top-K of both methods render from the store
     picker = page.get_by_role("combobox", name="Test review (16 of 16)")
     picker.click()
-    picker.fill(second["id"])
+    picker.fill(second.id)
     started = time.perf_counter()
     page.keyboard.press("Enter")
     settle(page, cards(2 * K) + " && [...document.querySelectorAll('.sl-caption')].some(e => "
-           "e.textContent.includes(arg))", second["id"])
+           "e.textContent.includes(arg))", second.id)
     seconds = time.perf_counter() - started
     print(f"\nchoose a review -> top-{K} of {len(METHODS)} methods rendered (cached): {seconds:.2f}s")
-    assert quote(second["id"], safe="") in page.url or second["id"] in page.url
+    assert quote(second.id, safe="") in page.url or second.id in page.url
+    assert "label=predicted" in page.url  # the explained label is part of the view's link
+    assert page.locator(".sl-probs .sl-tag-explained").count() == 1
     assert page.locator(".sl-review .sl-test-span").count() >= 1
     assert page.locator(".sl-card .sl-train-span").count() >= 2 * K - 2  # nearly every card has a span
     gauges = page.locator(".js-plotly-plot .indicatorlayer .trace")
@@ -162,19 +163,19 @@ def test_explore_annotate_and_hostile_text_in_chromium(server, browser, root):
     shoot(page, "annotate.png")
     page.reload()
     settle(page, progress("1 of 64 spans reviewed"))
-    entry = tiny.store.current_annotations()[first["id"]]
+    entry = tiny.store.current_annotations()[first.id]
     assert (entry.status, entry.annotator) == ("accept", "browser")
 
     # hostile text: literal, highlighted, never executed
-    hostile = Backend(root / "hostile", index_settings=explore.index_settings_of(root / "hostile"))
+    hostile = Backend(root / "hostile")
     for n, row in enumerate(hostile.instances("test")[:3:2]):  # "$price$ ... [too] high_ok", "<script>..."
-        page.goto(f"{server}/explore?workspace=hostile&test={quote(row['id'], safe='')}&methods="
+        page.goto(f"{server}/explore?workspace=hostile&test={quote(row.id, safe='')}&methods="
                   f"{quote(','.join(METHODS))}&k={K}")
         settle(page, cards(2 * K))
-        assert page.locator(".sl-review .sl-text").inner_text() == row["text"]
-        span = row["text"][row["span"]["start"]:row["span"]["end"]]
+        assert page.locator(".sl-review .sl-text").inner_text() == row.text
+        span = row.text[row.span.start:row.span.end]
         assert "".join(page.locator(".sl-review .sl-test-span").all_inner_texts()) == span
-        assert page.locator(".sl-review .sl-aspect").inner_text() == row["aspect"]
+        assert page.locator(".sl-review .sl-aspect").inner_text() == row.aspect
         assert page.locator(".sl-card").count() == 2 * K
         assert page.locator("[data-testid='stMain'] script, .sl-text img, .sl-text b").count() == 0
         assert page.locator(".katex").count() == 0  # "$...$" is not typeset

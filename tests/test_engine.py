@@ -8,89 +8,28 @@ import pytest
 import torch
 from torch import nn
 
-from core.backend import Backend
+from core.backend import Backend, index_workspace
+from core.engine import Engine
+from core.engine import TestInput as Query
+from core.ggn import gauss_newton_batch
 from core.gradients import GradientCollector, Projector, loss_weights
 from core.ihvp import DampedInverse, LissaSettings, lissa
 from core.index import GradientIndex, IndexSettings, build_index
-from core.methods import CONTROL, METHODS, Engine, TrainingSide, resolve_method
-from core.methods import TestInput as Query
-from core.model import HiddenCache, SplitModel, collate, encode_pairs, mask_span
+from core.model import HiddenCache, SplitModel
+from core.registry import METHODS
+from core.scoring import ScoreSettings
+from core.training_sides import StreamedSide
 from core.workspace import Workspace, load_model
+from tests.brute import DAMPING, brute_force, sides
 
 EXACT = IndexSettings(dim=None, batch_size=8)
-DAMPING = 1e-4  # far below the tiny model's two large Gauss-Newton eigenvalues (~0.4): the inverse matters
+LOW = ScoreSettings(damping=DAMPING)
 N_CHECK = 12  # training instances compared against brute force
 
 
 @pytest.fixture(scope="module")
 def backend(tiny_workspace):
     return Backend(tiny_workspace, device="cpu", index_settings=EXACT)
-
-
-def _flat_grad(model, tok, row, label: int, span, masked: bool) -> torch.Tensor:
-    """Brute force: autograd on the whole Hugging Face model, one example, trainable subset only."""
-    enc = encode_pairs(tok, [(row["aspect"], row["text"])], 64)[0]
-    if masked and span:
-        enc = mask_span(enc, span[0], span[1], tok.mask_token_id)
-    logits = model(**collate([enc], tok.pad_token_id)).logits
-    loss = nn.functional.cross_entropy(logits, torch.tensor([label]))
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
-
-
-def _sides(model, tok, row, label, span, role):
-    g = _flat_grad(model, tok, row, label, span, False)
-    g_masked = _flat_grad(model, tok, row, label, span, True)
-    return {"full": g, "diff": g - g_masked}  # the span's part of the gradient, both sides
-
-
-def _brute_force(backend, test_id, method, train_rows, dtype):
-    ws = backend.ws
-    labels = backend.manifest.labels
-    test = backend.by_id[test_id]
-    t_span = (test["span"]["start"], test["span"]["end"])
-    points = {"final": ["final"], "checkpoints": ws.points("checkpoint"), "variants": ws.points("variant")}[method.points]
-    lrs = {r["point"]: r["lr"] for r in ws.manifest().stages["model"]["checkpoints"]}
-    total = torch.zeros(len(train_rows), dtype=torch.float64)
-    for point in points:
-        model = load_model(ws, point, device="cpu").to(dtype)
-        tok = model.spanlens_tokenizer
-        t_vec = _sides(model, tok, test, labels.index(test["label"]), t_span, "test")[method.test].double()
-        if method.inverse:
-            gram = _brute_gauss_newton(backend, model, tok, dtype)
-            t_vec = torch.linalg.solve(gram + DAMPING * torch.eye(len(t_vec), dtype=torch.float64), t_vec)
-        weight = lrs[point] if method.weighted else 1.0
-        for j, row in enumerate(train_rows):
-            span = (row["span"]["start"], row["span"]["end"])
-            x = _sides(model, tok, row, labels.index(row["label"]), span, "train")[method.train].double()
-            total[j] += weight * float(t_vec @ x)
-    return total
-
-
-_GRAM: dict[str, torch.Tensor] = {}
-
-
-def _brute_gauss_newton(backend, model, tok, dtype) -> torch.Tensor:
-    """mean_n J_n^T (diag p - p p^T) J_n with full Jacobians from autograd (at theta, cached)."""
-    key = f"{backend.ws.root}:{dtype}"
-    if key not in _GRAM:
-        _GRAM[key] = _compute_gauss_newton(backend, model, tok)
-    return _GRAM[key]
-
-
-def _compute_gauss_newton(backend, model, tok) -> torch.Tensor:
-    params = [p for p in model.parameters() if p.requires_grad]
-    rows = backend.instances("train")
-    gram = None
-    for row in rows:
-        enc = encode_pairs(tok, [(row["aspect"], row["text"])], 64)[0]
-        logits = model(**collate([enc], tok.pad_token_id)).logits[0]
-        jac = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(logits[c], params, retain_graph=True)])
-                           for c in range(len(logits))]).double()
-        p = logits.detach().double().softmax(-1)
-        part = jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac
-        gram = part if gram is None else gram + part
-    return gram / len(rows)
 
 
 @pytest.fixture(scope="module")
@@ -103,21 +42,22 @@ def exact64(tiny_workspace):
         for name in params:
             params[name] = params[name].double()
     loaded.use("final")
-    full, labels = own.train_cache
+    full, labels = own.train_cache()
     masked = HiddenCache.load(own.index.root / "prefix-masked.safetensors")
     to64 = lambda c: HiddenCache([s.double() for s in c.states])  # noqa: E731
-    side = TrainingSide(loaded, Projector(loaded.split, None), None, to64(full), to64(masked), labels, 8)
-    return Engine(loaded, side, own._checkpoint_lrs())
+    projector = Projector(loaded.split, None)
+    side = StreamedSide(loaded, projector, to64(full), to64(masked), labels, 8)
+    return Engine(loaded, side, projector)
 
 
-@pytest.mark.parametrize("name", [*METHODS, CONTROL.name])
+@pytest.mark.parametrize("name", METHODS.names())
 def test_every_method_equals_brute_force(backend, exact64, name):
     """Exact mode (float64 end to end) against autograd on the whole HF model, method by method."""
-    method = resolve_method(name)
-    test_id = backend.instances("test")[0]["id"]
+    method = METHODS.resolve(name)
+    test_id = backend.instances("test")[0].id
     train_rows = backend.instances("train")[:N_CHECK]
-    expected = _brute_force(backend, test_id, method, train_rows, torch.float64)
-    got = exact64.scores([backend.test_input(test_id)], method, damping=DAMPING).values[0, :N_CHECK].double()
+    expected = brute_force(backend, test_id, method, train_rows, torch.float64)
+    got = exact64.scores([backend.test_input(test_id, "gold")], method, LOW).values[0, :N_CHECK].double()
     rel = float((got - expected).norm() / expected.norm())
     assert expected.abs().max() > 0
     assert rel < 1e-4, (name, rel)
@@ -126,11 +66,11 @@ def test_every_method_equals_brute_force(backend, exact64, name):
 @pytest.mark.parametrize("name", ["IF", "IF++", "TracIn", "TracIn+", "GroundTruth"])
 def test_float32_index_agrees_with_brute_force(backend, name):
     """The stored (float32, unprojected) index gives the same scores up to float32 cancellation."""
-    method = resolve_method(name)
-    test_id = backend.instances("test")[0]["id"]
+    method = METHODS.resolve(name)
+    test_id = backend.instances("test")[0].id
     train_rows = backend.instances("train")[:N_CHECK]
-    expected = _brute_force(backend, test_id, method, train_rows, torch.float32)
-    got = backend.engine().scores([backend.test_input(test_id)], method, damping=DAMPING).values[0, :N_CHECK].double()
+    expected = brute_force(backend, test_id, method, train_rows, torch.float32)
+    got = backend.engine().scores([backend.test_input(test_id, "gold")], method, LOW).values[0, :N_CHECK].double()
     assert float((got - expected).norm() / expected.norm()) < 2e-3
 
 
@@ -140,18 +80,18 @@ def test_projected_index_matches_projected_brute_force(tiny_workspace, tmp_path)
 
     root = tmp_path / "ws"
     shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("index", "store.sqlite*"))
+    index_workspace(Workspace(root), IndexSettings(dim=64, batch_size=8), progress=False, log=lambda _: None)
     backend = Backend(root, device="cpu", index_settings=IndexSettings(dim=64, batch_size=8))
     index = backend.index
-    assert index.meta["projection"]["sketch"] == "countsketch" and index.meta["dim"] == 64 and index.meta["dim"] < backend._exact_engine.projector.dim
+    assert index.meta["projection"]["sketch"] == "countsketch" and index.meta["dim"] == 64 and index.meta["dim"] < backend.engine(exact=True).projector.dim
     assert Workspace(root).manifest().results["index"]["dim"] == 64  # the rebuild is on record
     projector = backend.engine().projector
     model = load_model(root, "variant-2", device="cpu")
     tok = model.spanlens_tokenizer
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for j, row in enumerate(backend.instances("train")[:3]):
-        label = backend.manifest.labels.index(row["label"])
-        span = (row["span"]["start"], row["span"]["end"])
-        flat = _sides(model, tok, row, label, span, "train")["diff"]
+        label = backend.manifest.labels.index(row.label)
+        flat = sides(model, tok, row, label, row.span_pair, "train")["diff"]
         dense, offset = {}, 0
         for name in names:
             p = dict(model.named_parameters())[name]
@@ -215,16 +155,17 @@ def test_projector_covers_exactly_the_trainable_parameters(backend):
 
 def test_empty_span_gives_zero_for_span_methods(backend):
     row = backend.instances("test")[1]
-    no_span = Query(row["aspect"], row["text"], row["label"], None, row["id"])
-    masks_nothing = Query(row["aspect"], row["text"], row["label"], (0, 0), row["id"])  # a span of no token
+    no_span = Query(row.aspect, row.text, row.label, None, row.id)
+    masks_nothing = Query(row.aspect, row.text, row.label, (0, 0), row.id)  # a span of no token
     engine = backend.engine()
     for name in ("IF++", "TracIn++", "GroundTruth"):
-        assert torch.count_nonzero(engine.scores([no_span, masks_nothing], METHODS[name], damping=DAMPING).values) == 0
+        assert torch.count_nonzero(engine.scores([no_span, masks_nothing], METHODS.resolve(name), LOW).values) == 0
     # training side: with every span empty (masked inputs = whole inputs) the + methods give zero
-    full, labels = backend.train_cache
-    side = TrainingSide(backend.loaded, Projector(backend.loaded.split, None), None, full, full, labels, 8)
-    scores = Engine(backend.loaded, side, {}).scores([backend.test_input(row["id"])], METHODS["TracIn+"]).values
-    whole = engine.scores([no_span], METHODS["TracInF"]).values  # untouched by spans
+    full, labels = backend.train_cache()
+    projector = Projector(backend.loaded.split, None)
+    side = StreamedSide(backend.loaded, projector, full, full, labels, 8)
+    scores = Engine(backend.loaded, side, projector).scores([backend.test_input(row.id)], METHODS.resolve("TracIn+")).values
+    whole = engine.scores([no_span], METHODS.resolve("TracInF")).values  # untouched by spans
     assert float(whole.abs().max()) > 0
     # zero up to float32 rounding (x - x computed in two rows of one batch)
     assert float(scores.abs().max()) < 1e-6 * float(whole.abs().max())
@@ -239,9 +180,9 @@ def test_queries_leave_the_model_and_its_points_as_they_were(backend):
     before = loaded.split.state()
     points = {name: {k: v.clone() for k, v in params.items()} for name, params in loaded.points.items()}
     unchanged = lambda: all(torch.equal(loaded.split.state()[k], v) for k, v in before.items())  # noqa: E731
-    query = backend.test_input(backend.instances("test")[0]["id"])
+    query = backend.test_input(backend.instances("test")[0].id)
     for name in ("TracIn", "TracIn++", "IF++", "GroundTruth"):
-        backend.engine().scores([query], METHODS[name])
+        backend.engine().scores([query], METHODS.resolve(name))
         assert unchanged(), name
     with pytest.raises(RuntimeError, match="body"):
         with loaded.at("checkpoint-1"):
@@ -264,7 +205,7 @@ def test_tracin_equals_captum_tracincp(backend, tmp_path):
     from scipy.stats import spearmanr
 
     split = backend.loaded.split
-    full, labels = backend.train_cache
+    full, labels = backend.train_cache()
     h, mask = full.batch(range(len(full)))
 
     class Top(nn.Module):
@@ -289,12 +230,12 @@ def test_tracin_equals_captum_tracincp(backend, tmp_path):
     tests = backend.instances("test")[:3]
     t_cache = HiddenCache([])
     engine = backend.engine()
-    cache = engine._test_caches([backend.test_input(r["id"]) for r in tests], masked=False).cache
+    cache = engine.test_batch([backend.test_input(r.id, "gold") for r in tests], masked=False).cache
     t_h, t_m = cache.batch([0, 1, 2])
-    t_y = torch.tensor([backend.manifest.labels.index(r["label"]) for r in tests])
+    t_y = torch.tensor([backend.manifest.labels.index(r.label) for r in tests])
     theirs = tracin.influence((t_h, t_m, t_y)).double()
     backend.loaded.use("final")
-    ours = engine.scores([backend.test_input(r["id"]) for r in tests], METHODS["TracIn"]).values.double()
+    ours = engine.scores([backend.test_input(r.id, "gold") for r in tests], METHODS.resolve("TracIn")).values.double()
     # float32 on both sides, different batching and padding: agreement to float32 rounding
     assert float((ours - theirs).norm() / theirs.norm()) < 1e-3
     assert all(spearmanr(o, t).statistic > 0.99 for o, t in zip(ours, theirs))
@@ -365,8 +306,6 @@ def test_influence_function_agrees_with_leave_one_out(tmp_path):
             (g_train,), logits, _ = col.gradients(h, m, [loss_weights(y)])
             jac, _, _ = col.gradients(h, m, [(lambda c: (lambda lg: torch.nn.functional.one_hot(torch.full((len(lg),), c), 3).to(lg.dtype)))(c) for c in range(3)])
             (g_test,), _, _ = col.gradients(test_x, torch.ones(1, 1, dtype=torch.long), [loss_weights(test_y)])
-        from core.index import gauss_newton_batch
-
         gram = gauss_newton_batch(logits, torch.stack(jac, 1)) / n
         # the Hessian of mean CE + (l2/2)|w|^2 (the bias is not decayed in the fit either... it is here: keep it simple)
         inverse = DampedInverse(gram, damping=l2)
@@ -468,7 +407,7 @@ def test_explanations_are_served_from_the_store(tiny_workspace, tmp_path, monkey
     root = tmp_path / "ws"
     shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("store.sqlite*"))
     backend = Backend(root, device="cpu", index_settings=EXACT)
-    test_id = backend.instances("test")[2]["id"]
+    test_id = backend.instances("test")[2].id
     first = backend.explain(test_id, "TracIn++", k=5)
     assert [h.rank for h in first.top] == [1, 2, 3, 4, 5]
     assert first.top[0].score >= first.top[-1].score and first.opponents[0].score <= first.opponents[-1].score
@@ -477,7 +416,7 @@ def test_explanations_are_served_from_the_store(tiny_workspace, tmp_path, monkey
     def boom(*a, **k):
         raise AssertionError("recomputed instead of served from the store")
 
-    monkeypatch.setattr(Engine, "scores", boom)
+    monkeypatch.setattr(Engine, "scores_many", boom)
     again = Backend(root, device="cpu", index_settings=EXACT).explain(test_id, "tracin++", k=5)
     assert [h.train_id for h in again.top] == [h.train_id for h in first.top]
     with pytest.raises(AssertionError, match="recomputed"):
@@ -493,26 +432,28 @@ def test_corrected_training_span_patches_its_rows_only(tiny_workspace, tmp_path,
     shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("store.sqlite*"))
     backend = Backend(root, device="cpu", index_settings=EXACT)
     test = backend.instances("test")[0]
-    before = torch.tensor(backend.explain(test["id"], "GroundTruth", k=3).scores)
-    backend.explain(test["id"], "TracIn", k=3)
+    gold = backend.test_input(test.id, "gold")
+    before = torch.tensor(backend.explain(gold, "GroundTruth", k=3).scores)
+    backend.explain(gold, "TracIn", k=3)
     j = 2
     row = backend.instances("train")[j]
-    old = (row["span"]["start"], row["span"]["end"])
-    new = (0, 4) if old != (0, 4) else (2, 9)
-    backend.annotate_span(row["id"], "fix", "tester", new)
+    new = (0, 4) if row.span_pair != (0, 4) else (2, 9)
+    backend.annotate_span(row.id, "fix", "tester", new)
+    assert backend.index.meta["overrides"] == {row.id: list(new)}  # patched at once
 
     calls: list[str] = []
-    real_scores = Engine.scores
-    monkeypatch.setattr(Engine, "scores", lambda self, tests, m, **kw: calls.append(m.name) or real_scores(self, tests, m, **kw))
-    backend.explain(test["id"], "TracIn", k=3)  # uses no spans: still served from the store
-    after = torch.tensor(backend.explain(test["id"], "GroundTruth", k=3).scores)
+    real_scores = Engine.scores_many
+    monkeypatch.setattr(Engine, "scores_many", lambda self, tests, specs, settings: calls.extend(s.name for s in specs)
+                        or real_scores(self, tests, specs, settings))
+    backend.explain(gold, "TracIn", k=3)  # uses no spans: still served from the store
+    after = torch.tensor(backend.explain(gold, "GroundTruth", k=3).scores)
     assert calls == ["GroundTruth"]
-    assert backend.index.meta["overrides"] == {row["id"]: list(new)}
+    assert backend.by_id[row.id].span_pair == new and backend.by_id[row.id].span_source == "corrected"
 
     model = load_model(root, "final", device="cpu")
     tok, labels = model.spanlens_tokenizer, backend.manifest.labels
-    t_vec = _sides(model, tok, test, labels.index(test["label"]), (test["span"]["start"], test["span"]["end"]), "test")["diff"]
-    expected = float(t_vec @ _sides(model, tok, row, labels.index(row["label"]), new, "train")["diff"])
+    t_vec = sides(model, tok, test, labels.index(test.label), test.span_pair, "test")["diff"]
+    expected = float(t_vec @ sides(model, tok, row, labels.index(row.label), new, "train")["diff"])
     scale = float(before.abs().max())
     assert abs(float(after[j]) - expected) < 1e-4 * scale
     assert abs(float(before[j]) - float(after[j])) > 1e-3 * scale  # the span really changed the score
@@ -521,9 +462,9 @@ def test_corrected_training_span_patches_its_rows_only(tiny_workspace, tmp_path,
 
     # another process sees the patched index as it is; undo patches the row back
     fresh = Backend(root, device="cpu", index_settings=EXACT)
-    assert fresh.index.spans_match({row["id"]: new})
+    assert fresh.index.spans_match({row.id: new})
     fresh.undo_span_annotation("tester")
-    restored = torch.tensor(fresh.explain(test["id"], "GroundTruth", k=3).scores)
+    restored = torch.tensor(fresh.explain(gold, "GroundTruth", k=3).scores)
     assert torch.allclose(restored, before, atol=1e-6 * scale)
 
 
@@ -538,7 +479,7 @@ def test_interrupted_span_patch_is_redone(tiny_workspace, tmp_path, monkeypatch)
     shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("store.sqlite*"))
     backend = Backend(root, device="cpu", index_settings=EXACT)
     reference = backend.index.matrix("final", "diff").clone()
-    backend.annotate_span(backend.instances("test")[0]["id"], "fix", "tester", (0, 3))
+    backend.annotate_span(backend.instances("test")[0].id, "fix", "tester", (0, 3))
     assert backend.index.meta.get("overrides") == {}  # a test span: the index is not patched
 
     row = backend.instances("train")[1]
@@ -550,17 +491,17 @@ def test_interrupted_span_patch_is_redone(tiny_workspace, tmp_path, monkeypatch)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(index_module, "training_gradients", dies_at_second_point)
-    backend.annotate_span(row["id"], "fix", "tester", (0, 5))
     with pytest.raises(KeyboardInterrupt):
-        backend.index
+        backend.annotate_span(row.id, "fix", "tester", (0, 5))  # the verdict is stored, then the patch dies
     meta = json.loads((root / "index" / "meta.json").read_text())
-    assert meta["patching"] == [row["id"]] and meta["overrides"] == {}
-    assert not GradientIndex(root / "index").spans_match({row["id"]: (0, 5)})
+    assert meta["patching"] == [row.id] and meta["overrides"] == {}
+    assert not GradientIndex(root / "index").spans_match({row.id: (0, 5)})
 
     monkeypatch.setattr(index_module, "training_gradients", real)
     fresh = Backend(root, device="cpu", index_settings=EXACT)
+    fresh.explain(fresh.instances("test")[0].id, "TracIn", k=3)  # explaining brings the stored fix in first
     index = fresh.index
-    assert "patching" not in index.meta and index.meta["overrides"] == {row["id"]: [0, 5]}
+    assert "patching" not in index.meta and index.meta["overrides"] == {row.id: [0, 5]}
     changed = (index.matrix("final", "diff") - reference).abs().sum(1) > 0
     assert changed.tolist() == [n == 1 for n in range(len(reference))]
 
@@ -574,7 +515,7 @@ def test_cli_explains_several_methods(tiny_workspace, tmp_path, capsys, monkeypa
 
     root = tmp_path / "ws"
     shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("store.sqlite*"))
-    test_id = Backend(root, device="cpu", index_settings=EXACT).instances("test")[1]["id"]
+    test_id = Backend(root, device="cpu", index_settings=EXACT).instances("test")[1].id
     base = ["explain", "--workspace", str(root), "--test-id", test_id, "--device", "cpu", "--k", "3"]
     assert main([*base, "--method", "TracIn++, IF++", "--method", "gt", "--json"]) == 0  # the index as built: exact
     out = json.loads(capsys.readouterr().out)
@@ -582,13 +523,15 @@ def test_cli_explains_several_methods(tiny_workspace, tmp_path, capsys, monkeypa
     assert all(len(e["top"]) == 3 and all(h["text"] for h in e["top"]) for e in out)
     assert all(e["approx"]["projection"]["exact"] for e in out)
     row = Backend(root, device="cpu", index_settings=EXACT).by_id[test_id]
-    assert out[0]["test"]["gold"] == row["label"] and out[0]["test"]["text"] == row["text"]
+    assert out[0]["test"]["gold"] == row.label and out[0]["test"]["text"] == row.text
+    assert out[0]["test"]["explained"] == out[0]["test"]["predicted"] == out[0]["label"]  # the default: predicted
     assert out[0]["test"]["predicted"] in json.loads((root / "manifest.json").read_text())["labels"]
     monkeypatch.setattr(Backend, "__init__", lambda *a, **k: pytest.fail("loaded the workspace despite a bad option"))
     for extra, message in ((["--method", "TracIn++,nope"], "unknown method 'nope'"),
                            (["--method", "IF", "--proj-dim", "64"], "its index is built with d = exact"),
-                           (["--method", "IF", "--k", "0"], "--k must be at least 1"),
+                           (["--method", "IF", "--k", "0"], "argument --k: must be at least 1, got 0"),
                            (["--method", "IF", "--test-text", "x", "--aspect", "y"], "give either --test-id"),
-                           (["--method", "IF++", "--ihvp", "lissa", "--lissa-depth", "0"], "depth and batch size")):
+                           (["--method", "IF++", "--ihvp", "lissa", "--lissa-depth", "0"],
+                            "argument --lissa-depth: must be at least 1")):
         assert main([*base, *extra]) == 2, extra
         assert message in capsys.readouterr().err

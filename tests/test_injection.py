@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core import explore
 from core.backend import Backend
+from core.cases import save_case_study
 from core.index import IndexSettings, build_index
 from core.prepare import prepare
+from core.spanfix import word_tokens
+from core.views import case_html, report_html
 from core.workspace import Workspace
 from tests.conftest import tiny_settings
 from tests.test_app import app_runner, navigation_only  # noqa: F401  (an autouse fixture)
@@ -125,7 +127,7 @@ def texts_in(fragment: str) -> list[tuple[str, str, str]]:
 def check_page(at: AppTest, backend: Backend, extra: dict[str, str] | None = None) -> int:
     """Assert the page's safety; return how many hostile review texts it showed (``extra``: texts
     not in the data set, with their aspects)."""
-    rows = {r["text"]: r for r in backend.rows} | {t: {"aspect": a} for t, a in (extra or {}).items()}
+    aspects = {r.text: r.aspect for r in backend.instances()} | dict(extra or {})
     shown = 0
     for element in at.html:
         body = element.value
@@ -138,10 +140,9 @@ def check_page(at: AppTest, backend: Backend, extra: dict[str, str] | None = Non
         for text, span, aspect in texts_in(body):
             if MARK not in text:
                 continue
-            row = rows.get(text)
-            assert row is not None, f"text not shown literally: {text!r}"
+            assert text in aspects, f"text not shown literally: {text!r}"
             shown += 1
-            assert aspect in ("", row["aspect"]), (aspect, row["aspect"])
+            assert aspect in ("", aspects[text]), (aspect, aspects[text])
             if span:  # a span is a contiguous piece of the text, one of the spans in play
                 assert span in text
     # nothing hostile in Markdown-rendered elements, widget labels or Plotly text
@@ -159,22 +160,25 @@ def check_page(at: AppTest, backend: Backend, extra: dict[str, str] | None = Non
 
 
 def backend_of(root: Path) -> Backend:
-    return Backend(root / "hostile", index_settings=explore.index_settings_of(root / "hostile"))
+    return Backend(root / "hostile")
 
 
 def test_explore_and_compare_show_hostile_text_literally(open_page, hostile_root):
     backend = backend_of(hostile_root)
     for row in backend.instances("test"):
-        at = open_page("pages/explore.py", test=row["id"], methods="TracIn++,IF", k="4")
+        at = open_page("pages/explore.py", test=row.id, methods="TracIn++,IF", k="4")
         assert check_page(at, backend) >= 1 + 8  # the review and the cards
         review = [h.value for h in at.html if 'class="sl-review"' in h.value][0]
         text, span, aspect = texts_in(review)[0]
-        assert text == row["text"]
-        assert span == text[row["span"]["start"]:row["span"]["end"]]
-        assert aspect == row["aspect"]
+        assert text == row.text
+        assert span == text[row.span.start:row.span.end]
+        assert aspect == row.aspect
         # the picker shows the text as plain text (selectbox options are not Markdown)
-        assert any(row["text"][:20] in o for o in at.selectbox(key="w_test").options)
-    at = open_page("pages/compare.py", test=row["id"], methods="IF++,TracIn++", k="3")
+        assert any(row.text[:20] in o for o in at.selectbox(key="w_test").options)
+    at = open_page("pages/compare.py", test=row.id, methods="IF++,TracIn++", k="3")
+    assert check_page(at, backend) >= 1 + 6
+    at.radio(key="w_label").set_value("gold").run()  # explaining the gold label changes no safety
+    assert not at.exception and at.query_params["label"] == "gold"
     assert check_page(at, backend) >= 1 + 6
 
 
@@ -199,35 +203,36 @@ def test_annotate_shows_hostile_text_and_words_literally(open_page, hostile_root
     at.text_input(key="w_annotator").set_value("<b>eve</b> qzx").run()
     row = backend.instances("test")[0]
     assert check_page(at, backend) >= 2  # the review and the preview
-    first = at.selectbox(key=f"first_{row['id']}")
+    first = at.selectbox(key=f"first_{row.id}")
     words = [o.split(" · ", 1)[1] for o in first.options]
     assert words[:4] == ["the", "$", "price", "$"] and "[" in words  # plain-text options, not Markdown
     # fix the span from the second word to the last; the preview marks exactly those characters
-    tokens = explore.word_tokens(row["text"])
+    tokens = word_tokens(row.text)
     last = len(tokens) - 1
-    at.selectbox(key=f"first_{row['id']}").set_value(1)
-    at.selectbox(key=f"last_{row['id']}").set_value(last).run()
+    at.selectbox(key=f"first_{row.id}").set_value(1)
+    at.selectbox(key=f"last_{row.id}").set_value(last).run()
     preview = [h.value for h in at.html if "Preview" in h.value][0]
     _, span, _ = texts_in(preview)[0]
-    assert span == row["text"][tokens[1][0]:tokens[last][1]]
+    assert span == row.text[tokens[1][0]:tokens[last][1]]
     at.button(key="save_fix").click().run()
-    assert backend.current_span(row["id"]) == (tokens[1][0], tokens[last][1])
-    assert backend.store.current_annotations()[row["id"]].annotator == "<b>eve</b> qzx"
+    assert backend.by_id[row.id].span_pair == (tokens[1][0], tokens[last][1])
+    assert backend.by_id[row.id].span_source == "corrected"
+    assert backend.store.current_annotations()[row.id].annotator == "<b>eve</b> qzx"
     check_page(at, backend)
 
 
 def test_case_study_page_and_report_are_escaped(open_page, hostile_root, tmp_path):
     backend = backend_of(hostile_root)
-    test = backend.test_input(backend.instances("test")[1]["id"])
-    backend.save_case_study("<script>alert(4)</script> qzx", "*note* $x$ qzx 😀", "hostile", test,
-                            ["TracIn++", "IF++"], 3)
+    test = backend.test_input(backend.instances("test")[1].id)
+    save_case_study(backend, "<script>alert(4)</script> qzx", "*note* $x$ qzx 😀", "hostile", test,
+                    ["TracIn++", "IF++"], 3)
     at = open_page("pages/cases.py")
     assert check_page(at, backend) >= 3  # the test review and two top-1 cards
     body = "\n".join(h.value for h in at.html)
     assert "&lt;script&gt;alert&#40;4&#41;&lt;/script&gt; qzx" in body
     case = backend.store.list_cases()[0]
-    report = explore.report_html([explore.case_html(case.title, case.note, case.snapshot, {"case": "1"})],
-                                 (Path(__file__).resolve().parents[1] / "assets" / "style.css").read_text())
+    report = report_html([case_html(case.title, case.note, case.snapshot, {"case": "1"})],
+                         (Path(__file__).resolve().parents[1] / "assets" / "style.css").read_text())
     parsed = parse(report.split("</head>", 1)[1])
     assert {tag for tag, _ in parsed.tags} <= ALLOWED_TAGS | {"body", "h1", "html"}
     assert report.count("<script") == 0 and "<style>" in report

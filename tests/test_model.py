@@ -8,18 +8,16 @@ import torch
 
 from core.model import (
     HiddenCache,
-    TrainConfig,
     collate,
     compute_prefix,
     encode_pairs,
     load_backbone,
-    make_variants,
     mask_span,
     span_token_positions,
     split_model,
     top_forward,
-    train,
 )
+from core.training import TrainConfig, TrainState, make_variants, train
 from tests.builders import roberta_tokenizer, tiny_bert, tiny_deberta, tiny_roberta
 
 LABELS = ["negative", "neutral", "positive"]
@@ -147,7 +145,9 @@ def test_training_resumes_to_the_same_parameters(backbones, tmp_path):
     state = train(split, cache, labels, cache, labels, cfg, out_dir=tmp_path / "straight", progress=False)
     straight = split.state()
     assert [r.epoch for r in state.history] == [1, 2, 3]
-    assert sorted(p.name for p in (tmp_path / "straight").glob("epoch-*")) == ["epoch-2.safetensors", "epoch-3.safetensors"]
+    kept = set(state.checkpoint_epochs(2)) | {3}  # the window ending at the selected epoch, and the last
+    assert sorted(p.name for p in (tmp_path / "straight").glob("epoch-*")) == [f"epoch-{e}.safetensors" for e in sorted(kept)]
+    assert not list((tmp_path / "straight").glob("*.pt"))  # nothing pickled
 
     split.load_state(start)
 
@@ -170,3 +170,33 @@ def test_hidden_cache_round_trip(backbones, tmp_path):
     again = HiddenCache.load(tmp_path / "c.safetensors")
     assert again.lengths() == cache.lengths()
     assert all(torch.equal(a, b) for a, b in zip(cache.states, again.states))
+
+
+def test_checkpoints_end_at_the_selected_epoch():
+    state = TrainState(epoch=6, best_epoch=3)
+    assert state.checkpoint_epochs(3) == [1, 2, 3]
+    assert TrainState(epoch=6, best_epoch=1).checkpoint_epochs(3) == [1]
+    assert TrainState(epoch=6, best_epoch=6).checkpoint_epochs(2) == [5, 6]
+
+
+def test_a_pickled_training_state_is_never_loaded(backbones, tmp_path):
+    """A workspace file must not run code: the old pickle format is refused, unread."""
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('the pickle ran')",))
+
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3, checkpoints=1)
+    split, cache, labels = _caches(backbones["bert"])
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "state.pt").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(ValueError, match="old pickle format is not loaded"):
+        train(split, cache, labels, cache, labels, cfg, out_dir=out, progress=False)
+    (out / "state.pt").unlink()
+    train(split, cache, labels, cache, labels, cfg, out_dir=out, progress=False)
+    (out / "state.json").write_text("{not json")
+    with pytest.raises(ValueError, match="damaged training state"):
+        train(split, cache, labels, cache, labels, TrainConfig(epochs=2, batch_size=8, lr=1e-3, checkpoints=1),
+              out_dir=out, progress=False)

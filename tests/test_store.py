@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import random
 import sqlite3
 import threading
 from pathlib import Path
@@ -65,6 +66,68 @@ def test_two_processes_create_and_write_concurrently(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     assert db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     db.close()
+
+
+def _open_rounds(paths: list[Path], who: str, barrier, results) -> None:
+    """For each path in turn: wait for every worker, then create, write and close it.
+
+    Puts the list of failures on ``results`` at the end.
+    """
+    failures = []
+    for n, path in enumerate(paths):
+        barrier.wait(timeout=600)  # a dead worker fails the test instead of hanging it
+        try:
+            _annotate_many(path, who, 1 + n % 4)  # unequal writes stagger the closes
+        except Exception as err:
+            failures.append(f"{path.name}, {who}: {type(err).__name__}: {err}")
+    results.put(failures)
+
+
+def test_many_processes_open_fresh_stores_at_once(tmp_path: Path) -> None:
+    """8 processes create, migrate and write one fresh file at once, 50 times: no failures."""
+    workers, rounds = 8, 50
+    paths = [tmp_path / f"round-{n}.sqlite" for n in range(rounds)]
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_open_rounds, args=(paths, f"w{i}", barrier, results))
+             for i in range(workers)]
+    for p in procs:
+        p.start()
+    failures = [failure for _ in procs for failure in results.get(timeout=600)]
+    for p in procs:
+        p.join(timeout=600)
+    assert failures == [] and [p.exitcode for p in procs] == [0] * workers
+    for n, path in enumerate(paths):
+        db = sqlite3.connect(path)
+        assert db.execute("SELECT COUNT(*) FROM annotations").fetchone()[0] == workers * (1 + n % 4)
+        assert db.execute("SELECT COUNT(*) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        db.close()
+
+
+def _real_store_truncated(path: Path) -> None:
+    with Store(path) as store:
+        for i in range(100):
+            store.put_result("fp", "IF", {"k": i}, "t", {"scores": list(range(100))},
+                             depends_on_train_spans=False)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda path: path.write_bytes(random.Random(0).randbytes(10_000)), "file is not a database"),
+    (_real_store_truncated, "database disk image is malformed"),
+], ids=["random-bytes", "truncated"])
+def test_corrupt_file_is_refused_with_one_line(tmp_path: Path, damage, reason: str) -> None:
+    path = tmp_path / "store.sqlite"
+    damage(path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError) as raised:
+        Store(path)
+    assert str(raised.value) == (f"{path}: not a SpanLens store ({reason}); "
+                                 "move it away to start a new one")
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    assert path.read_bytes() == before  # left as it was
 
 
 def test_one_store_shared_by_threads(store: Store) -> None:

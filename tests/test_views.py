@@ -1,15 +1,31 @@
-"""core.views: escaping of untrusted text, offsets at the right characters, figures."""
+"""core.views and core.figures: escaping of untrusted text, offsets at the right characters, page
+blocks, figures in the registry's method colours, and a style rule for every emitted class."""
 from __future__ import annotations
 
+import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import plotly.graph_objects as go
 import pytest
 
+from core.figures import gauge_figure, k_curve_figure, score_histogram
+from core.registry import METHODS
 from core.views import (
-    CSS_CLASSES, METHOD_COLOURS, Html, Mark, card_html, gauge_figure, highlight_html,
-    k_curve_figure, score_histogram,
+    CSS_CLASSES,
+    Html,
+    Mark,
+    caption_html,
+    card_html,
+    cards_block,
+    highlight_html,
+    labels_block,
+    legend_html,
+    method_heading,
+    review_block,
 )
+
+STYLE = Path(__file__).resolve().parents[1] / "assets" / "style.css"
 
 HOSTILE = [
     "<script>alert(1)</script>",
@@ -23,8 +39,9 @@ HOSTILE = [
 class _Collector(HTMLParser):
     """Per character of text content: the set of classes of all open elements."""
 
-    def __init__(self) -> None:
+    def __init__(self, styles: bool = False) -> None:
         super().__init__(convert_charrefs=True)
+        self.styles = styles  # page blocks may carry fixed inline styles (bar widths, method colours)
         self.stack: list[tuple[str, set[str]]] = []
         self.chars: list[tuple[str, frozenset[str]]] = []
         self.tags: list[str] = []
@@ -32,7 +49,11 @@ class _Collector(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         self.tags.append(tag)
-        assert all(name == "class" for name, _ in attrs), attrs
+        allowed = {"class", "style"} if self.styles else {"class"}
+        assert all(name in allowed for name, _ in attrs), attrs
+        for name, value in attrs:
+            if name == "style":
+                assert re.fullmatch(r"(width:\d+\.\d%|(border-color|background):#[0-9A-Fa-f]{6})", value or ""), value
         classes = set(dict(attrs).get("class", "").split())
         self.classes |= classes
         self.stack.append((tag, classes))
@@ -52,8 +73,8 @@ class _Collector(HTMLParser):
         return "".join(ch for ch, classes in self.chars if cls in classes)
 
 
-def parse(markup: str) -> _Collector:
-    collector = _Collector()
+def parse(markup: str, styles: bool = False) -> _Collector:
+    collector = _Collector(styles)
     collector.feed(markup)
     collector.close()
     assert collector.stack == []
@@ -164,9 +185,16 @@ def test_card_refuses_unescaped_text() -> None:
 
 
 def test_method_colours_fixed_and_distinct() -> None:
-    assert list(METHOD_COLOURS) == ["IF", "IF+", "IF++", "TracIn", "TracInF", "TracIn+",
-                                    "TracIn++", "GroundTruth"]
-    assert len(set(c.lower() for c in METHOD_COLOURS.values())) == 8
+    assert METHODS.names() == ["IF", "IF+", "IF++", "TracIn", "TracInF", "TracIn+", "TracIn++", "GroundTruth",
+                               "Control"]
+    colours = METHODS.colours()
+    assert colours["IF++"] == "#CC79A7" and colours["TracIn++"] == "#0072B2" and colours["GroundTruth"] == "#000000"
+    assert len(set(c.lower() for c in colours.values())) == len(METHODS)
+    dashes = METHODS.dashes()  # the line dash separates the families too
+    assert {dashes[m] for m in ("IF", "IF+", "IF++")} == {"dash"}
+    assert {dashes[m] for m in ("TracIn", "TracInF", "TracIn+", "TracIn++")} == {"solid"}
+    assert dashes["GroundTruth"] == "dot" and dashes["Control"] not in ("dash", "solid")
+    assert METHODS.resolve("gt").name == "GroundTruth" and METHODS.resolve("IF++").colour == colours["IF++"]
 
 
 def test_k_curve_uses_method_colours_and_band() -> None:
@@ -177,7 +205,7 @@ def test_k_curve_uses_method_colours_and_band() -> None:
     by_name = {t.name: t for t in fig.data}
     for method, ys in curves.items():
         trace = by_name[method]
-        assert trace.line.color == METHOD_COLOURS[method]
+        assert (trace.line.color, trace.line.dash) == METHODS.style(method)
         assert list(trace.y) == ys and list(trace.x) == ks
     assert any(t.fill == "tonexty" for t in fig.data)
     assert "<i>" not in fig.layout.title.text and "$" not in fig.layout.title.text
@@ -188,16 +216,17 @@ def test_k_curve_rejects_bad_input() -> None:
         k_curve_figure([1, 2, 3], {"IF++": [0.1, 0.2]}, [0] * 3, [0] * 3, [0] * 3, "t")
     with pytest.raises(ValueError, match="baseline_low"):
         k_curve_figure([1, 2], {}, [0] * 2, [0], [0] * 2, "t")
-    with pytest.raises(ValueError, match="unknown method"):
-        k_curve_figure([1], {"LOO": [0.1]}, [0], [0], [0], "t")
+    # a method no longer registered (an old report's) is drawn black and solid, its name escaped
+    old = k_curve_figure([1], {"<b>LOO</b>": [0.1]}, [0], [0], [0], "t").data[-1]
+    assert (old.line.color, old.line.dash) == ("#000000", "solid") and old.name == "&lt;b&gt;LOO&lt;/b&gt;"
 
 
 def test_gauge_has_delta_against_reference() -> None:
-    fig = gauge_figure(0.62, 0.33, "Lag@5 — IF++", colour=METHOD_COLOURS["IF++"])
+    fig = gauge_figure(0.62, 0.33, "Lag@5 — IF++", colour=METHODS.resolve("IF++").colour)
     ind = fig.data[0]
     assert isinstance(ind, go.Indicator)
     assert ind.value == 0.62 and ind.delta.reference == 0.33 and "delta" in ind.mode
-    assert ind.gauge.bar.color == METHOD_COLOURS["IF++"]
+    assert ind.gauge.bar.color == METHODS.resolve("IF++").colour
     assert list(ind.gauge.axis.range) == [0.0, 1.0]
     assert list(gauge_figure(-0.2, 0.0, "Sag", axis_range=(-1.0, 1.0)).data[0].gauge.axis.range) == [-1, 1]
 
@@ -216,3 +245,52 @@ def test_histogram_hover_text_is_escaped() -> None:
     assert len(top.hovertext[1]) < 400 and "…" in top.hovertext[1]
     with pytest.raises(ValueError, match="texts"):
         score_histogram([0.1], [0.1], "t", top_k_texts=[])
+
+
+# --------------------------------------------------------------------------- page blocks
+
+def test_review_block_marks_span_and_aspect() -> None:
+    text = "The <b>pizza</b> was great but $slow$"
+    doc = parse(review_block(text, (4, 16), (0, 26)))
+    assert doc.classes <= CSS_CLASSES and "sl-review" in doc.classes and doc.text() == text
+    assert doc.with_class("sl-test-span") == text[:26] and doc.with_class("sl-aspect") == "<b>pizza</b>"
+    trained = parse(review_block(text, None, (4, 16), "train-span"))
+    assert trained.with_class("sl-train-span") == "<b>pizza</b>" and trained.with_class("sl-aspect") == ""
+    assert parse(review_block(text, (4, 99), None)).with_class("sl-aspect") == ""  # invalid offsets: no mark
+
+
+def test_labels_block_tags_gold_predicted_and_explained() -> None:
+    def tags(out: str) -> dict[str, list[str]]:
+        rows = re.findall(r'sl-prob-label">(.*?)</span>.*?<span>(.*?)</span></div>', out)
+        return {label: re.findall(r"sl-tag-(\w+)", tag_html) for label, tag_html in rows}
+
+    labels = ["positive", "negative", "<i>neutral</i>"]
+    wrong = labels_block(labels, [0.2, 0.7, 0.1], "positive", "negative", "negative")
+    assert parse(wrong, styles=True).classes <= CSS_CLASSES and "<i>" not in wrong
+    assert tags(wrong) == {"positive": ["gold"], "negative": ["predicted", "explained"], "&lt;i&gt;neutral&lt;/i&gt;": []}
+    assert "sl-bad" in wrong and "sl-ok" not in wrong
+    gold = labels_block(labels, [0.2, 0.7, 0.1], "positive", "negative", "positive")
+    assert tags(gold)["positive"] == ["gold", "explained"] and tags(gold)["negative"] == ["predicted"]
+    new = labels_block(labels, [0.6, 0.3, 0.1], None, "positive")  # a new review: no gold, no verdict
+    assert "sl-verdict" not in new and "sl-tag-explained" not in new and "sl-tag-gold" not in new
+
+
+def test_method_heading_caption_and_cards_block_are_escaped() -> None:
+    heading = method_heading("IF++", METHODS.resolve("IF++").colour, "explains <b>$neg$</b>")
+    doc = parse(heading, styles=True)
+    assert doc.classes <= CSS_CLASSES and "<b>" not in heading and "$" not in heading
+    assert doc.with_class("sl-method-note") == "explains <b>$neg$</b>" and "#CC79A7" in heading
+    with pytest.raises(ValueError, match="RRGGBB"):
+        method_heading("IF", "red;background:url(x)")
+    assert parse(caption_html("id *x* <script>")).text() == "id *x* <script>"
+    assert parse(legend_html()).classes <= CSS_CLASSES
+    card = card_html(1, 0.5, "positive", highlight_html("ok", []))
+    assert parse(cards_block([card], columns=1)).classes <= CSS_CLASSES
+    with pytest.raises(TypeError):
+        cards_block(["<div>raw</div>"])  # type: ignore[list-item]
+
+
+def test_every_emitted_class_has_a_style_rule() -> None:
+    css = STYLE.read_text(encoding="utf-8")
+    unstyled = sorted(c for c in CSS_CLASSES if not re.search(r"\." + re.escape(c) + r"(?![\w-])", css))
+    assert unstyled == []

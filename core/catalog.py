@@ -1,0 +1,149 @@
+"""The workspaces under the app's root folder: listing, build state, summaries, new settings."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import LAYOUT, default_data_dir
+from .index import IndexSettings, saved_settings
+from .prepare import PrepareSettings
+from .workspace import STAGES, Workspace
+
+WORKSPACES_ENV = "SPANLENS_WORKSPACES"
+REQUEST_FILE = "prepare-request.json"
+"""The settings a workspace was created with from the app, so an interrupted build resumes as asked."""
+
+SIZE_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny slice": {"train_limit": 300, "eval_limit": 60, "epochs": 3},
+    "demo": {"train_limit": 2000, "eval_limit": 300},
+    "full": {},
+}
+"""Dataset sizes offered by the app, as overrides of the ``demo`` prepare preset."""
+
+
+def workspaces_root() -> Path:
+    """The folder holding workspaces: ``$SPANLENS_WORKSPACES`` or ``./workspaces``."""
+    return Path(os.environ.get(WORKSPACES_ENV) or "workspaces").expanduser()
+
+
+def index_settings_of(root: Path) -> IndexSettings:
+    """The settings the workspace's index was built (or requested) with; the default otherwise."""
+    return saved_settings(root / "index" / "meta.json") or saved_settings(root / REQUEST_FILE, "index") or IndexSettings()
+
+
+def _index_meta(root: Path) -> dict:
+    try:
+        return json.loads((root / "index" / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def index_done(root: Path) -> bool:
+    """Whether the workspace has a finished gradient index."""
+    return bool(_index_meta(root).get("done"))
+
+
+def index_fingerprint_of(root: Path) -> str:
+    """The fingerprint of the workspace's finished index ('-' while there is none)."""
+    meta = _index_meta(root)
+    return meta.get("fingerprint", "-") if meta.get("done") else "-"
+
+
+@dataclass(frozen=True)
+class WorkspaceInfo:
+    """A folder under the root and how far it was built."""
+
+    name: str
+    path: Path
+    status: str  # "ready" | "needs index" | "unfinished" | "empty"
+    stages_done: tuple[str, ...]
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+
+def workspace_info(path: Path) -> WorkspaceInfo:
+    """The build state of the workspace at ``path``."""
+    manifest = Workspace(path).manifest()
+    done = tuple(s for s in STAGES if manifest.stages.get(s, {}).get("done"))
+    prepared = all(s in done for s in STAGES[:-1])
+    if prepared and index_done(path):
+        status = "ready"
+    elif prepared:
+        status = "needs index"
+    elif manifest.stages or (path / REQUEST_FILE).exists():
+        status = "unfinished"
+    else:
+        status = "empty"
+    return WorkspaceInfo(path.name, path, status, done + (("index",) if index_done(path) else ()))
+
+
+def list_workspaces(root: Path) -> list[WorkspaceInfo]:
+    """Workspaces (folders with a manifest or a creation request) under ``root``, by name."""
+    if not root.is_dir():
+        return []
+    return [workspace_info(p) for p in sorted(root.iterdir())
+            if p.is_dir() and ((p / "manifest.json").exists() or (p / REQUEST_FILE).exists())]
+
+
+WORKSPACE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_workspace_name(root: Path, name: str) -> str | None:
+    """Why ``name`` cannot be a new workspace under ``root`` (``None``: it can)."""
+    if not WORKSPACE_NAME.match(name):
+        return "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    if (root / name).exists():
+        return f"{root / name} already exists"
+    return None
+
+
+def missing_data(dataset: str, data_dir: str | None) -> list[str]:
+    """Files a named dataset needs that are not in ``data_dir``; for a path, the path if absent."""
+    if dataset in LAYOUT:
+        folder = Path(data_dir) if data_dir else default_data_dir()
+        return [str(folder / rel) for rel in LAYOUT[dataset].values() if not (folder / rel).is_file()]
+    return [] if Path(dataset).expanduser().exists() else [dataset]
+
+
+def settings_for(dataset: str, data_dir: str | None, backbone: str, size: str, **overrides: Any) -> PrepareSettings:
+    """Prepare settings: the demo preset, the size preset, then the user's choices."""
+    if size not in SIZE_PRESETS:
+        raise ValueError(f"unknown size {size!r}; choose from {', '.join(SIZE_PRESETS)}")
+    return PrepareSettings.from_preset("demo", dataset=dataset, data_dir=data_dir or None, model=backbone or None,
+                                       **SIZE_PRESETS[size], **overrides)
+
+
+def manifest_summary(root: Path) -> dict[str, Any]:
+    """What the Workspaces page shows: sizes, accuracy, span stats, index, timings, settings."""
+    ws = Workspace(root)
+    manifest = ws.manifest()
+    stages, results = manifest.stages, manifest.results
+    index_meta: dict[str, Any] = {}
+    meta_path = root / "index" / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        size = sum(p.stat().st_size for p in (root / "index").iterdir() if p.is_file())
+        index_meta = {"done": bool(meta.get("done")), "dim": meta.get("dim"), "seconds": meta.get("seconds"),
+                      "bytes": size, "points": meta.get("points", []), "projection": meta.get("projection"),
+                      "examples_per_second": meta.get("examples_per_second")}
+    timings = {s: stages[s]["seconds"] for s in STAGES if "seconds" in stages.get(s, {})}
+    if index_meta.get("seconds") is not None:
+        timings["index"] = index_meta["seconds"]
+    return {
+        "counts": stages.get("data", {}).get("counts", {}),
+        "labels": manifest.labels,
+        "accuracy": {k: results[k] for k in ("train_accuracy", "dev_accuracy", "test_accuracy") if k in results},
+        "best_epoch": results.get("best_epoch"),
+        "history": results.get("history", []),
+        "span_stats": stages.get("spans", {}).get("stats", {}),
+        "index": index_meta,
+        "timings": timings,
+        "settings": manifest.settings,
+        "versions": manifest.versions,
+    }

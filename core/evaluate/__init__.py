@@ -1,0 +1,66 @@
+"""Evaluation runs and reports: the paper's table 3 (Sag, Lag, Ral), table 4 (faithfulness) and
+figure 1 (K-curves) for one prepared workspace, one module per phase.
+
+A run has three parts, each cached in the workspace's store so that an interrupted run resumes:
+
+1. **Sag / Lag / K-curves** (:mod:`.saglag`) on N test instances (a seeded sample of the test
+   split, without those whose span a person marked wrong; each explains its gold label): every
+   method's ranking of the training set per test, its Sag@K and Lag@K for K = 1..Kmax and, with
+   faithfulness runs, its Spearman correlation with GroundTruth.
+2. **Faithfulness** (:mod:`.faithfulness`, table 4): further runs with new test samples and new
+   variants, scored by the same engine.
+3. **Ral** (:mod:`.ral`): retrains without the top p % of each method's combined ranking.
+
+Every row is keyed by :func:`core.scoring.result_key` - the method's spec and exactly the
+settings that change its numbers - plus the index fingerprint and the corrected training spans.
+Values are fractions in the CSV files and x100 in the tables (the paper's units).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from .context import Evaluation, ProgressCallback
+from .faithfulness import empty_table, faithfulness_run, faithfulness_table
+from .ral import initial_state, ral, retrain_accuracy, train_config
+from .render import curve_figures, report_markdown, write_report
+from .report import EvalReport, build_report, collect, load_report
+from .saglag import main_pass
+from .settings import EvalSettings, Selection, resolve_methods, select_tests
+
+__all__ = ["EvalReport", "EvalSettings", "Selection", "curve_figures", "initial_state", "load_report",
+           "report_markdown", "resolve_methods", "retrain_accuracy", "run_evaluation", "select_tests",
+           "train_config"]
+
+
+def run_evaluation(backend, settings: EvalSettings = EvalSettings(), out_dir: str | Path = "evaluation", *,
+                   progress: bool = True, log: Callable[[str], None] = print,
+                   on_progress: ProgressCallback | None = None) -> EvalReport:
+    """Run (or resume) an evaluation and write its report to ``out_dir`` (see the module docstring);
+    ``on_progress`` hears what is being done and the fraction done."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a folder for the report (--out)")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    ev = Evaluation(backend, settings, out, progress, log, on_progress)
+    selection = select_tests(backend, settings.test_limit, settings.seed)
+    if not selection.ids:
+        raise ValueError("no test instance to evaluate (none in the test split, or all excluded)")
+    log(f"[evaluate] {len(selection.ids)} test instances ({len(selection.excluded_wrong)} excluded as wrongly "
+        f"spanned, {len(selection.excluded_no_span)} without a span); methods: "
+        f"{', '.join(m.name for m in ev.computed)}")
+    tests = [backend.test_input(i, label="gold") for i in selection.ids]
+    main_pass(ev, tests)
+    for run in range(1, settings.faithfulness_runs):
+        faithfulness_run(ev, run)
+    ral_rows = ral(ev, tests) if settings.ral else pd.DataFrame()
+    per_test, per_test_curves, baselines = collect(ev, tests)
+    faith = faithfulness_table(ev, selection.ids) if ev.faith else empty_table()
+    ev.timings["total_seconds"] = round(time.perf_counter() - started, 1)
+    report = build_report(ev, selection, per_test, per_test_curves, baselines, faith, ral_rows)
+    write_report(report)
+    return report

@@ -1,0 +1,187 @@
+"""Rendering an evaluation report: ``report.md`` (ours beside the paper's numbers), the K-curve
+plots (interactive HTML through :mod:`core.figures`, PNG through matplotlib), and writing it all."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from ..figures import BASELINE_COLOUR, k_curve_figure
+from ..registry import METHODS
+from ..workspace import write_json_atomic
+from .paper import PAPER_SOURCE
+from .report import FILES, EvalReport
+
+
+def write_report(report: EvalReport) -> None:
+    """Write the CSVs, ``summary.json``, ``report.md`` and the K-curve plots (HTML, PNG)."""
+    out = report.out_dir
+    for attr, name in FILES.items():
+        frame: pd.DataFrame = getattr(report, attr)
+        frame.to_csv(out / name, index=attr in ("table3", "table4"))
+    write_json_atomic(out / "summary.json", report.summary)
+    _plots(report)
+    (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
+
+
+def curve_figures(report: EvalReport) -> dict:
+    """The K-curve figures ``{"sag": Figure, "lag": Figure}`` (plotly, via :mod:`core.figures`)."""
+    figs = {}
+    for metric, title in (("sag", "Sag@K"), ("lag", "Lag@K")):
+        c = report.curves[report.curves.metric == metric]
+        rnd = c[c.series == "random"].sort_values("k")
+        methods = {m: g.sort_values("k").value.tolist() for m, g in c[c.series != "random"].groupby("series", sort=False)}
+        n = report.summary["selection"]["n"]
+        figs[metric] = k_curve_figure(rnd.k.tolist(), methods, rnd.value.tolist(), rnd.low.tolist(), rnd.high.tolist(),
+                                      f"{title} v. K on {n} test instances")
+    return figs
+
+
+def _plots(report: EvalReport) -> None:
+    figs = curve_figures(report)
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs.values())]
+    (report.out_dir / "k_curves.html").write_text(
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>SpanLens K-curves</title></head><body>"
+        + "".join(parts) + "</body></html>", encoding="utf-8")
+    _png(report)
+
+
+_LINES = {"solid": "-", "dash": "--", "dot": ":", "dashdot": "-.", "longdash": (0, (8, 3))}
+
+
+def _style(method: str) -> tuple[str, object]:
+    """A method's colour and matplotlib line style."""
+    colour, dash = METHODS.style(method)
+    return colour, _LINES[dash]
+
+
+def _png(report: EvalReport) -> None:
+    """The K-curves as PNG with matplotlib (plotly's PNG export would need a browser)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.2))
+    for ax, metric in zip(axes, ("sag", "lag")):
+        c = report.curves[report.curves.metric == metric]
+        rnd = c[c.series == "random"].sort_values("k")
+        ax.fill_between(rnd.k, rnd.low, rnd.high, color=BASELINE_COLOUR, alpha=0.25, linewidth=0, label="random (band)")
+        ax.plot(rnd.k, rnd.value, color=BASELINE_COLOUR, linestyle="-.", label="random (mean)")
+        for m, g in c[c.series != "random"].groupby("series", sort=False):
+            g = g.sort_values("k")
+            ax.plot(g.k, g.value, color=_style(m)[0], linestyle=_style(m)[1], label=m)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("K")
+        ax.set_title(f"{metric.capitalize()}@K")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    fig.savefig(report.out_dir / "k_curves.png", dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ markdown
+
+
+def _fmt(value) -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.2f}"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def report_markdown(report: EvalReport) -> str:
+    """``report.md``: our table 3 and table 4 beside the paper's, with how they were computed."""
+    parts = [_md_header(report), _md_table3(report), _md_curves(report), _md_table4(report), _md_tail(report)]
+    return "\n".join(line for part in parts for line in part)
+
+
+def _md_header(report: EvalReport) -> list[str]:
+    sel, approx = report.summary["selection"], report.summary["approximations"]
+    dataset = report.summary["dataset"] or "(not a paper data set)"
+    return [
+        "# SpanLens evaluation",
+        "",
+        f"Workspace `{report.summary['workspace']}` (fingerprint `{report.summary['fingerprint']}`), data set {dataset}.",
+        f"{sel['n']} test instances (seed {sel['seed']}; {sel['eligible']} eligible; {sel['excluded_wrong']} excluded "
+        f"because a person marked their span wrong; {sel['excluded_no_span']} without a span); "
+        f"{approx['n_train']} training instances.",
+        f"Gradient sketch: {json.dumps(approx['projection'])}; inverse Hessian (IF family): {approx['ihvp']}; "
+        f"The paper's literal signs (IF's Eq. 1 minus; -e(z') on the ++ test side): {approx['paper_signs']}.",
+        "",
+    ]
+
+
+def _md_table3(report: EvalReport) -> list[str]:
+    sel, dataset = report.summary["selection"], report.summary["dataset"] or "(not a paper data set)"
+    paper3, t3 = report.summary["paper"]["table3"], report.table3
+    methods = [c for c in t3.columns if c != "random"]
+    out = [
+        "## Table 3: Sag, Lag (x100) and Ral (accuracy points)",
+        "",
+        f"Each cell: ours / paper ({PAPER_SOURCE}, table 3, {dataset}; '–' where the paper has no such cell: "
+        "it has no TracIn, GroundTruth or Control column, and uses K=50 for SentiHood). `random`: the analytic "
+        "expectation of a random ranking for Sag/Lag (mean cosine with all training spans; label share), a random "
+        "removal of the same size for Ral.",
+        "",
+        _md_table(["metric", *methods, "random"],
+                  [[idx, *[f"{_fmt(row[m])} / {_fmt(paper3.get(idx, {}).get(m))}" for m in methods], _fmt(row["random"])]
+                   for idx, row in t3.iterrows()]),
+        "",
+    ]
+    if len(report.ral):
+        base = report.ral.iloc[0]
+        out += [f"Ral = accuracy of a retrain on the unchanged training set ({100 * base.baseline_accuracy:.2f}%; "
+                f"the workspace's own model: {100 * base.theta_accuracy:.2f}%) minus the accuracy after removing the "
+                f"top p% of the method's ranking summed over the {sel['n']} test instances, then retraining with the "
+                "workspace's settings (a single retrain each: noisy, as the paper notes).", ""]
+    else:
+        out += ["Ral was not computed (`--ral none`).", ""]
+    return out
+
+
+def _md_curves(report: EvalReport) -> list[str]:
+    band = report.summary["random_baseline"]["sag"]
+    return ["## Figure 1: K-curves", "",
+            "`k_curves.html` (interactive) and `k_curves.png`; the numbers are in `k_curves.csv` (per test: "
+            f"`per_test_curves.csv`). The grey band is the {band['spread_percentiles']} percentile range of "
+            f"{band['draws']} random rankings. The paper's figure 1 is an image; its values are not in its text.", "",
+            "![K-curves](k_curves.png)", ""]
+
+
+def _md_table4(report: EvalReport) -> list[str]:
+    t4, paper4 = report.table4, report.summary["paper"]["table4"]
+    if not len(t4):
+        return []
+    runs = int(t4["runs"].iloc[0])
+    var = (lambda v: "undefined") if runs < 2 else _fmt  # noqa: E731  (one run: no variance across runs)
+    return ["## Table 4: Spearman correlation with the ground truth (x100)", "",
+            _md_table(["method", "mean", "var (runs)", "sd (tests)", "paper mean", "paper var"],
+                      [[m, _fmt(r["mean"]), var(r["var_runs"]), _fmt(r["sd_tests"]),
+                        _fmt(paper4.get(m, {}).get("mean")), _fmt(paper4.get(m, {}).get("var"))]
+                       for m, r in t4.iterrows()]),
+            "",
+            f"{runs} run(s). mean: mean over runs of each run's mean Spearman over its test instances; var (runs): "
+            "variance (ddof=1) across runs of those means (undefined for one run); sd (tests): standard deviation "
+            "over every (run, test) value. The paper does not say which variance it reports. Run 0 uses the test "
+            "instances above and the workspace's variants; run r >= 1 draws a new test sample and makes new variants "
+            "the way the workspace made its own (seed + r) for the variant-based methods. Checkpoint methods (Control, "
+            "TracIn), GroundTruth and the IF family with the fast inverse are deterministic: their variance across "
+            "runs comes from the test samples alone (0 when every run has the same tests). With `--ihvp lissa`, run r "
+            "uses LiSSA seed + r. GroundTruth against itself is 1 (100) by construction.", ""]
+
+
+def _md_tail(report: EvalReport) -> list[str]:
+    out = ["## Timings", "", "Seconds. `this_run`: this run's total and the phases it computed (a fully cached "
+           "re-run computes none); `computed`: what the results in this report cost to compute, summed from "
+           "their stored rows whichever run computed them (null where rows predate that record); "
+           "`seconds_per_test`: scoring time per test instance, by method (methods scored together share the "
+           "time evenly).", "", "```", json.dumps(report.summary["timings"], indent=1), "```", ""]
+    if report.summary["notes"]:
+        out += ["## Notes", "", *[f"- {n}" for n in report.summary["notes"]], ""]
+    return out + ["## Settings", "", "```", json.dumps(report.summary["settings"], indent=1, default=str), "```", ""]

@@ -1,0 +1,163 @@
+"""The evaluation's report as data: per-test rows, the paper's tables 3 and 4, K-curves, timings;
+written to and read back from a folder of CSV files and ``summary.json``."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from .. import metrics
+from ..engine import TestInput
+from .context import Evaluation
+from .paper import DATASETS, PAPER_SOURCE, PAPER_TABLE3, PAPER_TABLE4
+from .settings import Selection
+
+
+@dataclass
+class EvalReport:
+    """A finished evaluation: what :func:`run_evaluation` returns and :func:`load_report` reads back.
+
+    ``table3``: rows ``Sag@K``/``Lag@K``/``Ral -p%``, columns methods and ``random`` (x100);
+    ``table4``: one row per method (``mean``, ``var_runs``, ``sd_tests`` x100 / x100^2);
+    ``curves``: long K-curve table (``series, metric, k, value, low, high``), random included;
+    ``per_test``, ``per_test_curves``, ``faithfulness``, ``ral``: the rows behind them (fractions).
+    """
+
+    out_dir: Path
+    summary: dict
+    table3: pd.DataFrame
+    table4: pd.DataFrame
+    curves: pd.DataFrame
+    per_test: pd.DataFrame
+    per_test_curves: pd.DataFrame
+    faithfulness: pd.DataFrame
+    ral: pd.DataFrame
+
+
+def collect(ev: Evaluation, tests: list[TestInput]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Per-test rows and per-test curves of part 1, and the random baselines."""
+    per_test, curves = [], []
+    for m in ev.computed:
+        rows = ev.store.eval_rows(ev.main_key(m))
+        for t in tests:
+            row = rows[t.id]
+            rec = {"test_id": t.id, "method": m.name, "label": t.label, "top1": row["top"][0]}
+            rec |= {f"sag@{k}": row["sag"][k - 1] for k in ev.ks} | {f"lag@{k}": row["lag"][k - 1] for k in ev.ks}
+            rec["spearman"] = row.get("spearman")
+            rec["seconds"] = row.get("seconds")
+            per_test.append(rec)
+            curves += [{"test_id": t.id, "method": m.name, "k": k + 1, "sag": row["sag"][k], "lag": row["lag"][k]}
+                       for k in range(ev.kmax)]
+    cos, agree = ev.cosines_and_agreement(tests)
+    s = ev.settings
+    baselines = {name: metrics.random_baseline(values, ev.kmax, draws=s.random_draws, seed=s.seed)
+                 for name, values in (("sag", cos), ("lag", agree))}
+    return pd.DataFrame(per_test), pd.DataFrame(curves), baselines
+
+
+def table3(ev: Evaluation, per_test: pd.DataFrame, baselines: dict, ral: pd.DataFrame) -> pd.DataFrame:
+    names = [m.name for m in ev.reported]
+    means = per_test[per_test.method.isin(names)].groupby("method").mean(numeric_only=True)
+    rows: dict[str, dict[str, float]] = {}
+    for metric in ("sag", "lag"):
+        for k in ev.ks:
+            rows[f"{metric.capitalize()}@{k}"] = {**{m: 100 * means.loc[m, f"{metric}@{k}"] for m in names},
+                                                  "random": 100 * baselines[metric].expected}
+    if len(ral):
+        for p in ev.settings.ral:
+            at = ral[ral.percent == p]
+            row = {m: 100 * float(at[at.method == m].ral.iloc[0]) for m in names}
+            row["random"] = 100 * float(at[at.method == "random"].ral.mean())
+            rows[f"Ral -{p:g}%"] = row
+    return pd.DataFrame(rows).T[[*names, "random"]]
+
+
+def table4(faith: pd.DataFrame) -> pd.DataFrame:
+    if faith.empty:
+        return pd.DataFrame(columns=["mean", "var_runs", "sd_tests", "runs", "tests"])
+    order = ["Control", *[m for m in dict.fromkeys(faith.method) if m not in ("Control", "GroundTruth")], "GroundTruth"]
+    table = {}
+    for m in order:
+        runs = [100 * g.spearman.to_numpy() for _, g in faith[faith.method == m].groupby("run")]
+        table[m] = metrics.run_statistics(runs)
+    return pd.DataFrame(table).T
+
+
+def curves(ev: Evaluation, per_test_curves: pd.DataFrame, baselines: dict) -> pd.DataFrame:
+    names = [m.name for m in ev.reported]
+    mean = per_test_curves[per_test_curves.method.isin(names)].groupby(["method", "k"])[["sag", "lag"]].mean()
+    records = []
+    for metric in ("sag", "lag"):
+        for m in names:
+            records += [{"series": m, "metric": metric, "k": k, "value": float(mean.loc[(m, k), metric]),
+                         "low": None, "high": None} for k in range(1, ev.kmax + 1)]
+        b = baselines[metric]
+        records += [{"series": "random", "metric": metric, "k": k + 1, "value": float(b.mean[k]),
+                     "low": float(b.low[k]), "high": float(b.high[k])} for k in range(ev.kmax)]
+    return pd.DataFrame(records)
+
+
+def computed_seconds(per_test: pd.DataFrame, faith: pd.DataFrame, ral: pd.DataFrame) -> dict[str, float | None]:
+    """Seconds spent computing the results in this report, from the rows that hold them (by
+    whichever runs computed them); None where some rows predate the record."""
+    def total(values: pd.Series) -> float | None:
+        return None if values.isna().any() else round(float(values.sum()), 1)
+
+    out = {"sag_lag_scoring_seconds": total(per_test.seconds)}
+    later = faith[faith.run > 0]
+    if len(later):
+        out["faithfulness_seconds"] = total(later.seconds)
+    if len(ral):
+        out["ral_retrain_seconds"] = total(ral.drop_duplicates("retrain").seconds)  # rows may share a retrain
+    return out
+
+
+def build_report(ev: Evaluation, selection: Selection, per_test: pd.DataFrame, per_test_curves: pd.DataFrame,
+                 baselines: dict, faith: pd.DataFrame, ral: pd.DataFrame) -> EvalReport:
+    backend, s = ev.backend, ev.settings
+    dataset = DATASETS.get(str(backend.manifest.settings.get("dataset", "")).lower(), "")
+    t3, t4 = table3(ev, per_test, baselines, ral), table4(faith)
+    seconds = per_test.groupby("method", sort=False).seconds.mean()
+    summary = {
+        "workspace": str(backend.ws.root), "fingerprint": backend.fingerprint, "dataset": dataset,
+        "settings": {**asdict(s), "methods": [m.name for m in ev.reported], "ks": ev.ks, "kmax": ev.kmax},
+        "methods": {m.name: {"formula": m.formula, "family": m.family, "paper": m.paper} for m in ev.computed},
+        "approximations": {"projection": ev.engine.projector.describe(),
+                           "ihvp": f"fast, lambda = {s.damping:g}" if s.ihvp == "fast" else f"lissa, lambda = {s.lissa.lam:g}",
+                           "paper_signs": s.paper_signs, "n_train": ev.n,
+                           "variant_seeds": [backend.manifest.settings["seed"] + r for r in range(s.faithfulness_runs)]},
+        "selection": selection.describe(),
+        "table3": json.loads(t3.to_json()), "table4": json.loads(t4.to_json()),
+        "random_baseline": {m: {"expected": b.expected, "draws": len(b.draws), "spread_percentiles": list(b.spread)}
+                            for m, b in baselines.items()},
+        "paper": {"source": PAPER_SOURCE, "table3": PAPER_TABLE3.get(dataset, {}),
+                  "table4": PAPER_TABLE4 if dataset == "MAMS" else {}},
+        "timings": {"this_run": ev.timings, "computed": computed_seconds(per_test, faith, ral),
+                    "seconds_per_test": {m: round(float(v), 4) for m, v in seconds.items()}},
+        "notes": ev.notes,
+    }
+    return EvalReport(ev.out_dir, summary, t3, t4, curves(ev, per_test_curves, baselines), per_test, per_test_curves,
+                      faith, ral)
+
+
+FILES = {"per_test": "per_test.csv", "per_test_curves": "per_test_curves.csv", "curves": "k_curves.csv",
+         "faithfulness": "faithfulness.csv", "ral": "ral.csv", "table3": "table3.csv", "table4": "table4.csv"}
+
+
+def load_report(out_dir: str | Path) -> EvalReport:
+    """Read back a report written by :func:`run_evaluation` (what the app's Evaluate page shows)."""
+    out = Path(out_dir)
+    path = out / "summary.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{out}: no summary.json; run `python -m core evaluate` first")
+    frames = {}
+    for attr, name in FILES.items():
+        try:
+            frames[attr] = pd.read_csv(out / name, index_col=0 if attr in ("table3", "table4") else None)
+        except pd.errors.EmptyDataError:
+            frames[attr] = pd.DataFrame()
+    return EvalReport(out, json.loads(path.read_text()), **frames)
+
+

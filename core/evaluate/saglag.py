@@ -1,0 +1,67 @@
+"""Phase 1: Sag/Lag K-curves of every method and test (and Spearman with GroundTruth, and the
+score vectors Ral needs), one store row per (method, test)."""
+from __future__ import annotations
+
+import base64
+import time
+import zlib
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .. import metrics
+from ..engine import TestInput
+from ..registry import METHODS, MethodSpec
+from .context import Evaluation, chunks, span_of
+
+
+def encode_scores(values: np.ndarray) -> str:
+    return base64.b64encode(zlib.compress(values.astype(np.float32).tobytes())).decode()
+
+
+def decode_scores(text: str) -> np.ndarray:
+    return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.float32)
+
+
+def main_pass(ev: Evaluation, tests: list[TestInput]) -> None:
+    """Sag/Lag curves (and Spearman, and score vectors for Ral) of every method and test."""
+    keys = {m.name: ev.main_key(m) for m in ev.computed}
+    score_keys = {m.name: ev.scores_key(m) for m in ev.reported} if ev.settings.ral else {}
+    done = {name: ev.store.eval_rows(k) for name, k in keys.items()}
+    done_scores = {name: ev.store.eval_rows(k) for name, k in score_keys.items()}
+
+    def missing(m: MethodSpec, t: TestInput) -> bool:
+        row = done[m.name].get(t.id)
+        if row is None or row.get("span") != span_of(t) or (ev.faith and "spearman" not in row):
+            return True
+        stored = done_scores.get(m.name, {}).get(t.id)
+        return m.name in score_keys and (stored is None or stored.get("span") != span_of(t))
+
+    todo = [t for t in tests if any(missing(m, t) for m in ev.computed)]
+    if len(todo) < len(tests):
+        ev.log(f"[evaluate] {len(tests) - len(todo)} of {len(tests)} test instances already done")
+    started = time.perf_counter()
+    finished = 0
+    gt = METHODS.resolve("GroundTruth")
+    for batch in tqdm(chunks(todo, ev.settings.batch), desc="Sag/Lag", unit="batch", disable=not ev.progress):
+        need = [m for m in ev.computed if any(missing(m, t) for t in batch)]
+        scores, seconds = ev.scores(batch, list(dict.fromkeys([*need, *([gt] if ev.faith else [])])))
+        cos, agree = ev.cosines_and_agreement(batch)
+        for m in need:
+            values = scores[m.name]
+            ranked = metrics.top_k(values, ev.kmax)
+            sag, lag = metrics.k_curve(ranked, cos, ev.kmax), metrics.k_curve(ranked, agree, ev.kmax)
+            rho = metrics.spearman(values, scores[gt.name]) if ev.faith else None
+            for q, t in enumerate(batch):
+                row = {"span": span_of(t), "label": t.label, "sag": sag[q].round(6), "lag": lag[q].round(6),
+                       "top": [ev.index.ids[i] for i in ranked[q]], "seconds": round(seconds[m.name], 4)}
+                if rho is not None:
+                    row["spearman"] = float(rho[q])
+                ev.store.put_eval_row(keys[m.name], t.id, row)
+                if m.name in score_keys:
+                    ev.store.put_eval_row(score_keys[m.name], t.id, {"span": span_of(t), "scores": encode_scores(values[q])})
+        finished += len(batch)
+        ev.phases.report("Sag/Lag", finished, len(todo), "tests")
+    if todo:
+        ev.timings["sag_lag_seconds"] = round(time.perf_counter() - started, 2)
+        ev.timings["sag_lag_tests_computed"] = len(todo)

@@ -1,0 +1,138 @@
+"""Parameter points: the classifier at theta, its checkpoints and its variants, loaded once.
+
+A workspace's points are listed in its manifest (``final``; ``checkpoint-K`` from the model
+stage, with the learning rate of its epoch; ``variant-I`` from the variants stage), never taken
+from a directory listing: a point file that is missing is an error naming the file and the
+command that rebuilds it, so a method never runs silently on fewer points than it was built for.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .model import Encoded, SplitModel, encode_pairs, load_backbone, load_params, pick_device, split_model
+from .workspace import Manifest, Workspace
+
+
+@dataclass(frozen=True)
+class PointSet:
+    """The workspace's parameter points by set (``final``, ``checkpoints``, ``variants``) and the
+    checkpoints' learning rates (TracIn's weights)."""
+
+    groups: dict[str, tuple[str, ...]]
+    lrs: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> "PointSet":
+        checkpoints = manifest.stages.get("model", {}).get("checkpoints", [])
+        variants = manifest.stages.get("variants", {}).get("records", [])
+        return cls({"final": ("final",), "checkpoints": tuple(r["point"] for r in checkpoints),
+                    "variants": tuple(r["point"] for r in variants)},
+                   {r["point"]: float(r["lr"]) for r in checkpoints})
+
+    def names(self) -> list[str]:
+        """Every point, theta first."""
+        return [p for group in self.groups.values() for p in group]
+
+    def of(self, points: str, method: str = "this method") -> list[str]:
+        """The points of a set; ValueError when the workspace has none of them."""
+        chosen = list(self.groups.get(points, ()))
+        if not chosen:
+            raise ValueError(f"{method} needs {points}, and this workspace has none")
+        return chosen
+
+    def weight(self, weights: str, point: str) -> float:
+        """A point's weight: its learning rate for ``lr`` weights, else 1."""
+        return self.lrs.get(point, 1.0) if weights == "lr" else 1.0
+
+    def with_group(self, points: str, names: tuple[str, ...]) -> "PointSet":
+        """The same points with one set replaced (e.g. new variants for a faithfulness run)."""
+        return replace(self, groups={**self.groups, points: tuple(names)})
+
+
+@dataclass
+class LoadedModel:
+    """A workspace's classifier at theta, with its tokenizer and every parameter point."""
+
+    split: SplitModel
+    tokenizer: object
+    labels: list[str]
+    points: dict[str, dict[str, torch.Tensor]]
+    device: torch.device
+    max_length: int
+    point_set: PointSet = field(default_factory=lambda: PointSet({"final": ("final",)}))
+    _at: str | None = field(default=None, init=False, repr=False)  # the point of the open `at` body
+
+    def use(self, point: str) -> None:
+        """Load a parameter point into the model (a copy into its own tensors)."""
+        if self._at is not None:
+            raise RuntimeError(f"use({point!r}) inside at({self._at!r}) would write into that stored point")
+        self.split.load_state(self.points[point])
+
+    @contextmanager
+    def at(self, point: str) -> Iterator[None]:
+        """The model at a parameter point for the with-statement body, without copying it in.
+
+        Meanwhile the trainable parameters are the stored tensors themselves, so the body must
+        run its backward passes inside and must not change the parameters: ``use`` raises, and an
+        in-place change is reported on the way out. Afterwards they are the model's own again."""
+        if self._at is not None:
+            raise RuntimeError(f"at({point!r}) inside at({self._at!r}): one point at a time")
+        params = self.split.top_params()
+        stored = self.points[point]
+        for name, p in params.items():
+            t = stored[name]
+            if (t.shape, t.dtype, t.device) != (p.shape, p.dtype, p.device):
+                raise ValueError(f"point {point!r}: {name} is {tuple(t.shape)} {t.dtype} on {t.device}, "
+                                 f"the model's is {tuple(p.shape)} {p.dtype} on {p.device}")
+        own = {name: p.data for name, p in params.items()}
+        versions = {name: p._version for name, p in params.items()}
+        self._at = point
+        try:
+            for name, p in params.items():
+                p.data = stored[name]
+            yield
+        finally:
+            changed = [name for name, p in params.items() if p._version != versions[name]]
+            for name, p in params.items():
+                p.data = own[name]
+            self._at = None
+        if changed:
+            raise RuntimeError(f"stored point {point!r} was changed in place inside at(): {changed[:3]}")
+
+    def encode(self, aspect: str, text: str) -> Encoded:
+        return encode_pairs(self.tokenizer, [(aspect, text)], self.max_length)[0]
+
+
+def load_point(ws: Workspace, point: str, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """One point's trainable tensors; errors name the file and the command that rebuilds it."""
+    known = PointSet.from_manifest(ws.manifest()).names()
+    if point not in known:
+        raise ValueError(f"unknown parameter point {point!r}; {ws.root} has {', '.join(known)}")
+    path = ws.root / "model" / f"{point}.safetensors"
+    redo = f"run `python -m core prepare --workspace {ws.root}` with its settings to rebuild it"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing (the manifest lists {point}); {redo}")
+    try:
+        return {k: v.to(device) for k, v in load_params(path).items()}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path}: unreadable ({err}); {redo}") from None
+
+
+def load_workspace_model(ws: Workspace, device: str | None = None) -> LoadedModel:
+    """Load the classifier and every parameter point the manifest lists."""
+    manifest = ws.manifest()
+    if not manifest.stage_done("variants", manifest.stages.get("variants", {}).get("fingerprint", "")):
+        raise FileNotFoundError(f"{ws.root} is not fully prepared: run `python -m core prepare` first")
+    settings = manifest.settings
+    dev = pick_device(device)
+    model, tokenizer = load_backbone(settings["model"], manifest.labels, settings["seed"])
+    split = split_model(model.to(dev), settings["trainable_layers"])
+    point_set = PointSet.from_manifest(manifest)
+    points = {name: load_point(ws, name, dev) for name in point_set.names()}
+    loaded = LoadedModel(split, tokenizer, list(manifest.labels), points, dev, settings["max_length"], point_set)
+    loaded.use("final")
+    return loaded

@@ -1,0 +1,79 @@
+"""Per-example training-side vectors of a batch at one parameter point.
+
+What the gradient index stores and what a streamed (exact) training side computes on the fly:
+for every training instance, each requested representation (:mod:`core.representations`) of
+its gradient, sketched by the projector, plus the logits and the CLS embeddings of the whole
+and span-masked inputs (Sag needs them) and, when asked, the logits' Jacobian (the Gauss-Newton
+matrix needs it).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .gradients import GradientCollector, Projector, class_weights
+from .model import HiddenCache
+from .points import LoadedModel
+from .representations import OUTPUTS, REPRESENTATIONS
+
+
+@dataclass
+class GradientBatch:
+    """Training-side vectors of one batch at one parameter point (all on the CPU)."""
+
+    rows: list[int]
+    vectors: dict[str, torch.Tensor]  # representation -> (B, d)
+    logits: torch.Tensor  # of the whole inputs      (B, C)
+    cls_full: torch.Tensor  # emb(x)                 (B, H)
+    cls_masked: torch.Tensor  # emb(x_-ij)           (B, H)
+    jacobian: torch.Tensor | None = None  # J(z)     (B, C, d), when asked
+
+
+def training_gradients(
+    loaded: LoadedModel,
+    projector: Projector,
+    full_cache: HiddenCache,
+    masked_cache: HiddenCache,
+    labels: torch.Tensor,
+    point: str,
+    batches: Sequence[Sequence[int]],
+    *,
+    kinds: Sequence[str] = ("full", "diff"),
+    with_jacobian: bool = False,
+) -> Iterator[GradientBatch]:
+    """Per-example (projected) training-side vectors of ``kinds`` at ``point``, batch by batch.
+
+    Each batch runs the whole inputs and their span-masked versions together: one backward pass
+    per output, or one per class when the Jacobian is asked for (the outputs' gradients are then
+    formed from it). The model is back at theta afterwards.
+    """
+    reps = [REPRESENTATIONS[k] for k in kinds]
+    outputs = list(dict.fromkeys(r.output for r in reps))
+    n_classes = len(loaded.labels)
+    loaded.use(point)
+    try:
+        with GradientCollector(loaded.split, projector) as collector:
+            for idx in batches:
+                h1, m1 = full_cache.batch(idx, loaded.device)
+                h2, m2 = masked_cache.batch(idx, loaded.device)
+                h, m = torch.cat([h1, h2]), torch.cat([m1, m2])
+                y = labels[list(idx)].repeat(2)
+                nb = len(idx)
+                jac = None
+                if with_jacobian:
+                    rows, logits, cls = collector.gradients(h, m, [class_weights(c) for c in range(n_classes)])
+                    jac = torch.stack(rows, dim=1).cpu()
+                    logits = logits.cpu()
+                    grads = {o: torch.einsum("bc,bcd->bd", OUTPUTS[o](y)(logits), jac) for o in outputs}
+                else:
+                    rows, logits, cls = collector.gradients(h, m, [OUTPUTS[o](y) for o in outputs])
+                    grads = {o: g.cpu() for o, g in zip(outputs, rows)}
+                vectors = {r.name: grads[r.output][:nb] - grads[r.output][nb:] if r.span else grads[r.output][:nb]
+                           for r in reps}
+                cls = cls.cpu()
+                yield GradientBatch(list(idx), vectors, logits[:nb].cpu(), cls[:nb], cls[nb:],
+                                    None if jac is None else jac[:nb])
+    finally:
+        loaded.use("final")

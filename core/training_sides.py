@@ -1,0 +1,128 @@
+"""Training sides: where the training-side vectors X_p(z) of the engine's inner products come from.
+
+Every side answers :meth:`TrainingSide.dot_many`: the (Q, N) inner products of test-side
+vectors with every training instance's vector of some representation kinds at one parameter
+point, and :meth:`TrainingSide.gauss_newton`, the mean Gauss-Newton matrix at theta in its
+space (for the fast inverse). Three strategies:
+
+* :class:`IndexedSide`: the sketched rows of the on-disk gradient index (the default);
+* :class:`StreamedSide`: per-example gradients computed batch by batch (exact, or sketched with
+  the index's projector for points the index does not hold, e.g. new variants);
+* :class:`InMemorySide`: given matrices (tests, synthetic data).
+
+:class:`RoutedSide` sends some points to another side.
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Protocol
+
+import torch
+
+from .ggn import gauss_newton_batch
+from .gradients import Projector
+from .index import GradientIndex
+from .model import HiddenCache, length_batches
+from .points import LoadedModel
+from .training_rows import training_gradients
+
+Requests = Mapping[Hashable, tuple[str, torch.Tensor]]
+"""Named requests: key -> (representation kind, test-side vectors (Q, d))."""
+
+
+class TrainingSide(Protocol):
+    exact: bool
+    n: int
+
+    def dot_many(self, point: str, requests: Requests) -> dict[Hashable, torch.Tensor]:
+        """Inner products (Q, N) of each request's vectors with the training rows of its kind."""
+
+    def gauss_newton(self) -> torch.Tensor:
+        """The mean Gauss-Newton matrix at theta (d x d, float64) in this side's space."""
+
+
+class IndexedSide:
+    """Training rows from the gradient index."""
+
+    def __init__(self, index: GradientIndex):
+        self.index = index
+        self.exact = bool(index.meta["projection"].get("exact"))
+        self.n = len(index.ids)
+
+    def dot_many(self, point: str, requests: Requests) -> dict[Hashable, torch.Tensor]:
+        return {key: vecs.float() @ self.index.matrix(point, kind).T for key, (kind, vecs) in requests.items()}
+
+    def gauss_newton(self) -> torch.Tensor:
+        return self.index.gauss_newton()
+
+
+class StreamedSide:
+    """Training rows computed batch by batch, one pass per point for every kind requested."""
+
+    def __init__(self, loaded: LoadedModel, projector: Projector, full: HiddenCache, masked: HiddenCache,
+                 labels: torch.Tensor, batch_size: int = 32, *, progress=None):
+        self.loaded, self.projector = loaded, projector
+        self.full, self.masked, self.labels, self.batch_size = full, masked, labels, batch_size
+        self.exact = projector.exact
+        self.n = len(full)
+        self.progress = progress  # called with 1 after each batch of a pass
+        self._gram: torch.Tensor | None = None
+
+    def _batches(self) -> list[list[int]]:
+        return length_batches(self.full.lengths(), self.batch_size)
+
+    def dot_many(self, point: str, requests: Requests) -> dict[Hashable, torch.Tensor]:
+        out = {key: torch.zeros(vecs.shape[0], self.n, dtype=torch.float64) for key, (_, vecs) in requests.items()}
+        tests = {key: vecs.double().cpu() for key, (_, vecs) in requests.items()}
+        kinds = sorted({kind for kind, _ in requests.values()})
+        for batch in training_gradients(self.loaded, self.projector, self.full, self.masked, self.labels, point,
+                                        self._batches(), kinds=kinds):
+            for key, (kind, _) in requests.items():
+                out[key][:, batch.rows] = tests[key] @ batch.vectors[kind].double().T
+            if self.progress is not None:
+                self.progress(1)
+        return {key: value.float() for key, value in out.items()}
+
+    def gauss_newton(self, limit: int = 20_000) -> torch.Tensor:
+        if self._gram is None:
+            d = self.projector.dim
+            if d > limit:
+                raise ValueError(f"an exact inverse over {d} parameters is out of reach; use the LiSSA inverse (--ihvp lissa)")
+            gram = torch.zeros(d, d, dtype=torch.float64)
+            for batch in training_gradients(self.loaded, self.projector, self.full, self.masked, self.labels, "final",
+                                            self._batches(), kinds=("full",), with_jacobian=True):
+                gram += gauss_newton_batch(batch.logits, batch.jacobian)
+            self._gram = gram / self.n
+        return self._gram
+
+
+class InMemorySide:
+    """Training rows held in memory: ``rows[(point, kind)]`` is (N, d)."""
+
+    def __init__(self, rows: Mapping[tuple[str, str], torch.Tensor], *, exact: bool, gram: torch.Tensor | None = None):
+        self.rows, self._gram, self.exact = dict(rows), gram, exact
+        self.n = next(iter(self.rows.values())).shape[0]
+
+    def dot_many(self, point: str, requests: Requests) -> dict[Hashable, torch.Tensor]:
+        return {key: vecs.to(self.rows[point, kind].dtype) @ self.rows[point, kind].T
+                for key, (kind, vecs) in requests.items()}
+
+    def gauss_newton(self) -> torch.Tensor:
+        if self._gram is None:
+            raise ValueError("this in-memory training side has no Gauss-Newton matrix")
+        return self._gram
+
+
+class RoutedSide:
+    """``default`` for every point but those in ``routes`` (point -> side)."""
+
+    def __init__(self, default: TrainingSide, routes: Mapping[str, TrainingSide]):
+        self.default, self.routes = default, dict(routes)
+        self.exact = default.exact
+        self.n = default.n
+
+    def dot_many(self, point: str, requests: Requests) -> dict[Hashable, torch.Tensor]:
+        return self.routes.get(point, self.default).dot_many(point, requests)
+
+    def gauss_newton(self) -> torch.Tensor:
+        return self.default.gauss_newton()

@@ -1,0 +1,76 @@
+"""Brute-force references for the engine's scores: autograd on the whole Hugging Face model,
+one example at a time, over the trainable subset (no hooks, no sketch, no cache)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from core.model import collate, encode_pairs, mask_span
+from core.workspace import load_model
+
+DAMPING = 1e-4  # far below the tiny model's two large Gauss-Newton eigenvalues (~0.4): the inverse matters
+
+
+def flat_grad(model, tok, row, label: int, span, masked: bool) -> torch.Tensor:
+    """Brute force: autograd on the whole Hugging Face model, one example, trainable subset only."""
+    enc = encode_pairs(tok, [(row.aspect, row.text)], 64)[0]
+    if masked and span:
+        enc = mask_span(enc, span[0], span[1], tok.mask_token_id)
+    logits = model(**collate([enc], tok.pad_token_id)).logits
+    loss = nn.functional.cross_entropy(logits, torch.tensor([label]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+
+def sides(model, tok, row, label, span, role):
+    g = flat_grad(model, tok, row, label, span, False)
+    g_masked = flat_grad(model, tok, row, label, span, True)
+    return {"full": g, "diff": g - g_masked}  # the span's part of the gradient, both sides
+
+
+def brute_force(backend, test_id, method, train_rows, dtype):
+    ws = backend.ws
+    labels = backend.manifest.labels
+    test = backend.by_id[test_id]
+    t_span = test.span_pair
+    points = {"final": ["final"], "checkpoints": ws.points("checkpoint"), "variants": ws.points("variant")}[method.points]
+    lrs = {r["point"]: r["lr"] for r in ws.manifest().stages["model"]["checkpoints"]}
+    total = torch.zeros(len(train_rows), dtype=torch.float64)
+    for point in points:
+        model = load_model(ws, point, device="cpu").to(dtype)
+        tok = model.spanlens_tokenizer
+        t_vec = sides(model, tok, test, labels.index(test.label), t_span, "test")[method.test].double()
+        if method.inverse:
+            gram = brute_gauss_newton(backend, model, tok, dtype)
+            t_vec = torch.linalg.solve(gram + DAMPING * torch.eye(len(t_vec), dtype=torch.float64), t_vec)
+        weight = lrs[point] if method.weights == "lr" else 1.0
+        for j, row in enumerate(train_rows):
+            x = sides(model, tok, row, labels.index(row.label), row.span_pair, "train")[method.train].double()
+            total[j] += weight * float(t_vec @ x)
+    return total
+
+
+_GRAM: dict[str, torch.Tensor] = {}
+
+
+def brute_gauss_newton(backend, model, tok, dtype) -> torch.Tensor:
+    """mean_n J_n^T (diag p - p p^T) J_n with full Jacobians from autograd (at theta, cached)."""
+    key = f"{backend.ws.root}:{dtype}"
+    if key not in _GRAM:
+        _GRAM[key] = compute_gauss_newton(backend, model, tok)
+    return _GRAM[key]
+
+
+def compute_gauss_newton(backend, model, tok) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = backend.instances("train")
+    gram = None
+    for row in rows:
+        enc = encode_pairs(tok, [(row.aspect, row.text)], 64)[0]
+        logits = model(**collate([enc], tok.pad_token_id)).logits[0]
+        jac = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(logits[c], params, retain_graph=True)])
+                           for c in range(len(logits))]).double()
+        p = logits.detach().double().softmax(-1)
+        part = jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac
+        gram = part if gram is None else gram + part
+    return gram / len(rows)
