@@ -1,0 +1,94 @@
+"""Uncertainty of evaluation figures: bootstrap confidence intervals, paired comparisons of two
+methods on the same test instances, and the spread of a figure across repeated runs.
+
+Pure numpy. NaN values (e.g. a correlation that is undefined for one test instance) are left
+out everywhere; each function says what it returns when too few values remain.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+ALPHA = 0.05  # the significance level of paired_difference
+
+
+def _finite(values) -> np.ndarray:
+    x = np.asarray(values, dtype=np.float64).ravel()
+    return x[~np.isnan(x)]
+
+
+def _takes_axis(statistic: Callable) -> bool:
+    try:
+        return "axis" in inspect.signature(statistic).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+
+
+def bootstrap_ci(values, *, statistic: Callable = np.mean, n_resamples: int = 2000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """``(estimate, low, high)``: ``statistic`` of the values and its percentile-bootstrap interval.
+
+    NaN values are left out. With no value left all three are NaN; with one, the interval is
+    NaN (a single value says nothing about its spread). A ``statistic`` with an ``axis``
+    argument (numpy reductions) is evaluated on all resamples at once.
+    """
+    if not 0 < level < 1 or n_resamples < 1:
+        raise ValueError(f"need 0 < level < 1 and n_resamples >= 1, got {level}, {n_resamples}")
+    x = _finite(values)
+    if len(x) == 0:
+        return float("nan"), float("nan"), float("nan")
+    estimate = float(statistic(x))
+    if len(x) == 1:
+        return estimate, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    samples = x[rng.integers(0, len(x), size=(n_resamples, len(x)))]
+    if _takes_axis(statistic):
+        dist = np.asarray(statistic(samples, axis=1), dtype=np.float64)
+    else:
+        dist = np.array([statistic(s) for s in samples], dtype=np.float64)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(dist, [tail, 100 - tail])
+    return estimate, float(low), float(high)
+
+
+def _sign_flip_p(d: np.ndarray, n_resamples: int, seed: int) -> tuple[float, bool]:
+    """Two-sided p-value of mean(d) = 0 under random sign flips; exact when 2^n <= n_resamples."""
+    n = len(d)
+    observed = abs(d.mean())
+    tol = 1e-12 * max(1.0, float(np.abs(d).max()))
+    if 2**n <= n_resamples:
+        signs = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1) * 2 - 1
+        return float(np.mean(np.abs(signs @ d) / n >= observed - tol)), True
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(n_resamples, n))
+    extreme = int(np.sum(np.abs(signs @ d) / n >= observed - tol))
+    return (1 + extreme) / (1 + n_resamples), False
+
+
+def paired_difference(a, b, *, n_resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of ``a - b`` over paired items (e.g. two methods' scores on the same tests).
+
+    Returns ``difference`` (the mean), ``low``/``high`` (its 95% percentile-bootstrap interval),
+    ``p_value`` (two-sided, paired sign-flip permutation test: exact over all 2^n sign patterns
+    when 2^n <= ``n_resamples``, else Monte Carlo with ``(1 + hits) / (1 + n_resamples)``),
+    ``significant`` (p < 0.05), ``exact``, ``n`` (pairs used) and ``dropped`` (pairs with a NaN).
+    """
+    x, y = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"paired values differ in length: {len(x)} and {len(y)}")
+    keep = ~(np.isnan(x) | np.isnan(y))
+    d = x[keep] - y[keep]
+    difference, low, high = bootstrap_ci(d, n_resamples=n_resamples, seed=seed)
+    p_value, exact = _sign_flip_p(d, n_resamples, seed) if len(d) else (float("nan"), True)
+    return {"difference": difference, "low": low, "high": high, "p_value": p_value,
+            "significant": bool(p_value < ALPHA), "exact": exact, "n": int(len(d)), "dropped": int((~keep).sum())}
+
+
+def run_variance(run_means: Sequence[float]) -> float | None:
+    """Variance (ddof=1) of a figure across runs; ``None`` (undefined) for fewer than 2 runs.
+
+    NaN run means are left out before counting.
+    """
+    x = _finite(run_means)
+    return float(x.var(ddof=1)) if len(x) >= 2 else None
