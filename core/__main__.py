@@ -84,6 +84,13 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--no-index", action="store_true", help="stop before building the gradient index")
     _index_options(p)
+    _with_option(p)
+
+
+def _with_option(p) -> None:
+    p.add_argument("--with", dest="extras", default="", metavar="EXTRAS",
+                   help="also build what TRAK/TRAK++ (trak: the index's margin-gradient rows) and EKFAC/EKFAC++ "
+                        "(ekfac: the EK-FAC factors) need, comma-separated: e.g. --with trak,ekfac")
 
 
 def _index_options(p) -> None:
@@ -116,6 +123,7 @@ def _index_settings(args, *, rebuild: bool = False):
 
 
 def cmd_prepare(args) -> int:
+    from .artifacts import check_extras
     from .backend import index_workspace
     from .prepare import PrepareSettings, prepare
     from .workspace import Workspace
@@ -128,9 +136,10 @@ def cmd_prepare(args) -> int:
         span_importance=args.span_importance, seed=args.seed, device=args.device,
     )
     index_settings = _index_settings(args, rebuild=True)
+    extras = check_extras(parse_list(args.extras))
     manifest = prepare(settings, args.workspace)
     if not args.no_index:
-        index_workspace(Workspace(args.workspace), index_settings, device=args.device)
+        index_workspace(Workspace(args.workspace), index_settings, device=args.device, extras=extras)
         manifest = Workspace(args.workspace).manifest()
     _summary(manifest)
     return 0
@@ -154,13 +163,15 @@ def _summary(manifest) -> None:
 
 
 def cmd_index(args) -> int:
+    from .artifacts import check_extras
     from .backend import index_workspace
     from .workspace import Workspace
 
     ws = Workspace(args.workspace)
+    extras = check_extras(parse_list(args.extras))
     if not ws.exists():
         raise FileNotFoundError(f"{ws.root}: no manifest.json; run `python -m core prepare` first")
-    index = index_workspace(ws, _index_settings(args, rebuild=True), device=args.device)
+    index = index_workspace(ws, _index_settings(args, rebuild=True), device=args.device, extras=extras)
     print(json.dumps({k: index.meta[k] for k in ("dim", "seconds", "examples_per_second", "projection")}, indent=2))
     return 0
 
@@ -352,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--workspace", required=True)
     i.add_argument("--device")
     _index_options(i)
+    _with_option(i)
     _explain_parser(sub)
     _evaluate_parser(sub)
     return parser

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 
+from .artifacts import build_ekfac, check_extras, ekfac_ready, extras_for, open_ekfac, with_command
 from .engine import Engine, TestInput
 from .explanations import Explanation, rank
 from .gradients import Projector
 from .index import (
     GradientIndex,
     IndexSettings,
+    IndexUnavailable,
     Overrides,
     build_index,
     index_command,
@@ -48,16 +50,23 @@ PROFILE = "profile"
 
 
 def index_workspace(ws: Workspace, settings: IndexSettings, *, device: str | None = None, progress: bool = True,
-                    log=print, on_progress=None) -> GradientIndex:
+                    log=print, on_progress=None, extras: Sequence[str] = ()) -> GradientIndex:
     """Build (or bring up to date) the workspace's index with its corrected training spans, and
-    record its size and timing in the manifest."""
+    the ``extras`` (:data:`core.artifacts.EXTRAS`: TRAK rows, EK-FAC factors); record the index's
+    size and timing in the manifest."""
+    extras = check_extras(extras)
     fixes: Overrides = {}
     if ws.store_path.exists():
         with Store(ws.store_path) as store:
             fixes = Instances(ws.load_instances(), store.current_annotations()).fixed_train_spans()
-    index = build_index(ws, settings, device=device, progress=progress, log=log, overrides=fixes,
-                        on_progress=on_progress)
+    share = 0.8 if "ekfac" in extras else 1.0
+    report = None if on_progress is None else (lambda f: on_progress(share * f))
+    index = build_index(ws, settings, device=device, progress=progress, log=log, overrides=fixes, on_progress=report,
+                        groups=tuple(e for e in extras if e != "ekfac"))
     record_index(ws, index)
+    if "ekfac" in extras:
+        build_ekfac(ws, device=device, batch_size=settings.batch_size, progress=progress, log=log,
+                    on_progress=None if on_progress is None else (lambda f: on_progress(share + (1 - share) * f)))
     return index
 
 
@@ -183,8 +192,20 @@ class Backend:
             else:
                 projector = Projector(loaded.split, index.settings.dim, index.settings.seed, loaded.device)
                 side = IndexedSide(index)
-            self._engines[exact] = Engine(loaded, side, projector, train_cache=self.train_cache)
+            self._engines[exact] = Engine(loaded, side, projector, train_cache=self.train_cache,
+                                          ekfac=lambda: open_ekfac(self.ws))
         return self._engines[exact]
+
+    def check_methods(self, specs: Sequence[MethodSpec]) -> None:
+        """IndexUnavailable, with the command that builds them, when these methods need extras
+        (TRAK rows, EK-FAC factors) the workspace lacks."""
+        have = {"trak": "trak" in self.index.groups, "ekfac": ekfac_ready(self.ws)}
+        missing = [e for e in extras_for(specs) if not have[e]]
+        if missing:
+            names = ", ".join(s.name for s in specs if set(extras_for([s])) & set(missing))
+            raise IndexUnavailable(f"{names} need{'s' if ',' not in names else ''} the workspace's "
+                                   f"{' and '.join(missing)} artifacts; build them with "
+                                   f"`{with_command(self.ws, missing)}`")
 
     def train_cache(self) -> tuple[HiddenCache, torch.Tensor]:
         """Frozen-prefix states and labels of the training inputs (loaded once)."""
@@ -213,6 +234,7 @@ class Backend:
         """Explanations of several methods; the missing ones are scored together (shared work once)."""
         specs = list(dict.fromkeys(METHODS.resolve(m) for m in methods))
         test_input = self.test_input(test) if isinstance(test, str) else test
+        self.check_methods(specs)
         with self.lock:
             self.sync_spans()
             keys = {s.name: self.result_settings(test_input, s, settings) for s in specs}

@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from .ekfac import EkfacFactors
 from .gradients import GradientCollector, Projector
 from .inverses import InverseHessian, make_inverse
 from .model import HiddenCache, compute_prefix, mask_span, predict, top_forward
@@ -79,10 +80,12 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, side: TrainingSide, projector: Projector, *,
                  points: PointSet | None = None,
-                 train_cache: Callable[[], tuple[HiddenCache, torch.Tensor]] | None = None):
+                 train_cache: Callable[[], tuple[HiddenCache, torch.Tensor]] | None = None,
+                 ekfac: Callable[[], EkfacFactors] | None = None):
         self.loaded, self.side, self.projector = loaded, side, projector
         self.points = points or loaded.point_set
         self.train_cache = train_cache  # loads (hidden states, labels) for LiSSA's Hessian-vector products
+        self.ekfac = ekfac  # loads the EK-FAC factors
         self._inverses: dict[str, InverseHessian] = {}
 
     # test side ---------------------------------------------------------------------------
@@ -178,7 +181,7 @@ class Engine:
             wanted, requests = self._requests(tests, batch, point, group, settings, approx)
             dots = self.side.dot_many(point, requests)
             for s in group:
-                part = self.points.weight(s.weights, point) * dots[wanted[s.name]]
+                part = self.points.weight(s.weights, point, s.points) * dots[wanted[s.name]]
                 totals[s.name] = part if s.name not in totals else totals[s.name] + part
         share = (time.perf_counter() - started) / len(specs)
         return {s.name: Scores(s.name, settings.sign(s) * totals[s.name], approx[s.name], share) for s in specs}
@@ -195,7 +198,7 @@ class Engine:
             if key not in ready:
                 if s.test not in raw:
                     raw[s.test] = self.test_vectors(tests, point, s.test, batch)
-                ready[key] = (self.inverse(s, settings).apply(self, batch, s.test, raw[s.test]) if s.inverse
+                ready[key] = (self.inverse(s, settings).apply(self, batch, point, s.test, raw[s.test]) if s.inverse
                               else (raw[s.test], None))
             if s.inverse:
                 approx[s.name]["ihvp"] = ready[key][1]

@@ -43,8 +43,10 @@ from .representations import REPRESENTATIONS
 from .training_rows import training_gradients
 from .workspace import Workspace, fingerprint, write_json_atomic
 
-KINDS = ("full", "diff")
-"""The representation kinds every index holds."""
+KIND_GROUPS: dict[str, tuple[str, ...]] = {"grad": ("full", "diff"), "trak": ("trak", "trak-diff")}
+"""Representation kinds built together (one pass per point each): every index holds ``grad``;
+``trak`` (TRAK's features, with their second-moment matrix per point) is built when asked."""
+KINDS = KIND_GROUPS["grad"]
 FLUSH_EVERY = 25  # batches between progress records
 FORMAT = 2  # 2: Gauss-Newton sum saved with its batch count (ggn.npz)
 
@@ -145,7 +147,8 @@ class GradientIndex:
             raise IndexUnavailable(f"{root}: the index build has not finished")
         self.ids: list[str] = self.meta["ids"]
         self.points: list[str] = self.meta["points"]
-        self.kinds: list[str] = self.meta.get("kinds", list(KINDS))
+        self.groups: list[str] = self.meta.get("groups", ["grad"])
+        self.kinds: list[str] = [k for g in self.groups for k in KIND_GROUPS[g]]
         self.settings = saved_settings(meta_path) or IndexSettings()
         self._cache: dict[str, torch.Tensor] = {}
 
@@ -161,7 +164,8 @@ class GradientIndex:
     def matrix(self, point: str, kind: str) -> torch.Tensor:
         """The (N, d) float32 training-side matrix of a point and kind, kept in memory once read."""
         if kind not in self.kinds:
-            raise ValueError(f"the index holds no {kind!r} rows (it has {', '.join(self.kinds)})")
+            raise IndexUnavailable(f"the index holds no {kind!r} rows (it has {', '.join(self.kinds)}); add them with "
+                                   f"`python -m core index --workspace {self.root.parent} --kinds {group_of(kind)}`")
         key = f"{point}.{kind}"
         if key not in self._cache:
             self._cache[key] = torch.from_numpy(self._read(f"{key}.npy"))
@@ -173,8 +177,13 @@ class GradientIndex:
 
     def gauss_newton(self) -> torch.Tensor:
         """The mean Gauss-Newton matrix (d x d, float64) in the projected space."""
-        total, count, _ = _load_ggn(self.root)
+        total, count, _ = _load_sum(self.root, "grad", "final")
         return torch.from_numpy(total / max(count, 1))
+
+    def feature_gram(self, point: str) -> torch.Tensor:
+        """TRAK's Phi^T Phi at a point: the sum over training instances of phi(z) phi(z)^T (d x d)."""
+        self.matrix(point, "trak")  # raises with the command when the index has no TRAK rows
+        return torch.from_numpy(_load_sum(self.root, "trak", point)[0])
 
     def spans_match(self, overrides: Overrides) -> bool:
         """Whether the index holds exactly these corrected training spans (and no patch is pending)."""
@@ -192,34 +201,50 @@ def open_index(ws: Workspace) -> GradientIndex:
         index = GradientIndex(root)
     except IndexUnavailable as err:
         raise IndexUnavailable(f"{err}; build it with `{index_command(ws, saved)}`") from None
+    if index.meta.get("format") != FORMAT:
+        raise IndexUnavailable(f"{root} was built by an earlier version of SpanLens; rebuild it with "
+                               f"`{index_command(ws, index.settings)}`")
     if index.meta.get("fingerprint") != index_fingerprint(ws, index.settings):
         raise IndexUnavailable(f"{root} was built for an earlier state of the workspace (it was prepared again "
                                f"since); rebuild it with `{index_command(ws, index.settings)}`")
     return index
 
 
-# ------------------------------------------------------------------------------ Gauss-Newton file
+def group_of(kind: str) -> str:
+    """The kind group that builds a representation kind."""
+    for group, kinds in KIND_GROUPS.items():
+        if kind in kinds:
+            return group
+    raise ValueError(f"no index group builds {kind!r} rows")
 
-def _load_ggn(root: Path) -> tuple[np.ndarray, int, int]:
-    """(sum, rows, batches) of the Gauss-Newton file; an index of format 1 holds the mean."""
-    path = root / "ggn.npz"
+
+# ------------------------------------------------------------------------------ sum files
+
+def _sum_path(root: Path, group: str, point: str) -> Path | None:
+    """The matrix a (group, point) pass accumulates: the Gauss-Newton sum (grad, final), TRAK's
+    Phi^T Phi (trak, every point); None where the pass accumulates nothing."""
+    if group == "grad":
+        return root / "ggn.npz" if point == "final" else None
+    return root / f"{point}.{group}-gram.npz"
+
+
+def _load_sum(root: Path, group: str, point: str) -> tuple[np.ndarray, int, int]:
+    """(sum, rows, batches) of a sum file."""
+    path = _sum_path(root, group, point)
     if path.exists():
         try:
             with np.load(path) as data:
                 return data["sum"], int(data["rows"]), int(data["batches"])
         except (OSError, ValueError, KeyError, EOFError) as err:
             raise ValueError(f"{path}: unreadable ({err}); rebuild the index with `python -m core index`") from None
-    old = root / "ggn.npy"
-    if old.exists():
-        return np.load(old), 1, -1
     raise ValueError(f"{path} is missing; rebuild the index with `python -m core index`")
 
 
-def _save_ggn(root: Path, total: torch.Tensor, rows: int, batches: int) -> None:
-    """The Gauss-Newton sum with the rows and batches it holds, in one file written atomically."""
-    tmp = root / "ggn.tmp.npz"
+def _save_sum(path: Path, total: torch.Tensor, rows: int, batches: int) -> None:
+    """A sum with the rows and batches it holds, in one file written atomically."""
+    tmp = path.with_name(path.stem + ".tmp.npz")
     np.savez(tmp, sum=total.numpy(), rows=np.int64(rows), batches=np.int64(batches))
-    os.replace(tmp, root / "ggn.npz")
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ spans
@@ -260,9 +285,11 @@ def build_index(
     log: Callable[[str], None] = print,
     overrides: Overrides | None = None,
     on_progress: Progress | None = None,
+    groups: tuple[str, ...] = ("grad",),
 ) -> GradientIndex:
     """Build (or resume, or reuse) the workspace's gradient index and return it. ``overrides``
     (corrected training spans) are patched in; ``None`` keeps the spans the index holds.
+    ``groups`` (:data:`KIND_GROUPS`) are added to those the index holds.
 
     An index that is up to date is returned under a shared lock, so any number of processes
     may check at once; building takes the lock exclusively, and another builder gets a clear
@@ -271,8 +298,12 @@ def build_index(
     root = ws.root / "index"
     root.mkdir(parents=True, exist_ok=True)
     whole = index_fingerprint(ws, settings)
+    groups = tuple(dict.fromkeys(("grad", *groups)))
+    unknown = set(groups) - set(KIND_GROUPS)
+    if unknown:
+        raise ValueError(f"unknown index kinds {sorted(unknown)}; choose from {', '.join(KIND_GROUPS)}")
     with _shared_lock(root):
-        current = _current(root, whole, overrides)
+        current = _current(root, whole, overrides, groups)
     if current is not None:
         log(f"[index] up to date ({whole})")
         return current
@@ -285,9 +316,9 @@ def build_index(
                 raise RuntimeError(f"{root} is being built by another process; wait for it to finish") from None
             fcntl.flock(lock, fcntl.LOCK_EX)
         _declare(lock, "build")
-        index = _current(root, whole, None) or _build(ws, settings, root, loaded=loaded, device=device,
-                                                      progress=progress, log=log, overrides=overrides or {},
-                                                      on_progress=on_progress)
+        index = _current(root, whole, None, groups) or _build(ws, settings, root, groups, loaded=loaded, device=device,
+                                                              progress=progress, log=log, overrides=overrides or {},
+                                                              on_progress=on_progress)
         if overrides is not None and not index.spans_match(overrides):
             _declare(lock, "patch")
             index = _patch(ws, index, overrides, loaded or load_workspace_model(ws, device), settings, log)
@@ -295,13 +326,13 @@ def build_index(
         return index
 
 
-def _current(root: Path, whole: str, overrides: Overrides | None) -> GradientIndex | None:
-    """The index at ``root`` when it is finished, has this fingerprint and these spans."""
+def _current(root: Path, whole: str, overrides: Overrides | None, groups: tuple[str, ...]) -> GradientIndex | None:
+    """The index at ``root`` when it is finished, has this fingerprint, these groups and these spans."""
     try:
         index = GradientIndex(root)
     except (IndexUnavailable, ValueError):
         return None
-    if index.meta.get("fingerprint") != whole:
+    if index.meta.get("fingerprint") != whole or index.meta.get("format") != FORMAT or not set(groups) <= set(index.groups):
         return None
     return index if overrides is None or index.spans_match(overrides) else None
 
@@ -312,7 +343,8 @@ def patch_spans(ws: Workspace, overrides: Overrides, loaded: LoadedModel, log: C
     index = open_index(ws)
     if index.spans_match(overrides):
         return index
-    return build_index(ws, index.settings, loaded=loaded, log=log, overrides=overrides, progress=False)
+    return build_index(ws, index.settings, loaded=loaded, log=log, overrides=overrides, progress=False,
+                       groups=tuple(index.groups))
 
 
 def _declare(lock, intent: str) -> None:
@@ -362,7 +394,7 @@ def _rewrite_span_rows(ws: Workspace, root: Path, meta: dict, loaded: LoadedMode
     labels = torch.tensor([loaded.labels.index(r["label"]) for r in rows])
     batches = [where[i : i + settings.batch_size] for i in range(0, len(where), settings.batch_size)]
     projector = Projector(loaded.split, settings.dim, settings.seed, loaded.device)
-    span_kinds = [k for k in meta.get("kinds", KINDS) if REPRESENTATIONS[k].span]
+    span_kinds = [k for g in meta["groups"] for k in KIND_GROUPS[g] if REPRESENTATIONS[k].span]
     for point in meta["points"]:
         mats = {k: np.load(root / f"{point}.{k}.npy", mmap_mode="r+") for k in span_kinds}
         emb = np.load(root / "emb.masked.npy", mmap_mode="r+") if point == "final" else None
@@ -377,8 +409,8 @@ def _rewrite_span_rows(ws: Workspace, root: Path, meta: dict, loaded: LoadedMode
         del mats, emb
 
 
-def _build(ws: Workspace, settings: IndexSettings, root: Path, *, loaded: LoadedModel | None, device: str | None,
-           progress: bool, log, overrides: Overrides, on_progress: Progress | None) -> GradientIndex:
+def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str, ...], *, loaded: LoadedModel | None,
+           device: str | None, progress: bool, log, overrides: Overrides, on_progress: Progress | None) -> GradientIndex:
     shared, variants_fp, whole = _fingerprints(ws, settings)
     meta_path = root / "meta.json"
     meta = _read_meta(meta_path) if meta_path.exists() else {}
@@ -395,23 +427,25 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, *, loaded: Loaded
     projector = Projector(loaded.split, settings.dim, settings.seed, loaded.device)
     points = loaded.point_set.names()
     point_fps = {p: variants_fp if p.startswith("variant-") else shared for p in points}
-    meta = _prepare_files(root, meta, rows, settings, projector, full_cache, points, point_fps, overrides)
+    meta = _prepare_files(root, meta, rows, settings, projector, full_cache, points, point_fps, overrides, groups)
     meta.update(points=points, fingerprint=whole, done=False, shared=shared, format=FORMAT)
     write_json_atomic(meta_path, meta)
     batches = length_batches(full_cache.lengths(), settings.batch_size)
-    todo = [p for p in points if meta["progress"].get(p, 0) < len(batches)]
-    for number, point in enumerate(todo):
+    todo = [(g, p) for g in meta["groups"] for p in points if meta["progress"].get(f"{g}:{p}", 0) < len(batches)]
+    for number, (group, point) in enumerate(todo):
         report = None if on_progress is None else (
             lambda b, at=number: on_progress((at + b / max(len(batches), 1)) / len(todo)))
-        _build_point(root, meta, point, loaded, projector, full_cache, masked_cache, labels, batches, progress, report)
+        _build_point(root, meta, group, point, loaded, projector, (full_cache, masked_cache, labels), batches,
+                     progress, report)
     loaded.use("final")
     elapsed = time.perf_counter() - started
     n = len(rows)
     # seconds add up over the runs that built this index (an interrupted run is not counted)
-    meta.update(done=True, seconds=round(meta.get("seconds", 0.0) + elapsed, 1), dim=projector.dim, points_built=todo,
-                examples_per_second=round(n * len(todo) / max(elapsed, 1e-9), 1))
+    meta.update(done=True, seconds=round(meta.get("seconds", 0.0) + elapsed, 1), dim=projector.dim,
+                points_built=[f"{g}:{p}" for g, p in todo], examples_per_second=round(n * len(todo) / max(elapsed, 1e-9), 1))
     write_json_atomic(meta_path, meta)
-    log(f"[index] built: {n} training instances x {len(points)} points x d={projector.dim} in {meta['seconds']:.1f}s")
+    log(f"[index] built: {n} training instances x {len(points)} points x d={projector.dim} "
+        f"({', '.join(meta['groups'])}) in {meta['seconds']:.1f}s")
     return GradientIndex(root)
 
 
@@ -428,61 +462,78 @@ def _masked_cache(root: Path, loaded: LoadedModel, rows: list[dict], overrides: 
 
 def _prepare_files(root: Path, meta: dict, rows: list[dict], settings: IndexSettings, projector: Projector,
                    full_cache: HiddenCache, points: list[str], point_fps: dict[str, str],
-                   overrides: Overrides) -> dict:
-    """Start (or bring up to date) the index's files and progress records; returns the meta."""
+                   overrides: Overrides, groups: tuple[str, ...]) -> dict:
+    """Start (or bring up to date) the index's files and progress records (one per group and
+    point, ``group:point``); returns the meta."""
     n, d = len(rows), projector.dim
     if not meta:
-        meta = {"ids": [r["id"] for r in rows], "projection": projector.describe(), "kinds": list(KINDS),
+        meta = {"ids": [r["id"] for r in rows], "projection": projector.describe(), "groups": [],
                 "settings": asdict(settings), "progress": {}, "point_fps": {}, "overrides": _overrides_json(overrides)}
         hidden = full_cache.states[0].shape[1]
         for kind in ("full", "masked"):
             open_memmap(root / f"emb.{kind}.npy", mode="w+", dtype=np.float32, shape=(n, hidden)).flush()
     for point in set(meta.get("points", [])) - set(points):  # points the workspace no longer has
-        for kind in meta["kinds"]:
-            (root / f"{point}.{kind}.npy").unlink(missing_ok=True)
-        meta["progress"].pop(point, None)
+        for group in meta["groups"]:
+            _drop(root, meta, group, point)
         meta["point_fps"].pop(point, None)
-    for point in points:  # new points, and points whose parameters changed, start afresh
-        if meta["point_fps"].get(point) != point_fps[point]:
-            for kind in meta["kinds"]:
+    new_groups = [g for g in groups if g not in meta["groups"]]
+    meta["groups"] = [*meta["groups"], *new_groups]
+    for point in points:  # new points, points whose parameters changed and new groups start afresh
+        fresh = meta["point_fps"].get(point) != point_fps[point]
+        for group in meta["groups"] if fresh else new_groups:
+            for kind in KIND_GROUPS[group]:
                 open_memmap(root / f"{point}.{kind}.npy", mode="w+", dtype=np.float32, shape=(n, d)).flush()
-            meta["progress"][point] = 0
-            meta["point_fps"][point] = point_fps[point]
-            if point == "final":
-                _save_ggn(root, torch.zeros(d, d, dtype=torch.float64), 0, 0)
+            meta["progress"][f"{group}:{point}"] = 0
+            if (path := _sum_path(root, group, point)) is not None:
+                _save_sum(path, torch.zeros(d, d, dtype=torch.float64), 0, 0)
+        meta["point_fps"][point] = point_fps[point]
     return meta
 
 
-def _build_point(root: Path, meta: dict, point: str, loaded: LoadedModel, projector: Projector,
-                 full_cache: HiddenCache, masked_cache: HiddenCache, labels: torch.Tensor,
-                 batches: list[list[int]], progress: bool, report: Callable[[int], None] | None) -> None:
-    """Write one point's rows, resuming after the last recorded batch (at theta: after the last
-    batch the Gauss-Newton file holds, which is saved before the progress record)."""
-    at_theta = point == "final"
-    done = meta["progress"].get(point, 0)
-    if at_theta:
-        total, n_rows, done = _load_ggn(root)
+def _drop(root: Path, meta: dict, group: str, point: str) -> None:
+    """Remove a (group, point) pass's files and progress."""
+    for kind in KIND_GROUPS[group]:
+        (root / f"{point}.{kind}.npy").unlink(missing_ok=True)
+    if (path := _sum_path(root, group, point)) is not None:
+        path.unlink(missing_ok=True)
+    meta["progress"].pop(f"{group}:{point}", None)
+
+
+def _build_point(root: Path, meta: dict, group: str, point: str, loaded: LoadedModel, projector: Projector,
+                 caches: tuple[HiddenCache, HiddenCache, torch.Tensor], batches: list[list[int]], progress: bool,
+                 report: Callable[[int], None] | None) -> None:
+    """Write one group's rows at one point, resuming after the last recorded batch (where the
+    pass accumulates a sum: after the last batch its file holds, saved before the progress record).
+
+    ``grad`` at theta also writes the CLS embeddings and sums the Gauss-Newton matrix; ``trak``
+    sums Phi^T Phi of the (unscaled) margin gradients at every point."""
+    key, kinds, sum_path = f"{group}:{point}", KIND_GROUPS[group], _sum_path(root, group, point)
+    done = meta["progress"].get(key, 0)
+    if sum_path is not None:
+        total, n_rows, done = _load_sum(root, group, point)
         total = torch.from_numpy(total)
-    kinds = meta["kinds"]
+    jacobian = group == "grad" and point == "final"
     mats = {kind: np.load(root / f"{point}.{kind}.npy", mmap_mode="r+") for kind in kinds}
-    emb = {k: np.load(root / f"emb.{k}.npy", mmap_mode="r+") for k in ("full", "masked")} if at_theta else {}
-    bar = tqdm(total=len(batches), initial=done, desc=f"index {point}", unit="batch", disable=not progress)
-    grads = training_gradients(loaded, projector, full_cache, masked_cache, labels, point, batches[done:],
-                               kinds=kinds, with_jacobian=at_theta)
+    emb = {k: np.load(root / f"emb.{k}.npy", mmap_mode="r+") for k in ("full", "masked")} if jacobian else {}
+    bar = tqdm(total=len(batches), initial=done, desc=f"index {key}", unit="batch", disable=not progress)
+    grads = training_gradients(loaded, projector, *caches, point, batches[done:], kinds=kinds, with_jacobian=jacobian)
     for b, batch in enumerate(grads, start=done):
         for kind in kinds:
             mats[kind][batch.rows] = batch.vectors[kind].numpy()
-        if at_theta:
+        if jacobian:
             emb["full"][batch.rows] = batch.cls_full.numpy()
             emb["masked"][batch.rows] = batch.cls_masked.numpy()
             total += gauss_newton_batch(batch.logits, batch.jacobian)
-            n_rows += len(batch.rows)
+        elif sum_path is not None:
+            phi = batch.whole["margin"].double()
+            total += phi.T @ phi
+        n_rows = n_rows + len(batch.rows) if sum_path is not None else 0
         if (b + 1) % FLUSH_EVERY == 0 or b + 1 == len(batches):
             for mat in [*mats.values(), *emb.values()]:
                 mat.flush()
-            if at_theta:
-                _save_ggn(root, total, n_rows, b + 1)
-            meta["progress"][point] = b + 1
+            if sum_path is not None:
+                _save_sum(sum_path, total, n_rows, b + 1)
+            meta["progress"][key] = b + 1
             write_json_atomic(root / "meta.json", meta)
         bar.update(1)
         if report is not None:

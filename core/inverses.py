@@ -1,15 +1,19 @@
-"""Inverse-Hessian strategies for the methods with an inverse (the IF family).
+"""Inverse-Hessian strategies for the methods with an inverse (IF, EK-FAC and TRAK families).
 
-A strategy turns test-side vectors (Q, d), in the training side's space, into
-``(H + lambda I)^-1`` times them. Two estimators of the same quantity (see :mod:`core.ihvp`):
+A strategy turns test-side vectors (Q, d) at a parameter point, in the training side's space,
+into an inverse curvature matrix times them:
 
-* :class:`FastInverse`: the damped Gauss-Newton matrix of the training side's space, inverted
-  exactly by Cholesky (milliseconds per query);
-* :class:`LissaInverse`: the paper's stochastic recursion on each test's dense gradient in the
-  full trainable space, then sketched like the training rows.
+* ``hessian`` kind, ``(H + lambda I)^-1`` by one of two estimators (see :mod:`core.ihvp`):
+  :class:`FastInverse`, the damped Gauss-Newton matrix of the training side's space inverted
+  exactly by Cholesky (milliseconds per query), or :class:`LissaInverse`, the paper's stochastic
+  recursion on each test's dense gradient in the full trainable space, then sketched;
+* ``ekfac`` kind: :class:`EkfacInverse`, ``(G_ekfac + lambda I)^-1`` of the eigenvalue-corrected
+  Kronecker-factored Gauss-Newton matrix (:mod:`core.ekfac`) applied to each test's dense
+  gradient in the full trainable space, then sketched;
+* ``trak`` kind: :class:`FeatureInverse`, TRAK's ``(Phi^T Phi + lambda I)^-1`` of the point's
+  sketched margin-gradient features, with lambda = :data:`TRAK_RIDGE` x their mean eigenvalue.
 
-:func:`make_inverse` picks the strategy a spec's inverse kind and the run's settings ask for;
-another estimator (e.g. EK-FAC) is one more class with ``apply`` and ``describe``.
+:func:`make_inverse` picks the strategy a spec's inverse kind and the run's settings ask for.
 """
 from __future__ import annotations
 
@@ -17,18 +21,22 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .ihvp import DampedInverse, LissaResult, LissaSettings, lissa
+from .ekfac import EkfacFactors
+from .ihvp import DampedInverse, LissaResult, LissaSettings, check_damping, lissa
 from .model import HiddenCache
-from .scoring import ScoreSettings
+from .representations import REPRESENTATIONS
+from .scoring import TRAK_RIDGE, ScoreSettings
 
 if TYPE_CHECKING:
     from .engine import Engine, TestBatch
+    from .training_sides import TrainingSide
 
 
 class InverseHessian(Protocol):
-    def apply(self, engine: "Engine", batch: "TestBatch", rep: str, vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """(H + lambda I)^-1 applied to the rows of ``vecs`` (test-side vectors of ``rep``), and
-        a description of how (for the result's record)."""
+    def apply(self, engine: "Engine", batch: "TestBatch", point: str, rep: str,
+              vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The inverse applied to the rows of ``vecs`` (test-side vectors of ``rep`` at ``point``),
+        and a description of how (for the result's record)."""
 
 
 class FastInverse:
@@ -37,7 +45,8 @@ class FastInverse:
     def __init__(self, gram: torch.Tensor, damping: float):
         self.inverse = DampedInverse(gram, damping)
 
-    def apply(self, engine: "Engine", batch: "TestBatch", rep: str, vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def apply(self, engine: "Engine", batch: "TestBatch", point: str, rep: str,
+              vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return self.inverse.solve(vecs.double().cpu()).float(), self.inverse.describe()
 
 
@@ -47,25 +56,75 @@ class LissaInverse:
     def __init__(self, settings: LissaSettings, train_cache: tuple[HiddenCache, torch.Tensor]):
         self.settings, self.train_cache = settings, train_cache
 
-    def apply(self, engine: "Engine", batch: "TestBatch", rep: str, vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def apply(self, engine: "Engine", batch: "TestBatch", point: str, rep: str,
+              vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
         loaded = engine.loaded
-        out, info = [], []
-        loaded.use("final")  # LiSSA's Hessian-vector products run on the model itself, at theta
-        for q in range(vecs.shape[0]):
-            if batch.masked and q in batch.spanless and rep != "full":  # e(z') = 0: so is its inverse
-                out.append(torch.zeros(engine.projector.dim))
-                info.append(LissaResult({}, lam=self.settings.lam, converged=True).describe()
-                            | {"trace": [], "skipped": "the span masks no token"})
-                continue
-            dense = engine.dense_test_gradient(batch, q, rep)
+
+        def one(dense: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
             res = lissa(loaded.split, self.train_cache[0], self.train_cache[1], dense, self.settings, device=loaded.device)
-            out.append(engine.projector.project_params(res.vector))
-            info.append(res.describe() | {"trace": res.trace})
-        return torch.stack(out).float(), info[0] if len(info) == 1 else {"mode": "lissa", "runs": info}
+            return engine.projector.project_params(res.vector), res.describe() | {"trace": res.trace}
+
+        skipped = LissaResult({}, lam=self.settings.lam, converged=True).describe() | {"trace": []}
+        return _per_test(engine, batch, rep, one, skipped, "lissa")
+
+
+class EkfacInverse:
+    """(G_ekfac + lambda I)^-1 on each test's dense gradient at theta, then projected."""
+
+    def __init__(self, factors: EkfacFactors, damping: float):
+        self.factors, self.damping = factors, check_damping(damping)
+
+    def apply(self, engine: "Engine", batch: "TestBatch", point: str, rep: str,
+              vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        info = {"mode": "ekfac", "lambda": self.damping, "corrected": self.factors.corrected,
+                "examples": self.factors.examples}
+
+        def one(dense: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+            return engine.projector.project_params(self.factors.apply(dense, self.damping)), info
+
+        return _per_test(engine, batch, rep, one, info, "ekfac")[0], info
+
+
+class FeatureInverse:
+    """TRAK's (Phi_p^T Phi_p + lambda I)^-1 at each point p, factorised once per point."""
+
+    def __init__(self, side: "TrainingSide", ridge: float = TRAK_RIDGE):
+        self.side, self.ridge = side, ridge
+        self._inverses: dict[str, DampedInverse] = {}
+
+    def apply(self, engine: "Engine", batch: "TestBatch", point: str, rep: str,
+              vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if point not in self._inverses:
+            gram = self.side.feature_gram(point)
+            self._inverses[point] = DampedInverse(gram, self.ridge * float(torch.diagonal(gram).mean()) or self.ridge)
+        inverse = self._inverses[point]
+        return inverse.solve(vecs.double().cpu()).float(), {"mode": "trak", "ridge": self.ridge, "lambda": inverse.lam}
+
+
+def _per_test(engine: "Engine", batch: "TestBatch", rep: str, one, skipped: dict, mode: str) -> tuple[torch.Tensor, dict]:
+    """``one(dense test gradient)`` for each test at theta; zero where a span test side is zero
+    (its span masks no token)."""
+    engine.loaded.use("final")  # dense gradients (and LiSSA's Hessian-vector products) at theta, on the model itself
+    out, info = [], []
+    for q in range(batch.labels.shape[0]):
+        if batch.masked and q in batch.spanless and REPRESENTATIONS[rep].span:
+            out.append(torch.zeros(engine.projector.dim))
+            info.append(skipped | {"skipped": "the span masks no token"})
+            continue
+        vec, described = one(engine.dense_test_gradient(batch, q, rep))
+        out.append(vec)
+        info.append(described)
+    return torch.stack(out).float(), info[0] if len(info) == 1 else {"mode": mode, "runs": info}
 
 
 def make_inverse(kind: str, settings: ScoreSettings, engine: "Engine") -> InverseHessian:
     """The strategy for a spec's inverse kind under ``settings``."""
+    if kind == "trak":
+        return FeatureInverse(engine.side)
+    if kind == "ekfac":
+        if engine.ekfac is None:
+            raise ValueError("EK-FAC needs its factors; build them with `python -m core index --with ekfac`")
+        return EkfacInverse(engine.ekfac(), settings.damping)
     if kind != "hessian":
         raise ValueError(f"unknown inverse kind {kind!r}")
     if settings.ihvp == "fast":

@@ -44,9 +44,12 @@ class PointSet:
             raise ValueError(f"{method} needs {points}, and this workspace has none")
         return chosen
 
-    def weight(self, weights: str, point: str) -> float:
-        """A point's weight: its learning rate for ``lr`` weights, else 1."""
-        return self.lrs.get(point, 1.0) if weights == "lr" else 1.0
+    def weight(self, weights: str, point: str, points: str = "final") -> float:
+        """A point's weight: its learning rate for ``lr`` weights, 1 / (points in the set) for
+        ``mean`` (an average over the set), else 1."""
+        if weights == "lr":
+            return self.lrs.get(point, 1.0)
+        return 1.0 / len(self.groups.get(points, (point,))) if weights == "mean" else 1.0
 
     def with_group(self, points: str, names: tuple[str, ...]) -> "PointSet":
         """The same points with one set replaced (e.g. new variants for a faithfulness run)."""

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from .representations import REPRESENTATIONS
 
 POINT_SETS = ("final", "checkpoints", "variants")
-POINT_WEIGHTS = ("uniform", "lr")
-INVERSES = (None, "hessian")
-"""Inverse kinds a spec may name: ``hessian`` = (H + lambda I)^-1 estimated as the run asks
-(``--ihvp fast`` or ``lissa``); more kinds are added with their strategies."""
+POINT_WEIGHTS = ("uniform", "lr", "mean")
+INVERSES = (None, "hessian", "ekfac", "trak")
+"""Inverse kinds a spec may name (:mod:`core.inverses`): ``hessian`` = (H + lambda I)^-1 estimated
+as the run asks (``--ihvp fast`` or ``lissa``); ``ekfac`` = the EK-FAC Gauss-Newton inverse;
+``trak`` = TRAK's (Phi^T Phi + lambda I)^-1 of the point's features."""
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash")
 
 
@@ -38,7 +39,7 @@ class MethodSpec:
     test: str  # test-side representation
     colour: str  # "#RRGGBB"
     inverse: str | None = None
-    weights: str = "uniform"  # "lr": checkpoint learning rates (TracIn)
+    weights: str = "uniform"  # "lr": checkpoint learning rates (TracIn); "mean": average over the points (TRAK)
     paper_sign: int = 1
     family: str = "TracIn"
     dash: str = "solid"
@@ -71,8 +72,8 @@ class MethodSpec:
     @property
     def formula(self) -> str:
         """A one-line formula, e.g. ``sum_variants e(z') . e(z)``."""
-        inv = " H^-1" if self.inverse else ""
-        weight = "eta_c " if self.weights == "lr" else ""
+        inv = {None: "", "hessian": " H^-1", "ekfac": " G_ekfac^-1", "trak": " (Phi^T Phi)^-1"}[self.inverse]
+        weight = {"lr": "eta_c ", "mean": "1/C ", "uniform": ""}[self.weights]
         return (f"sum over {self.points}: {weight}{REPRESENTATIONS[self.test].test_symbol}{inv}"
                 f" . {REPRESENTATIONS[self.train].train_symbol}")
 
@@ -153,8 +154,9 @@ class MethodRegistry:
 
 
 METHODS = MethodRegistry()
-"""The methods SpanLens knows. Colours: Okabe & Ito's colour-blind-safe palette (Control: Tol's wine); the line dash
-separates the families (IF dashed, TracIn solid, references dotted)."""
+"""The methods SpanLens knows. Colours: Okabe & Ito's colour-blind-safe palette for the paper's
+methods, Tol's for Control, EK-FAC and TRAK; the line dash separates the families (IF dashed,
+TracIn solid, references dotted, EK-FAC and TRAK long-dashed)."""
 
 for _spec in (
     MethodSpec("IF", "final", "full", "full", "#E69F00", inverse="hessian", paper_sign=-1, family="IF", dash="dash",
@@ -175,5 +177,14 @@ for _spec in (
                aliases=("gt", "ground-truth"), help="e(z') . e(z) at theta: the paper's 'ultimately faithful' reference"),
     MethodSpec("Control", "checkpoints", "diff", "diff", "#882255", paper_sign=-1, family="reference",
                dash="dashdot", help="TracIn++ with checkpoints in place of variants (the paper's table-4 control)"),
+    MethodSpec("EKFAC", "final", "full", "full", "#DDCC77", inverse="ekfac", family="EK-FAC", dash="longdash",
+               help="influence with the EK-FAC Gauss-Newton inverse: g(z')^T G_ekfac^-1 g(z) (Grosse et al. 2023)"),
+    MethodSpec("EKFAC++", "final", "diff", "diff", "#AA4499", inverse="ekfac", family="EK-FAC", dash="longdash",
+               help="EK-FAC influence span to span: e(z')^T G_ekfac^-1 e(z)"),
+    MethodSpec("TRAK", "checkpoints", "trak", "trak", "#117733", inverse="trak", weights="mean", family="TRAK",
+               dash="longdash", help="TRAK (Park et al. 2023): mean over checkpoints of phi(z')^T (Phi^T Phi)^-1 "
+                                     "phi(z) Q(z), phi the margin gradient, Q = 1 - p_y"),
+    MethodSpec("TRAK++", "checkpoints", "trak-diff", "trak-diff", "#332288", inverse="trak", weights="mean",
+               family="TRAK", dash="longdash", help="TRAK span to span: margin-gradient span differences on both sides"),
 ):
     METHODS.register(_spec)

@@ -5,12 +5,16 @@ input or as a span difference:
 
 * ``full``: g(z) = grad loss(z) (training side), g(z') (test side);
 * ``diff``: e(z) = g(z) - g(z_-ij), the span's part of the gradient, where z_-ij has the span's
-  tokens replaced by the mask token (training side); e(z') = g(z') - g(z'_-kl) (test side).
+  tokens replaced by the mask token (training side); e(z') = g(z') - g(z'_-kl) (test side);
+* ``trak``: TRAK's features (Park et al. 2023), phi(z) = grad of the margin
+  f(z) = log p_y - log(1 - p_y); on the training side scaled by TRAK's Q = 1 - p_y(z);
+* ``trak-diff``: the span difference of the margin gradient, phi(z) - phi(z_-ij) (training side
+  scaled by Q), phi(z') - phi(z'_-kl) on the test side.
 
 An output is a function of the logits whose gradient is formed by backpropagating per-example
-logit weights (:mod:`core.gradients`): for the cross-entropy loss, ``softmax - onehot(y)``. The
-index stores one matrix per (parameter point, representation); a representation's name is its
-index kind.
+logit weights (:mod:`core.gradients`): for the cross-entropy loss, ``softmax - onehot(y)``; for
+the margin, ``onehot(y) - softmax over the other classes``. The index stores one matrix per
+(parameter point, representation); a representation's name is its index kind.
 """
 from __future__ import annotations
 
@@ -18,23 +22,46 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .gradients import loss_weights
 
 LogitWeights = Callable[[torch.Tensor], torch.Tensor]
-OUTPUTS: dict[str, Callable[[torch.Tensor], LogitWeights]] = {"loss": loss_weights}
+
+
+def margin_weights(labels: torch.Tensor) -> LogitWeights:
+    """Logit weights whose backward gives the gradient of the margin log p_y - log(1 - p_y):
+    ``onehot(y) - softmax of the other classes`` (stable however confident the model is)."""
+
+    def weights(logits: torch.Tensor) -> torch.Tensor:
+        y = labels.to(logits.device)
+        onehot = nn.functional.one_hot(y, logits.shape[-1]).to(logits.dtype)
+        others = logits.masked_fill(onehot.bool(), float("-inf")).softmax(-1)
+        return onehot - others
+
+    return weights
+
+
+def true_class_slack(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """TRAK's Q: 1 - p_y for each row (the out-to-loss factor of a training example)."""
+    return 1.0 - logits.softmax(-1).gather(1, labels.to(logits.device)[:, None])[:, 0]
+
+
+OUTPUTS: dict[str, Callable[[torch.Tensor], LogitWeights]] = {"loss": loss_weights, "margin": margin_weights}
 """Model outputs by name: labels -> (logits -> logit weights of the output's gradient)."""
 
 
 @dataclass(frozen=True)
 class Representation:
-    """A gradient representation: an output, on the whole input or as a span difference."""
+    """A gradient representation: an output, on the whole input or as a span difference;
+    ``train_scale`` ``q``: the training rows are scaled by TRAK's Q = 1 - p_y(z)."""
 
     name: str
     output: str
     span: bool
     train_symbol: str
     test_symbol: str
+    train_scale: str | None = None
 
 
 REPRESENTATIONS: dict[str, Representation] = {
@@ -42,6 +69,8 @@ REPRESENTATIONS: dict[str, Representation] = {
     for r in (
         Representation("full", "loss", False, "g(z)", "g(z')"),
         Representation("diff", "loss", True, "[g(z) - g(z_-ij)]", "[g(z') - g(z'_-kl)]"),
+        Representation("trak", "margin", False, "Q(z) phi(z)", "phi(z')", "q"),
+        Representation("trak-diff", "margin", True, "Q(z) [phi(z) - phi(z_-ij)]", "[phi(z') - phi(z'_-kl)]", "q"),
     )
 }
 

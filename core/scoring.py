@@ -15,6 +15,9 @@ from .ihvp import DEFAULT_DAMPING, LissaSettings, check_damping
 from .registry import MethodSpec
 
 IHVP_MODES = ("fast", "lissa")
+TRAK_RIDGE = 0.01
+"""TRAK's ridge relative to the mean eigenvalue of Phi^T Phi (the kernel is singular when there are
+fewer training instances than sketch dimensions)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class ScoreSettings:
         """What the method's inverse Hessian depends on (None: it has none)."""
         if spec.inverse is None:
             return None
+        if spec.inverse == "trak":
+            return {"kind": "trak", "ridge": TRAK_RIDGE}
+        if spec.inverse == "ekfac":
+            return {"kind": "ekfac", "damping": self.damping}
         if self.ihvp == "fast":
             return {"kind": spec.inverse, "ihvp": "fast", "damping": self.damping}
         return {"kind": spec.inverse, "ihvp": "lissa", "lissa": asdict(self.lissa)}

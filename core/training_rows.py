@@ -16,7 +16,7 @@ import torch
 from .gradients import GradientCollector, Projector, class_weights
 from .model import HiddenCache
 from .points import LoadedModel
-from .representations import OUTPUTS, REPRESENTATIONS
+from .representations import OUTPUTS, REPRESENTATIONS, Representation, true_class_slack
 
 
 @dataclass
@@ -25,6 +25,7 @@ class GradientBatch:
 
     rows: list[int]
     vectors: dict[str, torch.Tensor]  # representation -> (B, d)
+    whole: dict[str, torch.Tensor]  # output -> its gradient on the whole inputs, unscaled (B, d)
     logits: torch.Tensor  # of the whole inputs      (B, C)
     cls_full: torch.Tensor  # emb(x)                 (B, H)
     cls_masked: torch.Tensor  # emb(x_-ij)           (B, H)
@@ -70,10 +71,16 @@ def training_gradients(
                 else:
                     rows, logits, cls = collector.gradients(h, m, [OUTPUTS[o](y) for o in outputs])
                     grads = {o: g.cpu() for o, g in zip(outputs, rows)}
-                vectors = {r.name: grads[r.output][:nb] - grads[r.output][nb:] if r.span else grads[r.output][:nb]
-                           for r in reps}
+                logits = logits[:nb].cpu()
+                vectors = {r.name: _vector(r, grads[r.output], logits, y[:nb].cpu(), nb) for r in reps}
                 cls = cls.cpu()
-                yield GradientBatch(list(idx), vectors, logits[:nb].cpu(), cls[:nb], cls[nb:],
-                                    None if jac is None else jac[:nb])
+                yield GradientBatch(list(idx), vectors, {o: g[:nb] for o, g in grads.items()}, logits, cls[:nb],
+                                    cls[nb:], None if jac is None else jac[:nb])
     finally:
         loaded.use("final")
+
+
+def _vector(rep: Representation, grad: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, nb: int) -> torch.Tensor:
+    """A representation's rows from an output's gradients on the whole (first ``nb``) and masked rows."""
+    rows = grad[:nb] - grad[nb:] if rep.span else grad[:nb]
+    return rows * true_class_slack(logits, labels)[:, None] if rep.train_scale == "q" else rows

@@ -2,8 +2,9 @@
 
 Every side answers :meth:`TrainingSide.dot_many`: the (Q, N) inner products of test-side
 vectors with every training instance's vector of some representation kinds at one parameter
-point, and :meth:`TrainingSide.gauss_newton`, the mean Gauss-Newton matrix at theta in its
-space (for the fast inverse). Three strategies:
+point, :meth:`TrainingSide.gauss_newton`, the mean Gauss-Newton matrix at theta in its space
+(the fast inverse), and :meth:`TrainingSide.feature_gram`, TRAK's Phi^T Phi at a point. Three
+strategies:
 
 * :class:`IndexedSide`: the sketched rows of the on-disk gradient index (the default);
 * :class:`StreamedSide`: per-example gradients computed batch by batch (exact, or sketched with
@@ -40,6 +41,9 @@ class TrainingSide(Protocol):
     def gauss_newton(self) -> torch.Tensor:
         """The mean Gauss-Newton matrix at theta (d x d, float64) in this side's space."""
 
+    def feature_gram(self, point: str) -> torch.Tensor:
+        """Sum over training instances of phi(z) phi(z)^T (d x d, float64), phi the margin gradient at ``point``."""
+
 
 class IndexedSide:
     """Training rows from the gradient index."""
@@ -55,6 +59,9 @@ class IndexedSide:
     def gauss_newton(self) -> torch.Tensor:
         return self.index.gauss_newton()
 
+    def feature_gram(self, point: str) -> torch.Tensor:
+        return self.index.feature_gram(point)
+
 
 class StreamedSide:
     """Training rows computed batch by batch, one pass per point for every kind requested."""
@@ -67,6 +74,7 @@ class StreamedSide:
         self.n = len(full)
         self.progress = progress  # called with 1 after each batch of a pass
         self._gram: torch.Tensor | None = None
+        self._features: dict[str, torch.Tensor] = {}
 
     def _batches(self) -> list[list[int]]:
         return length_batches(self.full.lengths(), self.batch_size)
@@ -95,12 +103,24 @@ class StreamedSide:
             self._gram = gram / self.n
         return self._gram
 
+    def feature_gram(self, point: str) -> torch.Tensor:
+        if point not in self._features:
+            gram = torch.zeros(self.projector.dim, self.projector.dim, dtype=torch.float64)
+            for batch in training_gradients(self.loaded, self.projector, self.full, self.masked, self.labels, point,
+                                            self._batches(), kinds=("trak",)):
+                phi = batch.whole["margin"].double()
+                gram += phi.T @ phi
+            self._features[point] = gram
+        return self._features[point]
+
 
 class InMemorySide:
     """Training rows held in memory: ``rows[(point, kind)]`` is (N, d)."""
 
-    def __init__(self, rows: Mapping[tuple[str, str], torch.Tensor], *, exact: bool, gram: torch.Tensor | None = None):
+    def __init__(self, rows: Mapping[tuple[str, str], torch.Tensor], *, exact: bool, gram: torch.Tensor | None = None,
+                 feature_grams: Mapping[str, torch.Tensor] | None = None):
         self.rows, self._gram, self.exact = dict(rows), gram, exact
+        self.features = dict(feature_grams or {})
         self.n = next(iter(self.rows.values())).shape[0]
 
     def dot_many(self, point: str, requests: Requests) -> dict[Hashable, torch.Tensor]:
@@ -111,6 +131,11 @@ class InMemorySide:
         if self._gram is None:
             raise ValueError("this in-memory training side has no Gauss-Newton matrix")
         return self._gram
+
+    def feature_gram(self, point: str) -> torch.Tensor:
+        if point not in self.features:
+            raise ValueError(f"this in-memory training side has no TRAK features at {point}")
+        return self.features[point]
 
 
 class RoutedSide:
@@ -126,3 +151,6 @@ class RoutedSide:
 
     def gauss_newton(self) -> torch.Tensor:
         return self.default.gauss_newton()
+
+    def feature_gram(self, point: str) -> torch.Tensor:
+        return self.routes.get(point, self.default).feature_gram(point)

@@ -30,6 +30,9 @@ if len(methods) < 2:
     st.info("Choose two to four methods to compare.")
     st.stop()
 
+methods = widgets.available(backend, methods)
+if len(methods) < 2:
+    st.stop()
 explanations = widgets.explanations(backend, test, methods)
 positions = {train_id: n for n, train_id in enumerate(backend.train_ids)}
 train_labels = [backend.by_id[i].label for i in backend.train_ids]

@@ -130,6 +130,7 @@ def show_method(method: str, exp: Explanation, b: Backend) -> None:
         st.html(cards_block([card(h, method) for h in exp.opponents[:k]]))
 
 
+methods = widgets.available(backend, methods)
 found = widgets.explanations(backend, test, methods)
 for number, method in enumerate(methods):
     with st.container(border=True, key=f"method_{number}"):

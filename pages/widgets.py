@@ -16,6 +16,7 @@ from core.backend import Backend
 from core.engine import TestInput
 from core.evaluate import EvalReport
 from core.explanations import Explanation
+from core.index import IndexUnavailable
 from core.instances import InstanceFilter, InstanceRecord, filter_instances, option_label
 from core.jobs import Job
 from core.registry import METHODS
@@ -117,9 +118,24 @@ def label_control(page: str, disabled: bool = False) -> str:
     return remember("label", label)
 
 
+def available(backend: Backend, methods: Sequence[str]) -> list[str]:
+    """The methods whose artifacts the workspace has; a note, with the command, for each other."""
+    out = []
+    for name in methods:
+        try:
+            backend.check_methods([METHODS.resolve(name)])
+        except IndexUnavailable as err:
+            st.warning(str(err), icon=":material/build:")
+        else:
+            out.append(name)
+    return out
+
+
 def explanations(backend: Backend, test: TestInput, methods: Sequence[str]) -> dict[str, Explanation]:
     """Each method's explanation with the hits the K-curves need (from the store when cached;
     the missing methods are computed together)."""
+    if not methods:
+        return {}
     with st.spinner(f"Computing {', '.join(methods)} for this review (stored for next time)…"):
         found = backend.explain_many(test, methods, k=min(CURVE_MAX, len(backend.train_ids)))
     return {e.method: e for e in found}

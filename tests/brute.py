@@ -74,3 +74,42 @@ def compute_gauss_newton(backend, model, tok) -> torch.Tensor:
         part = jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac
         gram = part if gram is None else gram + part
     return gram / len(rows)
+
+
+def margin_grad(model, tok, row, label: int, span, masked: bool) -> tuple[torch.Tensor, float]:
+    """Brute force: the gradient of the margin log p_y - log(1 - p_y) and 1 - p_y, by autograd."""
+    enc = encode_pairs(tok, [(row.aspect, row.text)], 64)[0]
+    if masked and span:
+        enc = mask_span(enc, span[0], span[1], tok.mask_token_id)
+    logp = model(**collate([enc], tok.pad_token_id)).logits[0].log_softmax(-1)
+    margin = logp[label] - torch.log1p(-logp[label].exp())
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.cat([g.flatten() for g in torch.autograd.grad(margin, params)]), 1.0 - float(logp[label].detach().exp())
+
+
+def brute_trak(backend, test_id: str, span_form: bool, train_rows, ridge: float, dtype=torch.float64) -> torch.Tensor:
+    """TRAK's definition, point by point over the checkpoints, with every feature from autograd:
+    mean_p phi_p(z')^T (Phi_p^T Phi_p + lambda_p I)^-1 phi_p(z) Q_p(z), lambda_p = ridge x mean
+    eigenvalue; span_form: phi(x) - phi(x_-ij) on both sides."""
+    ws, labels = backend.ws, backend.manifest.labels
+    test, rows = backend.by_id[test_id], backend.instances("train")
+    points = ws.points("checkpoint")
+    total = torch.zeros(len(train_rows), dtype=torch.float64)
+    for point in points:
+        model = load_model(ws, point, device="cpu").to(dtype)
+        tok = model.spanlens_tokenizer
+
+        def side(row, masked_too: bool) -> tuple[torch.Tensor, float]:
+            g, q = margin_grad(model, tok, row, labels.index(row.label), row.span_pair, False)
+            if masked_too:
+                g = g - margin_grad(model, tok, row, labels.index(row.label), row.span_pair, True)[0]
+            return g.double(), q
+
+        phi = torch.stack([side(r, False)[0] for r in rows])
+        gram = phi.T @ phi
+        lam = ridge * float(torch.diagonal(gram).mean())
+        t_vec = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=torch.float64), side(test, span_form)[0])
+        for j, row in enumerate(train_rows):
+            x, q = side(row, span_form)
+            total[j] += float(t_vec @ x) * q / len(points)
+    return total

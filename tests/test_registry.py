@@ -59,6 +59,10 @@ def test_a_new_spec_reaches_the_cli_the_app_the_report_and_equals_brute_force(wo
 
 
 def test_every_spec_has_a_colour_a_cli_name_a_cache_key_and_a_report_column(workspace, tmp_path, capsys):
+    from core.backend import index_workspace
+    from core.index import IndexSettings
+    from core.workspace import Workspace
+
     specs = list(METHODS)
     assert len({s.colour.lower() for s in specs}) == len(specs)  # distinct colours
     keys = {json.dumps(result_key(s, ScoreSettings()), sort_keys=True) for s in specs}
@@ -67,9 +71,15 @@ def test_every_spec_has_a_colour_a_cli_name_a_cache_key_and_a_report_column(work
     help_text = " ".join(capsys.readouterr().out.split())
     for s in specs:
         assert METHODS.resolve(s.name.lower()) is s and s.name in help_text
-    run_evaluation(Backend(workspace, device="cpu"),
-                   EvalSettings(methods=("all",), ks=(3,), kmax=3, test_limit=3, ral=(), faithfulness_runs=0),
-                   tmp_path / "out", progress=False, log=lambda _: None)
+    every = EvalSettings(methods=("all",), ks=(3,), kmax=3, test_limit=3, ral=(), faithfulness_runs=0)
+    report = run_evaluation(Backend(workspace, device="cpu"), every, tmp_path / "first", progress=False,
+                            log=lambda _: None)  # without the TRAK rows and EK-FAC factors: those left out, said so
+    needing = [s.name for s in specs if s.family in ("TRAK", "EK-FAC")]
+    assert needing and not set(needing) & set(report.table3.columns)
+    assert all(any(n.startswith(f"{name} left out") for n in report.summary["notes"]) for name in needing)
+    index_workspace(Workspace(workspace), IndexSettings(dim=None, batch_size=8), progress=False, log=lambda _: None,
+                    extras=["trak", "ekfac"])
+    run_evaluation(Backend(workspace, device="cpu"), every, tmp_path / "out", progress=False, log=lambda _: None)
     report = load_report(tmp_path / "out")
     assert list(report.table3.columns) == [*METHODS.names(), "random"]
     assert set(report.curves.series) == {*METHODS.names(), "random"}

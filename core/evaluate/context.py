@@ -14,7 +14,8 @@ from ..engine import TestInput
 from ..registry import METHODS, MethodSpec
 from ..scoring import result_key
 from ..workspace import fingerprint
-from .settings import EvalSettings
+from ..index import IndexUnavailable
+from .settings import METHOD_GROUPS, EvalSettings
 
 if TYPE_CHECKING:
     from ..backend import Backend
@@ -61,7 +62,8 @@ class Evaluation:
         for point in self.index.points:  # read now, before any later patch
             for kind in self.index.kinds:
                 self.index.matrix(point, kind)
-        self.reported = settings.specs()
+        self.notes: list[str] = []
+        self.reported = self._available(settings)
         self.faith = settings.faithfulness_runs > 0
         extra = [METHODS.resolve("GroundTruth"), METHODS.resolve("Control")] if self.faith else []
         self.computed = list(dict.fromkeys([*self.reported, *extra]))
@@ -74,10 +76,28 @@ class Evaluation:
         self.train_span_emb = (full - masked).numpy()
         self.kmax = min(max([settings.kmax, *settings.ks]), self.n)
         self.ks = sorted({min(k, self.n) for k in settings.ks})
-        self.notes: list[str] = []
         if self.ks != sorted(set(settings.ks)):
             self.notes.append(f"K clipped to the {self.n} training instances: {self.ks}")
         self.timings: dict[str, float] = {}  # this run's wall times of the phases it computed
+
+    def _available(self, settings: EvalSettings) -> list[MethodSpec]:
+        """The methods to report: a method named outright must have its artifacts (IndexUnavailable
+        with the command otherwise); one a group brings in (``all``) is left out, with a note, when
+        the workspace lacks them."""
+        named = {METHODS.resolve(m).name for m in settings.methods if m not in METHOD_GROUPS}
+        out = []
+        for spec in settings.specs():
+            try:
+                self.backend.check_methods([spec])
+            except IndexUnavailable as err:
+                if spec.name in named:
+                    raise
+                self.notes.append(f"{spec.name} left out: {err}")
+                continue
+            out.append(spec)
+        if not out:
+            raise ValueError("none of the methods asked for can run on this workspace")
+        return out
 
     # keys --------------------------------------------------------------------------------
     def key(self, spec: MethodSpec, part: str, run: int = 0, **extra) -> str:

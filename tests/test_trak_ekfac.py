@@ -1,0 +1,159 @@
+"""TRAK and EK-FAC influence, whole and span (++) forms, against their definitions."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from core.artifacts import open_ekfac
+from core.backend import Backend, index_workspace
+from core.engine import Engine
+from core.gradients import Projector
+from core.index import IndexSettings
+from core.model import HiddenCache
+from core.registry import METHODS
+from core.representations import margin_weights, true_class_slack
+from core.scoring import TRAK_RIDGE
+from core.training_sides import StreamedSide
+from core.workspace import Workspace, load_model
+from tests.brute import brute_trak, sides
+
+N_CHECK = 8
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny_workspace, tmp_path_factory) -> Path:
+    """The tiny workspace with its TRAK rows and EK-FAC factors (exact index)."""
+    root = Path(shutil.copytree(tiny_workspace, tmp_path_factory.mktemp("trak") / "ws",
+                                ignore=shutil.ignore_patterns("store.sqlite*")))
+    index_workspace(Workspace(root), IndexSettings(dim=None, batch_size=8), progress=False, log=lambda _: None,
+                    extras=["trak", "ekfac"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine64(workspace):
+    """A float64 engine over streamed exact gradients, with the workspace's EK-FAC factors."""
+    own = Backend(workspace, device="cpu")
+    loaded = own.loaded
+    loaded.split.model.double()
+    for params in loaded.points.values():
+        for name in params:
+            params[name] = params[name].double()
+    loaded.use("final")
+    full, labels = own.train_cache()
+    masked = HiddenCache.load(own.index.root / "prefix-masked.safetensors")
+    to64 = lambda c: HiddenCache([s.double() for s in c.states])  # noqa: E731
+    projector = Projector(loaded.split, None)
+    side = StreamedSide(loaded, projector, to64(full), to64(masked), labels, 8)
+    return own, Engine(loaded, side, projector, ekfac=lambda: open_ekfac(own.ws))
+
+
+def test_margin_weights_are_the_margins_gradient():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 0, 2])
+    logp = logits.log_softmax(-1).gather(1, labels[:, None])[:, 0]
+    margin = logp - torch.log1p(-logp.exp())
+    (expected,) = torch.autograd.grad(margin.sum(), logits)
+    assert torch.allclose(margin_weights(labels)(logits.detach()), expected, atol=1e-12)
+    p_y = logits.detach().softmax(-1).gather(1, labels[:, None])[:, 0]
+    assert torch.allclose(true_class_slack(logits.detach(), labels), 1 - p_y)
+    confident = torch.tensor([[60.0, 0.0, -60.0]])  # 1 - p_y underflows; the weights stay finite
+    assert torch.isfinite(margin_weights(torch.tensor([0]))(confident)).all()
+
+
+@pytest.mark.parametrize("name", ["TRAK", "TRAK++"])
+def test_trak_equals_its_definition(engine64, name):
+    backend, engine = engine64
+    test_id = backend.instances("test")[0].id
+    rows = backend.instances("train")[:N_CHECK]
+    expected = brute_trak(backend, test_id, name == "TRAK++", rows, TRAK_RIDGE)
+    got = engine.scores([backend.test_input(test_id, "gold")], METHODS.resolve(name)).values[0, :N_CHECK].double()
+    assert expected.abs().max() > 0
+    assert float((got - expected).norm() / expected.norm()) < 1e-5, name  # float32 scores
+
+
+@pytest.mark.parametrize("name", ["EKFAC", "EKFAC++"])
+def test_ekfac_influence_equals_its_definition(engine64, name):
+    """e(z')^T (G_ekfac + lambda I)^-1 e(z) with the factors applied to autograd's dense test side."""
+    backend, engine = engine64
+    spec = METHODS.resolve(name)
+    test = backend.by_id[backend.instances("test")[0].id]
+    rows = backend.instances("train")[:N_CHECK]
+    labels = backend.manifest.labels
+    model = load_model(backend.ws, "final", device="cpu").double()
+    tok = model.spanlens_tokenizer
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
+    t_flat = sides(model, tok, test, labels.index(test.label), test.span_pair, "test")[spec.test].double()
+    dense = dict(zip(names, (t.view(s) for t, s in zip(torch.split(t_flat, [s.numel() for s in shapes]), shapes))))
+    damping = 1e-3
+    applied = open_ekfac(backend.ws).apply(dense, damping)
+    t_vec = torch.cat([applied[n].flatten() for n in names])
+    expected = torch.tensor([float(t_vec @ sides(model, tok, r, labels.index(r.label), r.span_pair, "train")[spec.train])
+                             for r in rows])
+    from core.scoring import ScoreSettings
+
+    got = engine.scores([backend.test_input(test.id, "gold")], spec, ScoreSettings(damping=damping)).values[0, :N_CHECK]
+    assert expected.abs().max() > 0
+    assert float((got.double() - expected).norm() / expected.norm()) < 1e-5, name  # float32 scores
+
+
+def test_trak_on_logistic_regression_equals_the_closed_form():
+    """Binary logistic regression on fixed features x: phi(z) = s(z) (x) [x, 1] with s = e_y - e_other,
+    so TRAK is the closed form x'^T (X^T X + lambda I)^-1 x (1 - p) in those coordinates."""
+    from core.engine import TestBatch
+    from core.points import LoadedModel, PointSet
+    from core.model import SplitModel
+    from core.training_sides import InMemorySide
+
+    torch.manual_seed(0)
+    n, f = 30, 4
+    x = torch.randn(n, 1, f, dtype=torch.float64)
+    y = (x[:, 0, 0] + 0.5 * torch.randn(n, dtype=torch.float64) > 0).long()
+    top = nn.Linear(f, 2).double()
+
+    class Top(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier = top
+
+        def forward(self, inputs_embeds, attention_mask=None, output_hidden_states=False):
+            out = type("Out", (), {})()
+            out.logits = self.classifier(inputs_embeds[:, 0])
+            out.hidden_states = (inputs_embeds,)
+            return out
+
+    module = Top()
+    names = {"classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
+    split = SplitModel(module, None, module, list(names), names)
+    loaded = LoadedModel(split, None, ["a", "b"], {"final": split.state()}, torch.device("cpu"), 8,
+                         PointSet({"final": ("final",), "checkpoints": ("final",)}))
+    projector = Projector(split, None)
+    # the closed form, in the features' own coordinates
+    with torch.no_grad():
+        logits = top(x[:, 0])
+    p_y = logits.softmax(-1).gather(1, y[:, None])[:, 0]
+    sign = torch.where(y == 1, 1.0, -1.0).double()  # s(z)[1]; s(z)[0] = -s(z)[1]
+    feats = torch.cat([x[:, 0], torch.ones(n, 1, dtype=torch.float64)], 1)
+    phi = torch.cat([torch.einsum("n,nf->nf", -sign, feats), torch.einsum("n,nf->nf", sign, feats)], 1)  # rows of W, then ...
+    # reorder to the projector's layout: weight (2 x f) row-major, then bias (2)
+    phi = torch.cat([phi[:, :f], phi[:, f + 1:2 * f + 1], phi[:, f:f + 1], phi[:, 2 * f + 1:]], 1)
+    gram = phi.T @ phi
+    lam = TRAK_RIDGE * float(torch.diagonal(gram).mean())
+    test_x, test_y = torch.randn(1, 1, f, dtype=torch.float64), torch.tensor([1])
+    t_sign = 1.0
+    t_feats = torch.cat([test_x[:, 0], torch.ones(1, 1, dtype=torch.float64)], 1)[0]
+    t_phi = torch.cat([-t_sign * t_feats[:f], t_sign * t_feats[:f], -t_sign * t_feats[f:], t_sign * t_feats[f:]])
+    closed = (torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=torch.float64), t_phi) @ phi.T) * (1 - p_y)
+    # the engine: the features from hooks, the rows scaled by Q, the kernel, the ridge
+    side = InMemorySide({("final", "trak"): phi * (1 - p_y)[:, None]}, exact=True, feature_grams={"final": gram})
+    engine = Engine(loaded, side, projector)
+    batch = TestBatch(HiddenCache(list(test_x)), test_y, False, [])
+    engine.test_batch = lambda tests, masked=True: batch
+    got = engine.scores([None], METHODS.resolve("TRAK")).values[0]
+    assert torch.allclose(got.double(), closed, rtol=1e-6, atol=1e-9)
