@@ -303,6 +303,13 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--ral", default="20,50",
                    help="removal percentages for Ral, or none; each is one retrain per method (minutes each on full MAMS)")
     p.add_argument("--faithfulness-runs", type=NON_NEGATIVE, default=5, help="runs of table 4 (0 = skip faithfulness)")
+    p.add_argument("--lds", action="store_true",
+                   help="LDS and span-LDS: retrain on --lds-subsets random subsets (twice: removing instances, "
+                        "masking spans) and correlate each method's summed scores with the retrained outputs")
+    p.add_argument("--lds-subsets", type=_number(int, 2, name="a whole number"), default=50,
+                   help="subsets M for LDS (default 50; each is one retrain per intervention)")
+    p.add_argument("--lds-alpha", type=_number(float, 0, above=True), default=0.5,
+                   help="fraction of the training set in each subset (default 0.5)")
     _scoring_options(p)
     p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the test sample and the random baselines")
     p.add_argument("--batch", type=POSITIVE, default=16, help="test instances scored together")
@@ -317,6 +324,7 @@ def cmd_evaluate(args) -> int:
     from .backend import Backend
     from .evaluate import EvalSettings, run_evaluation
     from .ihvp import DEFAULT_DAMPING, LissaSettings
+    from .lds import LdsSettings
 
     out = Path(args.out) if args.out else Path(args.workspace) / "evaluation"
     if out.exists() and not out.is_dir():
@@ -326,6 +334,7 @@ def cmd_evaluate(args) -> int:
         ral=parse_list(args.ral, float), faithfulness_runs=args.faithfulness_runs, ihvp=args.ihvp,
         damping=DEFAULT_DAMPING if args.damping is None else args.damping,
         lissa=LissaSettings(depth=args.lissa_depth), paper_signs=args.paper_signs, seed=args.seed, batch=args.batch,
+        lds=LdsSettings(args.lds_subsets, args.lds_alpha, args.seed) if args.lds else None,
     )
     backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
     report = run_evaluation(backend, settings, out, progress=not args.quiet)
@@ -335,6 +344,9 @@ def cmd_evaluate(args) -> int:
         if len(report.table4):
             print("\nTable 4 (Spearman with GroundTruth x100)")
             print(report.table4.to_string(float_format="%.2f"))
+        if len(report.lds):
+            print("\nLDS and span-LDS (mean over tests, 95% CI)")
+            print(report.lds.to_string(float_format="%.3f"))
     print(f"\nReport: {out / 'report.md'}  (CSV, summary.json, k_curves.html/png in {out})")
     return 0
 

@@ -7,7 +7,8 @@ import time
 import pandas as pd
 import streamlit as st
 
-from core.evaluate import EvalSettings, curve_figures
+from core.evaluate import EvalSettings, curve_figures, lds_frame
+from core.lds import LdsSettings
 from core.jobs import EvalJob, Job, job_for, start_job
 from core.registry import METHODS
 from pages import resources, state, widgets
@@ -39,7 +40,8 @@ else:
     widgets.caption(f"{sel['n']} test instances (seed {sel['seed']}; {sel['excluded_wrong']} excluded as wrongly "
                    f"spanned, {sel['excluded_no_span']} without a span) · inverse Hessian "
                    f"{summary['approximations']['ihvp']} · report in {report.out_dir}")
-    t3, curves, t4, per_test = st.tabs(["Table 3", "K-curves", "Table 4 (faithfulness)", "Per test"])
+    t3, curves, t4, lds_tab, per_test = st.tabs(["Table 3", "K-curves", "Table 4 (faithfulness)",
+                                                 "LDS (retraining)", "Per test"])
     with t3:
         st.markdown("**Ours** (Sag, Lag x100; Ral in accuracy points; `random`: a random ranking)")
         st.dataframe(widgets.table3_frame(report), key="eval_table3")
@@ -58,6 +60,16 @@ else:
             st.caption("Spearman correlation of each method's scores with GroundTruth (x100) over runs.")
         else:
             st.caption("Faithfulness was not computed in this run.")
+    with lds_tab:
+        frame = lds_frame(report)
+        if frame.empty:
+            st.caption("LDS was not computed in this run (tick *LDS by retraining* below, or `evaluate --lds`).")
+        else:
+            st.dataframe(frame.style.format({c: "{:.1f}" for c in ("LDS", "95% CI low", "95% CI high")}),
+                         key="eval_lds")
+            st.caption("Per test, the Spearman correlation over random training subsets between a method's summed "
+                       "scores and the output of the classifier retrained on that subset (`remove`), or with that "
+                       "subset's spans masked (`mask`); mean over tests with a 95% bootstrap interval.")
     with per_test:
         st.dataframe(report.per_test, hide_index=True, key="eval_per_test")
     markdown = report.out_dir / "report.md"
@@ -79,7 +91,10 @@ with st.form("run_eval"):
     ral = c5.multiselect("Ral removal %", [10, 20, 30, 50], default=[], key="eval_ral",
                          help="Each percentage retrains once per method: minutes each on full data.")
     ihvp = c6.selectbox("Inverse Hessian", ["fast", "lissa"], key="eval_ihvp")
-    paper_signs = st.checkbox("The paper's literal signs (IF's Eq. 1 minus; the ++ test side reversed)", key="eval_signs")
+    c7, c8 = st.columns(2)
+    paper_signs = c7.checkbox("The paper's literal signs (IF's Eq. 1 minus; the ++ test side reversed)", key="eval_signs")
+    lds_subsets = c8.number_input("LDS by retraining: subsets (0 = off)", 0, 200, 0, key="eval_lds_subsets",
+                                  help="Two retrains per subset (instances removed; spans masked): long on full data.")
     start = st.form_submit_button("Run evaluation", type="primary", icon=":material/play_arrow:",
                                   disabled=bool(job and job.running))
 if start:
@@ -88,7 +103,8 @@ if start:
     else:
         settings = EvalSettings(methods=tuple(methods), ks=tuple(sorted(ks)), test_limit=int(limit),
                                 ral=tuple(float(p) for p in ral), faithfulness_runs=int(faith), ihvp=ihvp,
-                                paper_signs=paper_signs)
+                                paper_signs=paper_signs,
+                                lds=LdsSettings(int(lds_subsets)) if lds_subsets >= 2 else None)
         start_job(EvalJob(info.path, settings, out_dir))
         st.rerun()
 widgets.caption(f"Reports are written to {out_dir}. The command line takes the same settings: "

@@ -9,6 +9,7 @@ from core.backend import Backend
 from core.cases import save_case_study
 from core.engine import TestInput
 from core.explanations import Explanation, Hit
+from core.evaluate import lds_note
 from core.figures import gauge_figure, k_curve_figure, score_histogram
 from core.metrics import agreement
 from core.registry import METHODS
@@ -80,6 +81,7 @@ if not methods:
     st.stop()
 
 CHARTS = ["Sag@K", "Lag@K", "Scores"]
+report = resources.evaluation_report(info.path)
 positions = {train_id: n for n, train_id in enumerate(backend.train_ids)}
 train_labels = [backend.by_id[i].label for i in backend.train_ids]
 cosines = np.asarray(prof["cosines"])
@@ -112,6 +114,8 @@ def show_method(method: str, exp: Explanation, b: Backend) -> None:
                     key=f"lag_{method}", config={"displayModeBar": False})
     g1.caption(f"random: {at['sag_random']:.3f}")
     g2.caption(f"random: {at['lag_random']:.3f}")
+    if note := lds_note(report, method):
+        g1.caption(note)
     with plots:  # one chart at a time: each Plotly chart costs the browser time on every review switch
         chart = st.segmented_control("Chart", CHARTS, default=CHARTS[0], required=True, key=f"chart_{method}",
                                      label_visibility="collapsed")

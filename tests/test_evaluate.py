@@ -226,6 +226,12 @@ def test_cli_writes_report(workspace, tmp_path, capsys):
     md = (out / "report.md").read_text()
     assert "78.03" in md and "Zhang et al. 2021, table 3" in md and "60.14" in md  # the paper's numbers
     ours = report.table3.loc["Lag@10", "TracIn++"]
-    assert f"{ours:.2f} / 78.03" in md and f"{report.table3.loc['Lag@10', 'TracIn']:.2f} / –" in md
+    ci = report.table3_ci.set_index(["metric", "method"]).loc[("Lag@10", "TracIn++")]
+    assert ci.low <= ours <= ci.high and ci.value == pytest.approx(ours)
+    assert f"{ours:.2f} [{ci.low:.2f}, {ci.high:.2f}] / 78.03" in md  # ours with its interval, then the paper's
+    assert f"{report.table3.loc['Lag@10', 'TracIn']:.2f} [" in md and "/ –" in md
+    # the paper's literal sign for TracIn++ (opponents first) beside the paper's number
+    paper = report.paper_sign.set_index(["metric", "method"]).loc[("Lag@10", "TracIn++")]
+    assert f"{paper.value:.2f} [{paper.low:.2f}, {paper.high:.2f}] / 78.03" in md
     html = (out / "k_curves.html").read_text()
     assert "plotly" in html.lower() and "Sag@K" in html and "Lag@K" in html

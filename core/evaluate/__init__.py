@@ -10,6 +10,8 @@ A run has three parts, each cached in the workspace's store so that an interrupt
 2. **Faithfulness** (:mod:`.faithfulness`, table 4): further runs with new test samples and new
    variants, scored by the same engine.
 3. **Ral** (:mod:`.ral`): retrains without the top p % of each method's combined ranking.
+4. **LDS and span-LDS** (:mod:`.counterfactual`): each method's summed scores over random
+   subsets against retrains with the subsets removed (or their spans masked).
 
 Every row is keyed by :func:`core.scoring.result_key` - the method's spec and exactly the
 settings that change its numbers - plus the index fingerprint and the corrected training spans.
@@ -24,14 +26,16 @@ from pathlib import Path
 import pandas as pd
 
 from .context import Evaluation, ProgressCallback
+from .counterfactual import LDS_COLUMNS, lds
 from .faithfulness import empty_table, faithfulness_run, faithfulness_table
 from .ral import initial_state, ral, retrain_accuracy, train_config
-from .render import curve_figures, report_markdown, write_report
+from .render import curve_figures, lds_frame, lds_note, report_markdown, write_report
 from .report import EvalReport, build_report, collect, load_report
 from .saglag import main_pass
 from .settings import EvalSettings, Selection, resolve_methods, select_tests
 
-__all__ = ["EvalReport", "EvalSettings", "Selection", "curve_figures", "initial_state", "load_report",
+__all__ = ["EvalReport", "EvalSettings", "Selection", "curve_figures", "initial_state", "lds_frame", "lds_note",
+           "load_report",
            "report_markdown", "resolve_methods", "retrain_accuracy", "run_evaluation", "select_tests",
            "train_config"]
 
@@ -58,9 +62,10 @@ def run_evaluation(backend, settings: EvalSettings = EvalSettings(), out_dir: st
     for run in range(1, settings.faithfulness_runs):
         faithfulness_run(ev, run)
     ral_rows = ral(ev, tests) if settings.ral else pd.DataFrame()
+    lds_rows, lds_pairs = lds(ev, tests) if settings.lds else (pd.DataFrame(columns=LDS_COLUMNS), pd.DataFrame())
     per_test, per_test_curves, baselines = collect(ev, tests)
     faith = faithfulness_table(ev, selection.ids) if ev.faith else empty_table()
     ev.timings["total_seconds"] = round(time.perf_counter() - started, 1)
-    report = build_report(ev, selection, per_test, per_test_curves, baselines, faith, ral_rows)
+    report = build_report(ev, selection, per_test, per_test_curves, baselines, faith, ral_rows, lds_rows, lds_pairs)
     write_report(report)
     return report

@@ -31,6 +31,7 @@ class Phases:
     def __init__(self, settings: EvalSettings, callback: ProgressCallback | None):
         self.names = ["Sag/Lag"] + [f"faithfulness run {r + 1}" for r in range(1, settings.faithfulness_runs)]
         self.names += ["Ral retrains"] if settings.ral else []
+        self.names += ["LDS retrains (remove)", "LDS retrains (mask)"] if settings.lds else []
         self.callback = callback
 
     def report(self, name: str, done: int, total: int, unit: str) -> None:

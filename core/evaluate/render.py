@@ -11,7 +11,7 @@ from ..figures import BASELINE_COLOUR, k_curve_figure
 from ..registry import METHODS
 from ..workspace import write_json_atomic
 from .paper import PAPER_SOURCE
-from .report import FILES, EvalReport
+from .report import FILES, INDEXED, EvalReport
 
 
 def write_report(report: EvalReport) -> None:
@@ -19,7 +19,7 @@ def write_report(report: EvalReport) -> None:
     out = report.out_dir
     for attr, name in FILES.items():
         frame: pd.DataFrame = getattr(report, attr)
-        frame.to_csv(out / name, index=attr in ("table3", "table4"))
+        frame.to_csv(out / name, index=attr in INDEXED)
     write_json_atomic(out / "summary.json", report.summary)
     _plots(report)
     (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
@@ -97,7 +97,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def report_markdown(report: EvalReport) -> str:
     """``report.md``: our table 3 and table 4 beside the paper's, with how they were computed."""
-    parts = [_md_header(report), _md_table3(report), _md_curves(report), _md_table4(report), _md_tail(report)]
+    parts = [_md_header(report), _md_table3(report), _md_paper_sign(report), _md_lds(report), _md_curves(report),
+             _md_table4(report), _md_tail(report)]
     return "\n".join(line for part in parts for line in part)
 
 
@@ -130,8 +131,11 @@ def _md_table3(report: EvalReport) -> list[str]:
         "removal of the same size for Ral.",
         "",
         _md_table(["metric", *methods, "random"],
-                  [[idx, *[f"{_fmt(row[m])} / {_fmt(paper3.get(idx, {}).get(m))}" for m in methods], _fmt(row["random"])]
-                   for idx, row in t3.iterrows()]),
+                  [[idx, *[f"{_cell(report, idx, m, row[m])} / {_fmt(paper3.get(idx, {}).get(m))}" for m in methods],
+                    _fmt(row["random"])] for idx, row in t3.iterrows()]),
+        "",
+        "Sag/Lag cells carry their 95% bootstrap interval over test instances (`table3_ci.csv`); two methods whose "
+        "intervals overlap may still differ in a paired test, and those whose intervals barely separate may not.",
         "",
     ]
     if len(report.ral):
@@ -143,6 +147,82 @@ def _md_table3(report: EvalReport) -> list[str]:
     else:
         out += ["Ral was not computed (`--ral none`).", ""]
     return out
+
+
+def _interval(value: float, low: float, high: float) -> str:
+    return f"{_fmt(value)} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def _md_cells(frame: pd.DataFrame, reference: dict, title: str, note: str) -> list[str]:
+    """A long (metric, method, value, low, high) table as a grid of 'value [low, high] / paper'."""
+    if frame.empty:
+        return []
+    methods = list(dict.fromkeys(frame.method))
+    rows = []
+    for metric, group in frame.groupby("metric", sort=False):
+        cells = group.set_index("method")
+        rows.append([metric, *[f"{_interval(*cells.loc[m, ['value', 'low', 'high']])} / "
+                                f"{_fmt(reference.get(metric, {}).get(m))}" for m in methods]])
+    return [title, "", note, "", _md_table(["metric", *methods], rows), ""]
+
+
+def _md_paper_sign(report: EvalReport) -> list[str]:
+    return _md_cells(
+        report.paper_sign, report.summary["paper"]["table3"], "## The paper's literal signs",
+        "IF (Eq. 1's minus) and the ++ methods (test side g(z'_-kl) - g(z')) ranked with the paper's sign, i.e. "
+        "their most negative scores first: each cell x100 with its 95% bootstrap interval over tests, then the "
+        "paper's number. Compare these with the paper's IF/IF++/TracIn++ columns; table 3 above uses SpanLens' signs.")
+
+
+def _md_lds(report: EvalReport) -> list[str]:
+    if report.lds.empty:
+        return []
+    lds = report.lds
+    rows = [[m, r.intervention, r.output, _interval(100 * r.lds, 100 * r.low, 100 * r.high), str(int(r.nan))]
+            for m, r in lds.iterrows()]
+    s = report.summary["settings"]["lds"]
+    out = ["## LDS and span-LDS (x100)", "",
+           f"{s['subsets']} random subsets of {100 * s['alpha']:g}% of the training set (seed {s['seed']}); per test "
+           "instance, the Spearman correlation over subsets between the method's summed scores and the retrained "
+           "model's output; the mean over tests with its 95% bootstrap interval. `remove`: retrained on the subset; "
+           "`mask`: retrained on everything with the subset's spans masked (span training sides). `loss`: the test "
+           "loss (negated); `span`: the test span's importance loss(z'_-kl) - loss(z'). NaN: tests where the "
+           "output did not change across subsets.", "",
+           _md_table(["method", "intervention", "output", "LDS [95% CI]", "NaN tests"], rows), ""]
+    if len(report.lds_pairs):
+        sig = report.lds_pairs[report.lds_pairs.significant.astype(bool)]
+        out += [f"Paired differences between methods checked the same way (sign-flip test, `lds_pairs.csv`): "
+                f"{len(sig)} of {len(report.lds_pairs)} pairs differ at p < 0.05.", ""]
+    return out
+
+
+def _cell(report: EvalReport, metric: str, method: str, value: float) -> str:
+    """A table-3 cell, with its interval where there is one (Sag/Lag)."""
+    ci = report.table3_ci
+    if ci.empty:
+        return _fmt(value)
+    hit = ci[(ci.metric == metric) & (ci.method == method)]
+    return _interval(value, hit.low.iloc[0], hit.high.iloc[0]) if len(hit) else _fmt(value)
+
+
+def lds_frame(report: EvalReport) -> pd.DataFrame:
+    """The LDS table for display: x100, with its interval and what each method is checked against."""
+    if report.lds.empty:
+        return pd.DataFrame()
+    lds = report.lds
+    return pd.DataFrame({"checked by": lds.intervention + " / " + lds.output, "LDS": 100 * lds.lds,
+                         "95% CI low": 100 * lds.low, "95% CI high": 100 * lds.high, "tests": lds.tests,
+                         "NaN tests": lds.nan}, index=lds.index)
+
+
+def lds_note(report: EvalReport | None, method: str) -> str | None:
+    """One line on how far to trust a method on this workspace, from its LDS (None: not computed)."""
+    if report is None or report.lds.empty or method not in report.lds.index:
+        return None
+    r = report.lds.loc[method]
+    kind = "span-LDS" if r.intervention == "mask" else "LDS"
+    return (f"{kind} on this workspace: {100 * r.lds:.1f} [{100 * r.low:.1f}, {100 * r.high:.1f}] "
+            f"(x100; {int(r.tests)} tests; 0 = no better than chance at predicting retraining)")
 
 
 def _md_curves(report: EvalReport) -> list[str]:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from .. import metrics
+from ..stats import bootstrap_ci
+from .counterfactual import lds_table
 from ..engine import TestInput
 from .context import Evaluation
 from .paper import DATASETS, PAPER_SOURCE, PAPER_TABLE3, PAPER_TABLE4
@@ -22,7 +24,11 @@ class EvalReport:
     ``table3``: rows ``Sag@K``/``Lag@K``/``Ral -p%``, columns methods and ``random`` (x100);
     ``table4``: one row per method (``mean``, ``var_runs``, ``sd_tests`` x100 / x100^2);
     ``curves``: long K-curve table (``series, metric, k, value, low, high``), random included;
-    ``per_test``, ``per_test_curves``, ``faithfulness``, ``ral``: the rows behind them (fractions).
+    ``table3_ci``: each Sag/Lag cell's 95% bootstrap interval over tests (x100);
+    ``paper_sign``: Sag/Lag (x100) of the methods whose literal formula in the paper has the other
+    sign, ranked with the paper's sign; ``lds``: (span-)LDS per method with its interval;
+    ``per_test``, ``per_test_curves``, ``faithfulness``, ``ral``, ``lds_per_test``, ``lds_pairs``:
+    the rows behind them (fractions).
     """
 
     out_dir: Path
@@ -34,6 +40,11 @@ class EvalReport:
     per_test_curves: pd.DataFrame
     faithfulness: pd.DataFrame
     ral: pd.DataFrame
+    table3_ci: pd.DataFrame
+    paper_sign: pd.DataFrame
+    lds: pd.DataFrame
+    lds_per_test: pd.DataFrame
+    lds_pairs: pd.DataFrame
 
 
 def collect(ev: Evaluation, tests: list[TestInput]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -47,6 +58,9 @@ def collect(ev: Evaluation, tests: list[TestInput]) -> tuple[pd.DataFrame, pd.Da
             rec |= {f"sag@{k}": row["sag"][k - 1] for k in ev.ks} | {f"lag@{k}": row["lag"][k - 1] for k in ev.ks}
             rec["spearman"] = row.get("spearman")
             rec["seconds"] = row.get("seconds")
+            if "sag_paper" in row:
+                rec |= {f"sag_paper@{k}": row["sag_paper"][k - 1] for k in ev.ks}
+                rec |= {f"lag_paper@{k}": row["lag_paper"][k - 1] for k in ev.ks}
             per_test.append(rec)
             curves += [{"test_id": t.id, "method": m.name, "k": k + 1, "sag": row["sag"][k], "lag": row["lag"][k]}
                        for k in range(ev.kmax)]
@@ -72,6 +86,35 @@ def table3(ev: Evaluation, per_test: pd.DataFrame, baselines: dict, ral: pd.Data
             row["random"] = 100 * float(at[at.method == "random"].ral.mean())
             rows[f"Ral -{p:g}%"] = row
     return pd.DataFrame(rows).T[[*names, "random"]]
+
+
+def table3_ci(ev: Evaluation, per_test: pd.DataFrame) -> pd.DataFrame:
+    """Each Sag/Lag cell of table 3 with its 95% bootstrap interval over tests (x100)."""
+    rows = []
+    for m in ev.reported:
+        group = per_test[per_test.method == m.name]
+        for metric in ("sag", "lag"):
+            for k in ev.ks:
+                value, low, high = bootstrap_ci(100 * group[f"{metric}@{k}"].to_numpy(), seed=ev.settings.seed)
+                rows.append({"metric": f"{metric.capitalize()}@{k}", "method": m.name, "value": value, "low": low,
+                             "high": high})
+    return pd.DataFrame(rows, columns=["metric", "method", "value", "low", "high"])
+
+
+def paper_sign_table(ev: Evaluation, per_test: pd.DataFrame) -> pd.DataFrame:
+    """Sag@K/Lag@K (x100) of the reported methods the paper writes with the other sign, ranked
+    with the paper's sign, each with its 95% interval; empty when the run uses the paper's signs."""
+    rows = []
+    for m in ev.reported:
+        group = per_test[per_test.method == m.name]
+        if f"sag_paper@{ev.ks[0]}" not in group or group[f"sag_paper@{ev.ks[0]}"].isna().any():
+            continue
+        for metric in ("sag", "lag"):
+            for k in ev.ks:
+                value, low, high = bootstrap_ci(100 * group[f"{metric}_paper@{k}"].to_numpy(), seed=ev.settings.seed)
+                rows.append({"metric": f"{metric.capitalize()}@{k}", "method": m.name, "value": value, "low": low,
+                             "high": high})
+    return pd.DataFrame(rows, columns=["metric", "method", "value", "low", "high"])
 
 
 def table4(faith: pd.DataFrame) -> pd.DataFrame:
@@ -115,10 +158,12 @@ def computed_seconds(per_test: pd.DataFrame, faith: pd.DataFrame, ral: pd.DataFr
 
 
 def build_report(ev: Evaluation, selection: Selection, per_test: pd.DataFrame, per_test_curves: pd.DataFrame,
-                 baselines: dict, faith: pd.DataFrame, ral: pd.DataFrame) -> EvalReport:
+                 baselines: dict, faith: pd.DataFrame, ral: pd.DataFrame, lds_rows: pd.DataFrame,
+                 lds_pairs: pd.DataFrame) -> EvalReport:
     backend, s = ev.backend, ev.settings
     dataset = DATASETS.get(str(backend.manifest.settings.get("dataset", "")).lower(), "")
     t3, t4 = table3(ev, per_test, baselines, ral), table4(faith)
+    lds = lds_table(lds_rows, ev.settings.seed) if len(lds_rows) else pd.DataFrame()
     seconds = per_test.groupby("method", sort=False).seconds.mean()
     summary = {
         "workspace": str(backend.ws.root), "fingerprint": backend.fingerprint, "dataset": dataset,
@@ -130,6 +175,7 @@ def build_report(ev: Evaluation, selection: Selection, per_test: pd.DataFrame, p
                            "variant_seeds": [backend.manifest.settings["seed"] + r for r in range(s.faithfulness_runs)]},
         "selection": selection.describe(),
         "table3": json.loads(t3.to_json()), "table4": json.loads(t4.to_json()),
+        "lds": json.loads(lds.to_json(orient="index")) if len(lds) else {},
         "random_baseline": {m: {"expected": b.expected, "draws": len(b.draws), "spread_percentiles": list(b.spread)}
                             for m, b in baselines.items()},
         "paper": {"source": PAPER_SOURCE, "table3": PAPER_TABLE3.get(dataset, {}),
@@ -139,11 +185,15 @@ def build_report(ev: Evaluation, selection: Selection, per_test: pd.DataFrame, p
         "notes": ev.notes,
     }
     return EvalReport(ev.out_dir, summary, t3, t4, curves(ev, per_test_curves, baselines), per_test, per_test_curves,
-                      faith, ral)
+                      faith, ral, table3_ci(ev, per_test), paper_sign_table(ev, per_test), lds, lds_rows, lds_pairs)
 
 
 FILES = {"per_test": "per_test.csv", "per_test_curves": "per_test_curves.csv", "curves": "k_curves.csv",
-         "faithfulness": "faithfulness.csv", "ral": "ral.csv", "table3": "table3.csv", "table4": "table4.csv"}
+         "faithfulness": "faithfulness.csv", "ral": "ral.csv", "table3": "table3.csv", "table4": "table4.csv",
+         "table3_ci": "table3_ci.csv", "paper_sign": "paper_sign.csv", "lds": "lds.csv",
+         "lds_per_test": "lds_per_test.csv", "lds_pairs": "lds_pairs.csv"}
+INDEXED = ("table3", "table4", "lds")
+"""Files whose first column is the row index."""
 
 
 def load_report(out_dir: str | Path) -> EvalReport:
@@ -155,8 +205,8 @@ def load_report(out_dir: str | Path) -> EvalReport:
     frames = {}
     for attr, name in FILES.items():
         try:
-            frames[attr] = pd.read_csv(out / name, index_col=0 if attr in ("table3", "table4") else None)
-        except pd.errors.EmptyDataError:
+            frames[attr] = pd.read_csv(out / name, index_col=0 if attr in INDEXED else None)
+        except (pd.errors.EmptyDataError, FileNotFoundError):  # empty, or a report of an earlier version
             frames[attr] = pd.DataFrame()
     return EvalReport(out, json.loads(path.read_text()), **frames)
 

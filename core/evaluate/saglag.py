@@ -23,16 +23,25 @@ def decode_scores(text: str) -> np.ndarray:
     return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.float32)
 
 
+def paper_view(ev: Evaluation, spec: MethodSpec) -> bool:
+    """Whether to keep the method's curves under the paper's literal sign too (they differ, and
+    the run uses ours): so the paper's numbers are compared with its own sign."""
+    return spec.paper_sign < 0 and not ev.settings.paper_signs
+
+
 def main_pass(ev: Evaluation, tests: list[TestInput]) -> None:
     """Sag/Lag curves (and Spearman, and score vectors for Ral) of every method and test."""
     keys = {m.name: ev.main_key(m) for m in ev.computed}
-    score_keys = {m.name: ev.scores_key(m) for m in ev.reported} if ev.settings.ral else {}
+    keep_scores = ev.settings.ral or ev.settings.lds  # Ral and LDS sum them over tests and subsets
+    score_keys = {m.name: ev.scores_key(m) for m in ev.reported} if keep_scores else {}
     done = {name: ev.store.eval_rows(k) for name, k in keys.items()}
     done_scores = {name: ev.store.eval_rows(k) for name, k in score_keys.items()}
 
     def missing(m: MethodSpec, t: TestInput) -> bool:
         row = done[m.name].get(t.id)
         if row is None or row.get("span") != span_of(t) or (ev.faith and "spearman" not in row):
+            return True
+        if paper_view(ev, m) and "sag_paper" not in row:
             return True
         stored = done_scores.get(m.name, {}).get(t.id)
         return m.name in score_keys and (stored is None or stored.get("span") != span_of(t))
@@ -47,16 +56,22 @@ def main_pass(ev: Evaluation, tests: list[TestInput]) -> None:
         need = [m for m in ev.computed if any(missing(m, t) for t in batch)]
         scores, seconds = ev.scores(batch, list(dict.fromkeys([*need, *([gt] if ev.faith else [])])))
         cos, agree = ev.cosines_and_agreement(batch)
+        reversed_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for m in need:
             values = scores[m.name]
             ranked = metrics.top_k(values, ev.kmax)
             sag, lag = metrics.k_curve(ranked, cos, ev.kmax), metrics.k_curve(ranked, agree, ev.kmax)
             rho = metrics.spearman(values, scores[gt.name]) if ev.faith else None
+            if paper_view(ev, m):  # the paper's literal sign ranks by -score: the same rows, reversed
+                flipped = metrics.top_k(-values, ev.kmax)
+                reversed_curves[m.name] = (metrics.k_curve(flipped, cos, ev.kmax), metrics.k_curve(flipped, agree, ev.kmax))
             for q, t in enumerate(batch):
                 row = {"span": span_of(t), "label": t.label, "sag": sag[q].round(6), "lag": lag[q].round(6),
                        "top": [ev.index.ids[i] for i in ranked[q]], "seconds": round(seconds[m.name], 4)}
                 if rho is not None:
                     row["spearman"] = float(rho[q])
+                if paper_view(ev, m):
+                    row["sag_paper"], row["lag_paper"] = (c[q].round(6) for c in reversed_curves[m.name])
                 ev.store.put_eval_row(keys[m.name], t.id, row)
                 if m.name in score_keys:
                     ev.store.put_eval_row(score_keys[m.name], t.id, {"span": span_of(t), "scores": encode_scores(values[q])})

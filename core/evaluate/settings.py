@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from .. import metrics
 from ..ihvp import DEFAULT_DAMPING, LissaSettings, check_damping
+from ..lds import LdsSettings
 from ..registry import METHODS, MethodSpec
 from ..scoring import IHVP_MODES, ScoreSettings
 
@@ -45,6 +46,7 @@ class EvalSettings:
     batch: int = 16
     random_draws: int = 50  # random rankings behind the K-curve baseline band
     ral_random_seeds: int = 1
+    lds: LdsSettings | None = None  # LDS and span-LDS by retraining (None: not run)
 
     def __post_init__(self) -> None:
         if self.ihvp not in IHVP_MODES:

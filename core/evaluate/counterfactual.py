@@ -1,0 +1,142 @@
+"""Phase 4: counterfactual truth, LDS and span-LDS (:mod:`core.lds`) by retraining.
+
+M seeded subsets of a fraction alpha of the training set; each method is checked against the
+retrains its own sides call for: a whole-instance training side against retrains on the subset
+("remove"), a span training side against retrains on every instance with the subset's spans
+masked ("mask"); a whole test side against the test loss (its Spearman is the same for the
+margin: both are monotone in p_y), a span test side against the test span's importance
+loss(z'_-kl) - loss(z'). Retrains are shared by every method with the same intervention and
+measure every test instance of the split, so another test selection reuses them; each is cached
+in the store by its subset, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..lds import CachePair, CacheRetrainer, RetrainOutputs, lds_scores, run_lds, sample_subsets, summarise
+from ..model import HiddenCache, compute_prefix, mask_span
+from ..registry import MethodSpec
+from ..representations import REPRESENTATIONS
+from ..stats import paired_difference
+from ..workspace import fingerprint
+from .context import Evaluation, chunks
+from .ral import initial_state, split_cache, train_config
+from .saglag import decode_scores
+
+LDS_COLUMNS = ["test_id", "method", "intervention", "output", "lds"]
+
+
+def kind_of(spec: MethodSpec) -> tuple[str, str]:
+    """(intervention, test output) a method is checked against."""
+    return ("mask" if REPRESENTATIONS[spec.train].span else "remove",
+            "span" if REPRESENTATIONS[spec.test].span else "loss")
+
+
+class _StoreCache:
+    """The retrains' outputs in the workspace's store (one row per subset key)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def get(self, key: str) -> dict | None:
+        return self.store.eval_rows(key).get("outputs")
+
+    def put(self, key: str, value: dict) -> None:
+        self.store.put_eval_row(key, "outputs", value)
+
+
+def _test_pair(ev: Evaluation) -> tuple[CachePair, list[str]]:
+    """Every test instance of the split, whole and with its span in use masked, gold labels."""
+    backend = ev.backend
+    records = backend.instances("test")
+    loaded = backend.loaded
+    tok = loaded.tokenizer
+    masked = [mask_span(loaded.encode(r.aspect, r.text), *r.span_pair, tok.mask_token_id) if r.span
+              else loaded.encode(r.aspect, r.text) for r in records]
+    whole, labels = split_cache(ev, "test")
+    return CachePair(whole, compute_prefix(loaded.split, masked, tok.pad_token_id, device=loaded.device,
+                                           progress=False), labels), [r.id for r in records]
+
+
+def _scores(ev: Evaluation, spec: MethodSpec, tests: list) -> np.ndarray:
+    """(Q, N) scores of a method for the selected tests: stored by phase 1, else computed now."""
+    rows = ev.store.eval_rows(ev.scores_key(spec))
+    if all(t.id in rows for t in tests):
+        return np.stack([decode_scores(rows[t.id]["scores"]) for t in tests]).astype(np.float64)
+    parts = [ev.scores(batch, [spec])[0][spec.name] for batch in chunks(tests, ev.settings.batch)]
+    return np.concatenate(parts)
+
+
+def lds(ev: Evaluation, tests: list) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-test LDS of every reported method, and pairwise paired comparisons within each kind."""
+    s, backend = ev.settings.lds, ev.backend
+    subsets = sample_subsets(ev.n, s)
+    pair, test_ids = _test_pair(ev)
+    where = [test_ids.index(t.id) for t in tests]
+    cfg = train_config(backend.manifest.settings)
+    full, labels = backend.train_cache()
+    masked = HiddenCache.load(ev.index.root / "prefix-masked.safetensors")
+    retrainer = CacheRetrainer(backend.loaded.split, initial_state(backend.manifest.settings, backend.manifest.labels),
+                               CachePair(full, masked, labels), pair, split_cache(ev, "dev"), cfg, ev.out_dir / "lds-train",
+                               device=backend.loaded.device, progress=False)
+    key = fingerprint(backend.fingerprint, dataclasses.asdict(cfg), ev.fixes, test_ids,
+                      [backend.by_id[i].span_pair for i in test_ids])
+    kinds = {spec.name: kind_of(spec) for spec in ev.reported}
+    outputs: dict[str, list[RetrainOutputs]] = {}
+    started = time.perf_counter()
+    for intervention in sorted({i for i, _ in kinds.values()}, reverse=True):  # remove (cheaper) first
+        bar = tqdm(total=len(subsets), desc=f"LDS retrains ({intervention})", unit="run", disable=not ev.progress)
+        outputs[intervention] = run_lds(retrainer, subsets, intervention, _StoreCache(ev.store), settings_key=key,
+                                        progress=lambda done, total, i=intervention: _tick(ev, bar, i, done, total))
+        bar.close()
+    ev.timings["lds_seconds"] = round(time.perf_counter() - started, 1)
+    rows = []
+    for spec in ev.reported:
+        intervention, output = kinds[spec.name]
+        chosen = [_select(o, where) for o in outputs[intervention]]
+        values = lds_scores(_scores(ev, spec, tests), subsets, chosen, intervention, output)
+        rows += [{"test_id": t.id, "method": spec.name, "intervention": intervention, "output": output, "lds": float(v)}
+                 for t, v in zip(tests, values)]
+    per_test = pd.DataFrame(rows, columns=LDS_COLUMNS)
+    return per_test, _pairs(per_test, ev.settings.seed)
+
+
+def _tick(ev: Evaluation, bar, intervention: str, done: int, total: int) -> None:
+    bar.update(1)
+    ev.phases.report(f"LDS retrains ({intervention})", done, total, "retrains")
+
+
+def _select(outputs: RetrainOutputs, where: list[int]) -> RetrainOutputs:
+    """A retrain's outputs for the selected tests only."""
+    return RetrainOutputs(outputs.loss[where], outputs.masked_loss[where], outputs.margin[where], outputs.seconds)
+
+
+def lds_table(per_test: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Per method: mean (span-)LDS over tests with its 95% bootstrap interval (x100 in reports)."""
+    out = {}
+    for method, group in per_test.groupby("method", sort=False):
+        first = group.iloc[0]
+        out[method] = {"intervention": first.intervention, "output": first.output,
+                       **summarise(group.lds.to_numpy(), seed=seed)}
+    return pd.DataFrame(out).T.infer_objects()
+
+
+def _pairs(per_test: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """Paired differences (sign-flip test, bootstrap CI) between methods checked the same way."""
+    rows = []
+    wide = per_test.pivot(index="test_id", columns="method", values="lds")
+    kinds = per_test.drop_duplicates("method").set_index("method")[["intervention", "output"]]
+    names = list(dict.fromkeys(per_test.method))
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if tuple(kinds.loc[a]) == tuple(kinds.loc[b]):
+                diff = paired_difference(wide[a].to_numpy(), wide[b].to_numpy(), seed=seed)
+                rows.append({"a": a, "b": b, **{k: diff[k] for k in ("difference", "low", "high", "p_value",
+                                                                      "significant", "n")}})
+    return pd.DataFrame(rows, columns=["a", "b", "difference", "low", "high", "p_value", "significant", "n"])
+

@@ -1,0 +1,90 @@
+"""LDS and span-LDS in an evaluation run: which retrains check which method, caching, the report."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.__main__ import main
+from core.backend import Backend
+from core.evaluate import EvalSettings, load_report, run_evaluation
+from core.evaluate.counterfactual import kind_of
+from core.lds import CacheRetrainer, LdsSettings
+from core.registry import METHODS
+
+QUIET = dict(progress=False, log=lambda _: None)
+
+
+@pytest.fixture
+def workspace(tiny_workspace, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_workspace, tmp_path / "ws", ignore=shutil.ignore_patterns("store.sqlite*")))
+
+
+def test_each_method_is_checked_against_the_retrains_its_sides_call_for():
+    assert kind_of(METHODS.resolve("TracIn")) == ("remove", "loss")
+    assert kind_of(METHODS.resolve("TracIn+")) == ("mask", "loss")
+    assert kind_of(METHODS.resolve("IF++")) == ("mask", "span")
+    assert kind_of(METHODS.resolve("TRAK++")) == ("mask", "span")
+
+
+def test_lds_in_a_run_is_cached_per_subset_and_reported(workspace, tmp_path, monkeypatch):
+    settings = EvalSettings(methods=("TracIn", "TracIn++", "GroundTruth"), ks=(3,), kmax=3, test_limit=5, ral=(),
+                            faithfulness_runs=0, lds=LdsSettings(subsets=3, alpha=0.5, seed=0))
+    calls: list[str] = []
+    real = CacheRetrainer.__call__
+    monkeypatch.setattr(CacheRetrainer, "__call__", lambda self, subset, i: calls.append(i) or real(self, subset, i))
+    report = run_evaluation(Backend(workspace, device="cpu"), settings, tmp_path / "out", **QUIET)
+    assert sorted(calls) == ["mask"] * 3 + ["remove"] * 3  # one set of retrains per intervention, shared
+    lds = report.lds
+    assert list(lds.index) == ["TracIn", "TracIn++", "GroundTruth"]
+    assert lds.loc["TracIn", "intervention"] == "remove" and lds.loc["TracIn++", "output"] == "span"
+    per_test = report.lds_per_test
+    assert len(per_test) == 3 * 5 and per_test.lds.between(-1, 1).all() | per_test.lds.isna().all()
+    finite = per_test[per_test.method == "TracIn"].lds.dropna()
+    assert lds.loc["TracIn", "lds"] == pytest.approx(finite.mean()) and lds.loc["TracIn", "low"] <= lds.loc["TracIn", "lds"]
+    pairs = report.lds_pairs
+    assert set(zip(pairs.a, pairs.b)) == {("TracIn++", "GroundTruth")}  # only methods checked the same way
+    assert "## LDS and span-LDS" in (tmp_path / "out" / "report.md").read_text()
+    calls.clear()
+    again = run_evaluation(Backend(workspace, device="cpu"), settings, tmp_path / "out", **QUIET)
+    assert calls == []  # every subset's retrain is served from the store
+    np.testing.assert_allclose(again.lds_per_test.lds, per_test.lds)
+    assert load_report(tmp_path / "out").lds.loc["TracIn", "tests"] == 5
+
+
+def test_cli_lds_options(workspace, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["evaluate", "--workspace", str(workspace), "--methods", "TracIn", "--k", "3", "--kmax", "3",
+                 "--test-limit", "3", "--ral", "none", "--faithfulness-runs", "0", "--lds", "--lds-subsets", "2",
+                 "--quiet", "--device", "cpu", "--out", str(out)]) == 0
+    assert "LDS and span-LDS" in capsys.readouterr().out and (out / "lds.csv").exists()
+    assert main(["evaluate", "--workspace", str(workspace), "--lds", "--lds-subsets", "1"]) == 2
+    assert "--lds-subsets: must be at least 2" in capsys.readouterr().err
+
+
+def test_the_app_shows_lds_where_users_look(workspace, monkeypatch):
+    """Evaluate lists LDS with intervals; Explore puts a method's LDS beside its gauges."""
+    from streamlit.testing.v1 import AppTest
+
+    settings = EvalSettings(methods=("TracIn++",), ks=(3,), kmax=3, test_limit=4, ral=(), faithfulness_runs=0,
+                            lds=LdsSettings(subsets=2, alpha=0.5, seed=0))
+    backend = Backend(workspace, device="cpu")
+    report = run_evaluation(backend, settings, workspace / "evaluation", **QUIET)  # where the app looks
+    monkeypatch.setenv("SPANLENS_WORKSPACES", str(workspace.parent))
+    app = str(Path(__file__).resolve().parents[1] / "app.py")
+
+    def run(page: str, **params: str) -> AppTest:
+        at = AppTest.from_file(app, default_timeout=180)
+        at.query_params.update({"workspace": workspace.name, **params})
+        at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    at = run("pages/evaluate.py")
+    shown = next(d.value for d in at.dataframe if "LDS" in d.value.columns)
+    assert shown.loc["TracIn++", "LDS"] == pytest.approx(100 * report.lds.loc["TracIn++", "lds"])
+    at = run("pages/explore.py", test=backend.instances("test")[0].id, methods="TracIn++,TracIn", k="3")
+    notes = [c.value for c in at.caption if "LDS on this workspace" in c.value]
+    assert len(notes) == 1 and notes[0].startswith(f"span-LDS on this workspace: {100 * report.lds.loc['TracIn++', 'lds']:.1f}")
