@@ -29,6 +29,16 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def current_rss_mib() -> float | None:
+    """The process's resident memory now (Linux /proc; None elsewhere): with :func:`peak_rss_mib`
+    after a step, the step's own peak is at least ``peak - current-before``."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
 def gold_tests(backend: Backend, records) -> list:
     """Test inputs of ``records`` explaining their GOLD labels (what the README's figures explain)."""
     return [backend.test_input(r.id, "gold") for r in records]
@@ -72,6 +82,15 @@ def subset_side(backend: Backend, rows: list[int], points: list[str], dim: int |
         gram /= len(rows)
     side = InMemorySide(matrices, gram=gram, exact=projector.exact)
     return side, projector, time.perf_counter() - started
+
+
+def sketched_streamed_side(backend: Backend, rows: list[int], batch_size: int = 32) -> tuple[StreamedSide, Projector]:
+    """A streamed training side over ``rows`` in the index's own sketch (its d and seed): the rows
+    the index would hold, computed batch by batch with the model as it is (e.g. in train mode)."""
+    full, masked, labels = subset_caches(backend, rows)
+    settings = backend.index.settings
+    projector = Projector(backend.loaded.split, settings.dim, settings.seed, backend.loaded.device)
+    return StreamedSide(backend.loaded, projector, full, masked, labels, batch_size), projector
 
 
 def engine_over(backend: Backend, side: TrainingSide, projector: Projector, points: PointSet | None = None) -> Engine:

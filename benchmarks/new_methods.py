@@ -1,0 +1,192 @@
+"""Cost of the new methods (issue 13): EK-FAC fitting, query latency of EKFAC/EKFAC++/TRAK/TRAK++
+against IF++, and how much the TRAK rows and the EK-FAC factors add to a workspace on disk.
+
+Needs a workspace indexed with ``--with trak,ekfac``. Three parts, in one run:
+
+* ``ekfac_fit``: the EK-FAC factors fitted from scratch at theta on the training inputs' cached
+  prefix states, exactly as ``index --with ekfac`` fits them (two passes, the index's batch
+  size, partial sums flushed to a work folder), but into a temporary folder: the workspace's
+  ``ekfac/`` is only read (its recorded build time is shown for reference). Reports seconds,
+  training instances per second and memory: the process's peak RSS after the fit
+  (``resource.getrusage``), its RSS just before, and the difference, a lower bound on the fit's
+  own peak (the process already held the model and the caches). One batch is fitted first,
+  untimed, to warm autograd and the thread pools as the index build warms them before a real
+  fit. ``--ekfac-sample N`` fits on N seeded training instances only; ``full_seconds_estimate``
+  then scales the time linearly to the whole training set. Both passes are linear in the
+  instances; the eigendecompositions between them are a fixed cost that the scaling multiplies
+  too, so the estimate errs high.
+* ``query_latency``: seconds of one ``Engine.scores`` call per test input for IF++ (fast mode,
+  the default; the comparison's baseline) and EKFAC, EKFAC++, TRAK, TRAK++, on the same
+  ``--queries`` test inputs (gold labels). Each method is first run once, untimed, so that its
+  inverse is factorised (the Gauss-Newton Cholesky, TRAK's per-checkpoint Phi^T Phi) or loaded
+  (the EK-FAC factors) and the index files it reads have been read once (memory-mapped: their
+  pages in the OS cache, as on a machine serving queries); then each test is timed
+  for every method in turn, the method order rotating from test to test, so that a slow spell
+  of a shared machine falls on all methods alike. Reports p50 and max in ms and the p50 as a
+  ratio to IF++'s (the issue's target: within 2x).
+* ``index_growth``: bytes on disk of the TRAK group (``<point>.trak.npy``,
+  ``<point>.trak-diff.npy``, ``<point>.trak-gram.npz`` over the index's points) against the
+  default ``grad`` group (``<point>.full.npy``, ``<point>.diff.npy`` and ``ggn.npz``), as a
+  ratio, each with its span-patch overlays (``patch.<group>.<point>.npz``) where present; the
+  TRAK rows and TRAK's d x d float64 Gram matrices are also given apart (at large d the Gram
+  matrices can outweigh the rows); and the EK-FAC factors' bytes (the workspace's file and the
+  one fitted here) against the ``grad`` group.
+
+What would make the result misleading: a machine busy with other work during the timed calls
+(the rotation spreads it over the methods, it does not remove it; rerun on a quiet machine and
+compare the ratios, not the absolute ms); a GPU run, where the first EK-FAC pass also pays CUDA
+start-up and RSS does not count GPU memory (``cuda_peak_mib`` does); a workspace whose index was
+built with another d than the one to be compared, since TRAK's Gram matrices grow as d^2; and
+``--ekfac-sample`` far below the training set, where the fixed costs make the estimate high.
+No timing is asserted anywhere.
+
+Prints JSON. ``python benchmarks/new_methods.py --workspace workspaces/mams-full --queries 20``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import Backend, current_rss_mib, gold_tests, peak_rss_mib
+
+from core.ekfac import fit_ekfac
+from core.model import HiddenCache
+from core.registry import METHODS
+
+BASELINE = "IF++"
+NEW = ["EKFAC", "EKFAC++", "TRAK", "TRAK++"]
+TARGET_RATIO = 2.0
+
+
+def ekfac_fit(backend: Backend, sample: int | None, batch_size: int, seed: int) -> dict:
+    """Fit the factors from scratch into a temporary folder; time and memory."""
+    loaded = backend.loaded
+    full, _ = backend.train_cache()
+    n_all = len(full)
+    rows = sorted(random.Random(seed).sample(range(n_all), sample)) if sample and sample < n_all else list(range(n_all))
+    cache = full if len(rows) == n_all else HiddenCache([full.states[i] for i in rows])
+    cuda = loaded.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    # untimed warm-up on one batch (first autograd passes, thread pools), as the index build before a
+    # real fit has warmed them; without a work folder, so it leaves nothing behind
+    fit_ekfac(loaded.split, HiddenCache(cache.states[:batch_size]), batch_size=batch_size, device=loaded.device)
+    rss_before, peak_before = current_rss_mib(), peak_rss_mib()
+    with tempfile.TemporaryDirectory(prefix="ekfac-bench-") as work:
+        started = time.perf_counter()
+        factors = fit_ekfac(loaded.split, cache, batch_size=batch_size, device=loaded.device, work_dir=Path(work),
+                            progress=False)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        path = Path(work) / "factors.safetensors"
+        factors.save(path)
+        fitted_bytes = path.stat().st_size
+    loaded.use("final")
+    peak_after = peak_rss_mib()
+    out = {"instances": len(rows), "train": n_all, "batch_size": batch_size, "seconds": round(seconds, 2),
+           "examples_per_s": round(len(rows) / seconds, 1), "corrected": factors.corrected,
+           "linear_weights": len(factors.q_out), "diagonal_tensors": len(factors.diagonals),
+           "factors_bytes": fitted_bytes, "rss_before_mib": rss_before, "peak_rss_before_mib": peak_before,
+           "peak_rss_after_mib": peak_after,
+           "fit_peak_over_before_mib": None if rss_before is None else round(peak_after - rss_before, 1)}
+    if len(rows) < n_all:
+        out["full_seconds_estimate"] = round(seconds * n_all / len(rows), 1)
+        out["estimate"] = "linear in the instances, fixed costs (eigendecompositions) scaled too: errs high"
+    if cuda:
+        out["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    try:
+        recorded = json.loads((backend.ws.root / "ekfac" / "meta.json").read_text())
+        out["workspace_recorded_seconds"] = recorded.get("seconds")  # includes loading the model and the cache
+    except (OSError, json.JSONDecodeError):
+        pass
+    return out
+
+
+def query_latency(backend: Backend, tests, methods: list[str]) -> dict:
+    """p50 and max ms of one-test scores per method, measured side by side after warming each."""
+    engine = backend.engine()
+    specs = [METHODS.resolve(m) for m in methods]
+    warm = {}
+    for spec in specs:  # inverses factorised or loaded, index matrices read
+        started = time.perf_counter()
+        engine.scores(tests[:1], spec)
+        warm[spec.name] = round(1000 * (time.perf_counter() - started), 1)
+    times: dict[str, list[float]] = {s.name: [] for s in specs}
+    for q, test in enumerate(tests):
+        for spec in specs[q % len(specs):] + specs[: q % len(specs)]:
+            started = time.perf_counter()
+            engine.scores([test], spec)
+            times[spec.name].append(time.perf_counter() - started)
+    base = statistics.median(times[BASELINE])
+    out: dict = {"queries": len(tests), "baseline": BASELINE, "ihvp": "fast", "target_ratio": TARGET_RATIO}
+    for name, values in times.items():
+        p50 = statistics.median(values)
+        out[name] = {"p50_ms": round(1000 * p50, 2), "max_ms": round(1000 * max(values), 2),
+                     "first_call_ms": warm[name], "p50_ratio_to_if_pp": round(p50 / base, 2)}
+    return out
+
+
+def index_growth(backend: Backend, fitted_bytes: int | None) -> dict:
+    """Bytes of the TRAK group and of the EK-FAC factors against the default grad group."""
+    index = backend.index
+    root, points = index.root, index.points
+    size = lambda names: sum((root / n).stat().st_size for n in names if (root / n).exists())  # noqa: E731
+    missing = [n for n in [f"{p}.{k}.npy" for p in points for k in ("trak", "trak-diff")] if not (root / n).exists()]
+    grad = size([f"{p}.{k}.npy" for p in points for k in ("full", "diff")] + ["ggn.npz"]
+                + [f"patch.grad.{p}.npz" for p in points])
+    trak_rows = size([f"{p}.{k}.npy" for p in points for k in ("trak", "trak-diff")]
+                     + [f"patch.trak.{p}.npz" for p in points])
+    trak_grams = size([f"{p}.trak-gram.npz" for p in points])
+    factors = backend.ws.root / "ekfac" / "factors.safetensors"
+    ekfac = factors.stat().st_size if factors.exists() else None
+    out = {"points": len(points), "d": index.meta["dim"], "train": len(index.ids), "grad_bytes": grad,
+           "trak_bytes": trak_rows + trak_grams, "trak_rows_bytes": trak_rows, "trak_gram_bytes": trak_grams,
+           "trak_over_grad": round((trak_rows + trak_grams) / grad, 3),
+           "trak_rows_over_grad": round(trak_rows / grad, 3),
+           "ekfac_bytes": ekfac, "ekfac_over_grad": None if ekfac is None else round(ekfac / grad, 3),
+           "ekfac_fitted_here_bytes": fitted_bytes, "index_bytes": index.size_bytes()}
+    if missing:
+        out["missing_trak_files"] = missing[:4]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workspace", required=True)
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--ekfac-sample", type=int, default=None,
+                        help="fit EK-FAC on this many seeded training instances (default: all)")
+    parser.add_argument("--ekfac-batch-size", type=int, default=None, help="default: the index's batch size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["ekfac", "latency", "growth"])
+    args = parser.parse_args()
+    backend = Backend(args.workspace)
+    methods = [BASELINE, *NEW]
+    backend.check_methods([METHODS.resolve(m) for m in methods])  # IndexUnavailable with the --with command
+    out: dict = {"workspace": args.workspace, "train": len(backend.train_ids), "d": backend.index.meta["dim"],
+                 "device": str(backend.loaded.device)}
+    fitted_bytes = None
+    if "ekfac" not in args.skip:  # first: before the latency part reads the index matrices into memory
+        batch_size = args.ekfac_batch_size or backend.index.settings.batch_size
+        out["ekfac_fit"] = ekfac_fit(backend, args.ekfac_sample, batch_size, args.seed)
+        fitted_bytes = out["ekfac_fit"]["factors_bytes"]
+    if "latency" not in args.skip:
+        records = backend.instances("test")
+        tests = gold_tests(backend, random.Random(args.seed).sample(records, min(args.queries, len(records))))
+        out["query_latency"] = query_latency(backend, tests, methods)
+    if "growth" not in args.skip:
+        out["index_growth"] = index_growth(backend, fitted_bytes)
+    out["peak_rss_mib"] = peak_rss_mib()
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
