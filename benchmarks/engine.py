@@ -22,9 +22,9 @@ import statistics
 import time
 
 import torch
+from common import Backend, engine_over, gold_tests, peak_rss_mib, subset_side
 from torch import nn
 
-from common import Backend, engine_over, gold_tests, peak_rss_mib, subset_side
 from core.gradients import Projector
 from core.ihvp import LissaSettings
 from core.model import HiddenCache, collate, length_batches, mask_span

@@ -21,9 +21,16 @@ import json
 import random
 
 import torch
+from common import (
+    Backend,
+    engine_over,
+    gold_tests,
+    peak_rss_mib,
+    subset_caches,
+    subset_side,
+)
 from scipy.stats import spearmanr
 
-from common import Backend, engine_over, gold_tests, peak_rss_mib, subset_caches, subset_side
 from core.ihvp import DEFAULT_DAMPING
 from core.index import IndexSettings
 from core.registry import METHODS

@@ -29,7 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from core.data import load_dataset  # noqa: E402
-from core.model import collate, compute_prefix, encode_pairs, length_batches, load_backbone, split_model, top_forward  # noqa: E402,F401
+from core.model import (  # noqa: E402,F401
+    collate,
+    compute_prefix,
+    encode_pairs,
+    length_batches,
+    load_backbone,
+    split_model,
+    top_forward,
+)
 from core.prepare import PrepareSettings, select  # noqa: E402
 
 

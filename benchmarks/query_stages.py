@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 
 import torch
-
 from common import Backend, gold_tests
+
 from core.registry import METHODS
 
 

@@ -12,7 +12,6 @@ import argparse
 import json
 
 import torch
-
 from common import Backend
 
 

@@ -19,9 +19,9 @@ import random
 import statistics
 
 import torch
+from common import Backend, engine_over, gold_tests, peak_rss_mib, subset_side
 from scipy.stats import spearmanr
 
-from common import Backend, engine_over, gold_tests, peak_rss_mib, subset_side
 from core.registry import METHODS
 from core.training import variants_like
 

@@ -78,6 +78,9 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--variant-optimizer", choices=["adamw", "sgd"],
                    help="the variants' single step: AdamW's first step (default) or plain SGD")
     p.add_argument("--max-length", type=_number(int, 8, name="a whole number"), help="max tokens per (aspect, text) pair")
+    p.add_argument("--category-spans", choices=["importance", "anchored"],
+                   help="spans of category aspects (SentiHood): the most important clause or sentence of the text "
+                        "for that aspect (Eq. 3; default), or the clause of the target mention")
     p.add_argument("--span-importance", action=argparse.BooleanOptionalAction, default=None,
                    help="choose spans among candidate chunks by the logit drop (paper Eq. 3)")
     p.add_argument("--seed", type=NON_NEGATIVE)
@@ -133,7 +136,7 @@ def cmd_prepare(args) -> int:
         train_limit=args.train_limit, eval_limit=args.eval_limit, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, trainable_layers=args.trainable_layers, checkpoints=args.checkpoints, variants=args.variants,
         variant_lr=args.variant_lr, variant_optimizer=args.variant_optimizer, max_length=args.max_length,
-        span_importance=args.span_importance, seed=args.seed, device=args.device,
+        span_importance=args.span_importance, category_spans=args.category_spans, seed=args.seed, device=args.device,
     )
     index_settings = _index_settings(args, rebuild=True)
     extras = check_extras(parse_list(args.extras))
@@ -157,6 +160,10 @@ def _summary(manifest) -> None:
     spans = manifest.stages.get("spans", {}).get("stats")
     if spans:
         print(f"  spans: {json.dumps(spans)}")
+        past = {k: v for k, v in (spans.get("past_token_limit") or {}).items() if k in ("train", "dev", "test") and v}
+        if past:
+            print(f"  warning: spans past the token limit ({', '.join(f'{k} {v}' for k, v in past.items())}): "
+                  "masking them changes nothing, so their span scores are 0")
     for key in ("dev_accuracy", "test_accuracy", "best_epoch", "index"):
         if key in manifest.results:
             print(f"  {key}: {manifest.results[key]}")
@@ -351,6 +358,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_combine(args) -> int:
+    from .evaluate.combine import combine_reports
+
+    summary = combine_reports(args.reports, args.out)
+    print(f"{summary['n']} reports combined: {Path(args.out) / 'combined.md'}")
+    return 0
+
+
 def cmd_fetch(args) -> int:
     from .fetch import FetchError, fetch_data
 
@@ -378,11 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     _with_option(i)
     _explain_parser(sub)
     _evaluate_parser(sub)
+    c = sub.add_parser("combine", help="combine evaluation reports over classifier seeds (mean, sd per cell)",
+                       description="Table 3 and LDS of several reports made with the same evaluate options on "
+                                   "workspaces prepared with different --seed: mean, sd, min, max per cell.")
+    c.add_argument("--reports", nargs="+", required=True, help="report folders (evaluate --out)")
+    c.add_argument("--out", required=True, help="folder for combined.md and the CSV files")
     return parser
 
 
 COMMANDS = {"fetch-data": cmd_fetch, "prepare": cmd_prepare, "index": cmd_index, "explain": cmd_explain,
-            "evaluate": cmd_evaluate}
+            "evaluate": cmd_evaluate, "combine": cmd_combine}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import build_ekfac, check_extras, ekfac_ready, extras_for, open_ekfac, with_command
+from .artifacts import (
+    build_ekfac,
+    check_extras,
+    ekfac_ready,
+    extras_for,
+    open_ekfac,
+    with_command,
+)
 from .engine import Engine, TestInput
 from .explanations import Explanation, rank
 from .gradients import Projector
@@ -28,11 +35,10 @@ from .index import (
     IndexSettings,
     IndexUnavailable,
     Overrides,
-    build_index,
     index_command,
     open_index,
-    patch_spans,
 )
+from .index_build import build_index, patch_spans
 from .instances import InstanceRecord, Instances
 from .model import HiddenCache, compute_prefix, mask_span, predict
 from .points import LoadedModel, load_workspace_model
@@ -143,6 +149,7 @@ class Backend:
             raise ValueError("both a text and an aspect are needed")
         if find_aspect(text, aspect) is None:
             raise ValueError(f"the aspect {aspect!r} does not occur in the review; give a word or phrase of it")
+        self.loaded.encode(aspect, text)  # ValueError when the aspect alone exceeds the token limit
         if label == "gold":
             raise ValueError("a new review has no gold label: explain the predicted label or name one")
         if label != "predicted" and label not in self.manifest.labels:

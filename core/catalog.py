@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,9 @@ from .prepare import PrepareSettings
 from .workspace import STAGES, Workspace
 
 WORKSPACES_ENV = "SPANLENS_WORKSPACES"
+DATA_ROOTS_ENV = "SPANLENS_DATA_ROOTS"
+UPLOAD_TYPES = ("jsonl", "csv", "xml")
+"""File types the app accepts as uploads (JSONL/CSV with text, aspect, label; SemEval-2014 XML)."""
 REQUEST_FILE = "prepare-request.json"
 """The settings a workspace was created with from the app, so an interrupted build resumes as asked."""
 
@@ -103,6 +108,54 @@ def check_workspace_name(root: Path, name: str) -> str | None:
     return None
 
 
+def data_roots() -> list[Path]:
+    """The folders the app may read data from, resolved: ``$SPANLENS_DATA_ROOTS`` (separated by
+    ``os.pathsep``), else the default data folder and the workspaces root."""
+    configured = [p for p in os.environ.get(DATA_ROOTS_ENV, "").split(os.pathsep) if p.strip()]
+    roots = configured or [default_data_dir(), workspaces_root()]
+    return [Path(p).expanduser().resolve() for p in roots]
+
+
+def outside_roots_message(roots: Sequence[Path]) -> str:
+    """The one answer for every path outside the data roots (it never says whether the path exists)."""
+    return (f"data paths must lie under a data root of this server ({', '.join(str(r) for r in roots)}; "
+            f"set by {DATA_ROOTS_ENV}); upload your own file instead")
+
+
+def allowed_data_path(text: str, roots: Sequence[Path] | None = None) -> Path:
+    """``text`` as a resolved path (``~``, ``..`` and symlinks resolved) when it lies under a data
+    root; ValueError otherwise, with the same message whether or not the path exists."""
+    roots = data_roots() if roots is None else list(roots)
+    try:
+        path = Path(text.strip()).expanduser().resolve()
+    except (OSError, RuntimeError):  # a symlink loop, an unknown ~user
+        raise ValueError(outside_roots_message(roots)) from None
+    if not text.strip() or not any(path.is_relative_to(root) for root in roots):
+        raise ValueError(outside_roots_message(roots))
+    return path
+
+
+def save_upload(workspace: Path, filename: str, data: bytes) -> Path:
+    """Store an uploaded data file in the new workspace's ``data/`` folder (its name cleaned,
+    its suffix one of :data:`UPLOAD_TYPES`); returns the path to prepare from."""
+    name = Path(filename).name
+    suffix = Path(name).suffix.lower().lstrip(".")
+    if suffix not in UPLOAD_TYPES:
+        raise ValueError(f"upload a .{', .'.join(UPLOAD_TYPES)} file, not {name!r}")
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(name).stem).strip("_")[:64] or "upload"
+    path = workspace / "data" / f"{stem}.{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def delete_workspace(root: Path, name: str) -> None:
+    """Remove the workspace ``name`` (a folder that :func:`list_workspaces` lists under ``root``)."""
+    if not WORKSPACE_NAME.match(name) or name not in {i.name for i in list_workspaces(root)}:
+        raise ValueError(f"no workspace {name!r} under {root}")
+    shutil.rmtree(root / name)
+
+
 def missing_data(dataset: str, data_dir: str | None) -> list[str]:
     """Files a named dataset needs that are not in ``data_dir``; for a path, the path if absent."""
     if dataset in LAYOUT:
@@ -120,7 +173,8 @@ def settings_for(dataset: str, data_dir: str | None, backbone: str, size: str, *
 
 
 def manifest_summary(root: Path) -> dict[str, Any]:
-    """What the Workspaces page shows: sizes, accuracy, span stats, index, timings, settings."""
+    """What the Workspaces page shows: sizes, the data report, accuracy, span stats, index, timings,
+    settings."""
     ws = Workspace(root)
     manifest = ws.manifest()
     stages, results = manifest.stages, manifest.results
@@ -137,6 +191,7 @@ def manifest_summary(root: Path) -> dict[str, Any]:
         timings["index"] = index_meta["seconds"]
     return {
         "counts": stages.get("data", {}).get("counts", {}),
+        "data_report": stages.get("data", {}).get("report", ""),
         "labels": manifest.labels,
         "accuracy": {k: results[k] for k in ("train_accuracy", "dev_accuracy", "test_accuracy") if k in results},
         "best_epoch": results.get("best_epoch"),

@@ -77,6 +77,13 @@ HASH_NOTE = (
     "no split given: splits assigned from a hash of the text "
     "(80/10/10 train/dev/test; all aspects of one text share a split)"
 )
+EXPECTED = {
+    "xml": "SemEval-2014 XML (<sentences> of <sentence> with <text> and <aspectTerms>)",
+    "sentihood": "a JSON list of sentences with text and opinions",
+    "jsonl": "one JSON object per line with text, aspect and label",
+    "csv": "a header with text, aspect, label and one row per instance",
+}
+"""What a file of each format holds, for errors about empty files."""
 
 
 @dataclass
@@ -438,6 +445,15 @@ def _format(path: Path) -> str:
     return fmt
 
 
+def _is_blank(path: Path) -> bool:
+    """Whether ``path`` holds nothing but white space (and a byte-order mark); False if unreadable."""
+    try:
+        size = path.stat().st_size
+        return size == 0 or (size <= 4096 and not path.read_bytes().removeprefix(b"\xef\xbb\xbf").strip())
+    except OSError:
+        return False  # the reader says why it cannot read it
+
+
 def _collect(files: Iterable[tuple[Path, str | None, str]], name: str,
              labels: tuple[str, ...] | None, conflict: str) -> tuple[dict[str, list[Instance]], LoadReport]:
     """Read ``files`` (path, split or None, format), checking that ids are unique across them."""
@@ -447,6 +463,8 @@ def _collect(files: Iterable[tuple[Path, str | None, str]], name: str,
     report = LoadReport()
     seen: dict[str, str] = {}
     for path, split, fmt in files:
+        if _is_blank(path):
+            raise DataError(f"{path}: the file is empty; expected {EXPECTED[fmt]}")
         f = _File(path, split, labels, conflict)
         per_split: Counter[str] = Counter()
         for inst, where in _READERS[fmt](f, name):

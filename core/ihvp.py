@@ -45,6 +45,10 @@ class LissaSettings:
             raise ValueError(f"LiSSA depth and batch size must be at least 1, got {self.depth} and {self.batch_size}")
         if self.scale <= 0:
             raise ValueError(f"LiSSA's scale must be positive, got {self.scale}")
+        if not 0 < self.damping < 1:
+            raise ValueError(f"LiSSA's damping must lie in (0, 1) (lambda = (1 - damping) / scale), got {self.damping}")
+        if self.clip <= 0:
+            raise ValueError(f"LiSSA's clip must be positive, got {self.clip}")
 
     @property
     def lam(self) -> float:
@@ -94,7 +98,16 @@ def lissa(
     device: torch.device | str = "cpu",
 ) -> LissaResult:
     """Estimate (H + lam I)^-1 v by the paper's LiSSA recursion over the training cache."""
+    training = split.top.training
     split.top.eval()  # no dropout: the Hessian of the model being explained
+    try:
+        return _recursion(split, cache, labels, v, settings, device)
+    finally:
+        split.top.train(training)
+
+
+def _recursion(split: SplitModel, cache: HiddenCache, labels: torch.Tensor, v: dict[str, torch.Tensor],
+               settings: LissaSettings, device: torch.device | str) -> LissaResult:
     params = split.top_params()
     names = list(params)
     dtype = next(iter(params.values())).dtype

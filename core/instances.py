@@ -37,6 +37,7 @@ class InstanceRecord:
     probs: tuple[float, ...] | None = None
     aspect_start: int | None = None
     aspect_end: int | None = None
+    span_truncated: bool = False  # the detected span in use lies wholly past the token limit (masks nothing)
 
     @property
     def span_pair(self) -> tuple[int, int] | None:
@@ -80,7 +81,8 @@ def record_of(row: Mapping, annotation: Annotation | None = None) -> InstanceRec
     probs = row.get("probs")
     return InstanceRecord(row["id"], row["split"], row["text"], row["aspect"], row["label"], span, detected,
                           annotation.status if annotation else None, row.get("pred"),
-                          tuple(probs) if probs else None, row.get("start"), row.get("end"))
+                          tuple(probs) if probs else None, row.get("start"), row.get("end"),
+                          bool(row.get("span_truncated")) and span is detected)
 
 
 class Instances:

@@ -153,6 +153,17 @@ def job_for(kind: str, root: Path) -> Job | None:
         return _JOBS.get((kind, Path(root).resolve()))
 
 
+def forget_jobs(root: Path) -> None:
+    """Drop the finished jobs of ``root`` (a deleted workspace); ValueError while one runs."""
+    key = Path(root).resolve()
+    with _JOBS_LOCK:
+        mine = {k: job for k, job in _JOBS.items() if k[1] == key}
+        if any(job.running for job in mine.values()):
+            raise ValueError(f"a job is still running for {root}; wait for it to end")
+        for k in mine:
+            del _JOBS[k]
+
+
 def resume_settings(root: Path) -> tuple[PrepareSettings, IndexSettings] | None:
     """The settings to finish an interrupted workspace with (request file, else manifest)."""
     request = root / REQUEST_FILE

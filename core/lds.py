@@ -53,8 +53,8 @@ from scipy.special import logsumexp
 
 from .metrics import spearman
 from .model import HiddenCache, Params, SplitModel, predict
-from .training import TrainConfig, train
 from .stats import bootstrap_ci
+from .training import TrainConfig, train
 
 INTERVENTIONS = ("remove", "mask")
 TEST_OUTPUTS = ("loss", "span", "margin")

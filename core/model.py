@@ -199,10 +199,26 @@ class Encoded:
         return len(self.input_ids)
 
 
+def _check_aspects(tokenizer, aspects: set[str], max_length: int) -> None:
+    """ValueError naming the longest aspect's token count when it leaves no room for the text."""
+    if not aspects:
+        return
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    room = max_length - specials - 1  # at least one token of the text
+    ordered = sorted(aspects)
+    n, aspect = max(zip(map(len, tokenizer(ordered, add_special_tokens=False)["input_ids"]), ordered))
+    if n > room:
+        shown = aspect if len(aspect) <= 40 else aspect[:39] + "…"
+        raise ValueError(f"the aspect {shown!r} has {n} tokens, but the token limit of {max_length} leaves room for "
+                         f"{room} ({specials} special tokens and at least one token of the text); shorten the aspect")
+
+
 def encode_pairs(
     tokenizer, pairs: Sequence[tuple[str, str]], max_length: int = 128
 ) -> list[Encoded]:
-    """Tokenize (aspect, text) pairs; the text is truncated to fit ``max_length``."""
+    """Tokenize (aspect, text) pairs; the text is truncated to fit ``max_length``. An aspect too
+    long to leave room for any text is a ValueError naming its token count and the limit."""
+    _check_aspects(tokenizer, {a for a, _ in pairs}, max_length)
     out = tokenizer(
         [a for a, _ in pairs],
         [t for _, t in pairs],
@@ -315,10 +331,26 @@ class HiddenCache:
 
     @classmethod
     def load(cls, path: Path) -> "HiddenCache":
+        """A cache written by :meth:`save`; a missing or damaged file is a ValueError naming it and
+        the command that rebuilds it."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        data = load_file(str(path))
-        return cls(list(torch.split(data["flat"], data["lengths"].tolist())))
+        try:
+            data = load_file(str(path))
+            return cls(list(torch.split(data["flat"], data["lengths"].tolist())))
+        except (OSError, SafetensorError, KeyError, RuntimeError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable frozen-prefix cache ({err}); {_rebuild_hint(Path(path))}") from None
+
+
+def _rebuild_hint(path: Path) -> str:
+    """How to rebuild a frozen-prefix cache file of a workspace (``prefix/`` or ``index/``)."""
+    workspace = path.parent.parent
+    if path.parent.name == "index":
+        return (f"remove the folder {path.parent} and rebuild the index with `python -m core index --workspace "
+                f"{workspace}` (with the --proj-dim and --proj-seed it was built with)")
+    return (f"remove it and run the `python -m core prepare --workspace {workspace}` command that made the "
+            f"workspace again (same options) to rebuild it")
 
 
 @torch.no_grad()

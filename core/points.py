@@ -13,7 +13,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .model import Encoded, SplitModel, encode_pairs, load_backbone, load_params, pick_device, split_model
+from .model import (
+    Encoded,
+    SplitModel,
+    encode_pairs,
+    load_backbone,
+    load_params,
+    pick_device,
+    split_model,
+)
 from .workspace import Manifest, Workspace
 
 

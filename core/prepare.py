@@ -5,19 +5,33 @@ record in the manifest, resumed when it matches an unfinished one, and rebuilt (
 removed) when it changed::
 
     data -> spans -> model (frozen prefix, training, checkpoints) -> importance -> variants
+
+Settings are range-checked when made, and the data (no instances, an empty split, a single label
+in training) before any model is loaded or any file is written; each refusal says what to do.
 """
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
-from .data import Dataset, Instance, load_dataset
+from .data import (
+    HASH_NOTE,
+    KNOWN_LABELS,
+    SPLITS,
+    DataError,
+    Dataset,
+    Instance,
+    LoadReport,
+    load_dataset,
+)
 from .model import (
     HiddenCache,
     compute_prefix,
@@ -29,9 +43,19 @@ from .model import (
     predict,
     resolve_backbone,
     save_params,
+    span_token_positions,
     split_model,
 )
-from .spans import RCSpanFinder, Span, detect_spans, refine_by_importance, span_stats
+from .spans import (
+    RCSpanFinder,
+    Span,
+    candidate_chunks,
+    category_candidates,
+    category_span_quality,
+    detect_spans,
+    refine_by_importance,
+    span_stats,
+)
 from .training import TrainConfig, accuracy, train, variants_like
 from .workspace import (
     Manifest,
@@ -42,10 +66,18 @@ from .workspace import (
     library_versions,
 )
 
+CATEGORY_SPANS = ("importance", "anchored")
+"""Spans of category aspects (SentiHood's "price" of LOCATION1): chosen among every clause and
+sentence of the text by the paper's importance rule (Eq. 3), or anchored on the target mention."""
 StageProgress = Callable[[str, float], None]
 """Called with a stage name and the fraction of that stage done."""
 CHECKPOINT_RULE = "last C epochs up to the selected one"  # in the model stage's fingerprint
 PREFIX_SHARE = 0.1  # of the model stage: the frozen prefix; the rest is training, step by step
+
+AT_LEAST = {"epochs": 1, "batch_size": 1, "trainable_layers": 1, "checkpoints": 1, "variants": 1, "max_length": 8,
+            "seed": 0}
+"""The smallest value of each whole-number setting."""
+VARIANT_OPTIMIZERS = ("adamw", "sgd")
 
 PRESETS: dict[str, dict] = {
     "demo": {},
@@ -81,8 +113,35 @@ class PrepareSettings:
     variant_optimizer: str = "adamw"
     max_length: int = 128
     span_importance: bool = False
+    category_spans: str = "importance"
     seed: int = 0
     device: str | None = None
+
+    def __post_init__(self) -> None:
+        """Every number in range (ValueError naming the setting, its option and the range)."""
+        def whole(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name, low in AT_LEAST.items():
+            value = getattr(self, name)
+            if not whole(value) or value < low:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a whole number of at least {low}, "
+                                 f"got {value!r}")
+        for name in ("train_limit", "eval_limit"):
+            value = getattr(self, name)
+            if value is not None and (not whole(value) or value < 1):
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least 1 (leave it out to use "
+                                 f"every instance), got {value!r}")
+        for name in ("lr", "variant_lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a positive number, got {value!r}")
+        if self.category_spans not in CATEGORY_SPANS:
+            raise ValueError(f"category_spans (--category-spans) must be one of {', '.join(CATEGORY_SPANS)}, "
+                             f"got {self.category_spans!r}")
+        if self.variant_optimizer not in VARIANT_OPTIMIZERS:
+            raise ValueError(f"variant_optimizer (--variant-optimizer) must be one of {', '.join(VARIANT_OPTIMIZERS)}, "
+                             f"got {self.variant_optimizer!r}")
 
     @classmethod
     def from_preset(cls, preset: str = "demo", **overrides) -> "PrepareSettings":
@@ -107,6 +166,45 @@ def select(instances: list[Instance], limit: int | None, seed: int) -> list[Inst
         return list(instances)
     keep = set(random.Random(seed).sample(range(len(instances)), limit))
     return [inst for i, inst in enumerate(instances) if i in keep]
+
+
+def _skipped_text(skipped: Counter[str]) -> str:
+    return ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+
+
+def _empty_split_hint(split: str, report: LoadReport) -> str:
+    """What to do about an empty split, from how the files assigned their splits."""
+    own = [f for f in report.files if f.split == split]
+    if own:
+        skipped = f" ({_skipped_text(own[0].skipped)} skipped)" if own[0].skipped else ""
+        return f"{own[0].path} gave no instances{skipped}; give it some"
+    hashed = [f for f in report.files if HASH_NOTE in f.notes]
+    if hashed:
+        texts = sum(f.sentences for f in hashed)
+        return (f"give a 'split' column, or use more rows (the 80/10/10 hash put none of {texts} "
+                f"text{'s' if texts != 1 else ''} in {split})")
+    named = [f for f in report.files if f.split is None]
+    if named:
+        return f"the 'split' column of {named[0].path} names no {split} rows; mark some rows {split}"
+    folder = report.files[0].path.parent if report.files else "the folder"
+    return f"add a {split} file to {folder} (a name ending in {split if split != 'dev' else 'dev or val'})"
+
+
+def check_usable(splits: dict[str, Sequence[Instance]], report: LoadReport) -> None:
+    """Refuse data that cannot make a meaningful workspace, before any work: no instances, an
+    empty split, or fewer than two labels in training (:class:`DataError` saying what to do)."""
+    if not any(splits.get(split) for split in SPLITS):
+        files = ", ".join(str(f.path) for f in report.files) or "the data"
+        skipped = f" ({_skipped_text(report.skipped)} skipped)" if report.skipped else ""
+        raise DataError(f"{files}: no instances to use{skipped}; give items with text, aspect and a "
+                        f"label of {', '.join(KNOWN_LABELS)}")
+    for split in SPLITS:
+        if not splits.get(split):
+            raise DataError(f"the {split} split is empty: {_empty_split_hint(split, report)}")
+    labels = sorted({inst.label for inst in splits["train"]})
+    if len(labels) < 2:
+        raise DataError(f"a single-class dataset is refused: every score would be 0 (every training instance "
+                        f"is {labels[0]!r}); give training instances of at least two labels")
 
 
 class Preparer:
@@ -160,28 +258,75 @@ class Preparer:
 
     # ------------------------------------------------------------------ stages
     def run(self) -> Manifest:
+        """Check the settings and the data, then run every stage that is not up to date. Bad data
+        is refused before any model is loaded or any file of the workspace is written."""
         s = self.settings
-        torch.manual_seed(s.seed)
-        self.manifest.settings = asdict(s)
-        self.manifest.versions = library_versions()
         dataset = load_dataset(s.dataset, s.data_dir)
-        self.manifest.labels = list(dataset.labels)
         instances = self._select(dataset)
         data_fp = fingerprint(
             [(i.id, i.text, i.aspect, i.label, i.start, i.end) for i in instances], dataset.labels
         )
+        if not self.manifest.stage_done("data", data_fp):
+            self._log_report(dataset, instances)
+        check_usable({name: [i for i in instances if i.split == name] for name in SPLITS}, dataset.report)
+        torch.manual_seed(s.seed)
+        self.manifest.settings = asdict(s)
+        self.manifest.versions = library_versions()
+        self.manifest.labels = list(dataset.labels)
         self.manifest.stages.setdefault("data", {})
         if self._begin("data", data_fp):
             started = time.perf_counter()
-            counts = {split: sum(i.split == split for i in instances) for split in ("train", "dev", "test")}
+            counts = {split: sum(i.split == split for i in instances) for split in SPLITS}
             self._finish("data", started, counts=counts, report=dataset.report.summary())
 
         spans = self._spans(instances, data_fp)
         split, tokenizer, model_fp = self._model(instances, data_fp)
         spans = self._importance(instances, spans, split, tokenizer, model_fp)
+        self._mark_past_limit(instances, spans, tokenizer)
         self._variants(instances, split, model_fp)
         self.ws.save_manifest(self.manifest)
         return self.manifest
+
+    def _log_report(self, dataset: Dataset, instances: list[Instance]) -> None:
+        """The data report: per file, the items read and skipped (with reasons) and how splits were
+        assigned; then what this workspace uses of them."""
+        s = self.settings
+        self.log(f"[data] {dataset.name}: {dataset.report.instances} instances read "
+                 f"(labels {', '.join(dataset.labels) or 'none'})")
+        for line in dataset.report.summary().splitlines():
+            self.log(f"  {line}")
+        used = ", ".join(f"{split} {sum(i.split == split for i in instances)}" for split in SPLITS)
+        limits = ""
+        if s.train_limit is not None or s.eval_limit is not None:
+            limits = (f" (seeded samples: train at most {s.train_limit or 'all'}, "
+                      f"dev and test at most {s.eval_limit or 'all'})")
+        self.log(f"  used: {used}{limits}")
+
+    def _mark_past_limit(self, instances: list[Instance], spans: dict[str, Span], tokenizer) -> None:
+        """Flag (``span_truncated`` in instances.jsonl), count (the spans stage's stats) and warn
+        about the instances whose span lies wholly past the token limit: masking it changes
+        nothing, so their span scores are 0. Done once per state of the importance stage."""
+        stats = self.manifest.stages["spans"].setdefault("stats", {})
+        fp = self.manifest.stages["importance"]["fingerprint"]
+        if stats.get("past_token_limit", {}).get("fingerprint") == fp:
+            return
+        past = {inst.id for inst, enc in zip(instances, self._encode(tokenizer, instances))
+                if inst.id in spans and not span_token_positions(enc, spans[inst.id].start, spans[inst.id].end)}
+        rows = self.ws.load_instances()
+        for row in rows:
+            if row["id"] in past:
+                row["span_truncated"] = True
+            else:
+                row.pop("span_truncated", None)
+        self.ws.save_instances(rows)
+        counts = {split: sum(i.id in past for i in instances if i.split == split) for split in SPLITS}
+        stats["past_token_limit"] = {**counts, "max_length": self.settings.max_length, "fingerprint": fp}
+        self.ws.save_manifest(self.manifest)
+        if past:
+            self.log(f"[spans] warning: the span of {counts['train']} training, {counts['dev']} dev and "
+                     f"{counts['test']} test instances lies wholly past the token limit "
+                     f"({self.settings.max_length} tokens): masking it changes nothing, so their span scores "
+                     f"are 0 (marked span_truncated in instances.jsonl); a larger --max-length includes them")
 
     def _select(self, dataset: Dataset) -> list[Instance]:
         s = self.settings
@@ -195,7 +340,7 @@ class Preparer:
         s = self.settings
         fp = fingerprint(data_fp, s.rc_model, backbone_fingerprint(s.rc_model) if s.rc_model else None)
         if not self._begin("spans", fp):
-            return self._saved_spans()
+            return self._saved_spans("span_detected")
         started = time.perf_counter()
         rc = RCSpanFinder(s.rc_model, device=str(self.device)) if s.rc_model else None
         spans = detect_spans(instances, rc=rc, progress=self.progress)
@@ -205,11 +350,14 @@ class Preparer:
         self._finish("spans", started, stats=stats)
         return spans
 
-    def _saved_spans(self) -> dict[str, Span]:
+    def _saved_spans(self, field: str = "span") -> dict[str, Span]:
+        """The spans of instances.jsonl: in use (``span``), or as the spans stage found them
+        (``span_detected``; rows written before that field: ``span``)."""
         return {
-            row["id"]: Span(row["span"]["start"], row["span"]["end"], row["span"]["source"])
+            row["id"]: Span(row[key]["start"], row[key]["end"], row[key]["source"])
             for row in self.ws.load_instances()
-            if row.get("span")
+            for key in [field if field in row else "span"]
+            if row.get(key)
         }
 
     def _encode(self, tokenizer, instances: list[Instance]):
@@ -225,26 +373,15 @@ class Preparer:
         model.to(self.device)
         split = split_model(model, s.trainable_layers)
         labels = self.manifest.labels
-        by_split = {name: [i for i in instances if i.split == name] for name in ("train", "dev", "test")}
+        by_split = {name: [i for i in instances if i.split == name] for name in SPLITS}
         if not self._begin("model", fp, clean=("prefix", "train", "model")):
             split.load_state(load_params(self.ws.point_path("final")))
+            self._prefix(split, tokenizer, by_split, load=False)  # recomputes a removed cache file
             return split, tokenizer, fp
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        caches: dict[str, HiddenCache] = {}
-        prefix_dir = self.ws.dir("prefix")
         t0 = time.perf_counter()
-        for name, rows in by_split.items():
-            path = prefix_dir / f"{name}.safetensors"
-            if path.exists():
-                caches[name] = HiddenCache.load(path)
-                continue
-            caches[name] = compute_prefix(
-                split, self._encode(tokenizer, rows), tokenizer.pad_token_id,
-                device=self.device, desc=f"frozen prefix ({name})", progress=self.progress,
-            )
-            caches[name].save(path)
-            self.report("model", PREFIX_SHARE * (len(caches) / len(by_split)))
+        caches = self._prefix(split, tokenizer, by_split)
         timings["prefix"] = round(time.perf_counter() - t0, 1)
         y = {name: torch.tensor([labels.index(i.label) for i in rows]) for name, rows in by_split.items()}
         t0 = time.perf_counter()
@@ -264,7 +401,7 @@ class Preparer:
             shutil.copyfile(self.ws.root / "train" / f"epoch-{record.epoch}.safetensors", model_dir / f"checkpoint-{k}.safetensors")
         checkpoints = [{"point": f"checkpoint-{k}", "epoch": r.epoch, "lr": r.lr} for k, r in enumerate(kept, 1)]
         results = {"best_epoch": state.best_epoch, "history": [asdict(r) for r in state.history]}
-        for name in ("train", "dev", "test"):
+        for name in SPLITS:
             if len(caches[name]):
                 logits = predict(split, caches[name], device=self.device)
                 results[f"{name}_accuracy"] = round(accuracy(logits, y[name]), 4)
@@ -272,6 +409,27 @@ class Preparer:
         self.manifest.results.update(results)
         self._finish("model", started, timings=timings, checkpoints=checkpoints)
         return split, tokenizer, fp
+
+    def _prefix(self, split, tokenizer, by_split: dict[str, list[Instance]], *,
+                load: bool = True) -> dict[str, HiddenCache]:
+        """Each split's frozen-prefix cache: read from its file (``load``), or computed and saved
+        when the file is missing (the prefix is fixed by the backbone, the data and max_length)."""
+        caches: dict[str, HiddenCache] = {}
+        prefix_dir = self.ws.dir("prefix")
+        for number, (name, rows) in enumerate(by_split.items(), start=1):
+            path = prefix_dir / f"{name}.safetensors"
+            if path.exists():
+                if load:
+                    caches[name] = HiddenCache.load(path)
+                continue
+            caches[name] = compute_prefix(
+                split, self._encode(tokenizer, rows), tokenizer.pad_token_id,
+                device=self.device, desc=f"frozen prefix ({name})", progress=self.progress,
+            )
+            caches[name].save(path)
+            if load:
+                self.report("model", PREFIX_SHARE * number / len(by_split))
+        return caches
 
     def _store_predictions(self, rows: list[Instance], logits: torch.Tensor) -> None:
         labels = self.manifest.labels
@@ -284,30 +442,50 @@ class Preparer:
         self.ws.save_instances(saved)
 
     def _importance(self, instances, spans, split, tokenizer, model_fp: str) -> dict[str, Span]:
+        """Spans chosen by the paper's importance rule (Eq. 3): every span with --span-importance,
+        and the spans of category aspects (--category-spans importance, the default) among every
+        clause and sentence of their text; the stage records how the category spans compare with
+        the target-anchored ones (``category`` in the manifest)."""
         s = self.settings
-        fp = fingerprint(model_fp, self.manifest.stages["spans"]["fingerprint"], s.span_importance)
+        fp = fingerprint(model_fp, self.manifest.stages["spans"]["fingerprint"], s.span_importance, s.category_spans)
         if not self._begin("importance", fp):
             return self._saved_spans()
         started = time.perf_counter()
-        if s.span_importance:
-            rows = {i.id: i for i in instances}
-            saved = {r["id"]: r for r in self.ws.load_instances()}
-
-            @torch.no_grad()
-            def logit_drop(inst: Instance, candidates: list[tuple[int, int]]) -> list[float]:
-                enc = self._encode(tokenizer, [inst])[0]
-                variants = [enc] + [mask_span(enc, a, b, tokenizer.mask_token_id) for a, b in candidates]
-                cache = compute_prefix(split, variants, tokenizer.pad_token_id, device=self.device, progress=False)
-                logits = predict(split, cache, device=self.device)
-                y = int(logits[0].argmax())
-                return [float(logits[0, y] - lg[y]) for lg in logits[1:]]
-
-            spans = refine_by_importance(list(rows.values()), spans, logit_drop, progress=self.progress)
-            for inst_id, span in spans.items():
-                saved[inst_id]["span"] = {"start": span.start, "end": span.end, "source": span.source}
-            self.ws.save_instances(list(saved.values()))
-        self._finish("importance", started, enabled=s.span_importance)
+        category = {i.id for i in instances if i.meta.get("category")} if s.category_spans == "importance" else set()
+        targets = [i for i in instances if s.span_importance or i.id in category]
+        stats = {}
+        if targets:
+            drops: dict[tuple[str, tuple[int, int]], float] = {}
+            logit_drop = self._logit_drop(split, tokenizer, drops)
+            anchored = dict(spans)
+            spans = refine_by_importance(targets, spans, logit_drop, progress=self.progress, candidates_for=lambda i: (
+                category_candidates(i.text) if i.id in category else
+                candidate_chunks(i.text, i.start, i.end, i.aspect)))
+            stats = category_span_quality([i for i in instances if i.id in category], anchored, spans, drops)
+        saved = self.ws.load_instances()  # the spans in use: these, whatever an earlier run chose
+        for row in saved:
+            span = spans.get(row["id"])
+            row["span"] = None if span is None else {"start": span.start, "end": span.end, "source": span.source}
+        self.ws.save_instances(saved)
+        self._finish("importance", started, enabled=s.span_importance, category=stats)
         return spans
+
+    def _logit_drop(self, split, tokenizer, seen: dict):
+        """Eq. 3's importance of candidate spans (the predicted class's logit drop when masked),
+        remembered in ``seen`` by (instance id, span)."""
+
+        @torch.no_grad()
+        def logit_drop(inst: Instance, candidates: list[tuple[int, int]]) -> list[float]:
+            enc = self._encode(tokenizer, [inst])[0]
+            variants = [enc] + [mask_span(enc, a, b, tokenizer.mask_token_id) for a, b in candidates]
+            cache = compute_prefix(split, variants, tokenizer.pad_token_id, device=self.device, progress=False)
+            logits = predict(split, cache, device=self.device)
+            y = int(logits[0].argmax())
+            out = [float(logits[0, y] - lg[y]) for lg in logits[1:]]
+            seen.update({(inst.id, tuple(c)): d for c, d in zip(candidates, out)})
+            return out
+
+        return logit_drop
 
     def _variants(self, instances: list[Instance], split, model_fp: str) -> None:
         s = self.settings

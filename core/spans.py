@@ -284,6 +284,29 @@ def candidate_chunks(text: str, start: int | None, end: int | None, aspect: str 
     return sorted(chunks, key=lambda c: (c[1] - c[0], c[0]))
 
 
+def category_candidates(text: str) -> list[tuple[int, int]]:
+    """Candidate spans for an aspect that is a category, not a mention (SentiHood's "price" of
+    LOCATION1): every clause and every sentence of the text, duplicates removed, shortest first;
+    the whole text only when there is nothing smaller. :func:`choose_by_importance` then picks the
+    one the model's decision on that aspect depends on most."""
+    segs = _segments(text, len(text), len(text))
+    if not segs:
+        return [_whole(text)]
+    clauses, sentences = [[segs[0]]], {}
+    for prev, seg in zip(segs, segs[1:]):
+        if prev.right_cut >= _CLAUSE_CUT:
+            clauses.append([seg])
+        else:
+            clauses[-1].append(seg)
+    for seg in segs:
+        sentences.setdefault(seg.sentence, []).append(seg)
+    ranges = [(group[0].start, group[-1].end) for group in [*clauses, *sentences.values()]]
+    chunks = {_strip(text, a, b) for a, b in ranges}
+    chunks = {c for c in chunks if c[0] < c[1] and any(ch.isalnum() for ch in text[c[0]:c[1]])}
+    smaller = {c for c in chunks if coverage(c, text) < WHOLE_TEXT_COVERAGE}
+    return sorted(smaller or chunks or {_whole(text)}, key=lambda c: (c[1] - c[0], c[0]))
+
+
 # ------------------------------------------------------------------------------- RC answers
 
 
@@ -398,17 +421,19 @@ def refine_by_importance(
     progress: bool = True,
     *,
     replace_sources: Collection[str] = ("heuristic", "whole"),
+    candidates_for: Callable[[Instance], list[tuple[int, int]]] | None = None,
 ) -> dict[str, Span]:
     """A copy of ``spans`` where each span whose source is in ``replace_sources`` (by default
     the heuristic and whole-text fallbacks; RC answers and manual corrections are kept) is
-    replaced by the most important of its :func:`candidate_chunks` and itself; a span that
-    changes gets the source ``"importance"``."""
+    replaced by the most important of its candidates (``candidates_for(instance)``, by default
+    :func:`candidate_chunks`) and itself; a span that changes gets the source ``"importance"``."""
     refined = dict(spans)
     for inst in tqdm(instances, desc="importance spans", unit="instance", disable=not progress, file=sys.stderr):
         current = spans.get(inst.id)
         if current is None or current.source not in replace_sources:
             continue
-        candidates = candidate_chunks(inst.text, inst.start, inst.end, inst.aspect)
+        candidates = (candidates_for(inst) if candidates_for is not None
+                      else candidate_chunks(inst.text, inst.start, inst.end, inst.aspect))
         if (current.start, current.end) not in candidates:
             candidates.append((current.start, current.end))
         chosen = choose_by_importance(candidates, lambda c, inst=inst: logit_drop_for_instance(inst, c))
@@ -461,3 +486,32 @@ def span_stats(instances: Sequence[Instance], spans: dict[str, Span], tokenizer:
         "mean_span_text_ratio": sum(s / max(t, 1) for s, t in zip(span_lens, text_lens)) / n,
         "by_source": dict(Counter(spans[i.id].source for i in covered)),
     }
+
+
+def category_span_quality(instances: Sequence[Instance], anchored: dict[str, Span], chosen: dict[str, Span],
+                          drops: dict[tuple[str, tuple[int, int]], float]) -> dict[str, Any]:
+    """How the spans chosen for category aspects compare with the target-anchored ones: how many
+    changed; their mean importance (the predicted class's logit drop when the span is masked,
+    Eq. 3); and, over pairs of instances of one text with different labels, how many get the
+    very same span (one span cannot explain two opposite sentiments)."""
+    if not instances:
+        return {}
+
+    def pair(spans: dict[str, Span], inst: Instance) -> tuple[int, int]:
+        return spans[inst.id].start, spans[inst.id].end
+
+    by_text: dict[str, list[Instance]] = {}
+    for inst in instances:
+        by_text.setdefault(inst.text, []).append(inst)
+    conflicts = [(a, b) for group in by_text.values() for k, a in enumerate(group) for b in group[k + 1:]
+                 if a.label != b.label]
+
+    def mean_drop(spans: dict[str, Span]) -> float | None:
+        values = [drops[i.id, pair(spans, i)] for i in instances if (i.id, pair(spans, i)) in drops]
+        return round(sum(values) / len(values), 4) if values else None
+
+    return {"instances": len(instances), "changed": sum(pair(anchored, i) != pair(chosen, i) for i in instances),
+            "mean_importance_anchored": mean_drop(anchored), "mean_importance_chosen": mean_drop(chosen),
+            "conflicting_pairs": len(conflicts),
+            "conflicting_pairs_sharing_a_span_anchored": sum(pair(anchored, a) == pair(anchored, b) for a, b in conflicts),
+            "conflicting_pairs_sharing_a_span_chosen": sum(pair(chosen, a) == pair(chosen, b) for a, b in conflicts)}

@@ -23,7 +23,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .model import HiddenCache, Params, SplitModel, length_batches, load_params, predict, save_params, top_forward
+from .model import (
+    HiddenCache,
+    Params,
+    SplitModel,
+    length_batches,
+    load_params,
+    predict,
+    save_params,
+    top_forward,
+)
 from .workspace import write_json_atomic
 
 STATE_FILE, MOMENTS_FILE = "state.json", "optimizer.safetensors"

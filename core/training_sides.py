@@ -46,7 +46,9 @@ class TrainingSide(Protocol):
 
 
 class IndexedSide:
-    """Training rows from the gradient index."""
+    """Training rows from the gradient index, streamed block by block from its memory-mapped
+    files (memory bounded whatever N is; on the test vectors' device), corrected spans' rows
+    from its overlay."""
 
     def __init__(self, index: GradientIndex):
         self.index = index
@@ -54,7 +56,18 @@ class IndexedSide:
         self.n = len(index.ids)
 
     def dot_many(self, point: str, requests: Requests) -> dict[Hashable, torch.Tensor]:
-        return {key: vecs.float() @ self.index.matrix(point, kind).T for key, (kind, vecs) in requests.items()}
+        out = {}
+        for kind in dict.fromkeys(kind for kind, _ in requests.values()):
+            keys = [key for key, (k, _) in requests.items() if k == kind]
+            vecs = torch.cat([requests[key][1].float() for key in keys])  # every request of a kind: one pass
+            dots = torch.empty(vecs.shape[0], self.n, device=vecs.device)
+            for start, block in self.index.blocks(point, kind):
+                dots[:, start : start + block.shape[0]] = vecs @ block.to(vecs.device, non_blocking=True).T
+            if (patched := self.index.overlay(point, kind)) is not None:
+                dots[:, patched[0].to(vecs.device)] = vecs @ patched[1].to(vecs.device).T
+            sizes = [requests[key][1].shape[0] for key in keys]
+            out |= dict(zip(keys, (part.cpu() for part in torch.split(dots, sizes))))
+        return out
 
     def gauss_newton(self) -> torch.Tensor:
         return self.index.gauss_newton()

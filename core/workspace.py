@@ -172,9 +172,11 @@ class Workspace:
 
 
 def instance_row(inst: Instance, span: Span | None) -> dict:
-    """The JSONL row of an instance with its span."""
+    """The JSONL row of an instance with its span: ``span`` (in use; the importance stage may
+    replace it) and ``span_detected`` (what the spans stage found, which that stage reuses)."""
     row = asdict(inst)
     row["span"] = None if span is None else {"start": span.start, "end": span.end, "source": span.source}
+    row["span_detected"] = row["span"]
     return row
 
 

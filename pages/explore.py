@@ -94,6 +94,8 @@ def card(hit: Hit, method: str) -> Html:
     extra = {"aspect": r.aspect, "id": r.id}
     if METHODS.resolve(method).test_span and test.span:
         extra["test span"] = test.text[test.span[0]:test.span[1]]
+    if r.span_truncated:
+        extra["note"] = "span past the token limit: masking it changes nothing, so its span scores are 0"
     if r.verdict in ("fix", "wrong"):
         extra["note"] = ("span corrected by an annotator (the index uses the corrected span)" if r.verdict == "fix"
                          else "span marked wrong by an annotator")

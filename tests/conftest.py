@@ -32,7 +32,8 @@ def tiny_settings(data_dir: Path, backbone: Path, **overrides):
 @pytest.fixture(scope="session")
 def tiny_workspace(tmp_path_factory, data_dir, tiny_backbone) -> Path:
     """A prepared workspace with an exact (unprojected) gradient index; treat as read-only."""
-    from core.index import IndexSettings, build_index
+    from core.index import IndexSettings
+    from core.index_build import build_index
     from core.prepare import prepare
     from core.workspace import Workspace
 

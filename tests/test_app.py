@@ -508,6 +508,7 @@ def test_workspaces_lists_shows_manifest_and_creates_one(tmp_path, tiny_workspac
     root = tmp_path / "workspaces"
     copy_workspace(tiny_workspace, root, "tiny")
     monkeypatch.setenv("SPANLENS_WORKSPACES", str(root))
+    monkeypatch.setenv("SPANLENS_DATA_ROOTS", str(tmp_path))  # the data below lies under tmp_path
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.switch_page("pages/workspaces.py").run()
     listing = at.dataframe[0].value

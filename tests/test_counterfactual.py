@@ -88,3 +88,23 @@ def test_the_app_shows_lds_where_users_look(workspace, monkeypatch):
     at = run("pages/explore.py", test=backend.instances("test")[0].id, methods="TracIn++,TracIn", k="3")
     notes = [c.value for c in at.caption if "LDS on this workspace" in c.value]
     assert len(notes) == 1 and notes[0].startswith(f"span-LDS on this workspace: {100 * report.lds.loc['TracIn++', 'lds']:.1f}")
+
+
+def test_reports_combine_across_seeds(workspace, tmp_path):
+    from core.evaluate.combine import combine_reports
+
+    settings = EvalSettings(methods=("TracIn", "TracIn++"), ks=(3,), kmax=3, test_limit=4, ral=(), faithfulness_runs=0)
+    backend = Backend(workspace, device="cpu")
+    first = run_evaluation(backend, settings, tmp_path / "a", **QUIET)
+    run_evaluation(backend, settings, tmp_path / "b", **QUIET)
+    summary = combine_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "both")
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "both" / "combined_table3.csv").set_index(["row", "column"])
+    cell = table.loc[("Lag@3", "TracIn++")]
+    assert summary["n"] == 2 and cell["mean"] == pytest.approx(first.table3.loc["Lag@3", "TracIn++"]) and cell.sd == 0
+    assert "± 0.00" in (tmp_path / "both" / "combined.md").read_text()
+    run_evaluation(backend, EvalSettings(methods=("TracIn",), ks=(3,), kmax=3, test_limit=3, ral=(),
+                                         faithfulness_runs=0), tmp_path / "c", **QUIET)
+    with pytest.raises(ValueError, match="differ in methods, test_limit"):
+        combine_reports([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")

@@ -15,7 +15,8 @@ from core.engine import TestInput as Query
 from core.ggn import gauss_newton_batch
 from core.gradients import GradientCollector, Projector, loss_weights
 from core.ihvp import DampedInverse, LissaSettings, lissa
-from core.index import GradientIndex, IndexSettings, build_index
+from core.index import GradientIndex, IndexSettings
+from core.index_build import build_index
 from core.model import HiddenCache, SplitModel
 from core.registry import METHODS
 from core.scoring import ScoreSettings
@@ -361,14 +362,14 @@ def test_lissa_converges_to_explicit_inverse():
 def test_lissa_reports_divergence():
     split, cache, y = _convex_problem(n=10)
     v = {n: torch.ones_like(p) * 1e3 for n, p in split.top_params().items()}
-    result = lissa(split, cache, y, v, LissaSettings(depth=200, damping=1.5, scale=0.004, clip=1e9))
+    result = lissa(split, cache, y, v, LissaSettings(depth=200, damping=0.99, scale=100.0, clip=1e30))  # |0.99 - 100 lambda_max| > 1
     assert result.diverged and not result.converged and result.steps < 200
 
 
 def test_index_resumes_after_interruption(tiny_workspace, tmp_path, monkeypatch):
     import shutil
 
-    import core.index as index_mod
+    import core.index_build as index_mod
 
     root = tmp_path / "ws"
     shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("store.sqlite*"))
@@ -474,7 +475,7 @@ def test_interrupted_span_patch_is_redone(tiny_workspace, tmp_path, monkeypatch)
     it. Corrections of test spans never touch the index."""
     import shutil
 
-    import core.index as index_module
+    import core.index_build as index_module
 
     root = tmp_path / "ws"
     shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("store.sqlite*"))
@@ -536,3 +537,14 @@ def test_cli_explains_several_methods(tiny_workspace, tmp_path, capsys, monkeypa
                             "argument --lissa-depth: must be at least 1")):
         assert main([*base, *extra]) == 2, extra
         assert message in capsys.readouterr().err
+
+
+def test_lissa_settings_are_checked_and_the_model_mode_restored():
+    with pytest.raises(ValueError, match="damping must lie in"):
+        LissaSettings(damping=1.5)
+    with pytest.raises(ValueError, match="clip must be positive"):
+        LissaSettings(clip=0)
+    split, cache, y = _convex_problem(n=6)
+    split.top.train()
+    lissa(split, cache, y, {n: torch.ones_like(p) for n, p in split.top_params().items()}, LissaSettings(depth=3))
+    assert split.top.training

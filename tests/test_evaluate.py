@@ -11,9 +11,15 @@ import torch
 from core import metrics
 from core.__main__ import main
 from core.backend import Backend
-from core.evaluate import EvalSettings, load_report, retrain_accuracy, run_evaluation, select_tests
-from core.index import IndexSettings
 from core.engine import Engine
+from core.evaluate import (
+    EvalSettings,
+    load_report,
+    retrain_accuracy,
+    run_evaluation,
+    select_tests,
+)
+from core.index import IndexSettings
 from core.model import HiddenCache, load_backbone, split_model
 from core.training import TrainConfig
 

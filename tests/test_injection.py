@@ -17,7 +17,8 @@ from streamlit.testing.v1 import AppTest
 
 from core.backend import Backend
 from core.cases import save_case_study
-from core.index import IndexSettings, build_index
+from core.index import IndexSettings
+from core.index_build import build_index
 from core.prepare import prepare
 from core.spanfix import word_tokens
 from core.views import case_html, report_html

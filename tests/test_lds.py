@@ -348,8 +348,8 @@ def test_predictions_signs_and_undefined_correlations():
 def real(tiny_workspace):
     """The tiny workspace's model at theta, its caches as CachePairs (6 test inputs) and initial state."""
     from core.evaluate import initial_state
-    from core.index import load_workspace_model
     from core.model import compute_prefix, mask_span
+    from core.points import load_workspace_model
     from core.workspace import Workspace
 
     ws = Workspace(tiny_workspace)

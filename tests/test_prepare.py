@@ -1,6 +1,8 @@
 """`prepare`: stages, manifest, resume after interruption, stale-part invalidation, presets."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -110,3 +112,28 @@ def test_presets_and_overrides():
     assert demo.model == "minilm" and demo.trainable_layers == 2 and demo.variants == 3
     with pytest.raises(ValueError, match="unknown preset"):
         PrepareSettings.from_preset("fast")
+
+
+def test_category_aspects_get_spans_chosen_by_importance(tmp_path, data_dir, tiny_backbone):
+    """SentiHood's aspects are categories: their spans are the most important clause or sentence of
+    the text for that aspect, and the manifest compares them with the target-anchored ones."""
+    from core.prepare import prepare
+    from core.spans import category_candidates
+    from core.workspace import Workspace
+    from tests.conftest import tiny_settings
+
+    settings = tiny_settings(data_dir, tiny_backbone, dataset="sentihood", train_limit=24, eval_limit=8, epochs=1)
+    manifest = prepare(settings, tmp_path / "ws", progress=False, log=lambda _: None)
+    stats = manifest.stages["importance"]["category"]
+    rows = Workspace(tmp_path / "ws").load_instances()
+    assert stats["instances"] == len(rows) and stats["conflicting_pairs"] >= stats["conflicting_pairs_sharing_a_span_chosen"]
+    assert stats["mean_importance_chosen"] >= stats["mean_importance_anchored"]  # the chosen one is the most important
+    for row in rows:
+        span = (row["span"]["start"], row["span"]["end"])
+        assert row["span"]["source"] in ("importance", "heuristic", "whole")
+        if row["span"]["source"] == "importance":
+            assert span in category_candidates(row["text"])
+    anchored = prepare(dataclasses.replace(settings, category_spans="anchored"), tmp_path / "ws", progress=False,
+                       log=lambda _: None)
+    assert anchored.stages["importance"]["category"] == {}
+    assert all(r["span"]["source"] != "importance" for r in Workspace(tmp_path / "ws").load_instances())

@@ -100,7 +100,8 @@ def test_cli_shows_a_corrected_training_span(workspace, capsys):
 
 def test_opening_a_backend_never_rebuilds_its_index(workspace, tmp_path):
     """Defect 6: a Backend opened without index settings uses the index as built (here d = 64)."""
-    from core.index import IndexSettings, build_index
+    from core.index import IndexSettings
+    from core.index_build import build_index
     from core.workspace import Workspace
 
     build_index(Workspace(workspace), IndexSettings(dim=64, batch_size=8), **QUIET)

@@ -337,3 +337,31 @@ def test_span_stats_on_a_toy_set() -> None:
     assert stats["mean_text_tokens"] == (len(PAPER.split()) + 2) / 2
     assert stats["mean_span_text_ratio"] == pytest.approx((4 / len(PAPER.split()) + 1.0) / 2)
     assert stats["by_source"] == {"heuristic": 1, "whole": 1}
+
+
+def test_category_candidates_are_every_clause_and_sentence() -> None:
+    from core.spans import category_candidates
+
+    text = "LOCATION1 is expensive but LOCATION2 is cheap. I love LOCATION2, it is safe"
+    got = [text[a:b] for a, b in category_candidates(text)]
+    assert {"LOCATION1 is expensive", "LOCATION2 is cheap", "I love LOCATION2", "it is safe"} <= set(got)
+    assert "LOCATION1 is expensive but LOCATION2 is cheap" in got  # the first sentence
+    assert text not in got  # the whole text only when nothing is smaller
+    assert [b - a for a, b in category_candidates(text)] == sorted(b - a for a, b in category_candidates(text))
+    assert category_candidates("Cheap") == [(0, 5)]
+
+
+def test_category_span_quality_counts_spans_shared_by_opposite_labels() -> None:
+    from core.spans import Span, category_span_quality
+
+    text = "LOCATION1 is expensive but LOCATION2 is cheap"
+    a = Instance("a", "train", text, "location1 price", "negative", 0, 9, meta={"category": "price"})
+    b = Instance("b", "train", text, "location2 price", "positive", 27, 36, meta={"category": "price"})
+    whole = Span(0, len(text), "heuristic")
+    anchored = {"a": whole, "b": whole}  # one clause for both: it cannot explain opposite labels
+    chosen = {"a": Span(0, 22, "importance"), "b": Span(27, len(text), "importance")}
+    drops = {("a", (0, len(text))): 1.0, ("b", (0, len(text))): 1.0, ("a", (0, 22)): 3.0, ("b", (27, len(text))): 2.0}
+    stats = category_span_quality([a, b], anchored, chosen, drops)
+    assert stats == {"instances": 2, "changed": 2, "mean_importance_anchored": 1.0, "mean_importance_chosen": 2.5,
+                     "conflicting_pairs": 1, "conflicting_pairs_sharing_a_span_anchored": 1,
+                     "conflicting_pairs_sharing_a_span_chosen": 0}

@@ -107,8 +107,8 @@ def test_trak_on_logistic_regression_equals_the_closed_form():
     """Binary logistic regression on fixed features x: phi(z) = s(z) (x) [x, 1] with s = e_y - e_other,
     so TRAK is the closed form x'^T (X^T X + lambda I)^-1 x (1 - p) in those coordinates."""
     from core.engine import TestBatch
-    from core.points import LoadedModel, PointSet
     from core.model import SplitModel
+    from core.points import LoadedModel, PointSet
     from core.training_sides import InMemorySide
 
     torch.manual_seed(0)

@@ -186,7 +186,7 @@ def test_card_refuses_unescaped_text() -> None:
 
 def test_method_colours_fixed_and_distinct() -> None:
     assert METHODS.names() == ["IF", "IF+", "IF++", "TracIn", "TracInF", "TracIn+", "TracIn++", "GroundTruth",
-                               "Control"]
+                               "Control", "EKFAC", "EKFAC++", "TRAK", "TRAK++"]
     colours = METHODS.colours()
     assert colours["IF++"] == "#CC79A7" and colours["TracIn++"] == "#0072B2" and colours["GroundTruth"] == "#000000"
     assert len(set(c.lower() for c in colours.values())) == len(METHODS)
@@ -194,6 +194,7 @@ def test_method_colours_fixed_and_distinct() -> None:
     assert {dashes[m] for m in ("IF", "IF+", "IF++")} == {"dash"}
     assert {dashes[m] for m in ("TracIn", "TracInF", "TracIn+", "TracIn++")} == {"solid"}
     assert dashes["GroundTruth"] == "dot" and dashes["Control"] not in ("dash", "solid")
+    assert {dashes[m] for m in ("EKFAC", "EKFAC++", "TRAK", "TRAK++")} == {"longdash"}
     assert METHODS.resolve("gt").name == "GroundTruth" and METHODS.resolve("IF++").colour == colours["IF++"]
 
 

@@ -11,10 +11,10 @@ import numpy as np
 
 from .. import metrics
 from ..engine import TestInput
+from ..index import IndexUnavailable
 from ..registry import METHODS, MethodSpec
 from ..scoring import result_key
 from ..workspace import fingerprint
-from ..index import IndexUnavailable
 from .settings import METHOD_GROUPS, EvalSettings
 
 if TYPE_CHECKING:
@@ -56,13 +56,11 @@ class Evaluation:
         self.backend, self.settings, self.out_dir, self.progress, self.log = backend, settings, out_dir, progress, log
         self.phases = Phases(settings, on_progress)
         self.store = backend.store
-        # one snapshot of the index for the whole run: a span corrected meanwhile counts from the next run
+        # one snapshot of the index for the whole run (its overlay of corrected spans is read when it
+        # opens, the base matrices never change): a span corrected meanwhile counts from the next run
         self.index = backend.sync_spans()
         self.engine = backend.engine(exact=False)
         self.fixes = self.index.meta.get("overrides", {})
-        for point in self.index.points:  # read now, before any later patch
-            for kind in self.index.kinds:
-                self.index.matrix(point, kind)
         self.notes: list[str] = []
         self.reported = self._available(settings)
         self.faith = settings.faithfulness_runs > 0

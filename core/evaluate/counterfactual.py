@@ -18,7 +18,15 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..lds import CachePair, CacheRetrainer, RetrainOutputs, lds_scores, run_lds, sample_subsets, summarise
+from ..lds import (
+    CachePair,
+    CacheRetrainer,
+    RetrainOutputs,
+    lds_scores,
+    run_lds,
+    sample_subsets,
+    summarise,
+)
 from ..model import HiddenCache, compute_prefix, mask_span
 from ..registry import MethodSpec
 from ..representations import REPRESENTATIONS

@@ -18,8 +18,8 @@ import pandas as pd
 from .. import metrics
 from ..engine import Engine, TestInput
 from ..model import HiddenCache, length_batches
-from ..training import variants_like
 from ..registry import METHODS
+from ..training import variants_like
 from ..training_sides import RoutedSide, StreamedSide
 from .context import Evaluation, span_of
 from .settings import RUN_SEED_STEP, select_tests

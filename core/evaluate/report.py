@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 
 from .. import metrics
-from ..stats import bootstrap_ci
-from .counterfactual import lds_table
 from ..engine import TestInput
+from ..stats import bootstrap_ci
 from .context import Evaluation
+from .counterfactual import lds_table
 from .paper import DATASETS, PAPER_SOURCE, PAPER_TABLE3, PAPER_TABLE4
 from .settings import Selection
 
