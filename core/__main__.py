@@ -1,4 +1,4 @@
-"""Command line: ``python -m core {fetch-data,prepare,index,explain,evaluate} ...`` (``-h`` on each).
+"""Command line: ``python -m core {fetch-data,prepare,import,index,explain,evaluate,combine} ...`` (``-h`` on each).
 
 Every option is checked before any work starts; errors are one line on stderr with exit code 2
 (an interruption: exit code 130, and the work resumes when the command is run again).
@@ -78,11 +78,22 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--variant-optimizer", choices=["adamw", "sgd"],
                    help="the variants' single step: AdamW's first step (default) or plain SGD")
     p.add_argument("--max-length", type=_number(int, 8, name="a whole number"), help="max tokens per (aspect, text) pair")
+    _span_options(p)
+    _build_options(p)
+
+
+def _span_options(p) -> None:
+    p.add_argument("--input-format", choices=["auto", "aspect", "single", "pair"],
+                   help="what the model reads from a JSONL/CSV row: (aspect, text) pairs, a single text (sentiment, "
+                        "topic ...), or a text pair (text_a/text_b or premise/hypothesis); default auto: from the columns")
     p.add_argument("--category-spans", choices=["importance", "anchored"],
                    help="spans of category aspects (SentiHood): the most important clause or sentence of the text "
                         "for that aspect (Eq. 3; default), or the clause of the target mention")
     p.add_argument("--span-importance", action=argparse.BooleanOptionalAction, default=None,
                    help="choose spans among candidate chunks by the logit drop (paper Eq. 3)")
+
+
+def _build_options(p) -> None:
     p.add_argument("--seed", type=NON_NEGATIVE)
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--no-index", action="store_true", help="stop before building the gradient index")
@@ -90,10 +101,53 @@ def _prepare_parser(sub) -> None:
     _with_option(p)
 
 
+def _import_parser(sub) -> None:
+    p = sub.add_parser("import", help="explain a classifier fine-tuned elsewhere: a model folder + a dataset -> a "
+                                      "workspace (nothing retrained)",
+                       description="Import a local save_pretrained folder of a sequence classifier (BERT, RoBERTa, "
+                                   "DistilBERT, DeBERTa-v2/v3, ELECTRA ...) with the data it was fine-tuned on. Its "
+                                   "labels come from config.json (id2label); its Trainer checkpoint-* folders, when "
+                                   "present, are TracIn's checkpoints.")
+    p.add_argument("--model", required=True, help="the fine-tuned model's folder (config.json, weights, checkpoint-*/)")
+    p.add_argument("--dataset", required=True, help="a data file or folder (JSONL, CSV, SemEval XML), mams or sentihood")
+    p.add_argument("--data-dir", help="folder holding mams-atsa/ and sentihood/ (default: $SPANLENS_DATA or ../shared/data)")
+    p.add_argument("--workspace", required=True, help="folder of the workspace to create or bring up to date")
+    p.add_argument("--rc-model", help="extractive QA model folder for reading-comprehension spans of aspects")
+    p.add_argument("--trainable-layers", type=POSITIVE,
+                   help="gradients w.r.t. the last N layers, the pooler and the head (default 2): a choice of the "
+                        "explanation, the rest held at each point's values")
+    p.add_argument("--checkpoints", type=POSITIVE, help="the last C Trainer checkpoints kept for TracIn (default 3)")
+    p.add_argument("--train-limit", type=POSITIVE, help="use a seeded random subset of this many training instances")
+    p.add_argument("--eval-limit", type=POSITIVE, help="likewise for dev and test")
+    p.add_argument("--batch-size", type=POSITIVE, help="the variants' mini-batch (default 32)")
+    p.add_argument("--variants", type=POSITIVE, help="number of variants theta + delta_i")
+    p.add_argument("--variant-lr", type=POSITIVE_FLOAT, help="learning rate of the variants' single step")
+    p.add_argument("--variant-optimizer", choices=["adamw", "sgd"])
+    p.add_argument("--max-length", type=_number(int, 8, name="a whole number"), help="max tokens per input")
+    _span_options(p)
+    _build_options(p)
+
+
 def _with_option(p) -> None:
     p.add_argument("--with", dest="extras", default="", metavar="EXTRAS",
                    help="also build what TRAK/TRAK++ (trak: the index's margin-gradient rows) and EKFAC/EKFAC++ "
                         "(ekfac: the EK-FAC factors) need, comma-separated: e.g. --with trak,ekfac")
+
+
+def _ray_options(p) -> None:
+    p.add_argument("--ray", action="store_true",
+                   help="run the parallel work (index shards, retrains) as Ray tasks on a local Ray with this "
+                        "machine's cores (--ray-cpus to choose); results are the same as without")
+    p.add_argument("--ray-address", help="run it on a running Ray cluster instead (e.g. ray://head:10001)")
+    p.add_argument("--ray-cpus", type=POSITIVE, help="CPUs of the local Ray (default: every core)")
+
+
+def _ray(args):
+    from .parallel import RaySettings
+
+    if not (args.ray or args.ray_address):
+        return None
+    return RaySettings(address=args.ray_address, num_cpus=args.ray_cpus)
 
 
 def _index_options(p) -> None:
@@ -126,21 +180,41 @@ def _index_settings(args, *, rebuild: bool = False):
 
 
 def cmd_prepare(args) -> int:
-    from .artifacts import check_extras
-    from .backend import index_workspace
     from .prepare import PrepareSettings, prepare
-    from .workspace import Workspace
 
     settings = PrepareSettings.from_preset(
         args.preset, dataset=args.dataset, data_dir=args.data_dir, model=args.model, rc_model=args.rc_model,
         train_limit=args.train_limit, eval_limit=args.eval_limit, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, trainable_layers=args.trainable_layers, checkpoints=args.checkpoints, variants=args.variants,
         variant_lr=args.variant_lr, variant_optimizer=args.variant_optimizer, max_length=args.max_length,
-        span_importance=args.span_importance, category_spans=args.category_spans, seed=args.seed, device=args.device,
+        span_importance=args.span_importance, category_spans=args.category_spans, input_format=args.input_format,
+        seed=args.seed, device=args.device,
     )
+    return _build(args, lambda: prepare(settings, args.workspace))
+
+
+def cmd_import(args) -> int:
+    from .importing import ImportSettings, import_model
+
+    given = {k: getattr(args, k) for k in ("data_dir", "rc_model", "train_limit", "eval_limit", "trainable_layers",
+                                           "checkpoints", "variants", "variant_lr", "variant_optimizer", "batch_size",
+                                           "max_length", "span_importance", "category_spans", "input_format", "seed",
+                                           "device")}
+    settings = ImportSettings(model=args.model, dataset=args.dataset,
+                              **{k: v for k, v in given.items() if v is not None})
+    return _build(args, lambda: import_model(settings, args.workspace))
+
+
+def _build(args, make) -> int:
+    """Check the index options, make the workspace (``make()`` returns its manifest), build its
+    index unless --no-index, and print the summary."""
+    from .artifacts import check_extras
+    from .backend import index_workspace
+    from .workspace import Workspace
+
     index_settings = _index_settings(args, rebuild=True)
     extras = check_extras(parse_list(args.extras))
-    manifest = prepare(settings, args.workspace)
+    manifest = make()
     if not args.no_index:
         index_workspace(Workspace(args.workspace), index_settings, device=args.device, extras=extras)
         manifest = Workspace(args.workspace).manifest()
@@ -167,6 +241,9 @@ def _summary(manifest) -> None:
     for key in ("dev_accuracy", "test_accuracy", "best_epoch", "index"):
         if key in manifest.results:
             print(f"  {key}: {manifest.results[key]}")
+    missing = manifest.stages.get("model", {}).get("checkpoints_missing")
+    if missing:
+        print(f"  unavailable: TracIn, Control and TRAK (no checkpoints: {missing})")
 
 
 def cmd_index(args) -> int:
@@ -210,8 +287,9 @@ def _explain_parser(sub) -> None:
                        description="Explain a prediction with the top-K training instances of one or more methods.")
     p.add_argument("--workspace", required=True)
     p.add_argument("--test-id", help="id of a dataset instance (see instances.jsonl)")
-    p.add_argument("--test-text", help="a new review to explain (with --aspect)")
-    p.add_argument("--aspect")
+    p.add_argument("--test-text", help="a new text to explain (with --aspect, or --text-a for a text pair)")
+    p.add_argument("--aspect", "--text-a", dest="aspect",
+                   help="the aspect of --test-text; for a workspace of text pairs, the pair's first text")
     p.add_argument("--method", action="append", required=True,
                    help=f"repeatable, or comma-separated: {METHODS.help_text()}")
     p.add_argument("--label", default="predicted",
@@ -233,13 +311,14 @@ def cmd_explain(args) -> int:
     if not methods:
         raise ValueError("--method needs a method name")
     if (args.test_text is None) == (args.test_id is None):
-        raise ValueError("give either --test-id ID or --test-text TEXT --aspect ASPECT")
-    if args.test_text is not None and not args.aspect:
-        raise ValueError("--test-text needs --aspect")
+        raise ValueError("give either --test-id ID or --test-text TEXT (with --aspect ASPECT for aspects)")
     settings = _scoring(args, args.exact)
     backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
     if args.test_text is not None:
-        test = backend.new_input(args.test_text, args.aspect, args.label)
+        if not args.aspect and backend.input_format != "single":
+            raise ValueError("--test-text needs --aspect" if backend.input_format == "aspect" else
+                             "--test-text needs the pair's first text (--text-a)")
+        test = backend.new_input(args.test_text, args.aspect or "", args.label)
     else:
         test = backend.test_input(args.test_id, args.label)
     explanations = backend.explain_many(test, methods, k=args.k, settings=settings)
@@ -291,7 +370,8 @@ def _print_table(backend, test, exp, opponents: bool) -> None:
         for hit in hits:
             r = backend.by_id[hit.train_id]
             text = r.text if not r.span else f"{r.text[:r.span.start]}[{r.text[r.span.start:r.span.end]}]{r.text[r.span.end:]}"
-            print(f"  {hit.rank:>3} {hit.score:>+11.4g}  {r.label:<8} {r.aspect!r}: {text[:140]}")
+            first = f"{r.aspect!r}: " if r.aspect else ""  # a single text has no aspect
+            print(f"  {hit.rank:>3} {hit.score:>+11.4g}  {r.label:<8} {first}{text[:140]}")
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -307,8 +387,9 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--kmax", type=POSITIVE, default=100, help="K-curves for K = 1..kmax")
     p.add_argument("--test-limit", type=NON_NEGATIVE, default=200, help="test instances (0 = all eligible)")
     p.add_argument("--out", help="report folder (default: WORKSPACE/evaluation)")
-    p.add_argument("--ral", default="20,50",
-                   help="removal percentages for Ral, or none; each is one retrain per method (minutes each on full MAMS)")
+    p.add_argument("--ral", help="removal percentages for Ral, or none; each is one retrain per method (minutes each on "
+                                 "full MAMS); default 20,50 (none for an imported model: Ral retrains from the "
+                                 "backbone's initial state, which an imported model does not have)")
     p.add_argument("--faithfulness-runs", type=NON_NEGATIVE, default=5, help="runs of table 4 (0 = skip faithfulness)")
     p.add_argument("--lds", action="store_true",
                    help="LDS and span-LDS: retrain on --lds-subsets random subsets (twice: removing instances, "
@@ -317,6 +398,7 @@ def _evaluate_parser(sub) -> None:
                    help="subsets M for LDS (default 50; each is one retrain per intervention)")
     p.add_argument("--lds-alpha", type=_number(float, 0, above=True), default=0.5,
                    help="fraction of the training set in each subset (default 0.5)")
+    _ray_options(p)
     _scoring_options(p)
     p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the test sample and the random baselines")
     p.add_argument("--batch", type=POSITIVE, default=16, help="test instances scored together")
@@ -332,16 +414,18 @@ def cmd_evaluate(args) -> int:
     from .evaluate import EvalSettings, run_evaluation
     from .ihvp import DEFAULT_DAMPING, LissaSettings
     from .lds import LdsSettings
+    from .workspace import Workspace
 
     out = Path(args.out) if args.out else Path(args.workspace) / "evaluation"
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder for the report")
+    imported = Workspace(args.workspace).manifest().settings.get("imported")
     settings = EvalSettings(
         methods=parse_list(args.methods), ks=args.k, kmax=args.kmax, test_limit=args.test_limit or None,
-        ral=parse_list(args.ral, float), faithfulness_runs=args.faithfulness_runs, ihvp=args.ihvp,
+        ral=parse_list(args.ral or ("none" if imported else "20,50"), float), faithfulness_runs=args.faithfulness_runs, ihvp=args.ihvp,
         damping=DEFAULT_DAMPING if args.damping is None else args.damping,
         lissa=LissaSettings(depth=args.lissa_depth), paper_signs=args.paper_signs, seed=args.seed, batch=args.batch,
-        lds=LdsSettings(args.lds_subsets, args.lds_alpha, args.seed) if args.lds else None,
+        lds=LdsSettings(args.lds_subsets, args.lds_alpha, args.seed) if args.lds else None, ray=_ray(args),
     )
     backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
     report = run_evaluation(backend, settings, out, progress=not args.quiet)
@@ -386,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dest", required=True)
     f.add_argument("--datasets", nargs="+", default=["mams", "sentihood"], choices=["mams", "sentihood"])
     _prepare_parser(sub)
+    _import_parser(sub)
     i = sub.add_parser("index", help="build (or resume) the gradient index of a prepared workspace")
     i.add_argument("--workspace", required=True)
     i.add_argument("--device")
@@ -401,8 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"fetch-data": cmd_fetch, "prepare": cmd_prepare, "index": cmd_index, "explain": cmd_explain,
-            "evaluate": cmd_evaluate, "combine": cmd_combine}
+COMMANDS = {"fetch-data": cmd_fetch, "prepare": cmd_prepare, "import": cmd_import, "index": cmd_index,
+            "explain": cmd_explain, "evaluate": cmd_evaluate, "combine": cmd_combine}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -28,7 +28,7 @@ def extras_for(specs: Iterable[MethodSpec]) -> list[str]:
     """The extras these methods need, in :data:`EXTRAS` order."""
     needed = set()
     for spec in specs:
-        needed |= {group_of(kind) for kind in (spec.train,)} - {"grad"}
+        needed |= {group_of(kind) for kind in (spec.train, spec.test)} - {"grad"}
         if spec.inverse == "ekfac":
             needed.add("ekfac")
     return [e for e in EXTRAS if e in needed]

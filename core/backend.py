@@ -40,11 +40,12 @@ from .index import (
 )
 from .index_build import build_index, patch_spans
 from .instances import InstanceRecord, Instances
-from .model import HiddenCache, compute_prefix, mask_span, predict
-from .points import LoadedModel, load_workspace_model
+from .model import HiddenCache, compute_prefix, logit_drops, mask_span, predict
+from .points import LoadedModel, PointSet, load_workspace_model
+from .prefixes import TrainPrefixes
 from .registry import METHODS, MethodSpec
 from .scoring import ScoreSettings, result_key
-from .spans import clause_span, find_aspect
+from .spans import category_candidates, choose_by_importance, clause_span, find_aspect
 from .store import Store
 from .training_sides import IndexedSide, StreamedSide
 from .workspace import Workspace, fingerprint
@@ -53,6 +54,10 @@ KEEP = 100
 """Hits kept per stored explanation (the app's K-curves run to 100)."""
 PROFILE = "profile"
 """The results-cache method name under which :meth:`Backend.profile` stores its answers."""
+
+
+class MethodUnavailable(IndexUnavailable):
+    """A method this workspace cannot run; the message says why and what would make it run."""
 
 
 def index_workspace(ws: Workspace, settings: IndexSettings, *, device: str | None = None, progress: bool = True,
@@ -142,12 +147,21 @@ class Backend:
             raise ValueError(f"unknown label {label!r}; use predicted, gold or one of {', '.join(self.manifest.labels)}")
         return record.test_input(label)
 
-    def new_input(self, text: str, aspect: str, label: str = "predicted") -> TestInput:
-        """A review not in the dataset; its span from the heuristic around the aspect, which must
-        occur in the text."""
-        if not text.strip() or not aspect.strip():
-            raise ValueError("both a text and an aspect are needed")
-        if find_aspect(text, aspect) is None:
+    @property
+    def input_format(self) -> str:
+        """What the model reads (:mod:`core.formats`): ``aspect``, ``single`` or ``pair``."""
+        return self.manifest.stages.get("data", {}).get("input_format", "aspect")
+
+    def new_input(self, text: str, aspect: str = "", label: str = "predicted") -> TestInput:
+        """A text not in the dataset. (aspect, text): its span from the heuristic around the aspect,
+        which must occur in the text. A single text (``aspect`` ignored) or a pair (``aspect``: its
+        first text): its span by the importance rule over the text's clauses and sentences."""
+        fmt = self.input_format
+        aspect = "" if fmt == "single" else aspect
+        if not text.strip() or (fmt != "single" and not aspect.strip()):
+            raise ValueError({"aspect": "both a text and an aspect are needed", "single": "a text is needed",
+                              "pair": "both texts of the pair are needed"}[fmt])
+        if fmt == "aspect" and find_aspect(text, aspect) is None:
             raise ValueError(f"the aspect {aspect!r} does not occur in the review; give a word or phrase of it")
         self.loaded.encode(aspect, text)  # ValueError when the aspect alone exceeds the token limit
         if label == "gold":
@@ -155,7 +169,16 @@ class Backend:
         if label != "predicted" and label not in self.manifest.labels:
             raise ValueError(f"unknown label {label!r}; use predicted or one of {', '.join(self.manifest.labels)}")
         explained = None if label == "predicted" else label
-        return TestInput(aspect, text, explained, clause_span(text, None, None, aspect), None)
+        span = clause_span(text, None, None, aspect) if fmt == "aspect" else self.important_span(aspect, text)
+        return TestInput(aspect, text, explained, span, None)
+
+    def important_span(self, aspect: str, text: str) -> tuple[int, int]:
+        """The clause or sentence of ``text`` whose masking lowers theta's predicted logit most
+        (paper Eq. 3), as ``prepare`` and ``import`` choose the spans of single texts and pairs."""
+        enc = self.loaded.encode(aspect, text)
+        with self.lock, self.loaded.at("final"):
+            return choose_by_importance(category_candidates(text), lambda spans: logit_drops(
+                self.loaded.split, self.loaded.tokenizer, enc, spans, device=self.loaded.device))
 
     # the model and the index ---------------------------------------------------------------
     @property
@@ -195,7 +218,9 @@ class Backend:
                 full, labels = self.train_cache()
                 masked = HiddenCache.load(index.root / "prefix-masked.safetensors")
                 projector = Projector(loaded.split, None, 0, loaded.device)
-                side = StreamedSide(loaded, projector, full, masked, labels, index.settings.batch_size)
+                prefixes = TrainPrefixes(self.ws, loaded) if loaded.own_bottoms() else None  # imported checkpoints
+                side = StreamedSide(loaded, projector, full, masked, labels, index.settings.batch_size,
+                                    prefixes=prefixes)
             else:
                 projector = Projector(loaded.split, index.settings.dim, index.settings.seed, loaded.device)
                 side = IndexedSide(index)
@@ -204,8 +229,16 @@ class Backend:
         return self._engines[exact]
 
     def check_methods(self, specs: Sequence[MethodSpec]) -> None:
-        """IndexUnavailable, with the command that builds them, when these methods need extras
-        (TRAK rows, EK-FAC factors) the workspace lacks."""
+        """MethodUnavailable, with the reason, when these methods need parameter points the
+        workspace has none of (an imported model without Trainer checkpoints); IndexUnavailable,
+        with the command that builds them, when they need extras (TRAK rows, EK-FAC factors) the
+        workspace lacks."""
+        lacking = [s for s in specs if not PointSet.from_manifest(self.manifest).groups.get(s.points)]
+        if lacking:
+            names = ", ".join(s.name for s in lacking)
+            why = self.manifest.stages.get("model", {}).get("checkpoints_missing", "this workspace has none")
+            raise MethodUnavailable(f"{names} need{'s' if len(lacking) == 1 else ''} the model's training "
+                                    f"{lacking[0].points}: {why}")
         have = {"trak": "trak" in self.index.groups, "ekfac": ekfac_ready(self.ws)}
         missing = [e for e in extras_for(specs) if not have[e]]
         if missing:

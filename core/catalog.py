@@ -13,7 +13,7 @@ from typing import Any
 from .data import LAYOUT, default_data_dir
 from .index import IndexSettings, saved_settings
 from .prepare import PrepareSettings
-from .workspace import STAGES, Workspace
+from .workspace import STAGES, Manifest, Workspace
 
 WORKSPACES_ENV = "SPANLENS_WORKSPACES"
 DATA_ROOTS_ENV = "SPANLENS_DATA_ROOTS"
@@ -172,6 +172,21 @@ def settings_for(dataset: str, data_dir: str | None, backbone: str, size: str, *
                                        **SIZE_PRESETS[size], **overrides)
 
 
+def span_source(manifest: Manifest) -> str:
+    """Where the workspace's spans come from, in words (a person's corrections aside)."""
+    settings, stages = manifest.settings, manifest.stages
+    model = "the imported model" if settings.get("imported") else "the trained classifier"
+    if stages.get("data", {}).get("input_format", "aspect") != "aspect":
+        return f"the importance rule (paper Eq. 3) over each text's clauses and sentences, with {model}"
+    found = (f"reading comprehension with the QA model {settings['rc_model']} (the clause heuristic where it fails)"
+             if settings.get("rc_model") else "the clause heuristic around the aspect (no QA model)")
+    if settings.get("span_importance"):
+        found += f", then the importance rule (Eq. 3) among candidate chunks with {model}"
+    if stages.get("importance", {}).get("category"):
+        found += f"; category aspects: the importance rule over clauses and sentences with {model}"
+    return found
+
+
 def manifest_summary(root: Path) -> dict[str, Any]:
     """What the Workspaces page shows: sizes, the data report, accuracy, span stats, index, timings,
     settings."""
@@ -201,4 +216,8 @@ def manifest_summary(root: Path) -> dict[str, Any]:
         "timings": timings,
         "settings": manifest.settings,
         "versions": manifest.versions,
+        "span_source": span_source(manifest) if manifest.settings else "",
+        "imported": ({key: stages.get("model", {}).get(key) for key in ("imported_from", "checkpoints",
+                                                                        "checkpoints_missing")}
+                     if manifest.settings.get("imported") else None),
     }

@@ -9,7 +9,8 @@ Sources understood by :func:`load_dataset`:
 * ``"mams"`` / ``"sentihood"``: the public data sets in the folder layout of :data:`LAYOUT`
   (``python -m core fetch-data --dest DIR`` downloads them).
 * a file: SemEval-2014 XML (``.xml``), SentiHood JSON (``.json``), or JSONL/CSV (``.jsonl``,
-  ``.csv``) with fields ``text, aspect, label`` and optional ``from, to, term, split, id``.
+  ``.csv``) with fields ``text, aspect, label`` and optional ``from, to, term, split, id`` (or
+  the fields of single texts and text pairs: :mod:`core.formats`).
 * a folder holding one such file per split, named ``train``/``val`` or ``dev``/``test``
   (optionally with a prefix: ``sentihood-train.json``).
 """
@@ -27,6 +28,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from . import formats
 
 SPLITS = ("train", "dev", "test")
 
@@ -96,6 +99,7 @@ class FileReport:
     instances: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
+    input_format: str = "aspect"
 
     def summary(self) -> str:
         where = f" [{self.split}]" if self.split else ""
@@ -126,12 +130,13 @@ class LoadReport:
 
 @dataclass
 class Dataset:
-    """Instances by split (always the keys of :data:`SPLITS`), the label set and the load report."""
+    """Instances by split (the keys of :data:`SPLITS`), label set, load report, input format."""
 
     name: str
     labels: tuple[str, ...]
     splits: dict[str, list[Instance]]
     report: LoadReport
+    input_format: str = "aspect"
 
     def all(self) -> list[Instance]:
         """Every instance: train, then dev, then test."""
@@ -150,13 +155,16 @@ class Dataset:
 
 
 class _File:
-    """Reading context for one file: place-naming errors and the label policy."""
+    """Reading context for one file: place-naming errors, the label policy, the input format."""
 
-    def __init__(self, path: Path, split: str | None, labels: tuple[str, ...] | None, conflict: str):
+    def __init__(self, path: Path, split: str | None, labels: tuple[str, ...] | None, conflict: str,
+                 input_format: str = "auto", open_labels: bool = False):
         self.path = path
         self.split = split
         self.labels = labels
         self.conflict = conflict
+        self.input_format = input_format
+        self.open_labels = open_labels
         self.report = FileReport(path, split)
 
     def error(self, where: str, message: str) -> DataError:
@@ -168,7 +176,7 @@ class _File:
             raise self.error(where, f"missing or empty polarity ({raw!r})")
         label = raw.strip().lower()
         allowed = self.labels if self.labels is not None else KNOWN_LABELS
-        if label in allowed:
+        if label in allowed or (self.open_labels and label != CONFLICT):
             return label
         if label != CONFLICT and label not in KNOWN_LABELS:
             raise self.error(where, f"unknown polarity {raw!r} (expected one of {', '.join(allowed)})")
@@ -375,7 +383,8 @@ def _csv_rows(f: _File) -> list[tuple[int, dict]]:
         if not reader.fieldnames:
             raise f.error("line 1", "empty file; expected a header with text, aspect, label")
         reader.fieldnames = [name.strip().lower() for name in reader.fieldnames]
-        missing = [c for c in ("text", "aspect", "label") if c not in reader.fieldnames]
+        fmt = formats.detect(reader.fieldnames) if f.input_format == "auto" else f.input_format
+        missing = [c for c in formats.required(fmt, reader.fieldnames) if c not in reader.fieldnames]
         if missing:
             raise f.error("line 1", f"missing column(s) {', '.join(missing)} in the header")
         for row in reader:
@@ -389,20 +398,23 @@ def _csv_rows(f: _File) -> list[tuple[int, dict]]:
 
 
 def _read_records(f: _File, name: str, rows: list[tuple[int, dict]]) -> Found:
-    """JSONL/CSV rows: text, aspect, label and optional from, to, term, split, id."""
+    """JSONL/CSV rows (:mod:`core.formats`) and optional from, to, term (aspect format), split, id."""
     has_split = any(row.get("split") not in (None, "") for _, row in rows)
+    fmt = f.input_format if f.input_format != "auto" else formats.detect(rows[0][1].keys() if rows else ())
+    f.report.input_format, f.open_labels = fmt, f.open_labels or fmt != "aspect"  # other tasks: any labels
+    if fmt != "aspect":
+        f.report.notes.append(f"input format: {formats.DESCRIPTIONS[fmt]}")
     found: Found = []
     for n, row in rows:
         where = f"line {n}"
-        missing = [k for k in ("text", "aspect", "label") if row.get(k) is None]
-        if missing:
-            raise f.error(where, f"missing field(s) {', '.join(missing)}")
-        text, aspect = row["text"], row["aspect"]
-        for key, value in (("text", text), ("aspect", aspect)):
-            if not isinstance(value, str) or not value.strip():
-                raise f.error(where, f"empty or non-string {key} ({value!r})")
+        try:
+            aspect, text = formats.inputs(row, fmt)
+        except ValueError as err:
+            raise f.error(where, str(err)) from None
         start, end = row.get("from"), row.get("to")
-        if start in (None, "") and end in (None, ""):
+        if fmt != "aspect":
+            start = end = None  # no aspect mention
+        elif start in (None, "") and end in (None, ""):
             start, end = _find(text, aspect)
         elif start in (None, "") or end in (None, ""):
             raise f.error(where, "give both 'from' and 'to', or neither")
@@ -426,7 +438,7 @@ def _read_records(f: _File, name: str, rows: list[tuple[int, dict]]) -> Found:
         raw_id = row.get("id")
         iid = str(raw_id) if raw_id not in (None, "") else f"{name}/{split}/{n}"
         found.append((Instance(iid, split, text, aspect, label, start, end), f"{f.path}: {where}"))
-    f.report.sentences = len({row["text"] for _, row in rows})
+    f.report.sentences = len({formats.inputs(row, fmt)[1] for _, row in rows})
     return found
 
 
@@ -454,9 +466,10 @@ def _is_blank(path: Path) -> bool:
         return False  # the reader says why it cannot read it
 
 
-def _collect(files: Iterable[tuple[Path, str | None, str]], name: str,
-             labels: tuple[str, ...] | None, conflict: str) -> tuple[dict[str, list[Instance]], LoadReport]:
-    """Read ``files`` (path, split or None, format), checking that ids are unique across them."""
+def _collect(files: Iterable[tuple[Path, str | None, str]], name: str, labels: tuple[str, ...] | None,
+             conflict: str, input_format: str = "auto",
+             open_labels: bool = False) -> tuple[dict[str, list[Instance]], LoadReport]:
+    """Read ``files`` (path, split or None, format), checking that ids are unique, one input format."""
     if conflict not in ("skip", "error"):
         raise ValueError(f"conflict must be 'skip' or 'error', not {conflict!r}")
     splits: dict[str, list[Instance]] = {split: [] for split in SPLITS}
@@ -465,7 +478,9 @@ def _collect(files: Iterable[tuple[Path, str | None, str]], name: str,
     for path, split, fmt in files:
         if _is_blank(path):
             raise DataError(f"{path}: the file is empty; expected {EXPECTED[fmt]}")
-        f = _File(path, split, labels, conflict)
+        if fmt in ("xml", "sentihood") and formats.check_format(input_format) not in ("auto", "aspect"):
+            raise DataError(f"{path}: holds (aspect, text) pairs; input format {input_format!r} needs JSONL/CSV")
+        f = _File(path, split, labels, conflict, input_format, open_labels)
         per_split: Counter[str] = Counter()
         for inst, where in _READERS[fmt](f, name):
             if inst.id in seen:
@@ -473,6 +488,9 @@ def _collect(files: Iterable[tuple[Path, str | None, str]], name: str,
             seen[inst.id] = where
             splits[inst.split].append(inst)
             per_split[inst.split] += 1
+        if report.files and f.report.input_format != report.files[0].input_format:
+            raise DataError(f"{path} holds {formats.DESCRIPTIONS[f.report.input_format]}, but "
+                            f"{report.files[0].path} holds {formats.DESCRIPTIONS[report.files[0].input_format]}")
         f.report.instances = sum(per_split.values())
         if split is None:
             f.report.notes.append("instances per split: " + ", ".join(f"{s} {per_split[s]}" for s in SPLITS))
@@ -518,14 +536,18 @@ def _split_files(folder: Path) -> list[tuple[Path, str | None, str]]:
 
 
 def load_dataset(source: str, data_dir: str | Path | None = None, *, conflict: str = "skip",
-                 labels: Sequence[str] | None = None) -> Dataset:
+                 labels: Sequence[str] | None = None, input_format: str = "auto",
+                 open_labels: bool = False) -> Dataset:
     """Load ``"mams"``, ``"sentihood"``, a data file or a folder of split files.
 
     ``data_dir`` (default :func:`default_data_dir`) is where the named data sets live; it is not
     used for file or folder sources. ``labels`` overrides the label set (default: fixed for named
     data sets, the known polarities present for user files). Items whose label is ``conflict`` or
     a known polarity outside the label set are dropped and counted (``conflict="skip"``) or raise
-    (``conflict="error"``); any other label raises :class:`DataError`.
+    (``conflict="error"``); any other label raises :class:`DataError`. With ``open_labels`` (and
+    for single texts and text pairs) every label is read as it is (but an unlisted ``conflict``),
+    and the label set is the labels present. ``input_format`` (:mod:`core.formats`): how JSONL/CSV
+    rows are read; ``auto`` from their columns.
     """
     label_set = tuple(label.lower() for label in labels) if labels else None
     if source in LAYOUT:
@@ -547,11 +569,13 @@ def load_dataset(source: str, data_dir: str | Path | None = None, *, conflict: s
         else:
             raise DataError(f"{source}: no such file or folder, and not a known data set "
                             f"({', '.join(LAYOUT)})")
-    splits, report = _collect(files, name, label_set, conflict)
-    if label_set is None:
-        present = {inst.label for part in splits.values() for inst in part}
-        label_set = tuple(label for label in KNOWN_LABELS if label in present)
-    return Dataset(name, label_set, splits, report)
+    splits, report = _collect(files, name, label_set, conflict, input_format, open_labels)
+    fmt = report.files[0].input_format if report.files else "aspect"
+    present = {inst.label for part in splits.values() for inst in part}
+    if label_set is None or open_labels:
+        known = [label for label in KNOWN_LABELS if label in present]
+        label_set = tuple(known + sorted(present - set(known)))
+    return Dataset(name, label_set, splits, report, fmt)
 
 
 def save_instances(instances: Iterable[Instance], path: str | Path) -> Path:

@@ -2,7 +2,8 @@
 
 Every method is ``score(z) = sum_p w_p * T_p . X_p(z)`` (:mod:`core.registry`). The engine forms
 the test-side vectors T_p (one backward pass per point and representation, on the frozen-prefix
-states of the test inputs), applies the method's inverse Hessian (:mod:`core.inverses`), and asks
+states of the test inputs: theta's bottom, or the point's own for an imported model's checkpoint),
+applies the method's inverse Hessian (:mod:`core.inverses`), and asks
 the training side (:mod:`core.training_sides`) for the inner products with X_p(z).
 :meth:`Engine.scores_many` scores several methods at once and computes what they share - test
 vectors, inverse-Hessian products, training passes - once.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,8 +32,9 @@ from .training_sides import TrainingSide
 
 @dataclass(frozen=True)
 class TestInput:
-    """The instance to explain: the pair, the label to explain (None: the model's prediction),
-    its span, its id when it is a dataset instance, and its gold label when known."""
+    """The instance to explain: the pair (an empty aspect for a single text; a pair's first text in
+    its place), the label to explain (None: the model's prediction), its span, its id when it is a
+    dataset instance, and its gold label when known."""
 
     aspect: str
     text: str
@@ -89,9 +92,13 @@ class Engine:
         self._inverses: dict[str, InverseHessian] = {}
 
     # test side ---------------------------------------------------------------------------
-    def test_batch(self, tests: Sequence[TestInput], masked: bool = True) -> TestBatch:
-        """Frozen-prefix states of the test inputs, each followed by its span-masked copy when
-        ``masked``, the labels to explain, and which tests' masks change no token."""
+    def test_batch(self, tests: Sequence[TestInput], masked: bool = True, point: str = "final",
+                   labels: torch.Tensor | None = None) -> TestBatch:
+        """Frozen-prefix states of the test inputs on ``point``'s bottom (theta's unless it has its
+        own), each followed by its span-masked copy when ``masked``, the labels to explain (given,
+        or found at theta), and which tests' masks change no token."""
+        if labels is None and self.loaded.bottom(point) != "final":
+            labels = self.test_batch(tests, False).labels
         tok = self.loaded.tokenizer
         encs, spanless = [], []
         for q, t in enumerate(tests):
@@ -101,8 +108,10 @@ class Engine:
                 encs.append(mask_span(e, t.span[0], t.span[1], tok.mask_token_id) if t.span else e)
                 if encs[-1] == e:
                     spanless.append(q)
-        cache = compute_prefix(self.loaded.split, encs, tok.pad_token_id, device=self.loaded.device, progress=False)
-        return TestBatch(cache, self._labels(tests, cache, 2 if masked else 1), masked, spanless)
+        with self.loaded.at(point) if self.loaded.bottom(point) != "final" else nullcontext():
+            cache = compute_prefix(self.loaded.split, encs, tok.pad_token_id, device=self.loaded.device, progress=False)
+        labels = self._labels(tests, cache, 2 if masked else 1) if labels is None else labels
+        return TestBatch(cache, labels, masked, spanless)
 
     def _labels(self, tests: Sequence[TestInput], cache: HiddenCache, step: int) -> torch.Tensor:
         """The labels to explain; the prediction at theta where a test input names none."""
@@ -122,7 +131,7 @@ class Engine:
         e(z') is one gradient of out(z') - out(z'_-kl) per test (the two inputs' tokens side by
         side), not two gradients subtracted."""
         span = REPRESENTATIONS[rep].span
-        batch = batch or self.test_batch(tests, masked=span)
+        batch = batch or self.test_batch(tests, masked=span, point=point)
         rows = [r for q in range(len(tests)) for r in batch.rows(q, rep)]
         h, m = batch.cache.batch(rows, self.loaded.device)
         with self.loaded.at(point), GradientCollector(self.loaded.split, self.projector) as col:
@@ -168,7 +177,7 @@ class Engine:
         """Scores of several methods, computing each shared test vector, inverse-Hessian product
         and training pass once: per point, one request per distinct (training kind, test vector)."""
         started = time.perf_counter()
-        batch = self.test_batch(tests, masked=any(s.test_span for s in specs))
+        batches = {"final": self.test_batch(tests, masked=any(s.test_span for s in specs))}
         totals: dict[str, torch.Tensor] = {}
         approx = {s.name: {"projection": self.projector.describe(), "exact": self.side.exact,
                            "points": self.points.of(s.points, s.name), "paper_signs": settings.paper_signs}
@@ -178,7 +187,11 @@ class Engine:
             for point in self.points.of(s.points, s.name):
                 by_point.setdefault(point, []).append(s)
         for point, group in by_point.items():
-            wanted, requests = self._requests(tests, batch, point, group, settings, approx)
+            bottom = self.loaded.bottom(point)  # an imported model's checkpoint runs on its own bottom
+            if bottom not in batches:
+                theta = batches["final"]
+                batches[bottom] = self.test_batch(tests, theta.masked, bottom, theta.labels)
+            wanted, requests = self._requests(tests, batches[bottom], point, group, settings, approx)
             dots = self.side.dot_many(point, requests)
             for s in group:
                 part = self.points.weight(s.weights, point, s.points) * dots[wanted[s.name]]

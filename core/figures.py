@@ -33,8 +33,6 @@ def _hover_snippet(text: str) -> str:
     return "<br>".join(plot_text(line) for line in textwrap.wrap(text, HOVER_WIDTH))
 
 
-
-
 def gauge_figure(value: float, reference: float, title: str, *,
                  axis_range: tuple[float, float] = (0.0, 1.0), colour: str | None = None) -> go.Figure:
     """A gauge of ``value`` with its difference to ``reference`` (e.g. Sag@K against random)."""

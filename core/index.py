@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import mmap
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -145,6 +146,8 @@ class GradientIndex:
         self.settings = saved_settings(meta_path) or IndexSettings()
         self._maps: dict[str, np.ndarray] = {}
         self._overlays = {(g, p): _load_overlay(root, g, p) for g in self.groups for p in self.group_points[g]}
+        for name in [f"{p}.{k}.npy" for g in self.groups for p in self.group_points[g] for k in KIND_GROUPS[g]]:
+            self._map(name)  # every file mapped now: a rebuild replaces files, never these mappings
 
     def _map(self, name: str) -> np.ndarray:
         """A matrix file, memory-mapped read-only (once)."""
@@ -167,11 +170,13 @@ class GradientIndex:
         from the mapped file without the overlay (see :meth:`overlay`)."""
         self._check(kind, point)
         mapped = self._map(f"{point}.{kind}.npy")
-        rows = rows or max(1, BLOCK_BYTES // max(1, mapped.shape[1] * mapped.itemsize))
+        row_bytes = max(1, mapped.shape[1] * mapped.itemsize)
+        rows = rows or max(1, BLOCK_BYTES // row_bytes)
         for start in range(0, mapped.shape[0], rows):
             with warnings.catch_warnings():  # read-only pages: never written through
                 warnings.simplefilter("ignore", UserWarning)
                 yield start, torch.from_numpy(mapped[start : start + rows])
+            _release(mapped, start * row_bytes, rows * row_bytes)
 
     def overlay(self, point: str, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(positions, rows) of the corrected training spans that replace base rows, or None."""
@@ -211,6 +216,17 @@ class GradientIndex:
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+
+
+def _release(mapped: np.ndarray, start: int, length: int) -> None:
+    """Drop a block's pages from this process (they stay in the OS page cache, shared): a query's
+    resident memory stays about one block, whatever the matrix's size."""
+    raw = getattr(mapped, "_mmap", None)
+    if raw is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    first = mapped.offset % mmap.ALLOCATIONGRANULARITY + start  # the array's place in the mapping
+    aligned = first - first % mmap.PAGESIZE
+    raw.madvise(mmap.MADV_DONTNEED, aligned, min(length + first - aligned, len(raw) - aligned))
 
 
 def open_index(ws: Workspace) -> GradientIndex:

@@ -50,12 +50,12 @@ from .index import (
 from .model import (
     Encoded,
     HiddenCache,
-    compute_prefix,
     encode_pairs,
     length_batches,
     mask_span,
 )
 from .points import LoadedModel, PointSet, load_workspace_model
+from .prefixes import TrainPrefixes
 from .representations import REPRESENTATIONS
 from .training_rows import training_gradients
 from .workspace import Workspace, write_json_atomic
@@ -186,13 +186,9 @@ def _patch(ws: Workspace, index: GradientIndex, overrides: Overrides, loaded: Lo
     write_json_atomic(root / "meta.json", meta)
     started = time.perf_counter()
     if where:
-        masked_cache = HiddenCache.load(root / "prefix-masked.safetensors")
-        fresh = compute_prefix(loaded.split, _masked_encodings(loaded, [rows[n] for n in where], overrides),
-                               loaded.tokenizer.pad_token_id, device=loaded.device, progress=False)
-        for n, state in zip(where, fresh.states):
-            masked_cache.states[n] = state
-        masked_cache.save(root / "prefix-masked.safetensors")  # a new file: readers (a running evaluation) keep theirs
-        computed = _span_rows(ws, meta, loaded, settings, masked_cache, rows, where)
+        prefixes = TrainPrefixes(ws, loaded)
+        prefixes.patch(where, _masked_encodings(loaded, [rows[n] for n in where], overrides))  # on every bottom
+        computed = _span_rows(meta, loaded, settings, prefixes, rows, where)
         for group, point in _pairs(meta):
             _rewrite_overlay(root, meta, group, point, rows, wanted, computed, index)
     meta["overrides"] = wanted
@@ -202,17 +198,16 @@ def _patch(ws: Workspace, index: GradientIndex, overrides: Overrides, loaded: Lo
     return GradientIndex(root)
 
 
-def _span_rows(ws: Workspace, meta: dict, loaded: LoadedModel, settings: IndexSettings, masked_cache: HiddenCache,
+def _span_rows(meta: dict, loaded: LoadedModel, settings: IndexSettings, prefixes: TrainPrefixes,
                rows: list[dict], where: list[int]) -> dict[int, dict[str, np.ndarray]]:
     """Per position in ``where``: its span rows at every point ("point.kind") and emb(x_-ij)."""
-    full_cache = HiddenCache.load(ws.root / "prefix" / "train.safetensors")
     labels = torch.tensor([loaded.labels.index(r["label"]) for r in rows])
     batches = [where[i : i + settings.batch_size] for i in range(0, len(where), settings.batch_size)]
     projector = Projector(loaded.split, settings.dim, settings.seed, loaded.device)
     out: dict[int, dict[str, np.ndarray]] = {n: {} for n in where}
     for point in meta["points"]:
         span_kinds = [k for g, p in _pairs(meta) if p == point for k in KIND_GROUPS[g] if REPRESENTATIONS[k].span]
-        for batch in training_gradients(loaded, projector, full_cache, masked_cache, labels, point, batches,
+        for batch in training_gradients(loaded, projector, *prefixes.pair(point), labels, point, batches,
                                         kinds=span_kinds):
             for j, n in enumerate(batch.rows):
                 out[n] |= {f"{point}.{k}": batch.vectors[k][j].numpy() for k in span_kinds}
@@ -252,8 +247,8 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
     loaded = loaded or load_workspace_model(ws, device)
     rows = _training_rows(ws)
     labels = torch.tensor([loaded.labels.index(r["label"]) for r in rows])
-    full_cache = HiddenCache.load(ws.root / "prefix" / "train.safetensors")
-    masked_cache = _masked_cache(root, loaded, rows, overrides, progress)
+    prefixes = TrainPrefixes(ws, loaded, lambda: _masked_encodings(loaded, rows, overrides), progress=progress)
+    full_cache = prefixes.pair("final")[0]
     projector = Projector(loaded.split, settings.dim, settings.seed, loaded.device)
     points = loaded.point_set.names()
     point_fps = {p: variants_fp if p.startswith("variant-") else shared for p in points}
@@ -266,7 +261,7 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
     for number, (group, point) in enumerate(todo):
         report = None if on_progress is None else (
             lambda b, at=number: on_progress((at + b / max(len(batches), 1)) / len(todo)))
-        _build_point(root, meta, group, point, loaded, projector, (full_cache, masked_cache, labels), batches,
+        _build_point(root, meta, group, point, loaded, projector, (*prefixes.pair(point), labels), batches,
                      progress, report)
     loaded.use("final")
     elapsed = time.perf_counter() - started
@@ -278,17 +273,6 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
     log(f"[index] built: {n} training instances x {len(points)} points x d={projector.dim} "
         f"({', '.join(meta['groups'])}) in {meta['seconds']:.1f}s")
     return GradientIndex(root)
-
-
-def _masked_cache(root: Path, loaded: LoadedModel, rows: list[dict], overrides: Overrides, progress: bool) -> HiddenCache:
-    """The frozen-prefix states of the span-masked training inputs (made once per index)."""
-    path = root / "prefix-masked.safetensors"
-    if path.exists():
-        return HiddenCache.load(path)
-    cache = compute_prefix(loaded.split, _masked_encodings(loaded, rows, overrides), loaded.tokenizer.pad_token_id,
-                           device=loaded.device, desc="frozen prefix (masked spans)", progress=progress)
-    cache.save(path)  # a fresh index: the overrides go in from the start
-    return cache
 
 
 def _pairs(meta: dict) -> list[tuple[str, str]]:

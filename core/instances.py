@@ -150,4 +150,5 @@ def option_label(record: InstanceRecord, width: int = 90) -> str:
     text = _SPACES.sub(" ", record.text).strip()
     if len(text) > width:
         text = text[:width - 1] + "…"
-    return f"{_SPACES.sub(' ', record.aspect).strip()} · {text}"
+    aspect = _SPACES.sub(" ", record.aspect).strip()
+    return f"{aspect} · {text}" if aspect else text

@@ -47,7 +47,7 @@ class FastInverse:
 
     def apply(self, engine: "Engine", batch: "TestBatch", point: str, rep: str,
               vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        return self.inverse.solve(vecs.double().cpu()).float(), self.inverse.describe()
+        return self.inverse.solve(vecs.double().cpu()).float().to(vecs.device), self.inverse.describe()
 
 
 class LissaInverse:
@@ -76,7 +76,7 @@ class EkfacInverse:
 
     def apply(self, engine: "Engine", batch: "TestBatch", point: str, rep: str,
               vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        info = {"mode": "ekfac", "lambda": self.damping, "corrected": self.factors.corrected,
+        info = {"mode": "ekfac", "lambda": float(f"{self.damping:.12g}"), "corrected": self.factors.corrected,
                 "examples": self.factors.examples}
 
         def one(dense: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -98,7 +98,8 @@ class FeatureInverse:
             gram = self.side.feature_gram(point)
             self._inverses[point] = DampedInverse(gram, self.ridge * float(torch.diagonal(gram).mean()) or self.ridge)
         inverse = self._inverses[point]
-        return inverse.solve(vecs.double().cpu()).float(), {"mode": "trak", "ridge": self.ridge, "lambda": inverse.lam}
+        return (inverse.solve(vecs.double().cpu()).float().to(vecs.device),
+                {"mode": "trak", "ridge": self.ridge, "lambda": inverse.lam})
 
 
 def _per_test(engine: "Engine", batch: "TestBatch", rep: str, one, skipped: dict, mode: str) -> tuple[torch.Tensor, dict]:
@@ -108,11 +109,11 @@ def _per_test(engine: "Engine", batch: "TestBatch", rep: str, one, skipped: dict
     out, info = [], []
     for q in range(batch.labels.shape[0]):
         if batch.masked and q in batch.spanless and REPRESENTATIONS[rep].span:
-            out.append(torch.zeros(engine.projector.dim))
+            out.append(torch.zeros(engine.projector.dim, device=engine.loaded.device))
             info.append(skipped | {"skipped": "the span masks no token"})
             continue
         vec, described = one(engine.dense_test_gradient(batch, q, rep))
-        out.append(vec)
+        out.append(vec.to(engine.loaded.device))
         info.append(described)
     return torch.stack(out).float(), info[0] if len(info) == 1 else {"mode": mode, "runs": info}
 

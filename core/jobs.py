@@ -1,4 +1,4 @@
-"""Background jobs of the app's server process: building a workspace, running an evaluation.
+"""Background jobs of the app's server process: building (or importing) a workspace, running an evaluation.
 
 A job runs in a daemon thread; pages read its ``lines``, ``state``, ``stage`` and ``fraction``
 while it runs, so it survives browser reloads (not a server stop: the work resumes when started
@@ -16,6 +16,7 @@ from typing import Any
 
 from .catalog import REQUEST_FILE, index_settings_of
 from .data import DataError
+from .importing import ImportSettings, import_model
 from .index import IndexSettings
 from .prepare import PrepareSettings, prepare
 from .workspace import STAGES, Workspace, write_json_atomic
@@ -78,12 +79,13 @@ class Job:
 
 
 class PrepareJob(Job):
-    """``prepare`` then the index build (both resume by themselves); the bar moves with their
-    progress callbacks: each stage's weight times the fraction of it done."""
+    """``prepare`` (or ``import``, given :class:`ImportSettings`) then the index build (both resume
+    by themselves); the bar moves with their progress callbacks: each stage's weight times the
+    fraction of it done."""
 
     kind = "prepare"
 
-    def __init__(self, root: Path, settings: PrepareSettings, index_settings: IndexSettings) -> None:
+    def __init__(self, root: Path, settings: PrepareSettings | ImportSettings, index_settings: IndexSettings) -> None:
         super().__init__(root)
         self.settings, self.index_settings = settings, index_settings
         self._stage = "data"
@@ -98,12 +100,14 @@ class PrepareJob(Job):
     def begin(self) -> None:
         """Record the request, so the workspace is listed at once and resumes as asked."""
         self.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.root / REQUEST_FILE, {"prepare": asdict(self.settings), "index": asdict(self.index_settings)})
+        kind = "import" if isinstance(self.settings, ImportSettings) else "prepare"
+        write_json_atomic(self.root / REQUEST_FILE, {kind: asdict(self.settings), "index": asdict(self.index_settings)})
 
     def work(self) -> None:
         from .backend import index_workspace
 
-        prepare(self.settings, self.root, progress=False, log=self.log, on_progress=self.on_progress)
+        build = import_model if isinstance(self.settings, ImportSettings) else prepare
+        build(self.settings, self.root, progress=False, log=self.log, on_progress=self.on_progress)
         self.on_progress("index", 0.0)
         index_workspace(Workspace(self.root), self.index_settings, device=self.settings.device, progress=False,
                         log=self.log, on_progress=lambda f: self.on_progress("index", f))
@@ -164,11 +168,14 @@ def forget_jobs(root: Path) -> None:
             del _JOBS[k]
 
 
-def resume_settings(root: Path) -> tuple[PrepareSettings, IndexSettings] | None:
+def resume_settings(root: Path) -> tuple[PrepareSettings | ImportSettings, IndexSettings] | None:
     """The settings to finish an interrupted workspace with (request file, else manifest)."""
     request = root / REQUEST_FILE
     if request.exists():
         data = json.loads(request.read_text())
-        return PrepareSettings(**data["prepare"]), IndexSettings(**data["index"])
+        made = ImportSettings(**data["import"]) if "import" in data else PrepareSettings(**data["prepare"])
+        return made, IndexSettings(**data["index"])
     settings = Workspace(root).manifest().settings
-    return (PrepareSettings(**settings), index_settings_of(root)) if settings else None
+    if not settings:
+        return None
+    return (ImportSettings if settings.get("imported") else PrepareSettings)(**settings), index_settings_of(root)

@@ -4,12 +4,13 @@ parameter files (training, checkpoints and variants: :mod:`core.training`).
 The model is split once into a *bottom* (embeddings + all encoder layers below the trainable
 subset, run once per input) and a *top* (the last N encoder layers + pooler + head) that takes
 the bottom's hidden states as ``inputs_embeds``. Both are shallow structural copies of the one
-Hugging Face model, so they share its parameter tensors; any sequence-classification model whose
-base model has ``embeddings`` and ``encoder.layer`` (BERT, RoBERTa, DeBERTa, ELECTRA ...) works.
+Hugging Face model, so they share its parameter tensors. The architectures that can be split are
+those of :data:`LAYER_LISTS` (where each keeps its list of layers); any other is refused by name.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,12 +49,27 @@ def load_backbone(name: str | None, labels: Sequence[str], seed: int = 0):
     """Load (model, tokenizer) for sequence classification over ``labels``.
 
     The newly initialised head is seeded, so the same (backbone, labels, seed) gives the same
-    starting point; ``model.eval()`` is set.
+    starting point (a fine-tuned classifier keeps its own head); ``model.eval()`` is set.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    path = resolve_backbone(name)
+    return load_classifier(path, labels, seed), load_tokenizer(path)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a backbone (a folder or hub id); ValueError when it has no mask token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.mask_token_id is None:
+        raise ValueError(f"backbone {path!r}: its tokenizer has no mask token, needed for spans")
+    return tokenizer
+
+
+def load_classifier(path: str, labels: Sequence[str], seed: int = 0) -> nn.Module:
+    """The sequence classifier at ``path`` (a folder or hub id) over ``labels``, in eval mode."""
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    path = resolve_backbone(name)
     torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialised head" is expected, not news
@@ -68,29 +84,67 @@ def load_backbone(name: str | None, labels: Sequence[str], seed: int = 0):
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.mask_token_id is None:
-        raise ValueError(f"backbone {name!r}: its tokenizer has no mask token, needed for spans")
-    return model.eval(), tokenizer
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- structure
 
 
+LAYER_LISTS: dict[str, tuple[str, str]] = {
+    "bert": ("encoder", "layer"),
+    "roberta": ("encoder", "layer"),
+    "xlm-roberta": ("encoder", "layer"),
+    "electra": ("encoder", "layer"),
+    "deberta-v2": ("encoder", "layer"),
+    "distilbert": ("transformer", "layer"),
+}
+"""Where each supported architecture (``config.model_type``) keeps its list of layers: (the
+module under the base model that holds it, the list's name). Every one has ``embeddings`` in the
+base model. BERT, RoBERTa, XLM-R and ELECTRA keep token type ids, DistilBERT has none; BERT and
+DeBERTa (v2 and v3) have a pooler, the others a head of their own (DistilBERT: pre_classifier +
+classifier, ELECTRA and RoBERTa: dense + out_proj); ELECTRA may project its embeddings
+(``embeddings_project``, part of the bottom)."""
+SUPPORTED = "BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DeBERTa-v2/v3, DistilBERT"
+
+
+def architecture(model_type: str, name: str) -> tuple[str, str]:
+    """Where a model type keeps its layers; ValueError naming the class ``name`` and the supported ones."""
+    if model_type not in LAYER_LISTS:
+        raise ValueError(f"{name} (model type {model_type!r}) is not supported: SpanLens splits {SUPPORTED} "
+                         f"(model types {', '.join(LAYER_LISTS)})")
+    return LAYER_LISTS[model_type]
+
+
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The encoder's layer list (``base_model.encoder.layer``) or a clear error."""
-    base = model.base_model
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList) or not hasattr(base, "embeddings"):
-        raise ValueError(
-            f"{type(model).__name__}: expected base_model.embeddings and base_model.encoder.layer "
-            "(BERT/RoBERTa/DeBERTa layout)"
-        )
+    """The list of layers of a supported architecture (:data:`LAYER_LISTS`), or a clear error."""
+    holder, name = architecture(getattr(model.config, "model_type", ""), type(model).__name__)
+    layers = getattr(getattr(model.base_model, holder, None), name, None)
+    if not isinstance(layers, nn.ModuleList) or not hasattr(model.base_model, "embeddings"):
+        raise ValueError(f"{type(model).__name__}: expected base_model.embeddings and base_model.{holder}.{name}")
     return layers
 
 
+def batch_shared(model: nn.Module) -> tuple[str, ...]:
+    """Names of the layers' linear modules whose input is shared by every example of a batch, left
+    out of the trainable subset. DeBERTa's relative attention projects its table of relative
+    position embeddings - one for the whole batch - with ``pos_key_proj`` and ``pos_query_proj``,
+    or, sharing the attention keys (v3), with ``query_proj`` and ``key_proj`` themselves: the
+    gradient reaching such an output is already summed over the batch, so no batched backward
+    pass can give its per-example gradients."""
+    config = model.config
+    if config.model_type != "deberta-v2" or not getattr(config, "relative_attention", False):
+        return ()
+    return ("query_proj", "key_proj") if getattr(config, "share_att_key", False) else ("pos_key_proj", "pos_query_proj")
+
+
+def accepts_token_types(model: nn.Module) -> bool:
+    """Whether the model's forward takes ``token_type_ids`` (DistilBERT's does not)."""
+    return "token_type_ids" in inspect.signature(model.forward).parameters
+
+
 def trainable_parameter_names(model: nn.Module, n_layers: int) -> list[str]:
-    """Names of the trainable subset: the last ``n_layers`` encoder layers, the pooler, the head.
+    """Names of the trainable subset: the last ``n_layers`` encoder layers (but their
+    :func:`batch_shared` modules), the pooler, the head.
 
     The layers are chosen by relative position (the last ones), whatever the depth. Everything
     outside the base model is head; inside it only the pooler counts.
@@ -98,7 +152,9 @@ def trainable_parameter_names(model: nn.Module, n_layers: int) -> list[str]:
     layers = encoder_layers(model)
     if not 1 <= n_layers <= len(layers):
         raise ValueError(f"trainable layers must be in 1..{len(layers)}, got {n_layers}")
-    chosen = {id(p) for layer in list(layers)[-n_layers:] for p in layer.parameters()}
+    shared = batch_shared(model)
+    chosen = {id(p) for layer in list(layers)[-n_layers:] for name, p in layer.named_parameters()
+              if name.split(".")[-2] not in shared}
     base = model.base_model
     pooler = getattr(base, "pooler", None)
     if isinstance(pooler, nn.Module):
@@ -112,9 +168,12 @@ def trainable_parameter_names(model: nn.Module, n_layers: int) -> list[str]:
 
 
 class Passthrough(nn.Module):
-    """Stands in for the embeddings of the top model: returns the cached hidden states."""
+    """Stands in for the embeddings of the top model: returns the cached hidden states (given by
+    name, or positionally as DistilBERT does: the one floating-point tensor argument)."""
 
     def forward(self, *args, inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         if inputs_embeds is None:
             raise ValueError("the top model takes cached hidden states as inputs_embeds")
         return inputs_embeds
@@ -138,6 +197,7 @@ class SplitModel:
     top: nn.Module
     trainable: list[str]
     top_to_full: dict[str, str]
+    token_types: bool = True  # whether the model takes token type ids
 
     def top_params(self) -> dict[str, nn.Parameter]:
         """The trainable parameters, keyed by their names in the full model."""
@@ -160,19 +220,21 @@ class SplitModel:
 
 
 def split_model(model: nn.Module, n_layers: int) -> SplitModel:
-    """Split ``model`` into bottom and top around its last ``n_layers`` encoder layers."""
+    """Split ``model`` into bottom and top around its last ``n_layers`` layers."""
     layers = encoder_layers(model)
     trainable = trainable_parameter_names(model, n_layers)
     base = model.base_model
+    holder_name, list_name = LAYER_LISTS[model.config.model_type]
     cut = len(layers) - n_layers
-    encoder = base.encoder
-    top_encoder = _with_modules(encoder, layer=nn.ModuleList(list(layers)[cut:]))
-    if getattr(encoder, "conv", None) is not None:  # DeBERTa's conv belongs to layer 0
-        top_encoder._modules["conv"] = None
-    top_base = _with_modules(base, embeddings=Passthrough(), encoder=top_encoder)
+    holder = getattr(base, holder_name)
+    top_holder = _with_modules(holder, **{list_name: nn.ModuleList(list(layers)[cut:])})
+    if cut and getattr(holder, "conv", None) is not None:  # DeBERTa's conv belongs to layer 0
+        top_holder._modules["conv"] = None
+    top_base = _with_modules(base, embeddings=Passthrough(), **{holder_name: top_holder})
+    top_base._modules.pop("embeddings_project", None)  # ELECTRA's projection of the embeddings: in the bottom
     prefix = model.base_model_prefix
     top = _with_modules(model, **{prefix: top_base})
-    bottom_base = _with_modules(base, encoder=_with_modules(encoder, layer=nn.ModuleList(list(layers)[:cut])))
+    bottom_base = _with_modules(base, **{holder_name: _with_modules(holder, **{list_name: nn.ModuleList(list(layers)[:cut])})})
     if "pooler" in bottom_base._modules:
         bottom_base._modules["pooler"] = None
     names = {id(p): n for n, p in model.named_parameters()}
@@ -181,7 +243,7 @@ def split_model(model: nn.Module, n_layers: int) -> SplitModel:
         raise ValueError(f"{type(model).__name__}: the top model lacks some of the trainable subset")
     for name, p in model.named_parameters():
         p.requires_grad_(name in set(trainable))
-    return SplitModel(model, bottom_base, top, trainable, top_to_full)
+    return SplitModel(model, bottom_base, top, trainable, top_to_full, accepts_token_types(base))
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -189,7 +251,8 @@ def split_model(model: nn.Module, n_layers: int) -> SplitModel:
 
 @dataclass(frozen=True)
 class Encoded:
-    """Token ids of one (aspect, text) pair; ``text_offsets[k]`` maps token k to text chars."""
+    """Token ids of one (aspect, text) pair or single text; ``text_offsets[k]`` maps token k to
+    the text's characters."""
 
     input_ids: tuple[int, ...]
     token_type_ids: tuple[int, ...]
@@ -200,7 +263,8 @@ class Encoded:
 
 
 def _check_aspects(tokenizer, aspects: set[str], max_length: int) -> None:
-    """ValueError naming the longest aspect's token count when it leaves no room for the text."""
+    """ValueError naming the longest aspect's (or a pair's first text's) token count when it leaves
+    no room for the text."""
     if not aspects:
         return
     specials = tokenizer.num_special_tokens_to_add(pair=True)
@@ -210,39 +274,40 @@ def _check_aspects(tokenizer, aspects: set[str], max_length: int) -> None:
     if n > room:
         shown = aspect if len(aspect) <= 40 else aspect[:39] + "…"
         raise ValueError(f"the aspect {shown!r} has {n} tokens, but the token limit of {max_length} leaves room for "
-                         f"{room} ({specials} special tokens and at least one token of the text); shorten the aspect")
+                         f"{room} ({specials} special tokens and at least one token of the text); shorten the aspect "
+                         "(or the first text of a pair) or raise the token limit (--max-length)")
 
 
 def encode_pairs(
     tokenizer, pairs: Sequence[tuple[str, str]], max_length: int = 128
 ) -> list[Encoded]:
-    """Tokenize (aspect, text) pairs; the text is truncated to fit ``max_length``. An aspect too
-    long to leave room for any text is a ValueError naming its token count and the limit."""
-    _check_aspects(tokenizer, {a for a, _ in pairs}, max_length)
-    out = tokenizer(
-        [a for a, _ in pairs],
-        [t for _, t in pairs],
-        truncation="only_second",
-        max_length=max_length,
-        return_offsets_mapping=True,
-        return_token_type_ids=True,
+    """Tokenize (aspect, text) pairs; the text is truncated to fit ``max_length``. An empty aspect
+    encodes the text alone (a single-text input). An aspect (or a pair's first text) too long to
+    leave room for any text is a ValueError naming its token count and the limit."""
+    _check_aspects(tokenizer, {a for a, _ in pairs if a}, max_length)
+    encoded: list[Encoded | None] = [None] * len(pairs)
+    for single in (False, True):
+        idx = [k for k, (a, _) in enumerate(pairs) if (not a) == single]
+        if not idx:
+            continue
+        texts = [pairs[k][1] for k in idx]
+        first = [] if single else [[pairs[k][0] for k in idx]]
+        out = tokenizer(*first, texts, truncation=True if single else "only_second", max_length=max_length,
+                        return_offsets_mapping=True, return_token_type_ids=True)
+        for j, k in enumerate(idx):
+            encoded[k] = _encoded(out, j, 0 if single else 1)
+    return encoded  # type: ignore[return-value]
+
+
+def _encoded(out, j: int, text_segment: int) -> Encoded:
+    """Row ``j`` of a tokenizer's output, the text being sequence ``text_segment``."""
+    offsets = tuple(
+        tuple(off) if sid == text_segment and off[1] > off[0] else None
+        for sid, off in zip(out.sequence_ids(j), out["offset_mapping"][j])
     )
-    encoded = []
-    for k in range(len(pairs)):
-        seq_ids = out.sequence_ids(k)
-        offsets = tuple(
-            tuple(off) if sid == 1 and off[1] > off[0] else None
-            for sid, off in zip(seq_ids, out["offset_mapping"][k])
-        )
-        types = out.get("token_type_ids")
-        encoded.append(
-            Encoded(
-                tuple(out["input_ids"][k]),
-                tuple(types[k]) if types is not None else (0,) * len(out["input_ids"][k]),
-                offsets,
-            )
-        )
-    return encoded
+    types = out.get("token_type_ids")
+    ids = tuple(out["input_ids"][j])
+    return Encoded(ids, tuple(types[j]) if types is not None else (0,) * len(ids), offsets)
 
 
 def span_token_positions(enc: Encoded, start: int, end: int) -> list[int]:
@@ -370,6 +435,8 @@ def compute_prefix(
     batches = length_batches([len(e) for e in encoded], batch_size)
     for idx in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
         batch = collate([encoded[i] for i in idx], pad_id, device)
+        if not split.token_types:
+            batch.pop("token_type_ids")
         hidden = split.bottom(**batch).last_hidden_state.cpu()
         for j, i in enumerate(idx):
             states[i] = hidden[j, : len(encoded[i])].clone()
@@ -403,6 +470,18 @@ def predict(
                 cls[i] = emb[j].float().cpu()
     stacked = torch.stack(logits)  # type: ignore[arg-type]
     return (stacked, torch.stack(cls)) if with_cls else stacked  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def logit_drops(split: SplitModel, tokenizer, enc: Encoded, candidates: Sequence[tuple[int, int]], *,
+                device: torch.device | str = "cpu") -> list[float]:
+    """The importance of candidate spans (paper Eq. 3): the predicted class's logit drop when each
+    span is masked, with the model as it is."""
+    variants = [enc] + [mask_span(enc, a, b, tokenizer.mask_token_id) for a, b in candidates]
+    logits = predict(split, compute_prefix(split, variants, tokenizer.pad_token_id, device=device, progress=False),
+                     device=device)
+    y = int(logits[0].argmax())
+    return [float(logits[0, y] - lg[y]) for lg in logits[1:]]
 
 
 # ----------------------------------------------------------------------------- files

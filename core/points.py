@@ -4,12 +4,18 @@ A workspace's points are listed in its manifest (``final``; ``checkpoint-K`` fro
 stage, with the learning rate of its epoch; ``variant-I`` from the variants stage), never taken
 from a directory listing: a point file that is missing is an error naming the file and the
 command that rebuilds it, so a method never runs silently on fewer points than it was built for.
+
+A point is the trainable subset's parameters; every point shares theta's bottom (the frozen
+prefix), except the checkpoints of an imported model (:mod:`core.importing`): fine-tuned in full,
+each is a whole model of its own, so it brings its own bottom too (and its own copy of any frozen
+parameter the top uses). Moving the model to such a point moves every parameter.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -18,6 +24,7 @@ from .model import (
     SplitModel,
     encode_pairs,
     load_backbone,
+    load_classifier,
     load_params,
     pick_device,
     split_model,
@@ -75,13 +82,38 @@ class LoadedModel:
     device: torch.device
     max_length: int
     point_set: PointSet = field(default_factory=lambda: PointSet({"final": ("final",)}))
+    frozen: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    """The parameters outside the trainable subset of each point with a whole model of its own
+    (and theta's, under "final"); empty when every point shares theta's bottom."""
     _at: str | None = field(default=None, init=False, repr=False)  # the point of the open `at` body
+    _bottom: str = field(default="final", init=False, repr=False)  # whose frozen parameters the model holds
+
+    def bottom(self, point: str) -> str:
+        """The point whose bottom (frozen prefix) ``point`` runs on: its own, else theta's."""
+        return point if point in self.frozen else "final"
+
+    def own_bottoms(self) -> list[str]:
+        """The points with a bottom of their own (an imported model's checkpoints)."""
+        return [p for p in self.frozen if p != "final"]
+
+    def _set_bottom(self, point: str) -> str:
+        """Point the parameters outside the trainable subset at ``point``'s bottom (no copy);
+        returns the bottom they were at."""
+        previous, wanted = self._bottom, self.bottom(point)
+        if wanted != previous:
+            params = dict(self.split.model.named_parameters())
+            for name, tensor in self.frozen[wanted].items():
+                params[name].data = tensor
+            self._bottom = wanted
+        return previous
 
     def use(self, point: str) -> None:
-        """Load a parameter point into the model (a copy into its own tensors)."""
+        """Load a parameter point into the model (a copy into its own tensors; a point with its own
+        bottom brings that in too)."""
         if self._at is not None:
             raise RuntimeError(f"use({point!r}) inside at({self._at!r}) would write into that stored point")
         self.split.load_state(self.points[point])
+        self._set_bottom(point)
 
     @contextmanager
     def at(self, point: str) -> Iterator[None]:
@@ -102,6 +134,7 @@ class LoadedModel:
         own = {name: p.data for name, p in params.items()}
         versions = {name: p._version for name, p in params.items()}
         self._at = point
+        bottom = self._set_bottom(point)
         try:
             for name, p in params.items():
                 p.data = stored[name]
@@ -110,6 +143,7 @@ class LoadedModel:
             changed = [name for name, p in params.items() if p._version != versions[name]]
             for name, p in params.items():
                 p.data = own[name]
+            self._set_bottom(bottom)
             self._at = None
         if changed:
             raise RuntimeError(f"stored point {point!r} was changed in place inside at(): {changed[:3]}")
@@ -133,6 +167,29 @@ def load_point(ws: Workspace, point: str, device: torch.device | str = "cpu") ->
         raise ValueError(f"{path}: unreadable ({err}); {redo}") from None
 
 
+def point_folders(manifest: Manifest) -> dict[str, Path]:
+    """The model folders of the points with a whole model of their own (an imported model's
+    checkpoints), by point."""
+    return {r["point"]: Path(r["folder"]) for r in manifest.stages.get("model", {}).get("checkpoints", [])
+            if r.get("folder")}
+
+
+def _own_bottoms(manifest: Manifest, split: SplitModel, device: torch.device) -> dict[str, dict[str, torch.Tensor]]:
+    """The parameters outside the trainable subset of theta and of each point with its own model."""
+    folders = point_folders(manifest)
+    if not folders:
+        return {}
+    trainable = set(split.trainable)
+    frozen = {"final": {n: p.data for n, p in split.model.named_parameters() if n not in trainable}}
+    for point, folder in folders.items():
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} (the model of {point}) is missing: the workspace reads an imported "
+                                    "model's checkpoints from its folder; put it back, or import the model again")
+        model = load_classifier(str(folder), manifest.labels, manifest.settings["seed"]).to(device)
+        frozen[point] = {n: p.data for n, p in model.named_parameters() if n not in trainable}
+    return frozen
+
+
 def load_workspace_model(ws: Workspace, device: str | None = None) -> LoadedModel:
     """Load the classifier and every parameter point the manifest lists."""
     manifest = ws.manifest()
@@ -144,6 +201,7 @@ def load_workspace_model(ws: Workspace, device: str | None = None) -> LoadedMode
     split = split_model(model.to(dev), settings["trainable_layers"])
     point_set = PointSet.from_manifest(manifest)
     points = {name: load_point(ws, name, dev) for name in point_set.names()}
-    loaded = LoadedModel(split, tokenizer, list(manifest.labels), points, dev, settings["max_length"], point_set)
+    loaded = LoadedModel(split, tokenizer, list(manifest.labels), points, dev, settings["max_length"], point_set,
+                         _own_bottoms(manifest, split, dev))
     loaded.use("final")
     return loaded

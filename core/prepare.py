@@ -8,6 +8,10 @@ removed) when it changed::
 
 Settings are range-checked when made, and the data (no instances, an empty split, a single label
 in training) before any model is loaded or any file is written; each refusal says what to do.
+
+The data may be (aspect, text) pairs, single texts or text pairs (:mod:`core.formats`). The span of
+a single text or of a pair's second text has no aspect mention to grow from: the importance rule
+(Eq. 3) picks it among the text's clauses and sentences with the trained classifier.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import formats
 from .data import (
     HASH_NOTE,
     KNOWN_LABELS,
@@ -38,7 +43,7 @@ from .model import (
     encode_pairs,
     load_backbone,
     load_params,
-    mask_span,
+    logit_drops,
     pick_device,
     predict,
     resolve_backbone,
@@ -55,6 +60,7 @@ from .spans import (
     detect_spans,
     refine_by_importance,
     span_stats,
+    whole_span,
 )
 from .training import TrainConfig, accuracy, train, variants_like
 from .workspace import (
@@ -78,6 +84,8 @@ AT_LEAST = {"epochs": 1, "batch_size": 1, "trainable_layers": 1, "checkpoints": 
             "seed": 0}
 """The smallest value of each whole-number setting."""
 VARIANT_OPTIMIZERS = ("adamw", "sgd")
+RC_NEEDS_ASPECTS = ("--rc-model asks about an aspect (\"How is the X?\"); single texts and text pairs have none: "
+                    "their spans come from the importance rule over the text's clauses and sentences")
 
 PRESETS: dict[str, dict] = {
     "demo": {},
@@ -114,34 +122,12 @@ class PrepareSettings:
     max_length: int = 128
     span_importance: bool = False
     category_spans: str = "importance"
+    input_format: str = "auto"
     seed: int = 0
     device: str | None = None
 
     def __post_init__(self) -> None:
-        """Every number in range (ValueError naming the setting, its option and the range)."""
-        def whole(value: object) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        for name, low in AT_LEAST.items():
-            value = getattr(self, name)
-            if not whole(value) or value < low:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a whole number of at least {low}, "
-                                 f"got {value!r}")
-        for name in ("train_limit", "eval_limit"):
-            value = getattr(self, name)
-            if value is not None and (not whole(value) or value < 1):
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least 1 (leave it out to use "
-                                 f"every instance), got {value!r}")
-        for name in ("lr", "variant_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be a positive number, got {value!r}")
-        if self.category_spans not in CATEGORY_SPANS:
-            raise ValueError(f"category_spans (--category-spans) must be one of {', '.join(CATEGORY_SPANS)}, "
-                             f"got {self.category_spans!r}")
-        if self.variant_optimizer not in VARIANT_OPTIMIZERS:
-            raise ValueError(f"variant_optimizer (--variant-optimizer) must be one of {', '.join(VARIANT_OPTIMIZERS)}, "
-                             f"got {self.variant_optimizer!r}")
+        check_settings(self)
 
     @classmethod
     def from_preset(cls, preset: str = "demo", **overrides) -> "PrepareSettings":
@@ -158,6 +144,33 @@ class PrepareSettings:
         if unknown:
             raise ValueError(f"unknown settings: {sorted(unknown)}")
         return cls(**values)
+
+
+def check_settings(settings: object) -> None:
+    """Every setting of ``settings`` in range (ValueError naming the setting, its option and the
+    range): those of :class:`PrepareSettings` it has."""
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    option = lambda name: f"{name} (--{name.replace('_', '-')})"  # noqa: E731
+    for name, low in AT_LEAST.items():
+        value = getattr(settings, name, low)
+        if not whole(value) or value < low:
+            raise ValueError(f"{option(name)} must be a whole number of at least {low}, got {value!r}")
+    for name in ("train_limit", "eval_limit"):
+        value = getattr(settings, name)
+        if value is not None and (not whole(value) or value < 1):
+            raise ValueError(f"{option(name)} must be at least 1 (leave it out to use every instance), got {value!r}")
+    for name in ("lr", "variant_lr"):
+        value = getattr(settings, name, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{option(name)} must be a positive number, got {value!r}")
+    for name, allowed in (("category_spans", CATEGORY_SPANS), ("variant_optimizer", VARIANT_OPTIMIZERS),
+                          ("input_format", formats.INPUT_FORMATS)):
+        if getattr(settings, name) not in allowed:
+            raise ValueError(f"{option(name)} must be one of {', '.join(allowed)}, got {getattr(settings, name)!r}")
+    if settings.rc_model and settings.input_format in ("single", "pair"):
+        raise ValueError(RC_NEEDS_ASPECTS)
 
 
 def select(instances: list[Instance], limit: int | None, seed: int) -> list[Instance]:
@@ -261,10 +274,14 @@ class Preparer:
         """Check the settings and the data, then run every stage that is not up to date. Bad data
         is refused before any model is loaded or any file of the workspace is written."""
         s = self.settings
-        dataset = load_dataset(s.dataset, s.data_dir)
+        dataset = self._load()
+        if s.rc_model and dataset.input_format != "aspect":
+            raise DataError(RC_NEEDS_ASPECTS)
         instances = self._select(dataset)
+        fmt = dataset.input_format
         data_fp = fingerprint(
-            [(i.id, i.text, i.aspect, i.label, i.start, i.end) for i in instances], dataset.labels
+            [(i.id, i.text, i.aspect, i.label, i.start, i.end) for i in instances], dataset.labels,
+            *([fmt] if fmt != "aspect" else []),
         )
         if not self.manifest.stage_done("data", data_fp):
             self._log_report(dataset, instances)
@@ -277,7 +294,7 @@ class Preparer:
         if self._begin("data", data_fp):
             started = time.perf_counter()
             counts = {split: sum(i.split == split for i in instances) for split in SPLITS}
-            self._finish("data", started, counts=counts, report=dataset.report.summary())
+            self._finish("data", started, counts=counts, report=dataset.report.summary(), input_format=fmt)
 
         spans = self._spans(instances, data_fp)
         split, tokenizer, model_fp = self._model(instances, data_fp)
@@ -286,6 +303,16 @@ class Preparer:
         self._variants(instances, split, model_fp)
         self.ws.save_manifest(self.manifest)
         return self.manifest
+
+    def _load(self) -> Dataset:
+        """The dataset, read as the settings ask."""
+        s = self.settings
+        return load_dataset(s.dataset, s.data_dir, input_format=s.input_format)
+
+    @property
+    def input_format(self) -> str:
+        """The data's input format, as the data stage read it."""
+        return self.manifest.stages.get("data", {}).get("input_format", "aspect")
 
     def _log_report(self, dataset: Dataset, instances: list[Instance]) -> None:
         """The data report: per file, the items read and skipped (with reasons) and how splits were
@@ -342,8 +369,11 @@ class Preparer:
         if not self._begin("spans", fp):
             return self._saved_spans("span_detected")
         started = time.perf_counter()
-        rc = RCSpanFinder(s.rc_model, device=str(self.device)) if s.rc_model else None
-        spans = detect_spans(instances, rc=rc, progress=self.progress)
+        if self.input_format != "aspect":  # no aspect mention: the importance stage chooses within the text
+            spans = {i.id: whole_span(i.text) for i in instances}
+        else:
+            rc = RCSpanFinder(s.rc_model, device=str(self.device)) if s.rc_model else None
+            spans = detect_spans(instances, rc=rc, progress=self.progress)
         self.ws.save_instances([instance_row(i, spans.get(i.id)) for i in instances])
         _, tokenizer = load_backbone(s.model, self.manifest.labels, s.seed)
         stats = span_stats([i for i in instances if i.split == "train"], spans, tokenizer)
@@ -400,15 +430,19 @@ class Preparer:
         for k, record in enumerate(kept, start=1):
             shutil.copyfile(self.ws.root / "train" / f"epoch-{record.epoch}.safetensors", model_dir / f"checkpoint-{k}.safetensors")
         checkpoints = [{"point": f"checkpoint-{k}", "epoch": r.epoch, "lr": r.lr} for k, r in enumerate(kept, 1)]
-        results = {"best_epoch": state.best_epoch, "history": [asdict(r) for r in state.history]}
+        self.manifest.results.update(best_epoch=state.best_epoch, history=[asdict(r) for r in state.history])
+        self._measure(split, caches, by_split)
+        self._finish("model", started, timings=timings, checkpoints=checkpoints)
+        return split, tokenizer, fp
+
+    def _measure(self, split, caches: dict[str, HiddenCache], by_split: dict[str, list[Instance]]) -> None:
+        """Each split's accuracy at theta (into the results) and the dev/test predictions."""
         for name in SPLITS:
             if len(caches[name]):
                 logits = predict(split, caches[name], device=self.device)
-                results[f"{name}_accuracy"] = round(accuracy(logits, y[name]), 4)
+                y = torch.tensor([self.manifest.labels.index(i.label) for i in by_split[name]])
+                self.manifest.results[f"{name}_accuracy"] = round(accuracy(logits, y), 4)
                 self._store_predictions(by_split[name], logits)
-        self.manifest.results.update(results)
-        self._finish("model", started, timings=timings, checkpoints=checkpoints)
-        return split, tokenizer, fp
 
     def _prefix(self, split, tokenizer, by_split: dict[str, list[Instance]], *,
                 load: bool = True) -> dict[str, HiddenCache]:
@@ -443,15 +477,17 @@ class Preparer:
 
     def _importance(self, instances, spans, split, tokenizer, model_fp: str) -> dict[str, Span]:
         """Spans chosen by the paper's importance rule (Eq. 3): every span with --span-importance,
-        and the spans of category aspects (--category-spans importance, the default) among every
-        clause and sentence of their text; the stage records how the category spans compare with
-        the target-anchored ones (``category`` in the manifest)."""
+        and the spans of category aspects (--category-spans importance, the default), of single
+        texts and of pairs among every clause and sentence of their text; the stage records how
+        the category spans compare with the target-anchored ones (``category`` in the manifest)
+        and, for single texts and pairs, the span statistics of the spans chosen."""
         s = self.settings
         fp = fingerprint(model_fp, self.manifest.stages["spans"]["fingerprint"], s.span_importance, s.category_spans)
         if not self._begin("importance", fp):
             return self._saved_spans()
         started = time.perf_counter()
-        category = {i.id for i in instances if i.meta.get("category")} if s.category_spans == "importance" else set()
+        in_text = self.input_format != "aspect"  # single texts, pairs: among the text's clauses and sentences
+        category = {i.id for i in instances if in_text or (s.category_spans == "importance" and i.meta.get("category"))}
         targets = [i for i in instances if s.span_importance or i.id in category]
         stats = {}
         if targets:
@@ -462,6 +498,9 @@ class Preparer:
                 category_candidates(i.text) if i.id in category else
                 candidate_chunks(i.text, i.start, i.end, i.aspect)))
             stats = category_span_quality([i for i in instances if i.id in category], anchored, spans, drops)
+        if in_text:  # the spans stage only stood in the whole texts
+            self.manifest.stages["spans"]["stats"] = span_stats([i for i in instances if i.split == "train"], spans,
+                                                                tokenizer)
         saved = self.ws.load_instances()  # the spans in use: these, whatever an earlier run chose
         for row in saved:
             span = spans.get(row["id"])
@@ -474,14 +513,8 @@ class Preparer:
         """Eq. 3's importance of candidate spans (the predicted class's logit drop when masked),
         remembered in ``seen`` by (instance id, span)."""
 
-        @torch.no_grad()
         def logit_drop(inst: Instance, candidates: list[tuple[int, int]]) -> list[float]:
-            enc = self._encode(tokenizer, [inst])[0]
-            variants = [enc] + [mask_span(enc, a, b, tokenizer.mask_token_id) for a, b in candidates]
-            cache = compute_prefix(split, variants, tokenizer.pad_token_id, device=self.device, progress=False)
-            logits = predict(split, cache, device=self.device)
-            y = int(logits[0].argmax())
-            out = [float(logits[0, y] - lg[y]) for lg in logits[1:]]
+            out = logit_drops(split, tokenizer, self._encode(tokenizer, [inst])[0], candidates, device=self.device)
             seen.update({(inst.id, tuple(c)): d for c, d in zip(candidates, out)})
             return out
 

@@ -9,8 +9,10 @@ pickers and colours, the evaluation's method lists and reports and the results-c
 read this registry, so a method the vocabulary can express is added by registering one spec.
 
 Larger score = stronger proponent for every method. ``paper_sign = -1`` marks a method whose
-literal formula in the paper is the negative of ours (IF: Eq. 1's minus; the ++ forms: the
-paper's test side g(z'_-kl) - g(z') = -e(z')); ``--paper-signs`` applies it.
+literal formula in the paper is the negative of ours (IF: Eq. 1's minus; every ++ form, EK-FAC's
+and TRAK's included: the paper's test side g(z'_-kl) - g(z') = -e(z')); ``--paper-signs``
+applies it. A spec is checked when made: an inverse of the curvature at theta (``hessian``,
+``ekfac``) needs the point theta, ``lr`` weights need the checkpoints.
 """
 from __future__ import annotations
 
@@ -59,6 +61,11 @@ class MethodSpec:
             raise ValueError(f"a method name must be non-empty, without commas or outer spaces: {self.name!r}")
         if not (len(self.colour) == 7 and self.colour.startswith("#")):
             raise ValueError(f"method {self.name!r}: colour must be '#RRGGBB', got {self.colour!r}")
+        if self.inverse in ("hessian", "ekfac") and self.points != "final":
+            raise ValueError(f"method {self.name!r}: the {self.inverse} inverse is the curvature at theta; "
+                             "its points must be 'final'")
+        if self.weights == "lr" and self.points != "checkpoints":
+            raise ValueError(f"method {self.name!r}: 'lr' weights are the checkpoints' learning rates")
 
     @property
     def uses_spans(self) -> bool:
@@ -179,12 +186,13 @@ for _spec in (
                dash="dashdot", help="TracIn++ with checkpoints in place of variants (the paper's table-4 control)"),
     MethodSpec("EKFAC", "final", "full", "full", "#DDCC77", inverse="ekfac", family="EK-FAC", dash="longdash",
                help="influence with the EK-FAC Gauss-Newton inverse: g(z')^T G_ekfac^-1 g(z) (Grosse et al. 2023)"),
-    MethodSpec("EKFAC++", "final", "diff", "diff", "#AA4499", inverse="ekfac", family="EK-FAC", dash="longdash",
+    MethodSpec("EKFAC++", "final", "diff", "diff", "#AA4499", inverse="ekfac", paper_sign=-1, family="EK-FAC",
+               dash="longdash",
                help="EK-FAC influence span to span: e(z')^T G_ekfac^-1 e(z)"),
     MethodSpec("TRAK", "checkpoints", "trak", "trak", "#117733", inverse="trak", weights="mean", family="TRAK",
                dash="longdash", help="TRAK (Park et al. 2023): mean over checkpoints of phi(z')^T (Phi^T Phi)^-1 "
                                      "phi(z) Q(z), phi the margin gradient, Q = 1 - p_y"),
     MethodSpec("TRAK++", "checkpoints", "trak-diff", "trak-diff", "#332288", inverse="trak", weights="mean",
-               family="TRAK", dash="longdash", help="TRAK span to span: margin-gradient span differences on both sides"),
+               paper_sign=-1, family="TRAK", dash="longdash", help="TRAK span to span: margin-gradient span differences on both sides"),
 ):
     METHODS.register(_spec)

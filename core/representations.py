@@ -75,12 +75,6 @@ REPRESENTATIONS: dict[str, Representation] = {
 }
 
 
-def representation(name: str) -> Representation:
-    if name not in REPRESENTATIONS:
-        raise ValueError(f"unknown representation {name!r}; one of {', '.join(REPRESENTATIONS)}")
-    return REPRESENTATIONS[name]
-
-
 def query_weights(rep: Representation, labels: torch.Tensor) -> LogitWeights:
     """Logit weights of a test side over its rows: row q (whole), or rows 2q and 2q + 1 (the input
     and its span-masked copy) weighted +1 and -1, so one grouped backward pass gives

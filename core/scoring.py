@@ -1,10 +1,11 @@
 """How scores are computed (:class:`ScoreSettings`) and the one function that keys a result by it.
 
 Every cached result - an explanation, an evaluation row, a faithfulness row - is keyed by
-:func:`result_key`: the method's spec (what it computes) and exactly the settings that change
-its numbers. A setting a method does not use is left out, so changing it reuses the method's
-rows (a new damping recomputes the IF family only); a setting it uses is always in, so no row
-computed under other settings is ever served.
+:func:`result_key`: the method's spec (what it computes) and the scoring settings that change its
+numbers. A scoring setting a method does not use is left out, so changing it reuses the method's
+rows (a new damping recomputes the methods with a Hessian inverse - the IF family and EK-FAC -
+only); a setting it uses is always in, so no row computed under other settings is ever served.
+What the caller adds (the test's span and label, the training spans, K) it adds for every method.
 """
 from __future__ import annotations
 

@@ -445,6 +445,11 @@ def refine_by_importance(
 # ---------------------------------------------------------------------------- detection
 
 
+def whole_span(text: str) -> Span:
+    """The whole (stripped) text as a span, source ``"whole"``."""
+    return Span(*_whole(text), "whole")
+
+
 def heuristic_span(inst: Instance) -> Span:
     """The clause heuristic's span for ``inst``; source ``"whole"`` when it covers the whole
     text (coverage >= :data:`WHOLE_TEXT_COVERAGE`), ``"heuristic"`` otherwise."""

@@ -175,7 +175,7 @@ def train(
     training state (``state.json`` + ``optimizer.safetensors``); an interrupted run continues
     from the last finished epoch. The parameters of the best epoch on dev (accuracy, ties broken
     by the dev loss) are left in the split
-    (and in ``best.safetensors``); the epoch files of :meth:`TrainState.checkpoint_epochs` are
+    (its epoch file, which pruning keeps); the epoch files of :meth:`TrainState.checkpoint_epochs` are
     kept. ``on_epoch(record)`` is called after each epoch, ``on_step(done, total)`` after each
     optimiser step (steps over all epochs, resumed ones included).
     """
@@ -195,12 +195,11 @@ def train(
         save_params(split.state(), out_dir / f"epoch-{epoch}.safetensors")
         if run.state.better(dev_acc, dev_loss):
             run.state.best_accuracy, run.state.best_loss, run.state.best_epoch = dev_acc, dev_loss, epoch
-            save_params(split.state(), out_dir / "best.safetensors")
         run.save()
         run.prune()
         if on_epoch is not None:
             on_epoch(record)
-    split.load_state(load_params(out_dir / "best.safetensors"))
+    split.load_state(load_params(out_dir / f"epoch-{run.state.best_epoch}.safetensors"))  # the epoch on record
     return run.state
 
 

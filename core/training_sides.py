@@ -77,12 +77,15 @@ class IndexedSide:
 
 
 class StreamedSide:
-    """Training rows computed batch by batch, one pass per point for every kind requested."""
+    """Training rows computed batch by batch, one pass per point for every kind requested; on the
+    caches ``full`` and ``masked``, or those of each point's bottom (``prefixes``, an imported
+    model's checkpoints having their own)."""
 
     def __init__(self, loaded: LoadedModel, projector: Projector, full: HiddenCache, masked: HiddenCache,
-                 labels: torch.Tensor, batch_size: int = 32, *, progress=None):
+                 labels: torch.Tensor, batch_size: int = 32, *, progress=None, prefixes=None):
         self.loaded, self.projector = loaded, projector
         self.full, self.masked, self.labels, self.batch_size = full, masked, labels, batch_size
+        self.prefixes = prefixes  # core.prefixes.TrainPrefixes, or None
         self.exact = projector.exact
         self.n = len(full)
         self.progress = progress  # called with 1 after each batch of a pass
@@ -92,11 +95,14 @@ class StreamedSide:
     def _batches(self) -> list[list[int]]:
         return length_batches(self.full.lengths(), self.batch_size)
 
+    def _caches(self, point: str) -> tuple[HiddenCache, HiddenCache]:
+        return self.prefixes.pair(point) if self.prefixes is not None else (self.full, self.masked)
+
     def dot_many(self, point: str, requests: Requests) -> dict[Hashable, torch.Tensor]:
         out = {key: torch.zeros(vecs.shape[0], self.n, dtype=torch.float64) for key, (_, vecs) in requests.items()}
         tests = {key: vecs.double().cpu() for key, (_, vecs) in requests.items()}
         kinds = sorted({kind for kind, _ in requests.values()})
-        for batch in training_gradients(self.loaded, self.projector, self.full, self.masked, self.labels, point,
+        for batch in training_gradients(self.loaded, self.projector, *self._caches(point), self.labels, point,
                                         self._batches(), kinds=kinds):
             for key, (kind, _) in requests.items():
                 out[key][:, batch.rows] = tests[key] @ batch.vectors[kind].double().T
@@ -119,7 +125,7 @@ class StreamedSide:
     def feature_gram(self, point: str) -> torch.Tensor:
         if point not in self._features:
             gram = torch.zeros(self.projector.dim, self.projector.dim, dtype=torch.float64)
-            for batch in training_gradients(self.loaded, self.projector, self.full, self.masked, self.labels, point,
+            for batch in training_gradients(self.loaded, self.projector, *self._caches(point), self.labels, point,
                                             self._batches(), kinds=("trak",)):
                 phi = batch.whole["margin"].double()
                 gram += phi.T @ phi

@@ -100,8 +100,6 @@ def card_html(rank: int, score: float, label: str, text_html: Html,
                 f'<div class="sl-card-body">{text_html}</div>{tail}</div>')
 
 
-
-
 def marks_for(text: str, aspect: tuple[int, int] | None, span: tuple[int, int] | None, kind: str) -> list[Mark]:
     """Marks for a review: its span as ``kind`` and its aspect mention, where valid."""
     marks = []

@@ -184,20 +184,28 @@ def load_model(workspace: str | Path | Workspace, point: str = "final", device: 
     """Return the workspace's classifier at a parameter point as a ready Hugging Face model.
 
     ``point`` is ``"final"`` (the selected model theta), ``"checkpoint-K"`` (the K-th of the last
-    training epochs kept for TracIn, oldest first) or ``"variant-I"`` (theta + delta_I). The
-    returned model is in eval mode on ``device`` (CUDA when present unless forced), with its
-    tokenizer as ``model.spanlens_tokenizer``.
+    training epochs kept for TracIn, oldest first; for an imported model, the K-th of its
+    Trainer checkpoints kept, whole) or ``"variant-I"`` (theta + delta_I). The returned model is
+    in eval mode on ``device`` (CUDA when present unless forced), with its tokenizer as
+    ``model.spanlens_tokenizer``.
     """
-    from .model import load_backbone, pick_device, split_model
-    from .points import load_point
+    from .model import (
+        load_classifier,
+        load_tokenizer,
+        pick_device,
+        resolve_backbone,
+        split_model,
+    )
+    from .points import load_point, point_folders
 
     ws = workspace if isinstance(workspace, Workspace) else Workspace(workspace)
     manifest = ws.manifest()
     if not manifest.settings:
         raise FileNotFoundError(f"{ws.root} has no manifest: not a prepared workspace")
     settings = manifest.settings
-    model, tokenizer = load_backbone(settings["model"], manifest.labels, settings["seed"])
+    path = resolve_backbone(settings["model"])
+    model = load_classifier(str(point_folders(manifest).get(point, path)), manifest.labels, settings["seed"])
     split = split_model(model, settings["trainable_layers"])
     split.load_state(load_point(ws, point))
-    model.spanlens_tokenizer = tokenizer
+    model.spanlens_tokenizer = load_tokenizer(path)
     return model.to(pick_device(device)).eval()

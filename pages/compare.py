@@ -8,7 +8,7 @@ import streamlit as st
 from core import metrics
 from core.figures import gauge_figure, k_curve_figure
 from core.registry import METHODS
-from core.views import card_html, cards_block, highlight_html, labels_block, marks_for, method_heading, review_block
+from core.views import cards_block, labels_block, method_heading, review_block
 from pages import resources, state, widgets
 
 state.start_page("Compare methods")
@@ -34,10 +34,9 @@ methods = widgets.available(backend, methods)
 if len(methods) < 2:
     st.stop()
 explanations = widgets.explanations(backend, test, methods)
-positions = {train_id: n for n, train_id in enumerate(backend.train_ids)}
-train_labels = [backend.by_id[i].label for i in backend.train_ids]
-agreements = {m: metrics.agreement([positions[h.train_id] for h in e.top], prof["cosines"], train_labels,
-                                   test.gold, len(e.top)) for m, e in explanations.items()}
+table = backend.table
+explained = test.label or prof["label"]
+agreements = widgets.agreements(table, explanations, prof["cosines"], explained)
 
 columns = st.columns(len(methods), gap="medium")
 for column, method in zip(columns, methods):
@@ -50,12 +49,7 @@ for column, method in zip(columns, methods):
                         key=f"cmp_sag_{method}", config={"displayModeBar": False})
         g2.plotly_chart(gauge_figure(at["lag"], at["lag_random"], f"Lag@{k}", colour=colour),
                         key=f"cmp_lag_{method}", config={"displayModeBar": False})
-        cards = []
-        for hit in exp.top[:k]:
-            r = backend.by_id[hit.train_id]
-            text = highlight_html(r.text, marks_for(r.text, r.aspect_offsets(), r.span_pair, "train-span"))
-            cards.append(card_html(hit.rank, hit.score, r.label, text, {"aspect": r.aspect}))
-        st.html(cards_block(cards, columns=1))
+        st.html(cards_block([widgets.training_card(table, hit, test, method, widgets.first_segment(backend)) for hit in exp.top[:k]], columns=1))
 
 st.subheader("Agreement between methods")
 tops = {m: [h.train_id for h in e.top] for m, e in explanations.items()}

@@ -7,9 +7,9 @@ import time
 import pandas as pd
 import streamlit as st
 
-from core.evaluate import EvalSettings, curve_figures, lds_frame
-from core.lds import LdsSettings
+from core.evaluate import RETRAINS_REFUSED, EvalSettings, curve_figures, lds_frame
 from core.jobs import EvalJob, Job, job_for, start_job
+from core.lds import LdsSettings
 from core.registry import METHODS
 from pages import resources, state, widgets
 
@@ -37,6 +37,9 @@ if report is None:
     st.code(f"python -m core evaluate --workspace {info.path} --test-limit 200", language="bash")
 else:
     sel, summary = report.summary["selection"], report.summary
+    if summary.get("fingerprint") != backend.fingerprint:
+        st.warning("This report was computed on an earlier build of the workspace (its index has changed since): "
+                   "its numbers may not hold for what Explore shows now. Run the evaluation again.")
     widgets.caption(f"{sel['n']} test instances (seed {sel['seed']}; {sel['excluded_wrong']} excluded as wrongly "
                    f"spanned, {sel['excluded_no_span']} without a span) · inverse Hessian "
                    f"{summary['approximations']['ihvp']} · report in {report.out_dir}")
@@ -79,6 +82,7 @@ else:
 
 st.header("Run an evaluation")
 n_test = len(backend.instances("test"))
+imported = bool(backend.manifest.settings.get("imported"))  # Ral and LDS retrain: refused for an imported model
 with st.form("run_eval"):
     c1, c2 = st.columns([3, 1])
     methods = c1.multiselect("Methods", METHODS.names(), default=METHODS.paper(), key="eval_methods")
@@ -88,13 +92,16 @@ with st.form("run_eval"):
     ks = c3.multiselect("K in the tables", [1, 5, 10, 20, 50, 100], default=[10, 100], key="eval_ks")
     faith = c4.number_input("Faithfulness runs", 0, 5, 0, key="eval_faith",
                             help="Table 4; each extra run makes new variants (slow on a CPU).")
-    ral = c5.multiselect("Ral removal %", [10, 20, 30, 50], default=[], key="eval_ral",
+    ral = c5.multiselect("Ral removal %", [10, 20, 30, 50], default=[], key="eval_ral", disabled=imported,
                          help="Each percentage retrains once per method: minutes each on full data.")
     ihvp = c6.selectbox("Inverse Hessian", ["fast", "lissa"], key="eval_ihvp")
     c7, c8 = st.columns(2)
     paper_signs = c7.checkbox("The paper's literal signs (IF's Eq. 1 minus; the ++ test side reversed)", key="eval_signs")
     lds_subsets = c8.number_input("LDS by retraining: subsets (0 = off)", 0, 200, 0, key="eval_lds_subsets",
+                                  disabled=imported,
                                   help="Two retrains per subset (instances removed; spans masked): long on full data.")
+    if imported:
+        widgets.caption(RETRAINS_REFUSED + ".")
     start = st.form_submit_button("Run evaluation", type="primary", icon=":material/play_arrow:",
                                   disabled=bool(job and job.running))
 if start:

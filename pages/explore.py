@@ -2,20 +2,24 @@
 highlighted, Sag@K / Lag@K gauges against the random baseline, K-curves and score distributions."""
 from __future__ import annotations
 
-import numpy as np
 import streamlit as st
 
-from core.backend import Backend
 from core.cases import save_case_study
 from core.engine import TestInput
-from core.explanations import Explanation, Hit
 from core.evaluate import lds_note
+from core.explanations import Explanation, Hit
 from core.figures import gauge_figure, k_curve_figure, score_histogram
-from core.metrics import agreement
+from core.metrics import Agreement
 from core.registry import METHODS
 from core.spans import find_aspect
-from core.views import Html, card_html, cards_block, highlight_html, labels_block, legend_html, marks_for, \
-    method_heading, review_block
+from core.views import (
+    Html,
+    cards_block,
+    labels_block,
+    legend_html,
+    method_heading,
+    review_block,
+)
 from pages import resources, state, widgets
 
 state.start_page("Explore")
@@ -27,10 +31,15 @@ label_choice = widgets.label_control("explore", disabled=mode == "New review")
 
 
 def new_review() -> TestInput | None:
-    """A review typed by the user (kept in the session until replaced)."""
+    """A review typed by the user (kept in the session until replaced): a text and its aspect, a
+    single text, or a text pair, as the workspace's model reads them."""
+    fmt = backend.input_format
     with st.form("new_review"):
-        text = st.text_area("Review text", key="new_text", height=100)
-        aspect = st.text_input("Aspect (a word or phrase of the review)", key="new_aspect")
+        aspect = st.text_input("First text", key="new_aspect") if fmt == "pair" else ""
+        label = {"aspect": "Review text", "single": "Text", "pair": "Second text (its span is explained)"}[fmt]
+        text = st.text_area(label, key="new_text", height=100)
+        if fmt == "aspect":
+            aspect = st.text_input("Aspect (a word or phrase of the review)", key="new_aspect")
         if st.form_submit_button("Explain", type="primary"):
             try:
                 st.session_state["new_input"] = backend.new_input(text, aspect)
@@ -49,15 +58,20 @@ else:
     record = None
     test = new_review()
     if test is None:
-        st.info("Type a review and one of its aspects, then press **Explain**.")
+        st.info("Type a review and one of its aspects, then press **Explain**." if backend.input_format == "aspect"
+                else "Type a text, then press **Explain**.")
         st.stop()
     aspect, source = find_aspect(test.text, test.aspect), "clause heuristic"
+    if backend.input_format != "aspect":
+        aspect, source = None, "the importance rule over its clauses and sentences"
 
 prof = widgets.profile(backend, test)
-gold = test.gold or prof["label"]
+explained = test.label or prof["label"]  # Lag@K counts agreement with the label explained
 
 left, right = st.columns([3, 2], gap="large")
 with left:
+    if backend.input_format == "pair":
+        widgets.caption(f"First text: {test.aspect}")
     st.html(review_block(test.text, aspect, test.span))
     st.html(legend_html())
     widgets.caption(f"Test span from {source}. " + (f"Id {test.id}." if test.id else "New review."))
@@ -70,8 +84,7 @@ with right:
         st.session_state.update(annotate_item=test.id, annotate_queue="Test, then training")
         st.session_state.pop("w_annotate_queue", None)
         st.switch_page("pages/annotate.py")
-if test.gold is None:
-    st.caption("A new review has no gold label: Lag@K counts agreement with the predicted label.")
+st.caption(f"Lag@K: the share of the top-K training instances labelled {explained} (the label explained).")
 
 methods, k = widgets.method_controls("explore", n_train=len(backend.train_ids))
 show_opponents = st.toggle("Show opponents (most negative scores)", key="explore_opponents")
@@ -82,28 +95,14 @@ if not methods:
 
 CHARTS = ["Sag@K", "Lag@K", "Scores"]
 report = resources.evaluation_report(info.path)
-positions = {train_id: n for n, train_id in enumerate(backend.train_ids)}
-train_labels = [backend.by_id[i].label for i in backend.train_ids]
-cosines = np.asarray(prof["cosines"])
+table = backend.table
 
 
 def card(hit: Hit, method: str) -> Html:
-    """A training instance with its span in use (and, for the ++ methods, the test span it is matched to)."""
-    r = backend.by_id[hit.train_id]
-    text = highlight_html(r.text, marks_for(r.text, r.aspect_offsets(), r.span_pair, "train-span"))
-    extra = {"aspect": r.aspect, "id": r.id}
-    if METHODS.resolve(method).test_span and test.span:
-        extra["test span"] = test.text[test.span[0]:test.span[1]]
-    if r.span_truncated:
-        extra["note"] = "span past the token limit: masking it changes nothing, so its span scores are 0"
-    if r.verdict in ("fix", "wrong"):
-        extra["note"] = ("span corrected by an annotator (the index uses the corrected span)" if r.verdict == "fix"
-                         else "span marked wrong by an annotator")
-    return card_html(hit.rank, hit.score, r.label, text, extra)
+    return widgets.training_card(table, hit, test, method, widgets.first_segment(backend))
 
 
-def show_method(method: str, exp: Explanation, b: Backend) -> None:
-    agree = agreement([positions[h.train_id] for h in exp.top], cosines, train_labels, gold, len(exp.top))
+def show_method(method: str, exp: Explanation, agree: Agreement) -> None:
     at = agree.at(k)
     colour = METHODS.resolve(method).colour
     st.html(method_heading(method, colour, f"{exp.approx.get('projection', {}).get('dim', '?')}-dim gradients · "
@@ -116,7 +115,7 @@ def show_method(method: str, exp: Explanation, b: Backend) -> None:
                     key=f"lag_{method}", config={"displayModeBar": False})
     g1.caption(f"random: {at['sag_random']:.3f}")
     g2.caption(f"random: {at['lag_random']:.3f}")
-    if note := lds_note(report, method):
+    if note := lds_note(report, method, backend.fingerprint):
         g1.caption(note)
     with plots:  # one chart at a time: each Plotly chart costs the browser time on every review switch
         chart = st.segmented_control("Chart", CHARTS, default=CHARTS[0], required=True, key=f"chart_{method}",
@@ -124,7 +123,7 @@ def show_method(method: str, exp: Explanation, b: Backend) -> None:
         if chart == "Scores":
             top = exp.top[:k]
             fig = score_histogram(exp.scores, [h.score for h in top], f"{method} scores, top {k} marked",
-                                  [b.by_id[h.train_id].text for h in top])
+                                  [table.by_id[h.train_id].text for h in top])
         else:
             metric = agree.sag if chart == "Sag@K" else agree.lag
             band = agree.sag_random if chart == "Sag@K" else agree.lag_random
@@ -138,9 +137,10 @@ def show_method(method: str, exp: Explanation, b: Backend) -> None:
 
 methods = widgets.available(backend, methods)
 found = widgets.explanations(backend, test, methods)
+curves = widgets.agreements(table, found, prof["cosines"], explained)
 for number, method in enumerate(methods):
     with st.container(border=True, key=f"method_{number}"):
-        show_method(method, found[method], backend)
+        show_method(method, found[method], curves[method])
 
 with st.expander("Save this view as a case study"):
     with st.form("save_case", clear_on_submit=True):

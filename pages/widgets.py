@@ -15,12 +15,19 @@ from core import catalog
 from core.backend import Backend
 from core.engine import TestInput
 from core.evaluate import EvalReport
-from core.explanations import Explanation
+from core.explanations import Explanation, Hit
 from core.index import IndexUnavailable
-from core.instances import InstanceFilter, InstanceRecord, filter_instances, option_label
+from core.instances import (
+    InstanceFilter,
+    InstanceRecord,
+    Instances,
+    filter_instances,
+    option_label,
+)
 from core.jobs import Job
+from core.metrics import Agreement, agreement
 from core.registry import METHODS
-from core.views import caption_html
+from core.views import Html, caption_html, card_html, highlight_html, marks_for
 from pages.resources import root
 from pages.state import K_MAX, LABELS, remember, seeded, set_url
 
@@ -64,8 +71,10 @@ def test_picker(backend: Backend, page: str) -> InstanceRecord | None:
     with st.expander("Find a test instance", expanded=False):
         c1, c2, c3 = st.columns([2, 1, 1])
         query = c1.text_input("Search text, aspect or id", key=f"{page}_q")
-        aspect = c2.selectbox("Aspect", [None, *sorted({r.aspect for r in records})], key=f"{page}_aspect",
-                              format_func=lambda a: "any" if a is None else a)
+        aspect = None
+        if backend.input_format == "aspect":  # single texts have none; a pair's first texts are no filter
+            aspect = c2.selectbox("Aspect", [None, *sorted({r.aspect for r in records})], key=f"{page}_aspect",
+                                  format_func=lambda a: "any" if a is None else a)
         source = c3.selectbox("Span source", [None, *sorted({r.span_source for r in records})],
                               key=f"{page}_source", format_func=lambda s: "any" if s is None else s)
         c4, c5, c6 = st.columns(3)
@@ -139,6 +148,39 @@ def explanations(backend: Backend, test: TestInput, methods: Sequence[str]) -> d
     with st.spinner(f"Computing {', '.join(methods)} for this review (stored for next time)…"):
         found = backend.explain_many(test, methods, k=min(CURVE_MAX, len(backend.train_ids)))
     return {e.method: e for e in found}
+
+
+def first_segment(backend: Backend) -> str | None:
+    """What the first part of the model's input is called in the workspace (None: single texts)."""
+    return {"aspect": "aspect", "single": None, "pair": "first text"}[backend.input_format]
+
+
+def training_card(table: Instances, hit: Hit, test: TestInput, method: str, first: str | None = "aspect") -> Html:
+    """A training instance as a card: its span in use highlighted, its ``first`` input segment (the
+    aspect, a pair's first text; None: none), notes on a corrected or truncated span, and (for a
+    method with a span test side) the test span it is matched to."""
+    r = table.by_id[hit.train_id]
+    text = highlight_html(r.text, marks_for(r.text, r.aspect_offsets() if first == "aspect" else None, r.span_pair,
+                                            "train-span"))
+    extra = ({first: r.aspect} if first else {}) | {"id": r.id}
+    if METHODS.resolve(method).test_span and test.span:
+        extra["test span"] = test.text[test.span[0]:test.span[1]]
+    if r.span_truncated:
+        extra["note"] = "span past the token limit: masking it changes nothing, so its span scores are 0"
+    if r.verdict in ("fix", "wrong"):
+        extra["note"] = ("span corrected by an annotator (the index uses the corrected span)" if r.verdict == "fix"
+                         else "span marked wrong by an annotator")
+    return card_html(hit.rank, hit.score, r.label, text, extra)
+
+
+def agreements(table: Instances, explanations: dict[str, Explanation], cosines: Sequence[float],
+               label: str) -> dict[str, Agreement]:
+    """Sag/Lag K-curves of each explanation's hits; Lag counts agreement with ``label`` (the
+    label the explanations explain)."""
+    positions = {train_id: n for n, train_id in enumerate(table.train_ids)}
+    train_labels = [table.by_id[i].label for i in table.train_ids]
+    return {m: agreement([positions[h.train_id] for h in e.top], cosines, train_labels, label, len(e.top))
+            for m, e in explanations.items()}
 
 
 def profile(backend: Backend, test: TestInput) -> dict:

@@ -1,14 +1,19 @@
 """Workspaces: the prepared workspaces under the root, the chosen one's manifest (accuracy,
-spans, index, timings), and creating (or resuming) one with live progress."""
+spans and their source, index, timings), and creating (or resuming) one with live progress -
+trained here, or imported: a model fine-tuned elsewhere."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pandas as pd
 import streamlit as st
 
 from core import catalog
 from core.data import default_data_dir
+from core.finetuned import check_classifier
+from core.formats import DESCRIPTIONS, INPUT_FORMATS
+from core.importing import ImportSettings
 from core.index import IndexSettings
 from core.jobs import Job, PrepareJob, forget_jobs, job_for, resume_settings, start_job
 from pages import resources, state, widgets
@@ -60,6 +65,15 @@ def build_actions(info: catalog.WorkspaceInfo, failed: bool) -> None:
         st.rerun()
 
 
+def imported_caption(imported: dict) -> None:
+    """Where an imported model came from and which Trainer checkpoints serve TracIn (or why none)."""
+    points = imported.get("checkpoints") or []
+    kept = ", ".join(f"step {c['step']} (learning rate {c['lr']:.3g})" for c in points)
+    widgets.caption(f"Imported from {imported.get('imported_from')}: nothing retrained; accuracy measured on every "
+                    "split. " + (f"Checkpoints for TracIn, Control and TRAK: {kept}." if points else
+                                 f"TracIn, Control and TRAK are unavailable: {imported.get('checkpoints_missing')}."))
+
+
 # ---------------------------------------------------------------------------- the list
 if infos:
     rows = []
@@ -95,6 +109,10 @@ if info is not None:
     m[4].metric("test accuracy", f"{acc['test_accuracy']:.3f}" if "test_accuracy" in acc else "–")
     m[5].metric("index size", f"{index['bytes'] / 2**20:.0f} MiB" if index.get("bytes") else "–",
                 help=f"dimension {index.get('dim')}, {len(index.get('points', []))} parameter points")
+    if summary["span_source"]:
+        widgets.caption(f"Spans: {summary['span_source']}; a person's correction (Annotate spans) overrides them.")
+    if summary["imported"]:
+        imported_caption(summary["imported"])
     spans = summary["span_stats"]
     c1, c2, c3 = st.columns(3)
     with c1:
@@ -135,6 +153,9 @@ DATASETS = {"mams": "MAMS (restaurant reviews)", "sentihood": "SentiHood (neighb
             "file": "My own file or folder (SemEval XML, JSONL, CSV)"}
 dataset_kind = st.radio("Dataset", list(DATASETS), format_func=DATASETS.get, horizontal=True, key="new_dataset")
 roots = ", ".join(str(r) for r in catalog.data_roots())
+RC_HELP = (f"A local Hugging Face extractive question-answering folder under a data root ({roots}), asked the "
+           "paper's questions about each aspect. Empty: the clause heuristic around the aspect. Single texts and "
+           "text pairs have no aspect: their spans come from the importance rule with the model.")
 with st.form("create"):
     c1, c2 = st.columns(2)
     name = c1.text_input("Name", placeholder="e.g. mams-demo", key="new_name")
@@ -152,10 +173,11 @@ with st.form("create"):
         source, upload = dataset_kind, None
         data_dir = st.text_input("Data folder", value=str(default_data_dir()), key="new_data_dir",
                                  help=f"Holds mams-atsa/ and sentihood/; under a data root of this server ({roots}).")
-    c3, c4 = st.columns(2)
+    c3, c4, c5 = st.columns(3)
     backbone = c3.text_input("Backbone", value="minilm", key="new_backbone",
                              help="'minilm' (packaged all-MiniLM-L6-v2), or a Hugging Face model folder or hub id.")
-    proj = c4.number_input("Sketch dimension d (0 = exact gradients)", 0, 65536, IndexSettings().dim, step=1024,
+    rc_model = c4.text_input("Reading-comprehension span model (optional)", key="new_rc", help=RC_HELP)
+    proj = c5.number_input("Sketch dimension d (0 = exact gradients)", 0, 65536, IndexSettings().dim, step=1024,
                            key="new_proj", help="Dimension of the gradient index's CountSketch; exact only suits "
                            "small workspaces.")
     submitted = st.form_submit_button("Create and build", type="primary", icon=":material/add:")
@@ -191,9 +213,14 @@ def create(name: str) -> None:
             st.markdown("Download the public data sets into a folder, then give that folder above:")
             st.code("python -m core fetch-data --dest DIR", language="bash")
         return
+    try:
+        rc = str(catalog.allowed_data_path(rc_model)) if rc_model.strip() else None
+    except ValueError as err:
+        st.error(f"Span model: {err}.")
+        return
     if upload is not None:
         dataset = str(catalog.save_upload(root / name, upload.name, upload.getvalue()))
-    settings = catalog.settings_for(dataset, folder, backbone.strip(), size)
+    settings = catalog.settings_for(dataset, folder, backbone.strip(), size, rc_model=rc)
     start_job(PrepareJob(root / name, settings, IndexSettings(dim=int(proj) or None)))
     st.session_state["workspace"] = name
     st.session_state.pop("w_workspace", None)
@@ -214,3 +241,62 @@ if submitted:
 elif dataset_kind != "file" and lacks_data(dataset_kind, st.session_state.get("new_data_dir")):
     st.info("The data set is not in the data folder. Fetch it with `python -m core fetch-data --dest DIR` "
             "(needs internet), then set the folder above.")
+
+
+# ---------------------------------------------------------------------------- import
+st.header("Import a fine-tuned model")
+st.caption("A classifier fine-tuned elsewhere - a local save_pretrained folder of a BERT, RoBERTa, DistilBERT, "
+           "DeBERTa-v2/v3 or ELECTRA sequence classifier - explained on the data it was fine-tuned on. Nothing is "
+           "retrained: its labels come from its config (id2label), its accuracy is measured, and the "
+           "transformers.Trainer checkpoint-* folders in it serve TracIn (without them, TracIn, Control and TRAK "
+           "are unavailable).")
+with st.form("import"):
+    c1, c2 = st.columns(2)
+    imp_name = c1.text_input("Name", placeholder="e.g. my-classifier", key="imp_name")
+    imp_model = c2.text_input("Model folder", key="imp_model",
+                              help=f"A save_pretrained folder under a data root of this server ({roots}).")
+    imp_path = st.text_input("Data file or folder", key="imp_path",
+                             help=f"Under a data root ({roots}). JSONL or CSV with text, label (single texts), text, "
+                                  "aspect, label, or text_a, text_b (premise, hypothesis), label; optional split.")
+    imp_upload = st.file_uploader("…or upload the data file", type=list(catalog.UPLOAD_TYPES), key="imp_upload")
+    c3, c4, c5, c6 = st.columns(4)
+    imp_format = c3.selectbox("Input format", INPUT_FORMATS, key="imp_format",
+                              format_func=lambda f: DESCRIPTIONS.get(f, "from the data's columns"))
+    imp_rc = c4.text_input("Reading-comprehension span model (optional)", key="imp_rc", help=RC_HELP)
+    imp_layers = c5.number_input("Trainable layers N", 1, 64, 2, key="imp_layers",
+                                 help="Gradients are taken w.r.t. the last N layers, the pooler and the head; the "
+                                      "layers below are held at each point's values (see the README).")
+    imp_proj = c6.number_input("Sketch dimension d (0 = exact)", 0, 65536, IndexSettings().dim, step=1024,
+                               key="imp_proj")
+    imported = st.form_submit_button("Import and build", type="primary", icon=":material/upload:")
+
+
+def start_import(name: str) -> None:
+    """Check the import form (paths under the data roots, a supported classifier), then start the build."""
+    problem = catalog.check_workspace_name(root, name)
+    if problem:
+        st.error(f"Name: {problem}.")
+        return
+    try:
+        if not imp_model.strip() or not (imp_path.strip() or imp_upload is not None):
+            raise ValueError("give the model folder and a data file (or upload one)")
+        model = catalog.allowed_data_path(imp_model)
+        check_classifier(model)
+        data = "upload" if imp_upload is not None else str(catalog.allowed_data_path(imp_path))
+        rc = str(catalog.allowed_data_path(imp_rc)) if imp_rc.strip() else None
+        settings = ImportSettings(model=str(model), dataset=data, input_format=imp_format, rc_model=rc,
+                                  trainable_layers=int(imp_layers))
+    except ValueError as err:
+        st.error(f"Import: {err}.")
+        return
+    if imp_upload is not None:
+        settings = replace(settings, dataset=str(catalog.save_upload(root / name, imp_upload.name,
+                                                                     imp_upload.getvalue())))
+    start_job(PrepareJob(root / name, settings, IndexSettings(dim=int(imp_proj) or None)))
+    st.session_state["workspace"] = name
+    st.session_state.pop("w_workspace", None)
+    st.rerun()
+
+
+if imported:
+    start_import(imp_name.strip())

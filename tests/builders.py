@@ -68,3 +68,53 @@ def tiny_deberta(path: Path, seed: int = 0) -> Path:
     DebertaV2ForSequenceClassification(cfg).save_pretrained(path)
     AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(path)
     return path
+
+
+# ------------------------------------------------------------------- fine-tuned classifiers (import)
+
+ARCHITECTURES = ("bert", "roberta", "distilbert", "deberta-v2", "electra")
+
+
+def tiny_classifier(arch: str, path: Path, labels: list[str], seed: int = 0):
+    """An untrained tiny sequence classifier of an architecture over ``labels`` (16 wide, 3 layers)
+    and its tokenizer. DeBERTa is v3-like (relative attention with a layer-normed table, shared
+    attention keys), ELECTRA projects 8-wide embeddings (``embeddings_project``)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    size = dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+                max_position_embeddings=160)
+    names = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={x: i for i, x in enumerate(labels)})
+    tok = roberta_tokenizer(path) if arch == "roberta" else tf.AutoTokenizer.from_pretrained(get_model_path())
+    config = {
+        "bert": lambda: tf.BertConfig(vocab_size=len(tok), **size),
+        "roberta": lambda: tf.RobertaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=0,
+                                            eos_token_id=2, **{**size, "max_position_embeddings": 200}),
+        "distilbert": lambda: tf.DistilBertConfig(vocab_size=len(tok), dim=16, n_layers=3, n_heads=2, hidden_dim=32,
+                                                  max_position_embeddings=160),
+        "deberta-v2": lambda: tf.DebertaV2Config(vocab_size=len(tok), relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                                 max_relative_positions=64, position_buckets=32, share_att_key=True,
+                                                 norm_rel_ebd="layer_norm", **size),
+        "electra": lambda: tf.ElectraConfig(vocab_size=len(tok), embedding_size=8, **size),
+    }[arch]()
+    for key, value in names.items():
+        setattr(config, key, value)
+    return tf.AutoModelForSequenceClassification.from_config(config), tok
+
+
+def finetune(model, tok, pairs: list[tuple[str, str]], labels: list[int], out: Path, *, steps: int = 6,
+             save_steps: int = 2, lr: float = 5e-3) -> Path:
+    """Fine-tune every parameter with ``transformers.Trainer`` (checkpoints every ``save_steps``,
+    the learning rate logged at every step) and save the model and tokenizer to ``out``. An
+    empty first text encodes the second alone."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    rows = [dict(tok(*([a] if a else []), t, truncation=True, max_length=64), labels=y)
+            for (a, t), y in zip(pairs, labels)]
+    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=steps, save_steps=save_steps,
+                             logging_steps=1, learning_rate=lr, lr_scheduler_type="linear", report_to=[], use_cpu=True,
+                             seed=0, save_only_model=True, disable_tqdm=True, dataloader_num_workers=0)
+    Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tok)).train()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -108,3 +108,14 @@ def test_reports_combine_across_seeds(workspace, tmp_path):
                                          faithfulness_runs=0), tmp_path / "c", **QUIET)
     with pytest.raises(ValueError, match="differ in methods, test_limit"):
         combine_reports([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")
+
+
+def test_lds_does_not_depend_on_the_paper_signs(workspace, tmp_path):
+    """LDS reads scores in SpanLens' signs: --paper-signs (which flips IF++ and the ++ forms in
+    table 3) leaves every method's LDS as it is."""
+    base = dict(methods=("TracIn++", "IF++"), ks=(3,), kmax=3, test_limit=4, ral=(), faithfulness_runs=0,
+                lds=LdsSettings(subsets=3, alpha=0.5, seed=0))
+    ours = run_evaluation(Backend(workspace, device="cpu"), EvalSettings(**base), tmp_path / "ours", **QUIET)
+    paper = run_evaluation(Backend(workspace, device="cpu"), EvalSettings(**base, paper_signs=True), tmp_path / "paper",
+                           **QUIET)
+    np.testing.assert_allclose(paper.lds_per_test.lds, ours.lds_per_test.lds, atol=1e-12)

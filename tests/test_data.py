@@ -265,7 +265,7 @@ BAD_INPUTS = [
     ("mixed.jsonl", JSONL_OK.replace("}", ', "split": "train"}') + JSONL_OK, ["line 2", "empty split"]),
     ("ids.jsonl", JSONL_OK.replace("}", ', "id": 7}') + "\n" + JSONL_OK.replace("}", ', "id": "7"}'),
      ["duplicate id '7'", "ids.jsonl: line 1", "ids.jsonl: line 3"]),
-    ("header.csv", "text,label\nGood tea.,positive\n", ["line 1", "missing column(s) aspect"]),
+    ("header.csv", "text,aspect\nGood tea.,tea\n", ["line 1", "missing column(s) label"]),
     ("polarity.csv", CSV_HEAD + "Good tea.,tea,positive,,,train,a\n\"Tea,\nagain\",tea,bad,,,train,b\n",
      ["line 3", "unknown polarity 'bad'"]),
     ("after_multiline.csv", CSV_HEAD + "\"Tea,\nagain\",tea,positive,,,train,a\nGood tea.,tea,positive,0,4,train,b\n",

@@ -515,3 +515,15 @@ def test_the_workspaces_page_shows_the_data_report(workspaces_app, tmp_path, tin
     at = workspaces_app()
     report = [c.value for c in at.code if "instances from" in c.value]
     assert len(report) == 1 and "train.xml [train]: 11186 instances from 4297 sentences" in report[0]
+
+
+def test_a_deleted_parameter_point_is_an_error_naming_the_file(tiny_workspace, tmp_path, capsys):
+    """Points come from the manifest: a missing variant file stops explain with the file and the
+    command that rebuilds it (it never runs on fewer variants than the workspace was built with)."""
+    root = Path(shutil.copytree(tiny_workspace, tmp_path / "ws", ignore=shutil.ignore_patterns("store.sqlite*")))
+    (root / "model" / "variant-2.safetensors").unlink()
+    test_id = json.loads((root / "instances.jsonl").read_text().splitlines()[-1])["id"]
+    assert main(["explain", "--workspace", str(root), "--test-id", test_id, "--method", "TracIn++",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "variant-2.safetensors is missing" in err and "python -m core prepare" in err

@@ -65,8 +65,11 @@ def test_every_spec_has_a_colour_a_cli_name_a_cache_key_and_a_report_column(work
 
     specs = list(METHODS)
     assert len({s.colour.lower() for s in specs}) == len(specs)  # distinct colours
-    keys = {json.dumps(result_key(s, ScoreSettings()), sort_keys=True) for s in specs}
-    assert len(keys) == len(specs)  # distinct cache keys
+    key = lambda s, settings: json.dumps(result_key(s, settings), sort_keys=True)  # noqa: E731
+    for s in specs:  # a setting changes exactly the keys of the methods whose numbers it changes
+        assert (key(s, ScoreSettings(damping=1.0)) != key(s, ScoreSettings())) == (s.inverse in ("hessian", "ekfac"))
+        assert (key(s, ScoreSettings(paper_signs=True)) != key(s, ScoreSettings())) == (s.paper_sign < 0)
+        assert (key(s, ScoreSettings(ihvp="lissa")) != key(s, ScoreSettings())) == (s.inverse == "hessian")
     assert main(["explain", "-h"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     for s in specs:

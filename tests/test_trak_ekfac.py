@@ -157,3 +157,15 @@ def test_trak_on_logistic_regression_equals_the_closed_form():
     engine.test_batch = lambda tests, masked=True: batch
     got = engine.scores([None], METHODS.resolve("TRAK")).values[0]
     assert torch.allclose(got.double(), closed, rtol=1e-6, atol=1e-9)
+
+
+def test_ekfac_methods_take_part_in_later_faithfulness_runs(workspace, tmp_path):
+    """A faithfulness run with new variants scores EKFAC with the workspace's factors too."""
+    from core.evaluate import EvalSettings, run_evaluation
+
+    settings = EvalSettings(methods=("EKFAC++", "TracIn++"), ks=(3,), kmax=3, test_limit=3, ral=(),
+                            faithfulness_runs=2)
+    report = run_evaluation(Backend(workspace, device="cpu"), settings, tmp_path / "out", progress=False,
+                            log=lambda _: None)
+    faith = report.faithfulness
+    assert set(faith[faith.run == 1].method) >= {"EKFAC++", "TracIn++"} and faith.spearman.notna().all()

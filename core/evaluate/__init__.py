@@ -13,6 +13,10 @@ A run has three parts, each cached in the workspace's store so that an interrupt
 4. **LDS and span-LDS** (:mod:`.counterfactual`): each method's summed scores over random
    subsets against retrains with the subsets removed (or their spans masked).
 
+Ral and LDS retrain the trainable subset from the backbone's initial state with the workspace's
+training settings; an imported model (:mod:`core.importing`) has neither - it was fine-tuned
+elsewhere, in full - so they are refused for it (Sag, Lag and faithfulness run as usual).
+
 Every row is keyed by :func:`core.scoring.result_key` - the method's spec and exactly the
 settings that change its numbers - plus the index fingerprint and the corrected training spans.
 Values are fractions in the CSV files and x100 in the tables (the paper's units).
@@ -34,7 +38,13 @@ from .report import EvalReport, build_report, collect, load_report
 from .saglag import main_pass
 from .settings import EvalSettings, Selection, resolve_methods, select_tests
 
-__all__ = ["EvalReport", "EvalSettings", "Selection", "curve_figures", "initial_state", "lds_frame", "lds_note",
+RETRAINS_REFUSED = ("Ral and LDS retrain the classifier's top layers from the backbone's initial state with the "
+                    "workspace's training settings; this workspace's model was imported (fine-tuned elsewhere, in "
+                    "full, with its own settings), so a retrain would measure another model. Run without them "
+                    "(--ral none, no --lds): Sag, Lag and faithfulness work as usual")
+
+__all__ = ["RETRAINS_REFUSED", "EvalReport", "EvalSettings", "Selection", "curve_figures", "initial_state",
+           "lds_frame", "lds_note",
            "load_report",
            "report_markdown", "resolve_methods", "retrain_accuracy", "run_evaluation", "select_tests",
            "train_config"]
@@ -48,6 +58,8 @@ def run_evaluation(backend, settings: EvalSettings = EvalSettings(), out_dir: st
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; give a folder for the report (--out)")
+    if backend.manifest.settings.get("imported") and (settings.ral or settings.lds):
+        raise ValueError(RETRAINS_REFUSED)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     ev = Evaluation(backend, settings, out, progress, log, on_progress)

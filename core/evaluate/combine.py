@@ -11,6 +11,10 @@ import pandas as pd
 from ..workspace import write_json_atomic
 from .report import load_report
 
+IGNORED = {"lds", "ray"}
+"""Settings that may differ between combined reports: LDS is combined only where every report has
+it, and where the work ran changes no number."""
+
 
 def _stack(frames: list[pd.DataFrame], value: str) -> pd.DataFrame:
     """Long (row, column, seed, value) from one wide table per seed."""
@@ -38,7 +42,7 @@ def combine_reports(folders: list[str | Path], out_dir: str | Path) -> dict:
         raise ValueError("give at least two reports to combine")
     reports = [load_report(f) for f in folders]
     settings = [r.summary["settings"] for r in reports]
-    differ = sorted({k for s in settings[1:] for k in s if s.get(k) != settings[0].get(k)})
+    differ = sorted({k for s in settings[1:] for k in s if s.get(k) != settings[0].get(k)} - IGNORED)
     if differ:
         raise ValueError(f"the reports differ in {', '.join(differ)}; combine runs of one protocol only "
                          "(the same evaluate options on workspaces that differ in their classifier seed)")

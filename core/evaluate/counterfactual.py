@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -25,9 +27,11 @@ from ..lds import (
     lds_scores,
     run_lds,
     sample_subsets,
+    subset_key,
     summarise,
 )
 from ..model import HiddenCache, compute_prefix, mask_span
+from ..parallel import mapper, worker_cache
 from ..registry import MethodSpec
 from ..representations import REPRESENTATIONS
 from ..stats import paired_difference
@@ -35,6 +39,9 @@ from ..workspace import fingerprint
 from .context import Evaluation, chunks
 from .ral import initial_state, split_cache, train_config
 from .saglag import decode_scores
+
+if TYPE_CHECKING:
+    from ..backend import Backend
 
 LDS_COLUMNS = ["test_id", "method", "intervention", "output", "lds"]
 
@@ -58,49 +65,64 @@ class _StoreCache:
         self.store.put_eval_row(key, "outputs", value)
 
 
-def _test_pair(ev: Evaluation) -> tuple[CachePair, list[str]]:
+def _test_pair(backend: "Backend") -> tuple[CachePair, list[str]]:
     """Every test instance of the split, whole and with its span in use masked, gold labels."""
-    backend = ev.backend
     records = backend.instances("test")
     loaded = backend.loaded
     tok = loaded.tokenizer
     masked = [mask_span(loaded.encode(r.aspect, r.text), *r.span_pair, tok.mask_token_id) if r.span
               else loaded.encode(r.aspect, r.text) for r in records]
-    whole, labels = split_cache(ev, "test")
+    whole, labels = split_cache(backend, "test")
     return CachePair(whole, compute_prefix(loaded.split, masked, tok.pad_token_id, device=loaded.device,
                                            progress=False), labels), [r.id for r in records]
 
 
 def _scores(ev: Evaluation, spec: MethodSpec, tests: list) -> np.ndarray:
-    """(Q, N) scores of a method for the selected tests: stored by phase 1, else computed now."""
+    """(Q, N) scores of a method for the selected tests in SpanLens' signs (larger = proponent, as
+    :mod:`core.lds` requires, whatever ``--paper-signs`` made phase 1 store): stored by phase 1,
+    else computed now."""
     rows = ev.store.eval_rows(ev.scores_key(spec))
     if all(t.id in rows for t in tests):
-        return np.stack([decode_scores(rows[t.id]["scores"]) for t in tests]).astype(np.float64)
-    parts = [ev.scores(batch, [spec])[0][spec.name] for batch in chunks(tests, ev.settings.batch)]
-    return np.concatenate(parts)
+        signed = np.stack([decode_scores(rows[t.id]["scores"]) for t in tests]).astype(np.float64)
+    else:
+        signed = np.concatenate([ev.scores(batch, [spec])[0][spec.name] for batch in chunks(tests, ev.settings.batch)])
+    return ev.settings.scoring().sign(spec) * signed
+
+
+def retrainer_for(backend: "Backend", out_dir: Path) -> tuple[CacheRetrainer, list[str], str]:
+    """The retrainer of a workspace's LDS (its model, initial state, training and test caches, the
+    workspace's training settings), the test ids whose outputs it measures, and the key its
+    results are cached under (what they depend on besides the subset and the intervention)."""
+    pair, test_ids = _test_pair(backend)
+    cfg = train_config(backend.manifest.settings)
+    full, labels = backend.train_cache()
+    index = backend.index
+    masked = HiddenCache.load(index.root / "prefix-masked.safetensors")
+    table = backend.table
+    key = fingerprint(backend.fingerprint, dataclasses.asdict(cfg), index.meta.get("overrides", {}), test_ids,
+                      [table.by_id[i].span_pair for i in test_ids])
+    retrainer = CacheRetrainer(backend.loaded.split, initial_state(backend.manifest.settings, backend.manifest.labels),
+                               CachePair(full, masked, labels), pair, split_cache(backend, "dev"), cfg,
+                               out_dir / "lds-train" / key, device=backend.loaded.device, progress=False)
+    return retrainer, test_ids, key
 
 
 def lds(ev: Evaluation, tests: list) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-test LDS of every reported method, and pairwise paired comparisons within each kind."""
-    s, backend = ev.settings.lds, ev.backend
-    subsets = sample_subsets(ev.n, s)
-    pair, test_ids = _test_pair(ev)
+    subsets = sample_subsets(ev.n, ev.settings.lds)
+    retrainer, test_ids, key = retrainer_for(ev.backend, ev.out_dir)
     where = [test_ids.index(t.id) for t in tests]
-    cfg = train_config(backend.manifest.settings)
-    full, labels = backend.train_cache()
-    masked = HiddenCache.load(ev.index.root / "prefix-masked.safetensors")
-    retrainer = CacheRetrainer(backend.loaded.split, initial_state(backend.manifest.settings, backend.manifest.labels),
-                               CachePair(full, masked, labels), pair, split_cache(ev, "dev"), cfg, ev.out_dir / "lds-train",
-                               device=backend.loaded.device, progress=False)
-    key = fingerprint(backend.fingerprint, dataclasses.asdict(cfg), ev.fixes, test_ids,
-                      [backend.by_id[i].span_pair for i in test_ids])
     kinds = {spec.name: kind_of(spec) for spec in ev.reported}
     outputs: dict[str, list[RetrainOutputs]] = {}
     started = time.perf_counter()
     for intervention in sorted({i for i, _ in kinds.values()}, reverse=True):  # remove (cheaper) first
         bar = tqdm(total=len(subsets), desc=f"LDS retrains ({intervention})", unit="run", disable=not ev.progress)
-        outputs[intervention] = run_lds(retrainer, subsets, intervention, _StoreCache(ev.store), settings_key=key,
-                                        progress=lambda done, total, i=intervention: _tick(ev, bar, i, done, total))
+        tick = lambda done, total, i=intervention: _tick(ev, bar, i, done, total)  # noqa: E731
+        cache = _StoreCache(ev.store)
+        if ev.settings.ray is None:
+            outputs[intervention] = run_lds(retrainer, subsets, intervention, cache, settings_key=key, progress=tick)
+        else:
+            outputs[intervention] = _over_ray(ev, subsets, intervention, cache, key, tick)
         bar.close()
     ev.timings["lds_seconds"] = round(time.perf_counter() - started, 1)
     rows = []
@@ -112,6 +134,35 @@ def lds(ev: Evaluation, tests: list) -> tuple[pd.DataFrame, pd.DataFrame]:
                  for t, v in zip(tests, values)]
     per_test = pd.DataFrame(rows, columns=LDS_COLUMNS)
     return per_test, _pairs(per_test, ev.settings.seed)
+
+
+def _over_ray(ev: Evaluation, subsets: np.ndarray, intervention: str, cache: _StoreCache, key: str,
+              tick) -> list[RetrainOutputs]:
+    """The retrains the cache lacks as Ray tasks (each worker opens the workspace once), cached as
+    they finish; then every subset's outputs from the cache."""
+    keys = [subset_key(s, intervention, key) for s in subsets]
+    todo = [m for m, k in enumerate(keys) if cache.get(k) is None]
+    done = len(subsets) - len(todo)
+    with mapper(ev.settings.ray) as pool:
+        for m, result in pool.map(_retrain_task, todo, str(ev.backend.ws.root), str(ev.out_dir), intervention, subsets,
+                                  key):
+            cache.put(keys[m], result)
+            done += 1
+            tick(done, len(subsets))
+    return [RetrainOutputs.from_dict(cache.get(k)) for k in keys]
+
+
+def _retrain_task(m: int, ws_root: str, out_dir: str, intervention: str, subsets: np.ndarray, key: str) -> dict:
+    """One LDS retrain in a Ray worker (the retrainer opened once per worker)."""
+    from ..backend import Backend
+
+    retrainer, _, worker_key = worker_cache(("lds", ws_root, out_dir), lambda: retrainer_for(Backend(ws_root),
+                                                                                         Path(out_dir)))
+    if worker_key != key:
+        raise RuntimeError(f"{ws_root} changed during the evaluation (its index or spans); run it again")
+    started = time.perf_counter()
+    outputs = retrainer(subsets[m], intervention)
+    return dataclasses.replace(outputs, seconds=round(time.perf_counter() - started, 3)).to_dict()
 
 
 def _tick(ev: Evaluation, bar, intervention: str, done: int, total: int) -> None:

@@ -90,7 +90,8 @@ def _run_engine(ev: Evaluation, run: int, new_variants: bool, report) -> tuple[E
     streamed = StreamedSide(loaded, ev.engine.projector, full_cache, masked, labels, batch_size, progress=step)
     side = RoutedSide(ev.engine.side, {name: streamed for name in names})
     points = ev.engine.points.with_group("variants", tuple(names))
-    return Engine(loaded, side, ev.engine.projector, points=points, train_cache=backend.train_cache), names
+    return Engine(loaded, side, ev.engine.projector, points=points, train_cache=ev.engine.train_cache,
+                  ekfac=ev.engine.ekfac), names
 
 
 def faithfulness_table(ev: Evaluation, selection_ids: list[str]) -> pd.DataFrame:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -18,10 +19,14 @@ from tqdm.auto import tqdm
 from .. import metrics
 from ..engine import TestInput
 from ..model import HiddenCache, Params, SplitModel, load_backbone, predict, split_model
+from ..parallel import forget, mapper, worker_cache
 from ..training import TrainConfig, accuracy, train
 from ..workspace import fingerprint
 from .context import Evaluation
 from .saglag import decode_scores
+
+if TYPE_CHECKING:
+    from ..backend import Backend
 
 
 def initial_state(settings: dict, labels: list[str]) -> Params:
@@ -51,11 +56,11 @@ def retrain_accuracy(split: SplitModel, init: Params, train_cache: HiddenCache, 
     return accuracy(predict(split, test[0], device=device), test[1])
 
 
-def split_cache(ev: Evaluation, split: str) -> tuple[HiddenCache, torch.Tensor]:
+def split_cache(backend: "Backend", split: str) -> tuple[HiddenCache, torch.Tensor]:
     """The frozen-prefix states and gold labels of a split."""
-    cache = HiddenCache.load(ev.backend.ws.root / "prefix" / f"{split}.safetensors")
-    labels = ev.backend.manifest.labels
-    return cache, torch.tensor([labels.index(r.label) for r in ev.backend.instances(split)])
+    cache = HiddenCache.load(backend.ws.root / "prefix" / f"{split}.safetensors")
+    labels = backend.manifest.labels
+    return cache, torch.tensor([labels.index(r.label) for r in backend.instances(split)])
 
 
 def _key(ev: Evaluation, cfg: TrainConfig, removed: np.ndarray) -> str:
@@ -78,7 +83,7 @@ def ral(ev: Evaluation, tests: list[TestInput]) -> pd.DataFrame:
     todo = [removed for key, removed in unique.items() if not ev.store.eval_rows(key)]
     if todo:
         _retrain(ev, cfg, todo)
-    test_cache, test_labels = split_cache(ev, "test")
+    test_cache, test_labels = split_cache(ev.backend, "test")
     loaded = ev.backend.loaded
     with torch.no_grad(), loaded.at("final"):
         theta_acc = accuracy(predict(loaded.split, test_cache, device=loaded.device), test_labels)
@@ -93,28 +98,47 @@ def ral(ev: Evaluation, tests: list[TestInput]) -> pd.DataFrame:
 
 
 def _retrain(ev: Evaluation, cfg: TrainConfig, removals: list[np.ndarray]) -> None:
-    """Retrain without each removed set (resumable per set) and store the test accuracy."""
-    backend, loaded = ev.backend, ev.backend.loaded
+    """Retrain without each removed set (resumable per set; as Ray tasks with ``--ray``) and
+    store the test accuracy."""
+    backend = ev.backend
     per_run = backend.manifest.stages.get("model", {}).get("timings", {}).get("train")
     guess = f", each about as long as the workspace's own training ({per_run:.0f} s)" if per_run else ""
     ev.log(f"[evaluate] Ral: {len(removals)} retrain(s) of the trainable subset{guess}")
-    init = initial_state(backend.manifest.settings, list(backend.manifest.labels))
-    train_cache, train_labels = backend.train_cache()
-    dev, test = split_cache(ev, "dev"), split_cache(ev, "test")
     started = time.perf_counter()
+    bar = tqdm(total=len(removals), desc="Ral retrains", unit="run", disable=not ev.progress)
+    args = (str(backend.ws.root), str(ev.out_dir), asdict(cfg), removals)
+    worker_cache(("ral", args[0]), lambda: backend)  # in this process, tasks use this backend's model
     try:
-        for r, removed in enumerate(tqdm(removals, desc="Ral retrains", unit="run", disable=not ev.progress)):
-            key = _key(ev, cfg, removed)
-            work = ev.out_dir / "ral-train" / key.split(":")[-1]
-            t0 = time.perf_counter()
-            keep = np.setdiff1d(np.arange(ev.n), removed)
-            acc = retrain_accuracy(loaded.split, init, train_cache, train_labels, keep, dev, test, cfg, work,
-                                   device=loaded.device, progress=ev.progress)
-            ev.store.put_eval_row(key, "result", {"accuracy": acc, "removed": int(len(removed)),
-                                                  "seconds": round(time.perf_counter() - t0, 1)})
-            shutil.rmtree(work, ignore_errors=True)
-            ev.phases.report("Ral retrains", r + 1, len(removals), "retrains")
+        with mapper(ev.settings.ray) as pool:
+            for done, (r, (accuracy_, seconds)) in enumerate(pool.map(_ral_task, range(len(removals)), *args), 1):
+                ev.store.put_eval_row(_key(ev, cfg, removals[r]), "result",
+                                      {"accuracy": accuracy_, "removed": int(len(removals[r])), "seconds": seconds})
+                bar.update(1)
+                ev.phases.report("Ral retrains", done, len(removals), "retrains")
     finally:
-        loaded.use("final")
+        bar.close()
+        forget(("ral", args[0]))
     shutil.rmtree(ev.out_dir / "ral-train", ignore_errors=True)
     ev.timings["ral_seconds"] = round(time.perf_counter() - started, 1)
+
+
+def _ral_task(r: int, ws_root: str, out_dir: str, cfg: dict, removals: list[np.ndarray]) -> tuple[float, float]:
+    """One Ral retrain: (test accuracy, seconds); the workspace opened once per process, its model
+    back at theta afterwards."""
+    from ..backend import Backend
+
+    backend = worker_cache(("ral", ws_root), lambda: Backend(ws_root))
+    init = worker_cache(("ral-init", ws_root), lambda: initial_state(backend.manifest.settings,
+                                                                      list(backend.manifest.labels)))
+    train_cache, train_labels = backend.train_cache()
+    removed = removals[r]
+    work = Path(out_dir) / "ral-train" / fingerprint(cfg, removed.tolist())
+    started = time.perf_counter()
+    keep = np.setdiff1d(np.arange(len(train_labels)), removed)
+    try:
+        acc = retrain_accuracy(backend.loaded.split, init, train_cache, train_labels, keep, split_cache(backend, "dev"),
+                               split_cache(backend, "test"), TrainConfig(**cfg), work, device=backend.loaded.device)
+    finally:
+        backend.loaded.use("final")
+    shutil.rmtree(work, ignore_errors=True)
+    return acc, round(time.perf_counter() - started, 1)

@@ -215,9 +215,12 @@ def lds_frame(report: EvalReport) -> pd.DataFrame:
                          "NaN tests": lds.nan}, index=lds.index)
 
 
-def lds_note(report: EvalReport | None, method: str) -> str | None:
-    """One line on how far to trust a method on this workspace, from its LDS (None: not computed)."""
+def lds_note(report: EvalReport | None, method: str, fingerprint: str) -> str | None:
+    """One line on how far to trust a method on this workspace, from its LDS (None: not computed,
+    or computed on another build of the workspace, index fingerprint ``fingerprint``)."""
     if report is None or report.lds.empty or method not in report.lds.index:
+        return None
+    if report.summary.get("fingerprint") != fingerprint:
         return None
     r = report.lds.loc[method]
     kind = "span-LDS" if r.intervention == "mask" else "LDS"

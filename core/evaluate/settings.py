@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from .. import metrics
 from ..ihvp import DEFAULT_DAMPING, LissaSettings, check_damping
 from ..lds import LdsSettings
+from ..parallel import RaySettings
 from ..registry import METHODS, MethodSpec
 from ..scoring import IHVP_MODES, ScoreSettings
 
@@ -47,6 +48,7 @@ class EvalSettings:
     random_draws: int = 50  # random rankings behind the K-curve baseline band
     ral_random_seeds: int = 1
     lds: LdsSettings | None = None  # LDS and span-LDS by retraining (None: not run)
+    ray: RaySettings | None = None  # retrains as Ray tasks (None: in this process); changes no number
 
     def __post_init__(self) -> None:
         if self.ihvp not in IHVP_MODES:
