@@ -99,6 +99,7 @@ def _build_options(p) -> None:
     p.add_argument("--no-index", action="store_true", help="stop before building the gradient index")
     _index_options(p)
     _with_option(p)
+    _ray_options(p)
 
 
 def _import_parser(sub) -> None:
@@ -136,8 +137,8 @@ def _with_option(p) -> None:
 
 def _ray_options(p) -> None:
     p.add_argument("--ray", action="store_true",
-                   help="run the parallel work (index shards, retrains) as Ray tasks on a local Ray with this "
-                        "machine's cores (--ray-cpus to choose); results are the same as without")
+                   help="run the parallel work (the index build in shards; Ral and LDS retrains) as Ray tasks on a "
+                        "local Ray with this machine's cores (--ray-cpus to choose); results are the same as without")
     p.add_argument("--ray-address", help="run it on a running Ray cluster instead (e.g. ray://head:10001)")
     p.add_argument("--ray-cpus", type=POSITIVE, help="CPUs of the local Ray (default: every core)")
 
@@ -148,6 +149,18 @@ def _ray(args):
     if not (args.ray or args.ray_address):
         return None
     return RaySettings(address=args.ray_address, num_cpus=args.ray_cpus)
+
+
+def _index_with_ray(args, build):
+    """``build(mapper)``: the index passes as shard tasks on Ray with --ray/--ray-address, else
+    in this process (mapper None)."""
+    from .parallel import mapper
+
+    settings = _ray(args)
+    if settings is None:
+        return build(None)
+    with mapper(settings) as pool:
+        return build(pool)
 
 
 def _index_options(p) -> None:
@@ -216,7 +229,8 @@ def _build(args, make) -> int:
     extras = check_extras(parse_list(args.extras))
     manifest = make()
     if not args.no_index:
-        index_workspace(Workspace(args.workspace), index_settings, device=args.device, extras=extras)
+        _index_with_ray(args, lambda pool: index_workspace(Workspace(args.workspace), index_settings,
+                                                           device=args.device, extras=extras, mapper=pool))
         manifest = Workspace(args.workspace).manifest()
     _summary(manifest)
     return 0
@@ -255,7 +269,9 @@ def cmd_index(args) -> int:
     extras = check_extras(parse_list(args.extras))
     if not ws.exists():
         raise FileNotFoundError(f"{ws.root}: no manifest.json; run `python -m core prepare` first")
-    index = index_workspace(ws, _index_settings(args, rebuild=True), device=args.device, extras=extras)
+    settings = _index_settings(args, rebuild=True)
+    index = _index_with_ray(args, lambda pool: index_workspace(ws, settings, device=args.device, extras=extras,
+                                                               mapper=pool))
     print(json.dumps({k: index.meta[k] for k in ("dim", "seconds", "examples_per_second", "projection")}, indent=2))
     return 0
 
@@ -476,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device")
     _index_options(i)
     _with_option(i)
+    _ray_options(i)
     _explain_parser(sub)
     _evaluate_parser(sub)
     c = sub.add_parser("combine", help="combine evaluation reports over classifier seeds (mean, sd per cell)",

@@ -41,6 +41,7 @@ from .index import (
 from .index_build import build_index, patch_spans
 from .instances import InstanceRecord, Instances
 from .model import HiddenCache, compute_prefix, logit_drops, mask_span, predict
+from .parallel import Mapper
 from .points import LoadedModel, PointSet, load_workspace_model
 from .prefixes import TrainPrefixes
 from .registry import METHODS, MethodSpec
@@ -61,10 +62,10 @@ class MethodUnavailable(IndexUnavailable):
 
 
 def index_workspace(ws: Workspace, settings: IndexSettings, *, device: str | None = None, progress: bool = True,
-                    log=print, on_progress=None, extras: Sequence[str] = ()) -> GradientIndex:
+                    log=print, on_progress=None, extras: Sequence[str] = (), mapper: Mapper | None = None) -> GradientIndex:
     """Build (or bring up to date) the workspace's index with its corrected training spans, and
     the ``extras`` (:data:`core.artifacts.EXTRAS`: TRAK rows, EK-FAC factors); record the index's
-    size and timing in the manifest."""
+    size and timing in the manifest. ``mapper``: the passes as shard tasks (Ray)."""
     extras = check_extras(extras)
     fixes: Overrides = {}
     if ws.store_path.exists():
@@ -73,7 +74,7 @@ def index_workspace(ws: Workspace, settings: IndexSettings, *, device: str | Non
     share = 0.8 if "ekfac" in extras else 1.0
     report = None if on_progress is None else (lambda f: on_progress(share * f))
     index = build_index(ws, settings, device=device, progress=progress, log=log, overrides=fixes, on_progress=report,
-                        groups=tuple(e for e in extras if e != "ekfac"))
+                        groups=tuple(e for e in extras if e != "ekfac"), mapper=mapper)
     record_index(ws, index)
     if "ekfac" in extras:
         build_ekfac(ws, device=device, batch_size=settings.batch_size, progress=progress, log=log,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import fcntl
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +23,6 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
-from .ggn import gauss_newton_batch
 from .gradients import Projector
 from .index import (
     FORMAT,
@@ -47,6 +46,15 @@ from .index import (
     index_fingerprint,
     open_index,
 )
+from .index_shards import (
+    Chunk,
+    pass_chunks,
+    pass_sums,
+    run_shards,
+    shard_chunks,
+    shard_ranges,
+    training_rows,
+)
 from .model import (
     Encoded,
     HiddenCache,
@@ -54,6 +62,7 @@ from .model import (
     length_batches,
     mask_span,
 )
+from .parallel import Mapper
 from .points import LoadedModel, PointSet, load_workspace_model
 from .prefixes import TrainPrefixes
 from .representations import REPRESENTATIONS
@@ -64,10 +73,6 @@ FLUSH_EVERY = 25  # batches between progress records
 
 
 # ------------------------------------------------------------------------------ spans
-
-def _training_rows(ws: Workspace) -> list[dict]:
-    return [row for row in ws.load_instances() if row["split"] == "train"]
-
 
 def _span_of(row: dict, overrides: Overrides) -> tuple[int, int] | None:
     """The span in use for a training row: its correction, else its own span."""
@@ -97,10 +102,13 @@ def build_index(
     overrides: Overrides | None = None,
     on_progress: Progress | None = None,
     groups: tuple[str, ...] = ("grad",),
+    mapper: Mapper | None = None,
 ) -> GradientIndex:
     """Build (or resume, or reuse) the workspace's gradient index and return it. ``overrides``
     (corrected training spans) are patched in; ``None`` keeps the spans the index holds.
-    ``groups`` (:data:`KIND_GROUPS`) are added to those the index holds.
+    ``groups`` (:data:`KIND_GROUPS`) are added to those the index holds. With a ``mapper``
+    (:mod:`core.parallel`: Ray) the passes are computed as shard tasks (:mod:`core.index_shards`),
+    their rows the same as in one process.
 
     An index that is up to date is returned under a shared lock, so any number of processes
     may check at once; building takes the lock exclusively, and another builder gets a clear
@@ -129,7 +137,7 @@ def build_index(
         _declare(lock, "build")
         index = _current(root, whole, None, groups) or _build(ws, settings, root, groups, loaded=loaded, device=device,
                                                               progress=progress, log=log, overrides=overrides or {},
-                                                              on_progress=on_progress)
+                                                              on_progress=on_progress, mapper=mapper)
         if overrides is not None and not index.spans_match(overrides):
             _declare(lock, "patch")
             index = _patch(ws, index, overrides, loaded or load_workspace_model(ws, device), settings, log)
@@ -175,7 +183,7 @@ def _patch(ws: Workspace, index: GradientIndex, overrides: Overrides, loaded: Lo
     The ids being patched are recorded before any file is touched and cleared after the last,
     so an interrupted patch is redone (and the index does not claim to match meanwhile)."""
     root, meta = index.root, index.meta
-    rows = _training_rows(ws)
+    rows = training_rows(ws)
     if meta["ids"] != [r["id"] for r in rows]:
         raise ValueError(f"{root}: the index's training rows differ from the workspace's; rebuild it")
     applied, wanted = meta.get("overrides", {}), _overrides_json(overrides)
@@ -235,7 +243,8 @@ def _rewrite_overlay(root: Path, meta: dict, group: str, point: str, rows: list[
 
 
 def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str, ...], *, loaded: LoadedModel | None,
-           device: str | None, progress: bool, log, overrides: Overrides, on_progress: Progress | None) -> GradientIndex:
+           device: str | None, progress: bool, log, overrides: Overrides, on_progress: Progress | None,
+           mapper: Mapper | None) -> GradientIndex:
     shared, variants_fp, whole = _fingerprints(ws, settings)
     meta_path = root / "meta.json"
     meta = _read_meta(meta_path) if meta_path.exists() else {}
@@ -245,7 +254,7 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     loaded = loaded or load_workspace_model(ws, device)
-    rows = _training_rows(ws)
+    rows = training_rows(ws)
     labels = torch.tensor([loaded.labels.index(r["label"]) for r in rows])
     prefixes = TrainPrefixes(ws, loaded, lambda: _masked_encodings(loaded, rows, overrides), progress=progress)
     full_cache = prefixes.pair("final")[0]
@@ -261,8 +270,19 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
     for number, (group, point) in enumerate(todo):
         report = None if on_progress is None else (
             lambda b, at=number: on_progress((at + b / max(len(batches), 1)) / len(todo)))
-        _build_point(root, meta, group, point, loaded, projector, (*prefixes.pair(point), labels), batches,
-                     progress, report)
+        full, masked = prefixes.pair(point)  # made here when missing: shard tasks only read them
+
+        def chunks_from(done: int, group: str = group, point: str = point) -> Iterable[Chunk]:
+            if mapper is None:
+                return pass_chunks(loaded, projector, full, masked, labels, group, point, batches[done:], done)
+            shards = shard_ranges(done, len(batches))
+            run_shards(mapper, ws, whole, settings.dim, settings.seed, group, point, batches, shards,
+                       progress=progress)
+            return shard_chunks(root, group, point, shards)
+
+        _write_pass(root, meta, group, point, len(batches), chunks_from, flush_each=mapper is not None,
+                    progress=progress, report=report)
+    shutil.rmtree(root / "shards", ignore_errors=True)
     loaded.use("final")
     elapsed = time.perf_counter() - started
     n = len(rows)
@@ -331,43 +351,39 @@ def _drop(root: Path, meta: dict, group: str, point: str) -> None:
     meta.get("base_overrides", {}).pop(f"{group}:{point}", None)
 
 
-def _build_point(root: Path, meta: dict, group: str, point: str, loaded: LoadedModel, projector: Projector,
-                 caches: tuple[HiddenCache, HiddenCache, torch.Tensor], batches: list[list[int]], progress: bool,
-                 report: Callable[[int], None] | None) -> None:
+def _write_pass(root: Path, meta: dict, group: str, point: str, n_batches: int,
+                chunks_from: Callable[[int], Iterable[Chunk]], *, flush_each: bool, progress: bool,
+                report: Callable[[int], None] | None) -> None:
     """Write one group's rows at one point, resuming after the last recorded batch (where the
-    pass accumulates a sum: after the last batch its file holds, saved before the progress record).
-
-    ``grad`` at theta also writes the CLS embeddings and sums the Gauss-Newton matrix; ``trak``
-    sums Phi^T Phi of the (unscaled) margin gradients at every point."""
+    pass accumulates a sum: after the last batch its file holds, saved before the progress
+    record). ``chunks_from(done)`` gives the rest of the pass's rows (:class:`Chunk`), in order;
+    the records are written every :data:`FLUSH_EVERY` batches, or after each chunk."""
     key, kinds, sum_path = f"{group}:{point}", KIND_GROUPS[group], _sum_path(root, group, point)
-    done = meta["progress"].get(key, 0)
+    done, total, n_rows = meta["progress"].get(key, 0), None, 0
     if sum_path is not None:
-        total, n_rows, done = _load_sum(root, group, point)
-        total = torch.from_numpy(total)
-    jacobian = group == "grad" and point == "final"
+        saved, n_rows, done = _load_sum(root, group, point)
+        total = torch.from_numpy(saved)
     mats = {kind: np.load(root / f"{point}.{kind}.npy", mmap_mode="r+") for kind in kinds}
-    emb = {k: np.load(root / f"emb.{k}.npy", mmap_mode="r+") for k in ("full", "masked")} if jacobian else {}
-    bar = tqdm(total=len(batches), initial=done, desc=f"index {key}", unit="batch", disable=not progress)
-    grads = training_gradients(loaded, projector, *caches, point, batches[done:], kinds=kinds, with_jacobian=jacobian)
-    for b, batch in enumerate(grads, start=done):
+    emb = ({k: np.load(root / f"emb.{k}.npy", mmap_mode="r+") for k in ("full", "masked")}
+           if pass_sums(group, point)[0] else {})
+    bar = tqdm(total=n_batches, initial=done, desc=f"index {key}", unit="batch", disable=not progress)
+    for chunk in chunks_from(done):
+        bar.update(chunk.end - done)
+        done = chunk.end
         for kind in kinds:
-            mats[kind][batch.rows] = batch.vectors[kind].numpy()
-        if jacobian:
-            emb["full"][batch.rows] = batch.cls_full.numpy()
-            emb["masked"][batch.rows] = batch.cls_masked.numpy()
-            total += gauss_newton_batch(batch.logits, batch.jacobian)
-        elif sum_path is not None:
-            phi = batch.whole["margin"].double()
-            total += phi.T @ phi
-        n_rows = n_rows + len(batch.rows) if sum_path is not None else 0
-        if (b + 1) % FLUSH_EVERY == 0 or b + 1 == len(batches):
+            mats[kind][chunk.rows] = chunk.vectors[kind]
+        if chunk.cls is not None:
+            emb["full"][chunk.rows], emb["masked"][chunk.rows] = chunk.cls
+        if sum_path is not None:
+            total += chunk.total
+            n_rows += len(chunk.rows)
+        if flush_each or chunk.end % FLUSH_EVERY == 0 or chunk.end == n_batches:
             for mat in [*mats.values(), *emb.values()]:
                 mat.flush()
             if sum_path is not None:
-                _save_sum(sum_path, total, n_rows, b + 1)
-            meta["progress"][key] = b + 1
+                _save_sum(sum_path, total, n_rows, chunk.end)
+            meta["progress"][key] = chunk.end
             write_json_atomic(root / "meta.json", meta)
-        bar.update(1)
         if report is not None:
-            report(b + 1)
+            report(chunk.end)
     bar.close()

@@ -60,12 +60,18 @@ class RayMapper:
     def __init__(self, settings: RaySettings):
         self.settings = settings
 
-    def map(self, fn: Callable[..., Any], items: Iterable[Any], *args: Any) -> Iterator[tuple[Any, Any]]:
+    def submit(self, fn: Callable[..., Any], items: Iterable[Any], *args: Any) -> dict[Any, Any]:
+        """Start a task per item; {object ref: item}."""
         import ray
 
         remote = ray.remote(num_cpus=self.settings.threads, num_gpus=self.settings.gpus, max_retries=0)(_run)
         shared = [ray.put(a) for a in args]  # once, however many tasks read them
-        pending = {remote.remote(fn, item, self.settings.threads, *shared): item for item in items}
+        return {remote.remote(fn, item, self.settings.threads, *shared): item for item in items}
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], *args: Any) -> Iterator[tuple[Any, Any]]:
+        import ray
+
+        pending = self.submit(fn, items, *args)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             item = pending.pop(done[0])
@@ -116,7 +122,8 @@ def mapper(settings: RaySettings | None) -> Iterator[Mapper]:
                        runtime_env={"env_vars": env})
         if settings.address:
             ray.init(address=settings.address, **options)
-        else:
+        else:  # tasks at the priority work has without --ray (Ray's default niceness of 15 starves them beside other jobs)
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=settings.num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **options)
     try:
         yield RayMapper(settings)

@@ -251,9 +251,10 @@ class GaussNewtonKiller:
 
     def __init__(self, monkeypatch, index_root: Path) -> None:
         import core.index_build as index_mod
+        import core.index_shards as passes
 
         self.root, self.plan, self.batches, self.fired = index_root, None, 0, []
-        real_batch, real_savez, real_replace = index_mod.gauss_newton_batch, np.savez, os.replace
+        real_batch, real_savez, real_replace = passes.gauss_newton_batch, np.savez, os.replace
         real_json = index_mod.write_json_atomic
 
         def batch(*args):
@@ -278,7 +279,7 @@ class GaussNewtonKiller:
                 raise Kill
             real_json(path, data)
 
-        monkeypatch.setattr(index_mod, "gauss_newton_batch", batch)
+        monkeypatch.setattr(passes, "gauss_newton_batch", batch)
         monkeypatch.setattr(np, "savez", savez)
         monkeypatch.setattr(os, "replace", replace)
         monkeypatch.setattr(index_mod, "write_json_atomic", write_json)

@@ -1,17 +1,23 @@
 """Ray (optional): retrains and index shards as Ray tasks give the same results as in one process."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
+from core import index_shards
 from core.backend import Backend
 from core.evaluate import EvalSettings, run_evaluation
+from core.index import IndexSettings
+from core.index_build import build_index
 from core.lds import LdsSettings
-from core.parallel import LocalMapper, RaySettings, mapper, worker_cache
+from core.parallel import LocalMapper, RayMapper, RaySettings, mapper, worker_cache
+from core.workspace import Workspace
 
 QUIET = dict(progress=False, log=lambda _: None)
 
@@ -53,3 +59,71 @@ def test_retrains_over_ray_equal_retrains_in_one_process(tiny_workspace, tmp_pat
     assert here.ral.accuracy.tolist() == there.ral.accuracy.tolist()
     np.testing.assert_array_equal(here.lds_per_test.lds.to_numpy(), there.lds_per_test.lds.to_numpy())
     assert there.summary["settings"]["ray"] is not None
+
+
+class KilledMidBuild(RayMapper):
+    """Ray tasks whose workers are killed (force-cancelled) once the first result is in."""
+
+    def map(self, fn, items, *args):
+        pending = self.submit(fn, items, *args)
+        done, _ = ray.wait(list(pending), num_returns=1)
+        yield pending.pop(done[0]), ray.get(done[0])
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        ray.wait(list(pending), num_returns=len(pending))  # every cancelled task ended: no late writes
+        raise RuntimeError("workers killed mid-build")
+
+
+class Counting(RayMapper):
+    """Ray tasks, the items submitted recorded."""
+
+    def __init__(self, settings: RaySettings):
+        super().__init__(settings)
+        self.items: list = []
+
+    def submit(self, fn, items, *args):
+        items = list(items)
+        self.items += items
+        return super().submit(fn, items, *args)
+
+
+def _index_files(root: Path) -> dict[str, np.ndarray]:
+    """Every matrix of an index: rows (.npy) and sums (.npz), by file and key."""
+    out = {p.name: np.load(p) for p in sorted(root.glob("*.npy"))}
+    for path in sorted(root.glob("*.npz")):
+        with np.load(path) as data:
+            out.update({f"{path.name}:{key}": data[key] for key in data.files})
+    return out
+
+
+def test_a_sharded_build_equals_the_single_process_index_and_resumes_after_a_kill(
+        tiny_workspace, tmp_path, local_ray, one_thread, monkeypatch):
+    """The index built as shard tasks on Ray holds the single-process index's rows bit for bit
+    (every point and kind, TRAK rows and CLS embeddings included) and equal sums; killing the
+    workers mid-build and running again completes it, reusing the shards that were done."""
+    monkeypatch.setattr(index_shards, "SHARD_BATCHES", 2)
+    settings = IndexSettings(dim=32, seed=3, batch_size=16)
+    built = {}
+    for name in ("single", "sharded"):
+        ws = _copy(tiny_workspace, tmp_path, name)
+        shutil.rmtree(ws / "index")
+        built[name] = Workspace(ws)
+    build_index(built["single"], settings, groups=("grad", "trak"), **QUIET)
+    with pytest.raises(RuntimeError, match="killed"):
+        build_index(built["sharded"], settings, groups=("grad", "trak"), mapper=KilledMidBuild(RaySettings()), **QUIET)
+    shards = built["sharded"].root / "index" / "shards"
+    kept = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.npz") if ".tmp" not in p.name}
+    assert kept  # the shard that finished before the kill
+    counting = Counting(RaySettings())
+    build_index(built["sharded"], settings, groups=("grad", "trak"), mapper=counting, **QUIET)
+    assert not shards.exists()  # assembled and removed
+    single, sharded = (_index_files(built[n].root / "index") for n in ("single", "sharded"))
+    assert single.keys() == sharded.keys() and any(k.startswith("checkpoint-") for k in single)
+    for name, rows in single.items():
+        if ".npz:" in name:  # sums: added shard by shard instead of batch by batch
+            np.testing.assert_allclose(sharded[name], rows, rtol=1e-10, err_msg=name)
+        else:
+            np.testing.assert_array_equal(sharded[name], rows, err_msg=name)
+    meta = json.loads((built["sharded"].root / "index" / "meta.json").read_text())
+    assert meta["done"] and set(meta["progress"].values()) == {3}  # 48 rows / 16 = 3 batches in every pass
+    assert len(counting.items) == 2 * len(meta["progress"]) - len(kept)  # 2 shards a pass; the kept ones reused

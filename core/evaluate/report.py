@@ -90,28 +90,26 @@ def table3(ev: Evaluation, per_test: pd.DataFrame, baselines: dict, ral: pd.Data
 
 def table3_ci(ev: Evaluation, per_test: pd.DataFrame) -> pd.DataFrame:
     """Each Sag/Lag cell of table 3 with its 95% bootstrap interval over tests (x100)."""
-    rows = []
-    for m in ev.reported:
-        group = per_test[per_test.method == m.name]
-        for metric in ("sag", "lag"):
-            for k in ev.ks:
-                value, low, high = bootstrap_ci(100 * group[f"{metric}@{k}"].to_numpy(), seed=ev.settings.seed)
-                rows.append({"metric": f"{metric.capitalize()}@{k}", "method": m.name, "value": value, "low": low,
-                             "high": high})
-    return pd.DataFrame(rows, columns=["metric", "method", "value", "low", "high"])
+    return _cells_ci(ev, per_test, "")
 
 
 def paper_sign_table(ev: Evaluation, per_test: pd.DataFrame) -> pd.DataFrame:
     """Sag@K/Lag@K (x100) of the reported methods the paper writes with the other sign, ranked
     with the paper's sign, each with its 95% interval; empty when the run uses the paper's signs."""
+    return _cells_ci(ev, per_test, "_paper")
+
+
+def _cells_ci(ev: Evaluation, per_test: pd.DataFrame, suffix: str) -> pd.DataFrame:
+    """Sag/Lag cells of the reported methods with the per-test columns ``{metric}{suffix}@{k}``
+    (methods without them, or with missing values, left out), each with its 95% interval."""
     rows = []
     for m in ev.reported:
         group = per_test[per_test.method == m.name]
-        if f"sag_paper@{ev.ks[0]}" not in group or group[f"sag_paper@{ev.ks[0]}"].isna().any():
+        if f"sag{suffix}@{ev.ks[0]}" not in group or group[f"sag{suffix}@{ev.ks[0]}"].isna().any():
             continue
         for metric in ("sag", "lag"):
             for k in ev.ks:
-                value, low, high = bootstrap_ci(100 * group[f"{metric}_paper@{k}"].to_numpy(), seed=ev.settings.seed)
+                value, low, high = bootstrap_ci(100 * group[f"{metric}{suffix}@{k}"].to_numpy(), seed=ev.settings.seed)
                 rows.append({"metric": f"{metric.capitalize()}@{k}", "method": m.name, "value": value, "low": low,
                              "high": high})
     return pd.DataFrame(rows, columns=["metric", "method", "value", "low", "high"])

@@ -1,0 +1,132 @@
+"""Approximate top-K over large indexes: FAISS candidates, exact rescoring.
+
+Exact inner products over every training row stay the default: a query streams the index's
+matrices once (:class:`core.training_sides.IndexedSide`), which is fast up to a few hundred
+thousand rows on a CPU (see docs/SCALING.md). Past that, an inverted-file index with product
+quantisation (FAISS ``IVF{lists},PQ{m}``, inner-product metric) over each (point, kind) matrix
+proposes candidates, and the candidates' scores are then computed exactly from the
+memory-mapped rows, summed over the method's points with its weights - so a returned score is
+never approximate, only the candidate set is. :func:`recall_at_k` measures what that costs
+against the exact top-K.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .index import GradientIndex
+
+TRAIN_SAMPLE = 50_000  # rows the quantisers are trained on
+
+
+@dataclass(frozen=True)
+class AnnSettings:
+    """FAISS index layout and search breadth. ``lists``: inverted lists (None: about 4 sqrt(N));
+    ``pq``: sub-quantisers (d must be divisible by it); ``nprobe``: lists searched per query;
+    ``candidates``: rows proposed per point before exact rescoring (a multiple of K)."""
+
+    lists: int | None = None
+    pq: int = 64
+    nprobe: int = 32
+    candidates: int = 10
+
+    def __post_init__(self) -> None:
+        if self.pq < 1 or self.nprobe < 1 or self.candidates < 1 or (self.lists is not None and self.lists < 1):
+            raise ValueError("lists, pq, nprobe and candidates must be at least 1")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as err:  # the requirement is pinned; a missing one is an install problem
+        raise RuntimeError("approximate top-K needs faiss-cpu (pip install -r requirements.txt)") from err
+    return faiss
+
+
+def ann_path(index: GradientIndex, point: str, kind: str) -> Path:
+    return index.root / f"ann.{point}.{kind}.faiss"
+
+
+def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings = AnnSettings(), *,
+              seed: int = 0) -> Path:
+    """Train and fill a FAISS IVF-PQ inner-product index over a (point, kind) matrix (rows streamed
+    in blocks; corrected spans' overlay rows included) and save it next to the matrix."""
+    faiss = _faiss()
+    n, d = len(index.ids), int(index.meta["dim"])
+    if d % settings.pq:
+        raise ValueError(f"the sketch dimension {d} is not divisible by pq = {settings.pq}")
+    lists = settings.lists or max(1, min(n // 39, int(4 * np.sqrt(n))))
+    # built directly: index_factory's IVF-PQ trained 25x slower here (polysemous/precomputed-table setup)
+    ann = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, lists, settings.pq, 8, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(n, size=min(n, max(TRAIN_SAMPLE, 39 * lists)), replace=False))
+    ann.train(_rows(index, point, kind, sample))
+    for start, block in index.blocks(point, kind):
+        ann.add(np.ascontiguousarray(block.numpy(), dtype=np.float32))
+    patched = index.overlay(point, kind)
+    if patched is not None:  # the rows of corrected spans replace their base rows
+        ids = patched[0].numpy().astype(np.int64)
+        ann.remove_ids(ids)
+        ann.add_with_ids(np.ascontiguousarray(patched[1].numpy(), dtype=np.float32), ids)
+    path = ann_path(index, point, kind)
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(ann, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def _rows(index: GradientIndex, point: str, kind: str, positions: np.ndarray) -> np.ndarray:
+    """The current rows (overlay applied) at ``positions`` (sorted), float32 (Q, d)."""
+    mapped = index._map(f"{point}.{kind}.npy")
+    out = np.asarray(mapped[positions], dtype=np.float32)
+    patched = index.overlay(point, kind)
+    if patched is not None:
+        where = {int(p): j for j, p in enumerate(patched[0].tolist())}
+        for r, pos in enumerate(positions.tolist()):
+            if pos in where:
+                out[r] = patched[1][where[pos]].numpy()
+    return out
+
+
+class AnnSearch:
+    """Approximate top-K of ``sum_p w_p <T_p, X_p(z)>`` over the (point, kind) terms of a method."""
+
+    def __init__(self, index: GradientIndex, terms: Sequence[tuple[str, str]], settings: AnnSettings = AnnSettings()):
+        faiss = _faiss()
+        self.index, self.settings = index, settings
+        self.anns = {}
+        for point, kind in terms:
+            path = ann_path(index, point, kind)
+            if not path.exists():
+                raise FileNotFoundError(f"{path}: no approximate index; build it with core.ann.build_ann")
+            ann = faiss.read_index(str(path))
+            faiss.extract_index_ivf(ann).nprobe = settings.nprobe
+            self.anns[point, kind] = ann
+
+    def top_k(self, vecs: dict[tuple[str, str], torch.Tensor], weights: dict[tuple[str, str], float],
+              k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, k) training positions and their exact scores, best first, for test vectors per term."""
+        queries = next(iter(vecs.values())).shape[0]
+        found = [set() for _ in range(queries)]
+        for term, ann in self.anns.items():
+            _, idx = ann.search(np.ascontiguousarray(weights[term] * vecs[term].float().numpy()), k * self.settings.candidates)
+            for q in range(queries):
+                found[q] |= {int(i) for i in idx[q] if i >= 0}
+        positions, scores = [], []
+        for q in range(queries):
+            cand = np.array(sorted(found[q]), dtype=np.int64)
+            exact = sum(weights[t] * (_rows(self.index, *t, cand) @ vecs[t][q].float().numpy()) for t in self.anns)
+            order = np.argsort(-exact, kind="stable")[:k]
+            positions.append(cand[order])
+            scores.append(exact[order])
+        return np.stack(positions), np.stack(scores)
+
+
+def recall_at_k(approx: np.ndarray, exact_scores: np.ndarray, k: int) -> float:
+    """Mean share of the exact top-k (from full scores (Q, N)) that the approximate lists hold."""
+    exact = np.argsort(-exact_scores, axis=1, kind="stable")[:, :k]
+    return float(np.mean([len(set(a[:k].tolist()) & set(e.tolist())) / k for a, e in zip(approx, exact)]))
