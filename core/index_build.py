@@ -112,7 +112,7 @@ def build_index(
 
     An index that is up to date is returned under a shared lock, so any number of processes
     may check at once; building takes the lock exclusively, and another builder gets a clear
-    error (a span patch waits for another patch instead).
+    error (a span patch, or a build that finds a patch or a check in progress, waits instead).
     """
     root = ws.root / "index"
     root.mkdir(parents=True, exist_ok=True)
@@ -129,15 +129,16 @@ def build_index(
     with open(_lock_path(root), "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError:  # a builder is refused at once; a patch or a check is waited for
             lock.seek(0)
-            if lock.read() != "patch":
+            if lock.read() == "build":
                 raise RuntimeError(f"{root} is being built by another process; wait for it to finish") from None
             fcntl.flock(lock, fcntl.LOCK_EX)
-        _declare(lock, "build")
-        index = _current(root, whole, None, groups) or _build(ws, settings, root, groups, loaded=loaded, device=device,
-                                                              progress=progress, log=log, overrides=overrides or {},
-                                                              on_progress=on_progress, mapper=mapper)
+        index = _current(root, whole, None, groups)
+        if index is None:
+            _declare(lock, "build")
+            index = _build(ws, settings, root, groups, loaded=loaded, device=device, progress=progress, log=log,
+                           overrides=overrides or {}, on_progress=on_progress, mapper=mapper)
         if overrides is not None and not index.spans_match(overrides):
             _declare(lock, "patch")
             index = _patch(ws, index, overrides, loaded or load_workspace_model(ws, device), settings, log)

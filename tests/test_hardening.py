@@ -528,3 +528,35 @@ def test_a_deleted_parameter_point_is_an_error_naming_the_file(tiny_workspace, t
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "variant-2.safetensors is missing" in err and "python -m core prepare" in err
+
+
+def test_a_build_is_refused_only_while_another_build_holds_the_lock(tiny_workspace, tmp_path, monkeypatch):
+    """A process checking the index (its shared lock) makes a build wait, then run, instead of
+    failing; a build that meets another build (the window after its check, reached here by
+    skipping the check's wait) gets a clear error at once."""
+    import contextlib
+    import threading
+
+    import core.index_build as index_mod
+
+    ws = copy_workspace(tiny_workspace, tmp_path / "ws")
+    shutil.rmtree(ws / "index")
+    (ws / "index").mkdir()
+    quiet = dict(progress=False, log=lambda _: None)
+    with open(ws / ".index.lock", "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_SH)  # a check in progress
+        outcome: list = []
+        small = IndexSettings(dim=16, batch_size=16)
+        builder = threading.Thread(target=lambda: outcome.append(build_index(Workspace(ws), small, **quiet)))
+        builder.start()
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        builder.join()
+        assert len(outcome) == 1 and outcome[0].meta["done"]
+        shutil.rmtree(ws / "index")
+        (ws / "index").mkdir()
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another build
+        holder.write("build")
+        holder.flush()
+        monkeypatch.setattr(index_mod, "_shared_lock", lambda root: contextlib.nullcontext())
+        with pytest.raises(RuntimeError, match="being built by another process"):
+            build_index(Workspace(ws), small, **quiet)
