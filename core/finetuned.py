@@ -4,7 +4,8 @@ architecture, its labels, and the Trainer's checkpoints with their learning rate
 The folder holds ``config.json`` and the weights of an ``AutoModelForSequenceClassification``;
 the Trainer adds ``checkpoint-<step>/`` folders, each a whole model with a ``trainer_state.json``
 whose ``log_history`` records the learning rate at the logged steps. Only JSON files are read
-here (never ``training_args.bin``, a pickle).
+here (never ``training_args.bin``, a pickle). An extractive question-answering folder (the RC
+span model) is checked the same way.
 """
 from __future__ import annotations
 
@@ -55,6 +56,17 @@ def check_classifier(folder: Path) -> dict:
     if config.get("problem_type") not in (None, "single_label_classification") or len(model_labels(config)) < 2:
         raise ValueError(f"{folder}: a single-label classifier over two or more labels is needed (problem_type "
                          f"{config.get('problem_type')!r}, {len(config.get('id2label') or {})} labels)")
+    return config
+
+
+def check_qa_model(folder: Path) -> dict:
+    """The config of an extractive question-answering model folder (the RC span model,
+    ``AutoModelForQuestionAnswering``); ValueError saying what is not one."""
+    config = read_config(folder)
+    name = (config.get("architectures") or ["?"])[0]
+    if not name.endswith("ForQuestionAnswering"):
+        raise ValueError(f"{folder}: a {name}, not an extractive question-answering model "
+                         "(AutoModelForQuestionAnswering, e.g. fine-tuned on SQuAD)")
     return config
 
 

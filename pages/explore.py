@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from core.cases import save_case_study
+from core.catalog import span_source
 from core.engine import TestInput
 from core.evaluate import lds_note
 from core.explanations import Explanation, Hit
@@ -75,6 +76,7 @@ with left:
     st.html(review_block(test.text, aspect, test.span))
     st.html(legend_html())
     widgets.caption(f"Test span from {source}. " + (f"Id {test.id}." if test.id else "New review."))
+    widgets.caption(f"Spans in this workspace: {span_source(backend.manifest)}.")
     if prof["span_masks_nothing"]:
         st.warning("The test span lies past the model's token limit: masking it changes nothing, so the span "
                    "methods score 0 for this review.")

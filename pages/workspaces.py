@@ -11,7 +11,7 @@ import streamlit as st
 
 from core import catalog
 from core.data import default_data_dir
-from core.finetuned import check_classifier
+from core.finetuned import check_classifier, check_qa_model
 from core.formats import DESCRIPTIONS, INPUT_FORMATS
 from core.importing import ImportSettings
 from core.index import IndexSettings
@@ -183,6 +183,16 @@ with st.form("create"):
     submitted = st.form_submit_button("Create and build", type="primary", icon=":material/add:")
 
 
+def rc_folder(text: str) -> str | None:
+    """The reading-comprehension model folder given (None when left empty), checked: under a data
+    root, and an extractive question-answering model."""
+    if not text.strip():
+        return None
+    folder = catalog.allowed_data_path(text)
+    check_qa_model(folder)
+    return str(folder)
+
+
 def chosen_data(kind: str, source: str, data_dir: str | None, uploaded: bool) -> tuple[str | None, str | None]:
     """The dataset (None for an upload) and data folder, the paths checked against the data roots."""
     if uploaded:
@@ -214,7 +224,7 @@ def create(name: str) -> None:
             st.code("python -m core fetch-data --dest DIR", language="bash")
         return
     try:
-        rc = str(catalog.allowed_data_path(rc_model)) if rc_model.strip() else None
+        rc = rc_folder(rc_model)
     except ValueError as err:
         st.error(f"Span model: {err}.")
         return
@@ -283,7 +293,7 @@ def start_import(name: str) -> None:
         model = catalog.allowed_data_path(imp_model)
         check_classifier(model)
         data = "upload" if imp_upload is not None else str(catalog.allowed_data_path(imp_path))
-        rc = str(catalog.allowed_data_path(imp_rc)) if imp_rc.strip() else None
+        rc = rc_folder(imp_rc)
         settings = ImportSettings(model=str(model), dataset=data, input_format=imp_format, rc_model=rc,
                                   trainable_layers=int(imp_layers))
     except ValueError as err:

@@ -70,6 +70,18 @@ def tiny_deberta(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def tiny_qa(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer extractive question-answering BERT (the RC span model's
+    kind) with the packaged tokenizer, saved to ``path``."""
+    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    BertForQuestionAnswering(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(path)
+    return path
+
+
 # ------------------------------------------------------------------- fine-tuned classifiers (import)
 
 ARCHITECTURES = ("bert", "roberta", "distilbert", "deberta-v2", "electra")

@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -53,11 +55,14 @@ def root(tmp_path_factory, tiny_workspace, data_dir, tiny_backbone) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def server(root) -> str:
+@contextmanager
+def serve(root: Path, **env: str) -> Iterator[str]:
+    """``streamlit run app.py`` on a free port with its workspaces under ``root`` (and ``env``);
+    yields its URL once it answers, stops it afterwards. Its log is ``root``'s sibling streamlit.log."""
     port = free_port()
-    env = {**os.environ, "SPANLENS_WORKSPACES": str(root), "HF_HUB_OFFLINE": "1"}
-    log = open(root.parent / "streamlit.log", "w")
+    env = {**os.environ, "SPANLENS_WORKSPACES": str(root), "HF_HUB_OFFLINE": "1", **env}
+    log_path = root.parent / "streamlit.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
@@ -71,13 +76,19 @@ def server(root) -> str:
                     break
             except OSError:
                 if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"streamlit did not start: {(root.parent / 'streamlit.log').read_text()}")
+                    raise RuntimeError(f"streamlit did not start: {log_path.read_text()}")
                 time.sleep(0.3)
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=20)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(root) -> Iterator[str]:
+    with serve(root) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

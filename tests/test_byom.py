@@ -4,6 +4,7 @@ brute-force autograd on the imported model - at a checkpoint, with that checkpoi
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,15 @@ def test_label_mismatch_and_unsupported_architectures_are_clear_errors(tmp_path)
         import_model(ImportSettings(model=str(albert), dataset=str(data), device="cpu"), tmp_path / "ws2", **QUIET)
 
 
+def finished(job, timeout: float) -> None:
+    """Wait for a background build job (at most ``timeout`` seconds); it must have succeeded."""
+    assert job is not None
+    deadline = time.time() + timeout
+    while job.running and time.time() < deadline:
+        time.sleep(0.5)
+    assert job.state == "done", (job.error, job.lines)
+
+
 # ----------------------------------------------------------------------------- the app
 
 @pytest.mark.parametrize("imported", ["roberta", "distilbert"], indirect=True)
@@ -316,7 +326,6 @@ def test_import_form_checks_paths_and_builds(tmp_path, monkeypatch):
     """The Workspaces page's import form: a model folder outside the data roots and an unsupported
     model are refused at once; a supported one is imported in the background and listed ready,
     its span source and checkpoints shown."""
-    import time
 
     from streamlit.testing.v1 import AppTest
 
@@ -342,12 +351,7 @@ def test_import_form_checks_paths_and_builds(tmp_path, monkeypatch):
     at.number_input(key="imp_layers").set_value(1)
     at.number_input(key="imp_proj").set_value(16)
     at.form_submit_button(key="FormSubmitter:import-Import and build").click().run()
-    job = jobs.job_for("prepare", root / "imported")
-    assert job is not None
-    deadline = time.time() + 120
-    while job.running and time.time() < deadline:
-        time.sleep(0.5)
-    assert job.state == "done", (job.error, job.lines)
+    finished(jobs.job_for("prepare", root / "imported"), 120)
     at.run()
     listing = at.dataframe[0].value.set_index("workspace")
     assert listing.loc["imported", "status"] == "ready"
@@ -360,3 +364,60 @@ def joined_captions(at) -> str:
     from html import unescape
 
     return unescape(" ".join(h.value for h in at.html))
+
+
+def test_rc_span_model_is_chosen_in_the_app_and_shown(tmp_path, monkeypatch):
+    """The RC span model field of both Workspaces forms: refused outside the data roots and when the
+    folder is not an extractive QA model; an import of (aspect, text) data with a local QA folder
+    builds, and the Workspaces and Explore pages say that its spans come from that model."""
+
+    from streamlit.testing.v1 import AppTest
+
+    from core import jobs
+    from tests.builders import tiny_qa
+    from tests.test_app import APP, TIMEOUT
+
+    data_root = tmp_path / "data"
+    folder, data = fine_tuned("bert", data_root / "model", "aspect")
+    qa = tiny_qa(data_root / "qa")
+    root = tmp_path / "workspaces"
+    monkeypatch.setenv("SPANLENS_WORKSPACES", str(root))
+    monkeypatch.setenv("SPANLENS_DATA_ROOTS", str(data_root))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.switch_page("pages/workspaces.py").run()
+    submit = "FormSubmitter:import-Import and build"
+
+    def import_error(rc: str, fmt: str = "auto") -> str:
+        at.text_input(key="imp_rc").set_value(rc)
+        at.selectbox(key="imp_format").set_value(fmt)
+        at.form_submit_button(key=submit).click().run()
+        return " ".join(e.value for e in at.error)
+
+    at.text_input(key="imp_name").set_value("rc")
+    at.text_input(key="imp_model").set_value(str(folder))
+    at.text_input(key="imp_path").set_value(str(data))
+    at.number_input(key="imp_layers").set_value(1)
+    at.number_input(key="imp_proj").set_value(16)
+    assert "must lie under a data root" in import_error(str(tmp_path))
+    assert "not an extractive question-answering model" in import_error(str(folder))  # a classifier
+    assert "single texts and text pairs have none" in import_error(str(qa), "single")
+    assert jobs.job_for("prepare", root / "rc") is None  # nothing started on a refusal
+    at.radio(key="new_dataset").set_value("file").run()  # the create form checks the field the same way
+    at.text_input(key="new_name").set_value("created")
+    at.text_input(key="new_path").set_value(str(data))
+    at.text_input(key="new_rc").set_value(str(folder))
+    at.form_submit_button(key="FormSubmitter:create-Create and build").click().run()
+    assert any("Span model" in e.value and "not an extractive question-answering model" in e.value for e in at.error)
+    assert jobs.job_for("prepare", root / "created") is None
+
+    assert not import_error(str(qa), "aspect")
+    finished(jobs.job_for("prepare", root / "rc"), 300)
+    source = f"reading comprehension with the QA model {qa.resolve()} (the clause heuristic where it fails)"
+    assert Workspace(root / "rc").manifest().settings["rc_model"] == str(qa.resolve())
+    at.run()
+    assert at.dataframe[0].value.set_index("workspace").loc["rc", "status"] == "ready"
+    assert f"Spans: {source}" in joined_captions(at)
+    at.switch_page("pages/explore.py").run()  # the session's workspace: the one just imported
+    assert not at.exception, [e.value for e in at.exception]
+    captions = joined_captions(at)
+    assert "Test span from " in captions and f"Spans in this workspace: {source}." in captions

@@ -378,7 +378,9 @@ def test_index_resumes_after_interruption(tiny_workspace, tmp_path, monkeypatch)
     shutil.rmtree(root / "index")
     monkeypatch.setattr(index_mod, "FLUSH_EVERY", 1)
     calls = {"n": 0}
-    original = index_mod.gauss_newton_batch
+    import core.index_shards as passes
+
+    original = passes.gauss_newton_batch
 
     def flaky(*args):
         calls["n"] += 1
@@ -386,7 +388,7 @@ def test_index_resumes_after_interruption(tiny_workspace, tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return original(*args)
 
-    monkeypatch.setattr(index_mod, "gauss_newton_batch", flaky)
+    monkeypatch.setattr(passes, "gauss_newton_batch", flaky)
     with pytest.raises(KeyboardInterrupt):
         build_index(Workspace(root), settings, progress=False, log=lambda _: None)
     assert not (root / "index" / "meta.json").exists() or not __import__("json").loads((root / "index" / "meta.json").read_text())["done"]

