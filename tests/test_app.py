@@ -188,13 +188,10 @@ def test_explore_shows_review_cards_gauges_and_curves(open_app, app_root):
     assert at.query_params["test"] == test_row.id and at.query_params["k"] == "3"
     assert at.query_params["label"] == "predicted"
 
-    # a widget change reruns from the store: quick, and the cards follow K
+    # a widget change reruns from the store, and the cards follow K
     at.slider(key="w_k").set_value(5)
-    started = time.perf_counter()
     at.run()
-    seconds = time.perf_counter() - started
-    print(f"\ncached Explore rerun (2 methods, K=5): {seconds:.2f}s")
-    assert len(cards(at)) == 10 and seconds < 3
+    assert len(cards(at)) == 10
     at.toggle(key="explore_opponents").set_value(True).run()
     assert len(cards(at)) == 20
     at.toggle(key="explore_opponents").set_value(False).run()

@@ -145,12 +145,9 @@ def test_explore_annotate_and_hostile_text_in_chromium(server, browser, root):
     picker = page.get_by_role("combobox", name="Test review (16 of 16)")
     picker.click()
     picker.fill(second.id)
-    started = time.perf_counter()
     page.keyboard.press("Enter")
     settle(page, cards(2 * K) + " && [...document.querySelectorAll('.sl-caption')].some(e => "
            "e.textContent.includes(arg))", second.id)
-    seconds = time.perf_counter() - started
-    print(f"\nchoose a review -> top-{K} of {len(METHODS)} methods rendered (cached): {seconds:.2f}s")
     assert quote(second.id, safe="") in page.url or second.id in page.url
     assert "label=predicted" in page.url  # the explained label is part of the view's link
     assert page.locator(".sl-probs .sl-tag-explained").count() == 1
@@ -160,7 +157,6 @@ def test_explore_annotate_and_hostile_text_in_chromium(server, browser, root):
     assert gauges.count() == 2 * len(METHODS)
     assert page.locator("text=Sag@5").count() >= 1 and page.locator("text=Lag@5").count() >= 1
     shoot(page, "explore.png")
-    assert seconds < 10
 
     # annotate the first test span; it survives a reload (a new session)
     page.locator("[data-testid='stSidebarNav'] a", has_text="Annotate spans").click()
