@@ -5,7 +5,7 @@ LDS and span-LDS (core/lds.py, core/evaluate/counterfactual.py) retrain the trai
 once per random subset and intervention: ``remove`` trains on the alpha N instances of the
 subset, ``mask`` on all N instances with the subset's spans masked. This times such retrains
 exactly as an evaluation runs them: ``core.lds.CacheRetrainer`` from
-``core.evaluate.ral.initial_state`` with ``core.evaluate.ral.train_config`` (the workspace's
+``core.evaluate.ral.initial_state`` with ``core.training.TrainConfig.from_settings`` (the workspace's
 own epochs, batch size, learning rate and seed, choosing the best epoch on dev), measuring every
 test instance of the split afterwards, in a temporary work folder (removed afterwards; the
 workspace is only read). ``--repeats`` retrains per intervention (default 1) run on the first
@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from common import Backend, peak_rss_mib
 
-from core.evaluate import EvalSettings, initial_state, select_tests, train_config
+from core.evaluate import EvalSettings, initial_state, select_tests
 from core.evaluate.counterfactual import kind_of
 from core.index import IndexUnavailable
 from core.lds import (
@@ -61,6 +61,7 @@ from core.lds import (
 from core.model import HiddenCache, compute_prefix, mask_span
 from core.registry import METHODS
 from core.scoring import ScoreSettings
+from core.training import TrainConfig
 
 
 def split_cache(backend: Backend, split: str) -> tuple[HiddenCache, torch.Tensor]:
@@ -106,7 +107,7 @@ def main() -> None:
     loaded, manifest = backend.loaded, backend.manifest
     specs, unavailable = available_methods(backend)
     needed = sorted({kind_of(s)[0] for s in specs}, reverse=True)
-    cfg = train_config(manifest.settings)
+    cfg = TrainConfig.from_settings(manifest.settings)
     n = len(backend.train_ids)
     out: dict = {"workspace": args.workspace, "device": str(loaded.device), "train": n,
                  "train_config": {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "seed")},

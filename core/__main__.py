@@ -360,9 +360,10 @@ def _json_view(backend, exp, opponents: bool) -> dict:
     data.pop("scores")
     if not opponents:
         data.pop("opponents")
+    by_id = backend.by_id
     for key in ("top", "opponents"):
         for hit in data.get(key, []):
-            r = backend.by_id[hit["train_id"]]
+            r = by_id[hit["train_id"]]
             hit.update(text=r.text, aspect=r.aspect, label=r.label, span=list(r.span_pair) if r.span else None,
                        span_source=r.span_source)
     return data
@@ -379,12 +380,13 @@ def _print_table(backend, test, exp, opponents: bool) -> None:
     if isinstance(ihvp, dict) and ihvp.get("mode") == "lissa" and (ihvp.get("diverged") or not ihvp.get("converged")):
         state = "diverged" if ihvp.get("diverged") else f"did not converge in {ihvp.get('steps')} steps (raise --lissa-depth)"
         print(f"  warning: LiSSA {state}; these scores are not reliable")
+    by_id = backend.by_id
     for title, hits in (("proponents", exp.top), ("opponents", exp.opponents if opponents else [])):
         if not hits:
             continue
         print(f"  {title}:")
         for hit in hits:
-            r = backend.by_id[hit.train_id]
+            r = by_id[hit.train_id]
             text = r.text if not r.span else f"{r.text[:r.span.start]}[{r.text[r.span.start:r.span.end]}]{r.text[r.span.end:]}"
             first = f"{r.aspect!r}: " if r.aspect else ""  # a single text has no aspect
             print(f"  {hit.rank:>3} {hit.score:>+11.4g}  {r.label:<8} {first}{text[:140]}")
@@ -525,8 +527,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except (FileNotFoundError, KeyError, ValueError, RuntimeError, OSError, sqlite3.Error) as err:
+        if os.environ.get("SPANLENS_DEBUG"):
+            raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # no repr quotes
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {message}  (SPANLENS_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
 
 

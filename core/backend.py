@@ -52,7 +52,7 @@ from .training_sides import IndexedSide, StreamedSide
 from .workspace import Workspace, fingerprint
 
 KEEP = 100
-"""Hits kept per stored explanation (the app's K-curves run to 100)."""
+"""Hits kept per stored explanation at least (the app's K-curves run to 100); more when asked."""
 PROFILE = "profile"
 """The results-cache method name under which :meth:`Backend.profile` stores its answers."""
 
@@ -252,7 +252,8 @@ class Backend:
         """Frozen-prefix states and labels of the training inputs (loaded once)."""
         if not hasattr(self, "_train_cache"):
             cache = HiddenCache.load(self.ws.root / "prefix" / "train.safetensors")
-            labels = torch.tensor([self.manifest.labels.index(self.by_id[i].label) for i in self.train_ids])
+            table = self.table
+            labels = torch.tensor([self.manifest.labels.index(table.by_id[i].label) for i in table.train_ids])
             self._train_cache = (cache, labels)
         return self._train_cache
 
@@ -287,19 +288,19 @@ class Backend:
                         found[s.name] = Explanation.from_dict(cached)
             missing = [s for s in specs if s.name not in found]
             if missing:
-                found |= self._compute(test_input, missing, settings, keys, use_cache)
+                found |= self._compute(test_input, missing, settings, keys, use_cache, max(KEEP, k))
         return [found[s.name].cut(k) for s in specs]
 
     def _compute(self, test: TestInput, specs: list[MethodSpec], settings: ScoreSettings, keys: dict,
-                 store: bool) -> dict[str, Explanation]:
+                 store: bool, keep: int = KEEP) -> dict[str, Explanation]:
         engine = self.engine(settings.exact)
         label = test.label or self.profile(test)["label"]
         scored = engine.scores_many([test], specs, settings)
         out = {}
         for s in specs:
             values = scored[s.name].values[0]
-            exp = Explanation(s.name, test.id, test.span, KEEP, rank(values, self.train_ids, KEEP),
-                              rank(values, self.train_ids, KEEP, opponents=True), [float(f"{v:.7g}") for v in values.tolist()],
+            exp = Explanation(s.name, test.id, test.span, keep, rank(values, self.train_ids, keep),
+                              rank(values, self.train_ids, keep, opponents=True), [float(f"{v:.7g}") for v in values.tolist()],
                               scored[s.name].approx, round(scored[s.name].seconds, 4), label)
             if store:
                 self.store.put_result(self.fingerprint, s.name, keys[s.name], test.id or "new", exp.to_dict(),
@@ -367,7 +368,8 @@ class Backend:
         return count
 
     def _spans_changed(self, ids: list[str]) -> None:
-        train = [i for i in ids if self.by_id[i].split == "train"]
+        by_id = self.by_id
+        train = [i for i in ids if by_id[i].split == "train"]
         if train:
             self.store.invalidate_train_span_dependent()
             self.sync_spans()

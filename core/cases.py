@@ -27,15 +27,16 @@ def save_case_study(backend: "Backend", title: str, note: str, workspace: str, t
     aspect_span = backend.record(test.id).aspect_offsets() if test.id else find_aspect(test.text, test.aspect)
     snap_test = snapshot_instance(test.text, test.aspect, aspect_span, test.span, id=test.id, label=test.gold,
                                   pred=profile["label"], explained=test.label or profile["label"])
-    position = {train_id: i for i, train_id in enumerate(backend.train_ids)}
-    labels = [backend.by_id[i].label for i in backend.train_ids]
+    table = backend.table
+    position = {train_id: i for i, train_id in enumerate(table.train_ids)}
+    labels = [table.by_id[i].label for i in table.train_ids]
     snapshot: dict = {"test": snap_test, "k": k, "methods": {}}
     for exp in backend.explain_many(test, methods, k=max(k, 1)):
         scores = agreement([position[h.train_id] for h in exp.top], profile["cosines"], labels,
                            test.gold or test.label or profile["label"], k).at(k)
         top = []
         for hit in exp.top[:1]:
-            train = backend.by_id[hit.train_id]
+            train = table.by_id[hit.train_id]
             top.append(snapshot_instance(train.text, train.aspect, train.aspect_offsets(), train.span_pair,
                                          id=train.id, label=train.label, rank=hit.rank, score=hit.score))
         snapshot["methods"][exp.method] = {"top": top, "sag": scores["sag"], "lag": scores["lag"]}

@@ -396,7 +396,7 @@ class Preparer:
     def _model(self, instances: list[Instance], data_fp: str):
         s = self.settings
         backbone = resolve_backbone(s.model)
-        cfg = TrainConfig(epochs=s.epochs, batch_size=s.batch_size, lr=s.lr, seed=s.seed, checkpoints=s.checkpoints)
+        cfg = TrainConfig.from_settings(asdict(s))
         fp = fingerprint(data_fp, backbone_fingerprint(backbone), asdict(cfg), s.trainable_layers, s.max_length,
                          CHECKPOINT_RULE)
         model, tokenizer = load_backbone(s.model, self.manifest.labels, s.seed)
@@ -427,6 +427,9 @@ class Preparer:
         model_dir = self.ws.dir("model")
         save_params(split.state(), model_dir / "final.safetensors")
         kept = [state.history[e - 1] for e in state.checkpoint_epochs(s.checkpoints)]  # up to the selected epoch
+        if len(kept) < s.checkpoints:
+            self.log(f"  warning: {s.checkpoints} checkpoints asked, {len(kept)} kept: dev selected epoch "
+                     f"{state.best_epoch}, and TracIn's checkpoints end there (train longer or ask fewer)")
         for k, record in enumerate(kept, start=1):
             shutil.copyfile(self.ws.root / "train" / f"epoch-{record.epoch}.safetensors", model_dir / f"checkpoint-{k}.safetensors")
         checkpoints = [{"point": f"checkpoint-{k}", "epoch": r.epoch, "lr": r.lr} for k, r in enumerate(kept, 1)]

@@ -15,9 +15,10 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,6 +50,12 @@ class TrainConfig:
     warmup: float = 0.06
     seed: int = 0
     checkpoints: int = 3
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> TrainConfig:
+        """The config a workspace's settings ask for (``prepare``'s, or as its manifest records
+        them): one config for ``prepare``'s training and for every retrain (Ral, LDS)."""
+        return cls(**{name: settings[name] for name in ("epochs", "batch_size", "lr", "seed", "checkpoints")})
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "checkpoints"):

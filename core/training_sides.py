@@ -110,21 +110,25 @@ class StreamedSide:
                 self.progress(1)
         return {key: value.float() for key, value in out.items()}
 
+    def _square(self, limit: int, instead: str) -> torch.Tensor:
+        """A zero (d, d) float64 matrix, refused when d (exact: every trainable parameter) is past ``limit``."""
+        d = self.projector.dim
+        if d > limit:
+            raise ValueError(f"a {d} x {d} matrix over the exact gradients is out of reach; {instead}")
+        return torch.zeros(d, d, dtype=torch.float64)
+
     def gauss_newton(self, limit: int = 20_000) -> torch.Tensor:
         if self._gram is None:
-            d = self.projector.dim
-            if d > limit:
-                raise ValueError(f"an exact inverse over {d} parameters is out of reach; use the LiSSA inverse (--ihvp lissa)")
-            gram = torch.zeros(d, d, dtype=torch.float64)
+            gram = self._square(limit, "use the LiSSA inverse (--ihvp lissa)")
             for batch in training_gradients(self.loaded, self.projector, self.full, self.masked, self.labels, "final",
                                             self._batches(), kinds=("full",), with_jacobian=True):
                 gram += gauss_newton_batch(batch.logits, batch.jacobian)
             self._gram = gram / self.n
         return self._gram
 
-    def feature_gram(self, point: str) -> torch.Tensor:
+    def feature_gram(self, point: str, limit: int = 20_000) -> torch.Tensor:
         if point not in self._features:
-            gram = torch.zeros(self.projector.dim, self.projector.dim, dtype=torch.float64)
+            gram = self._square(limit, "TRAK needs sketched features (drop --exact)")
             for batch in training_gradients(self.loaded, self.projector, *self._caches(point), self.labels, point,
                                             self._batches(), kinds=("trak",)):
                 phi = batch.whole["margin"].double()

@@ -427,6 +427,29 @@ def test_explanations_are_served_from_the_store(tiny_workspace, tmp_path, monkey
         backend.explain(test_id, "TracIn++", k=5, use_cache=False)
 
 
+def test_explain_lists_more_than_the_kept_hits_when_asked(tiny_workspace, tmp_path, monkeypatch):
+    """A k past the stored minimum (KEEP) is computed once with k hits, then served from the store."""
+    import shutil
+
+    import core.backend as backend_module
+
+    root = tmp_path / "ws"
+    shutil.copytree(tiny_workspace, root, ignore=shutil.ignore_patterns("store.sqlite*"))
+    monkeypatch.setattr(backend_module, "KEEP", 3)
+    backend = Backend(root, device="cpu", index_settings=EXACT)
+    test_id = backend.instances("test")[1].id
+    wide = backend.explain(test_id, "TracIn", k=12)
+    assert [h.rank for h in wide.top] == list(range(1, 13)) and len(wide.opponents) == 12
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed instead of served from the store")
+
+    monkeypatch.setattr(Engine, "scores_many", boom)
+    again = backend.explain(test_id, "TracIn", k=12)
+    assert [h.train_id for h in again.top] == [h.train_id for h in wide.top]
+    assert [h.train_id for h in backend.explain(test_id, "TracIn", k=4).top] == [h.train_id for h in wide.top[:4]]
+
+
 def test_corrected_training_span_patches_its_rows_only(tiny_workspace, tmp_path, monkeypatch):
     """Fixing a training span re-scores that instance with the new span (brute force), keeps
     every other row, recomputes only span-dependent results, and undo restores the original."""

@@ -530,6 +530,19 @@ def test_a_deleted_parameter_point_is_an_error_naming_the_file(tiny_workspace, t
     assert len(err.splitlines()) == 1 and "variant-2.safetensors is missing" in err and "python -m core prepare" in err
 
 
+def test_spanlens_debug_shows_the_traceback_instead_of_one_line(tiny_workspace, tmp_path, monkeypatch, capsys):
+    """Errors are one line with a hint; with SPANLENS_DEBUG set the exception propagates."""
+    root = Path(shutil.copytree(tiny_workspace, tmp_path / "ws", ignore=shutil.ignore_patterns("store.sqlite*")))
+    (root / "model" / "variant-2.safetensors").unlink()
+    test_id = json.loads((root / "instances.jsonl").read_text().splitlines()[-1])["id"]
+    argv = ["explain", "--workspace", str(root), "--test-id", test_id, "--method", "TracIn++", "--device", "cpu"]
+    assert main(argv) == 2
+    assert "SPANLENS_DEBUG=1 shows the traceback" in capsys.readouterr().err
+    monkeypatch.setenv("SPANLENS_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="variant-2.safetensors"):
+        main(argv)
+
+
 def test_a_build_is_refused_only_while_another_build_holds_the_lock(tiny_workspace, tmp_path, monkeypatch):
     """A process checking the index (its shared lock) makes a build wait, then run, instead of
     failing; a build that meets another build (the window after its check, reached here by

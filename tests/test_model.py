@@ -1,6 +1,7 @@
 """Backbone split, trainable subset, span masking, training resume and variants."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -200,3 +201,16 @@ def test_a_pickled_training_state_is_never_loaded(backbones, tmp_path):
     with pytest.raises(ValueError, match="damaged training state"):
         train(split, cache, labels, cache, labels, TrainConfig(epochs=2, batch_size=8, lr=1e-3, checkpoints=1),
               out_dir=out, progress=False)
+
+
+def test_prepare_and_retrains_read_one_training_config(tiny_workspace):
+    """Ral and LDS retrain with the config prepare trained with: both read it from the settings."""
+    from core.prepare import PrepareSettings
+    from core.workspace import Workspace
+
+    recorded = Workspace(tiny_workspace).manifest().settings
+    retrain = TrainConfig.from_settings(recorded)
+    assert retrain == TrainConfig.from_settings(dataclasses.asdict(PrepareSettings(**recorded)))
+    assert (retrain.epochs, retrain.batch_size, retrain.lr, retrain.checkpoints) == (3, 8, 1e-3, 2)
+    with pytest.raises(KeyError, match="checkpoints"):
+        TrainConfig.from_settings({k: v for k, v in recorded.items() if k != "checkpoints"})

@@ -122,7 +122,11 @@ def test_category_aspects_get_spans_chosen_by_importance(tmp_path, data_dir, tin
     from tests.conftest import tiny_settings
 
     settings = tiny_settings(data_dir, tiny_backbone, dataset="sentihood", train_limit=24, eval_limit=8, epochs=1)
-    manifest = prepare(settings, tmp_path / "ws", progress=False, log=lambda _: None)
+    lines: list[str] = []
+    manifest = prepare(settings, tmp_path / "ws", progress=False, log=lines.append)
+    # one epoch cannot give the 2 checkpoints asked: said, not silently shortened
+    assert len(manifest.stages["model"]["checkpoints"]) == 1
+    assert any("warning: 2 checkpoints asked, 1 kept" in line for line in lines)
     stats = manifest.stages["importance"]["category"]
     rows = Workspace(tmp_path / "ws").load_instances()
     assert stats["instances"] == len(rows) and stats["conflicting_pairs"] >= stats["conflicting_pairs_sharing_a_span_chosen"]

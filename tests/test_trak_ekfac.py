@@ -169,3 +169,17 @@ def test_ekfac_methods_take_part_in_later_faithfulness_runs(workspace, tmp_path)
                             log=lambda _: None)
     faith = report.faithfulness
     assert set(faith[faith.run == 1].method) >= {"EKFAC++", "TracIn++"} and faith.spearman.notna().all()
+
+
+def test_a_streamed_side_refuses_square_matrices_past_the_limit():
+    """Exact (unsketched) training sides refuse a d x d matrix they could not hold, for the
+    Gauss-Newton matrix and TRAK's feature kernel alike, before any pass over the data."""
+    from types import SimpleNamespace
+
+    from core.training_sides import StreamedSide
+
+    side = StreamedSide(None, SimpleNamespace(dim=50, exact=True), [], [], torch.zeros(0))
+    with pytest.raises(ValueError, match="50 x 50 .*LiSSA"):
+        side.gauss_newton(limit=10)
+    with pytest.raises(ValueError, match="50 x 50 .*TRAK needs sketched features"):
+        side.feature_gram("final", limit=10)

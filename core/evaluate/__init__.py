@@ -32,7 +32,7 @@ import pandas as pd
 from .context import Evaluation, ProgressCallback
 from .counterfactual import LDS_COLUMNS, lds
 from .faithfulness import empty_table, faithfulness_run, faithfulness_table
-from .ral import initial_state, ral, retrain_accuracy, train_config
+from .ral import initial_state, ral, retrain_accuracy
 from .render import curve_figures, lds_frame, lds_note, report_markdown, write_report
 from .report import EvalReport, build_report, collect, load_report
 from .saglag import main_pass
@@ -46,8 +46,7 @@ RETRAINS_REFUSED = ("Ral and LDS retrain the classifier's top layers from the ba
 __all__ = ["RETRAINS_REFUSED", "EvalReport", "EvalSettings", "Selection", "curve_figures", "initial_state",
            "lds_frame", "lds_note",
            "load_report",
-           "report_markdown", "resolve_methods", "retrain_accuracy", "run_evaluation", "select_tests",
-           "train_config"]
+           "report_markdown", "resolve_methods", "retrain_accuracy", "run_evaluation", "select_tests"]
 
 
 def run_evaluation(backend, settings: EvalSettings = EvalSettings(), out_dir: str | Path = "evaluation", *,

@@ -70,7 +70,8 @@ class Evaluation:
             raise ValueError("the index's training rows differ from the workspace's; rebuild the index")
         self.n = len(self.index.ids)
         labels = backend.manifest.labels
-        self.train_labels = np.array([labels.index(backend.by_id[i].label) for i in self.index.ids])
+        by_id = backend.by_id
+        self.train_labels = np.array([labels.index(by_id[i].label) for i in self.index.ids])
         full, masked = self.index.embeddings()
         self.train_span_emb = (full - masked).numpy()
         self.kmax = min(max([settings.kmax, *settings.ks]), self.n)

@@ -35,9 +35,10 @@ from ..parallel import mapper, worker_cache
 from ..registry import MethodSpec
 from ..representations import REPRESENTATIONS
 from ..stats import paired_difference
+from ..training import TrainConfig
 from ..workspace import fingerprint
 from .context import Evaluation, chunks
-from .ral import initial_state, split_cache, train_config
+from .ral import initial_state, split_cache
 from .saglag import decode_scores
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ def retrainer_for(backend: "Backend", out_dir: Path) -> tuple[CacheRetrainer, li
     workspace's training settings), the test ids whose outputs it measures, and the key its
     results are cached under (what they depend on besides the subset and the intervention)."""
     pair, test_ids = _test_pair(backend)
-    cfg = train_config(backend.manifest.settings)
+    cfg = TrainConfig.from_settings(backend.manifest.settings)
     full, labels = backend.train_cache()
     index = backend.index
     masked = HiddenCache.load(index.root / "prefix-masked.safetensors")

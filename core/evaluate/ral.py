@@ -35,12 +35,6 @@ def initial_state(settings: dict, labels: list[str]) -> Params:
     return split_model(model, settings["trainable_layers"]).state()
 
 
-def train_config(settings: dict) -> TrainConfig:
-    """The workspace's training settings (a retrain uses exactly these)."""
-    return TrainConfig(epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
-                       seed=settings["seed"], checkpoints=settings["checkpoints"])
-
-
 def retrain_accuracy(split: SplitModel, init: Params, train_cache: HiddenCache, train_labels: torch.Tensor,
                      keep: Iterable[int], dev: tuple[HiddenCache, torch.Tensor],
                      test: tuple[HiddenCache, torch.Tensor], cfg: TrainConfig, work_dir: Path, *,
@@ -70,7 +64,7 @@ def _key(ev: Evaluation, cfg: TrainConfig, removed: np.ndarray) -> str:
 def ral(ev: Evaluation, tests: list[TestInput]) -> pd.DataFrame:
     """Accuracy lost by retraining without the top p % of each method's combined ranking."""
     s = ev.settings
-    cfg = train_config(ev.backend.manifest.settings)
+    cfg = TrainConfig.from_settings(ev.backend.manifest.settings)
     jobs: list[tuple[str, int | None, float, np.ndarray]] = [("unchanged", None, 0.0, np.array([], dtype=np.int64))]
     for m in ev.reported:
         rows = ev.store.eval_rows(ev.scores_key(m))
