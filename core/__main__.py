@@ -262,7 +262,7 @@ def _summary(manifest) -> None:
 
 def cmd_index(args) -> int:
     from .artifacts import check_extras
-    from .backend import index_workspace
+    from .backend import Backend, index_workspace
     from .workspace import Workspace
 
     ws = Workspace(args.workspace)
@@ -270,10 +270,24 @@ def cmd_index(args) -> int:
     if not ws.exists():
         raise FileNotFoundError(f"{ws.root}: no manifest.json; run `python -m core prepare` first")
     settings = _index_settings(args, rebuild=True)
+    ann = _ann_methods(args.ann)  # names checked before the build
     index = _index_with_ray(args, lambda pool: index_workspace(ws, settings, device=args.device, extras=extras,
                                                                mapper=pool))
+    if ann is not None:
+        backend = Backend(ws.root, device=args.device, index_settings=settings)
+        backend.build_ann(ann or backend.available_methods())
     print(json.dumps({k: index.meta[k] for k in ("dim", "seconds", "examples_per_second", "projection")}, indent=2))
     return 0
+
+
+def _ann_methods(value: str | None) -> list[str] | None:
+    """``--ann``: None (not asked), [] (all the workspace can run) or the methods' names."""
+    from .registry import METHODS
+
+    if value is None:
+        return None
+    names = parse_list(value)
+    return [] if names == ["all"] else [METHODS.resolve(n).name for n in names]
 
 
 # ------------------------------------------------------------------------------ explain
@@ -313,6 +327,13 @@ def _explain_parser(sub) -> None:
     p.add_argument("--k", type=POSITIVE, default=10, help="training instances listed per method (default 10)")
     p.add_argument("--opponents", action="store_true", help="also list the most negative scores")
     p.add_argument("--exact", action="store_true", help="exact gradients, no projection (slow; small workspaces)")
+    p.add_argument("--approximate", action="store_true",
+                   help="top-K from FAISS candidates, rescored exactly (large indexes; build them with index --ann)")
+    p.add_argument("--nprobe", type=POSITIVE, default=32, help="with --approximate: inverted lists searched (default 32)")
+    p.add_argument("--candidates", type=POSITIVE, default=10,
+                   help="with --approximate: candidates per matrix, as a multiple of K (default 10)")
+    p.add_argument("--check-recall", action="store_true",
+                   help="with --approximate: also score exactly and print recall@K of the approximate top-K")
     _scoring_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
@@ -320,6 +341,7 @@ def _explain_parser(sub) -> None:
 
 
 def cmd_explain(args) -> int:
+    from .ann import AnnSettings
     from .backend import Backend
     from .registry import METHODS
 
@@ -337,14 +359,26 @@ def cmd_explain(args) -> int:
         test = backend.new_input(args.test_text, args.aspect or "", args.label)
     else:
         test = backend.test_input(args.test_id, args.label)
-    explanations = backend.explain_many(test, methods, k=args.k, settings=settings)
+    recall: dict[str, float] = {}
+    if args.approximate:
+        search = AnnSettings(nprobe=args.nprobe, candidates=args.candidates)
+        explanations = [backend.explain_approximate(test, m, k=args.k, settings=settings, search=search) for m in methods]
+        if args.check_recall:
+            for approx, exact in zip(explanations, backend.explain_many(test, methods, k=args.k, settings=settings)):
+                found = {h.train_id for h in approx.top}
+                recall[approx.method] = sum(h.train_id in found for h in exact.top) / len(exact.top)
+    elif args.check_recall:
+        raise ValueError("--check-recall goes with --approximate")
+    else:
+        explanations = backend.explain_many(test, methods, k=args.k, settings=settings)
     profile = backend.profile(test)
     view = {"id": test.id, "aspect": test.aspect, "text": test.text, "span": test.span, "gold": test.gold,
             "predicted": profile["label"], "explained": explanations[0].label, "probability": max(profile["probs"]),
             "span_masks_nothing": profile["span_masks_nothing"]}
     if args.json:
-        print(json.dumps([{"test": view, **_json_view(backend, e, args.opponents)} for e in explanations], indent=2,
-                         ensure_ascii=False))
+        print(json.dumps([{"test": view, **_json_view(backend, e, args.opponents)}
+                          | ({"recall": recall[e.method]} if e.method in recall else {}) for e in explanations],
+                         indent=2, ensure_ascii=False))
         return 0
     print(f"test {test.id or '(new review)'}: gold {test.gold or '-'}, predicted {view['predicted']} "
           f"(p = {view['probability']:.2f}); explaining {view['explained']}")
@@ -352,6 +386,8 @@ def cmd_explain(args) -> int:
         print("  warning: the test span masks no token (past the token limit?): span methods score 0 for it")
     for exp in explanations:
         _print_table(backend, test, exp, args.opponents)
+        if exp.method in recall:
+            print(f"  recall@{args.k} of the approximate top-{args.k} against the exact one: {recall[exp.method]:.2f}")
     return 0
 
 
@@ -494,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--device")
     _index_options(i)
     _with_option(i)
+    i.add_argument("--ann", metavar="METHODS",
+                   help="also build FAISS indexes for `explain --approximate` over every matrix these methods read "
+                        "(comma-separated names, or all: every method the workspace can run)")
     _ray_options(i)
     _explain_parser(sub)
     _evaluate_parser(sub)

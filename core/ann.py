@@ -8,9 +8,15 @@ proposes candidates, and the candidates' scores are then computed exactly from t
 memory-mapped rows, summed over the method's points with its weights - so a returned score is
 never approximate, only the candidate set is. :func:`recall_at_k` measures what that costs
 against the exact top-K.
+
+Each FAISS file has a record beside it (``ann.{point}.{kind}.json``: the index's fingerprint and
+corrected spans, the rows, the layout); :func:`check_ann` refuses a search when a file is missing
+or no longer matches its matrix (the index rebuilt, a span corrected since), naming the command
+that rebuilds it.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +25,8 @@ import numpy as np
 import torch
 
 from .index import GradientIndex
+from .representations import REPRESENTATIONS
+from .workspace import fingerprint, write_json_atomic
 
 TRAIN_SAMPLE = 50_000  # rows the quantisers are trained on
 
@@ -51,6 +59,31 @@ def ann_path(index: GradientIndex, point: str, kind: str) -> Path:
     return index.root / f"ann.{point}.{kind}.faiss"
 
 
+def _record_path(index: GradientIndex, point: str, kind: str) -> Path:
+    return index.root / f"ann.{point}.{kind}.json"
+
+
+def _matrix_state(index: GradientIndex, kind: str) -> dict:
+    """What a FAISS file must match: the index's fingerprint and rows, and for a span kind the
+    corrected spans (they change its rows)."""
+    spans = index.meta.get("overrides", {}) if REPRESENTATIONS[kind].span else None
+    return {"fingerprint": index.meta.get("fingerprint"), "spans": fingerprint(spans), "rows": len(index.ids)}
+
+
+def check_ann(index: GradientIndex, terms: Sequence[tuple[str, str]], rebuild: str) -> None:
+    """FileNotFoundError (missing) or ValueError (stale) unless every term's FAISS file matches
+    the index as it is now; ``rebuild``: the command that (re)builds them."""
+    for point, kind in terms:
+        state = _matrix_state(index, kind)
+        record = _record_path(index, point, kind)
+        if not ann_path(index, point, kind).exists() or not record.exists():
+            raise FileNotFoundError(f"{ann_path(index, point, kind)}: no approximate index; build it with: {rebuild}")
+        built = json.loads(record.read_text())
+        if {k: built.get(k) for k in state} != state:
+            what = "training spans were corrected" if built.get("fingerprint") == state["fingerprint"] else "the index was rebuilt"
+            raise ValueError(f"{ann_path(index, point, kind)} is stale ({what} since it was built); rebuild it with: {rebuild}")
+
+
 def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings = AnnSettings(), *,
               seed: int = 0) -> Path:
     """Train and fill a FAISS IVF-PQ inner-product index over a (point, kind) matrix (rows streamed
@@ -61,9 +94,10 @@ def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings
         raise ValueError(f"the sketch dimension {d} is not divisible by pq = {settings.pq}")
     lists = settings.lists or max(1, min(n // 39, int(4 * np.sqrt(n))))
     # built directly: index_factory's IVF-PQ trained 25x slower here (polysemous/precomputed-table setup)
-    ann = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, lists, settings.pq, 8, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, max(TRAIN_SAMPLE, 39 * lists)), replace=False))
+    bits = int(min(8, max(1, np.log2(len(sample)))))  # 2^bits codes per sub-quantiser: no more than the sample
+    ann = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, lists, settings.pq, bits, faiss.METRIC_INNER_PRODUCT)
     ann.train(_rows(index, point, kind, sample))
     for start, block in index.blocks(point, kind):
         ann.add(np.ascontiguousarray(block.numpy(), dtype=np.float32))
@@ -76,6 +110,7 @@ def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings
     tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(ann, str(tmp))
     tmp.replace(path)
+    write_json_atomic(_record_path(index, point, kind), _matrix_state(index, kind) | {"lists": lists, "pq": settings.pq, "bits": bits})
     return path
 
 

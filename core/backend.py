@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from .ann import AnnSearch, AnnSettings, build_ann, check_ann
 from .artifacts import (
     build_ekfac,
     check_extras,
@@ -28,7 +30,7 @@ from .artifacts import (
     with_command,
 )
 from .engine import Engine, TestInput
-from .explanations import Explanation, rank
+from .explanations import Explanation, Hit, rank
 from .gradients import Projector
 from .index import (
     GradientIndex,
@@ -248,6 +250,17 @@ class Backend:
                                    f"{' and '.join(missing)} artifacts; build them with "
                                    f"`{with_command(self.ws, missing)}`")
 
+    def available_methods(self) -> list[str]:
+        """The registered methods this workspace can run now (points and artifacts present)."""
+        out = []
+        for spec in METHODS:
+            try:
+                self.check_methods([spec])
+            except IndexUnavailable:  # MethodUnavailable included
+                continue
+            out.append(spec.name)
+        return out
+
     def train_cache(self) -> tuple[HiddenCache, torch.Tensor]:
         """Frozen-prefix states and labels of the training inputs (loaded once)."""
         if not hasattr(self, "_train_cache"):
@@ -307,6 +320,55 @@ class Backend:
                                       depends_on_train_spans=s.uses_spans)
             out[s.name] = exp
         return out
+
+    # approximate top-K (core.ann) --------------------------------------------------------------
+    def ann_terms(self, methods: Sequence[str]) -> list[tuple[str, str]]:
+        """The (point, training kind) matrices the methods read: what their FAISS indexes cover."""
+        points = PointSet.from_manifest(self.manifest)
+        specs = [METHODS.resolve(m) for m in methods]
+        return list(dict.fromkeys((p, s.train) for s in specs for p in points.of(s.points, s.name)))
+
+    def ann_command(self, methods: Sequence[str]) -> str:
+        return f"python -m core index --workspace {self.ws.root} --ann {','.join(methods)}"
+
+    def build_ann(self, methods: Sequence[str], settings: AnnSettings = AnnSettings(), *, log=print) -> list[Path]:
+        """FAISS indexes over every matrix the methods read (the index must be finished)."""
+        self.check_methods([METHODS.resolve(m) for m in methods])
+        with self.lock:
+            index = self.sync_spans()
+            paths = []
+            for point, kind in self.ann_terms(methods):
+                paths.append(build_ann(index, point, kind, settings, seed=index.settings.seed))
+                log(f"[ann] {point}.{kind}: {paths[-1].name}")
+        return paths
+
+    def explain_approximate(self, test: str | TestInput, method: str, *, k: int = 10,
+                            settings: ScoreSettings = ScoreSettings(), search: AnnSettings = AnnSettings()) -> Explanation:
+        """Top-k proponents and opponents from FAISS candidates rescored exactly (:mod:`core.ann`).
+        Not stored, and without the full score vector (``scores`` is empty)."""
+        spec = METHODS.resolve(method)
+        test_input = self.test_input(test) if isinstance(test, str) else test
+        if settings.exact:
+            raise ValueError("an approximate search runs over the sketched index; drop --exact")
+        self.check_methods([spec])
+        with self.lock:
+            index = self.sync_spans()
+            terms = self.ann_terms([spec.name])
+            check_ann(index, terms, self.ann_command([spec.name]))
+            started = time.perf_counter()
+            vectors, weights, approx = self.engine().terms([test_input], spec, settings)
+            found = AnnSearch(index, terms, search)
+            top = found.top_k(vectors, weights, k)
+            low = found.top_k(vectors, {t: -w for t, w in weights.items()}, k)
+            seconds = time.perf_counter() - started
+        ids = self.train_ids
+        hits = lambda found, sign: [Hit(r + 1, ids[int(p)], sign * float(v))  # noqa: E731
+                                    for r, (p, v) in enumerate(zip(found[0][0], found[1][0]))]
+        label = test_input.label or self.profile(test_input)["label"]
+        approx |= {"top_k": {"mode": "faiss-ivfpq candidates, exact rescoring", "nprobe": search.nprobe,
+                             "candidates": search.candidates}}
+        return Explanation(spec.name, test_input.id, test_input.span, k, hits(top, 1.0), hits(low, -1.0), [],
+                           approx, round(seconds, 4), label)
 
     # for the app's pages -------------------------------------------------------------------
     def profile(self, test: TestInput) -> dict:

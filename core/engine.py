@@ -78,6 +78,16 @@ class Scores:
     seconds: float
 
 
+@dataclass
+class Plan:
+    """The training side's work for some methods: per point, the distinct requests (training
+    kind, test vectors with any inverse applied) and which request each method reads there."""
+
+    requests: dict[str, dict]  # point -> {(training kind, test key): (training kind, (Q, d))}
+    wanted: dict[str, list[tuple[MethodSpec, tuple]]]  # point -> [(method, its request)]
+    approx: dict[str, dict]  # method -> how its scores are computed
+
+
 class Engine:
     """Computes any method's scores for test inputs over one training side."""
 
@@ -177,8 +187,20 @@ class Engine:
         """Scores of several methods, computing each shared test vector, inverse-Hessian product
         and training pass once: per point, one request per distinct (training kind, test vector)."""
         started = time.perf_counter()
-        batches = {"final": self.test_batch(tests, masked=any(s.test_span for s in specs))}
+        plan = self.plan(tests, specs, settings)
         totals: dict[str, torch.Tensor] = {}
+        for point, requests in plan.requests.items():
+            dots = self.side.dot_many(point, requests)
+            for s, request in plan.wanted[point]:
+                part = self.points.weight(s.weights, point, s.points) * dots[request]
+                totals[s.name] = part if s.name not in totals else totals[s.name] + part
+        share = (time.perf_counter() - started) / len(specs)
+        return {s.name: Scores(s.name, settings.sign(s) * totals[s.name], plan.approx[s.name], share) for s in specs}
+
+    def plan(self, tests: Sequence[TestInput], specs: Sequence[MethodSpec], settings: ScoreSettings) -> Plan:
+        """What scoring ``specs`` asks of the training side, with the test side computed: per
+        point, the distinct requests and the one each method reads."""
+        batches = {"final": self.test_batch(tests, masked=any(s.test_span for s in specs))}
         approx = {s.name: {"projection": self.projector.describe(), "exact": self.side.exact,
                            "points": self.points.of(s.points, s.name), "paper_signs": settings.paper_signs}
                   for s in specs}
@@ -186,18 +208,28 @@ class Engine:
         for s in specs:
             for point in self.points.of(s.points, s.name):
                 by_point.setdefault(point, []).append(s)
+        plan = Plan({}, {}, approx)
         for point, group in by_point.items():
             bottom = self.loaded.bottom(point)  # an imported model's checkpoint runs on its own bottom
             if bottom not in batches:
                 theta = batches["final"]
                 batches[bottom] = self.test_batch(tests, theta.masked, bottom, theta.labels)
-            wanted, requests = self._requests(tests, batches[bottom], point, group, settings, approx)
-            dots = self.side.dot_many(point, requests)
-            for s in group:
-                part = self.points.weight(s.weights, point, s.points) * dots[wanted[s.name]]
-                totals[s.name] = part if s.name not in totals else totals[s.name] + part
-        share = (time.perf_counter() - started) / len(specs)
-        return {s.name: Scores(s.name, settings.sign(s) * totals[s.name], approx[s.name], share) for s in specs}
+            wanted, plan.requests[point] = self._requests(tests, batches[bottom], point, group, settings, approx)
+            plan.wanted[point] = [(s, wanted[s.name]) for s in group]
+        return plan
+
+    def terms(self, tests: Sequence[TestInput], spec: MethodSpec,
+              settings: ScoreSettings = ScoreSettings()) -> tuple[dict[tuple[str, str], torch.Tensor], dict[tuple[str, str], float], dict]:
+        """One method as a sum of (point, training kind) terms, for a search over the index's rows
+        (:mod:`core.ann`): each term's test vectors (Q, d), its weight (the sign included), and
+        how the vectors were computed. The scores are sum_t weight_t * rows_t . vectors_t."""
+        plan = self.plan(tests, [spec], settings)
+        vectors, weights = {}, {}
+        for point, chosen in plan.wanted.items():
+            for s, request in chosen:
+                vectors[point, request[0]] = plan.requests[point][request][1]
+                weights[point, request[0]] = settings.sign(s) * self.points.weight(s.weights, point, s.points)
+        return vectors, weights, plan.approx[spec.name]
 
     def _requests(self, tests: Sequence[TestInput], batch: TestBatch, point: str, group: list[MethodSpec],
                   settings: ScoreSettings, approx: dict[str, dict]) -> tuple[dict[str, tuple], dict]:

@@ -1,0 +1,66 @@
+"""`explain --approximate`: FAISS candidates rescored exactly, built by `index --ann`, refused
+when missing or stale (issue 15)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from core.__main__ import main
+from core.backend import Backend
+
+
+@pytest.fixture(scope="module")
+def sketched(tiny_workspace, tmp_path_factory) -> Path:
+    """The tiny workspace re-indexed with a 64-dimensional sketch and FAISS indexes for two methods."""
+    root = Path(shutil.copytree(tiny_workspace, tmp_path_factory.mktemp("ann") / "ws",
+                                ignore=shutil.ignore_patterns("store.sqlite*")))
+    assert main(["index", "--workspace", str(root), "--proj-dim", "64", "--device", "cpu", "--ann", "TracIn,IF++"]) == 0
+    return root
+
+
+def explain(root: Path, test_id: str, method: str, *extra: str) -> tuple[int, list]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["explain", "--workspace", str(root), "--test-id", test_id, "--method", method, "--k", "5",
+                     "--device", "cpu", "--json", "--opponents", *extra])
+    return code, json.loads(out.getvalue()) if code == 0 else err.getvalue()
+
+
+def test_approximate_lists_equal_the_exact_ones_when_every_row_is_a_candidate(sketched):
+    """48 training rows, 5 x 10 candidates per matrix: the search proposes every row, so the top
+    and the opponents (ids and exact scores) equal explain's, and recall@5 is 1."""
+    backend = Backend(sketched, device="cpu")
+    test_id = backend.instances("test")[3].id
+    for method in ("TracIn", "IF++"):
+        code, got = explain(sketched, test_id, method, "--approximate", "--check-recall")
+        assert code == 0, got
+        exact = backend.explain(test_id, method, k=5)
+        assert got[0]["recall"] == 1.0 and got[0]["approx"]["top_k"]["candidates"] == 10
+        for key, hits in (("top", exact.top), ("opponents", exact.opponents)):
+            assert [h["train_id"] for h in got[0][key]] == [h.train_id for h in hits]
+            assert [h["score"] for h in got[0][key]] == pytest.approx([h.score for h in hits], rel=1e-4, abs=1e-6)
+
+
+def test_approximate_refuses_missing_and_stale_faiss_indexes(sketched, tmp_path):
+    root = Path(shutil.copytree(sketched, tmp_path / "ws"))
+    backend = Backend(root, device="cpu")
+    test_id = backend.instances("test")[0].id
+    code, err = explain(root, test_id, "TracIn++", "--approximate")
+    assert code == 2 and "no approximate index" in err and f"--workspace {root} --ann TracIn++" in err
+    code, err = explain(root, test_id, "TracIn", "--check-recall")
+    assert code == 2 and "--check-recall goes with --approximate" in err
+
+    train = backend.instances("train")[0]
+    backend.annotate_span(train.id, "fix", "tester", (0, 4))
+    code, err = explain(root, test_id, "IF++", "--approximate")  # IF++ reads span rows: stale
+    assert code == 2 and "stale (training spans were corrected" in err and "--ann IF++" in err
+    assert explain(root, test_id, "TracIn", "--approximate")[0] == 0  # whole-input rows: unchanged
+    assert main(["index", "--workspace", str(root), "--device", "cpu", "--ann", "IF++"]) == 0
+    code, got = explain(root, test_id, "IF++", "--approximate", "--check-recall")
+    assert code == 0 and got[0]["recall"] == 1.0
