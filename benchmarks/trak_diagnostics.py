@@ -82,7 +82,7 @@ def main() -> None:
     stats = lambda s: ranking_stats(s, train_labels, test_labels, args.k)  # noqa: E731
 
     registered = engine.scores(tests, spec).values.double().numpy()
-    ridges = [float(r) for r in args.ridges.split(",")]
+    ridges = list(dict.fromkeys([TRAK_RIDGE, *(float(r) for r in args.ridges.split(","))]))  # the registered one first
     sums = {r: 0.0 for r in ridges} | {"none": 0.0}
     spectrum, whitened_norm, row_norm = {}, 0.0, 0.0
     points = backend.index.group_points["trak"]

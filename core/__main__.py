@@ -137,7 +137,7 @@ def _with_option(p) -> None:
 
 def _ray_options(p) -> None:
     p.add_argument("--ray", action="store_true",
-                   help="run the parallel work (the index build in shards; Ral and LDS retrains) as Ray tasks on a "
+                   help="run the parallel work (the index build in shards; evaluate's Sag/Lag batches, Ral and LDS retrains) as Ray tasks on a "
                         "local Ray with this machine's cores (--ray-cpus to choose); results are the same as without")
     p.add_argument("--ray-address", help="run it on a running Ray cluster instead (e.g. ray://head:10001)")
     p.add_argument("--ray-cpus", type=POSITIVE, help="CPUs of the local Ray (default: every core)")
@@ -261,6 +261,7 @@ def _summary(manifest) -> None:
 
 
 def cmd_index(args) -> int:
+    from .ann import AnnSettings, check_layout
     from .artifacts import check_extras
     from .backend import Backend, index_workspace
     from .workspace import Workspace
@@ -270,7 +271,9 @@ def cmd_index(args) -> int:
     if not ws.exists():
         raise FileNotFoundError(f"{ws.root}: no manifest.json; run `python -m core prepare` first")
     settings = _index_settings(args, rebuild=True)
-    ann = _ann_methods(args.ann)  # names checked before the build
+    ann = _ann_methods(args.ann)  # names and the layout checked before the build
+    if ann is not None:
+        check_layout(settings.dim, AnnSettings())
     index = _index_with_ray(args, lambda pool: index_workspace(ws, settings, device=args.device, extras=extras,
                                                                mapper=pool))
     if ann is not None:
@@ -286,7 +289,9 @@ def _ann_methods(value: str | None) -> list[str] | None:
 
     if value is None:
         return None
-    names = parse_list(value)
+    names = list(parse_list(value))
+    if not names:
+        raise ValueError("--ann needs method names (comma-separated) or all")
     return [] if names == ["all"] else [METHODS.resolve(n).name for n in names]
 
 
@@ -566,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except (FileNotFoundError, KeyError, ValueError, RuntimeError, OSError, sqlite3.Error) as err:
-        if os.environ.get("SPANLENS_DEBUG"):
+        if os.environ.get("SPANLENS_DEBUG", "").lower() in ("1", "true", "yes"):
             raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # no repr quotes
         print(f"error: {message}  (SPANLENS_DEBUG=1 shows the traceback)", file=sys.stderr)

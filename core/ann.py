@@ -55,6 +55,16 @@ def _faiss():
     return faiss
 
 
+def check_layout(dim: int | None, settings: AnnSettings) -> int:
+    """The sketch dimension, when FAISS can index it with ``settings`` (ValueError otherwise)."""
+    if dim is None:
+        raise ValueError("an approximate index needs a sketched gradient index; this one is exact (--proj-dim 0)")
+    if dim % settings.pq:
+        raise ValueError(f"the sketch dimension {dim} is not divisible by {settings.pq} (FAISS's sub-quantisers); "
+                         f"use a --proj-dim that is, e.g. {max(settings.pq, dim // settings.pq * settings.pq)}")
+    return dim
+
+
 def ann_path(index: GradientIndex, point: str, kind: str) -> Path:
     return index.root / f"ann.{point}.{kind}.faiss"
 
@@ -89,15 +99,15 @@ def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings
     """Train and fill a FAISS IVF-PQ inner-product index over a (point, kind) matrix (rows streamed
     in blocks; corrected spans' overlay rows included) and save it next to the matrix."""
     faiss = _faiss()
-    n, d = len(index.ids), int(index.meta["dim"])
-    if d % settings.pq:
-        raise ValueError(f"the sketch dimension {d} is not divisible by pq = {settings.pq}")
+    n = len(index.ids)
+    d = check_layout(index.settings.dim, settings)
     lists = settings.lists or max(1, min(n // 39, int(4 * np.sqrt(n))))
     # built directly: index_factory's IVF-PQ trained 25x slower here (polysemous/precomputed-table setup)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(n, max(TRAIN_SAMPLE, 39 * lists)), replace=False))
     bits = int(min(8, max(1, np.log2(len(sample)))))  # 2^bits codes per sub-quantiser: no more than the sample
     ann = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, lists, settings.pq, bits, faiss.METRIC_INNER_PRODUCT)
+    ann.cp.min_points_per_centroid = ann.pq.cp.min_points_per_centroid = 1  # small samples are expected: no warnings
     ann.train(_rows(index, point, kind, sample))
     for start, block in index.blocks(point, kind):
         ann.add(np.ascontiguousarray(block.numpy(), dtype=np.float32))
@@ -146,15 +156,16 @@ class AnnSearch:
               k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, k) training positions and their exact scores, best first, for test vectors per term."""
         queries = next(iter(vecs.values())).shape[0]
+        host = {t: v.detach().float().cpu().numpy() for t, v in vecs.items()}  # the engine's device may be a GPU
         found = [set() for _ in range(queries)]
         for term, ann in self.anns.items():
-            _, idx = ann.search(np.ascontiguousarray(weights[term] * vecs[term].float().numpy()), k * self.settings.candidates)
+            _, idx = ann.search(np.ascontiguousarray(weights[term] * host[term]), k * self.settings.candidates)
             for q in range(queries):
                 found[q] |= {int(i) for i in idx[q] if i >= 0}
         positions, scores = [], []
         for q in range(queries):
             cand = np.array(sorted(found[q]), dtype=np.int64)
-            exact = sum(weights[t] * (_rows(self.index, *t, cand) @ vecs[t][q].float().numpy()) for t in self.anns)
+            exact = sum(weights[t] * (_rows(self.index, *t, cand) @ host[t][q]) for t in self.anns)
             order = np.argsort(-exact, kind="stable")[:k]
             positions.append(cand[order])
             scores.append(exact[order])

@@ -332,12 +332,19 @@ class Backend:
         return f"python -m core index --workspace {self.ws.root} --ann {','.join(methods)}"
 
     def build_ann(self, methods: Sequence[str], settings: AnnSettings = AnnSettings(), *, log=print) -> list[Path]:
-        """FAISS indexes over every matrix the methods read (the index must be finished)."""
+        """FAISS indexes over every matrix the methods read that lacks an up-to-date one (the
+        index must be finished); the paths built."""
         self.check_methods([METHODS.resolve(m) for m in methods])
         with self.lock:
             index = self.sync_spans()
             paths = []
             for point, kind in self.ann_terms(methods):
+                try:
+                    check_ann(index, [(point, kind)], "")
+                    log(f"[ann] {point}.{kind}: up to date")
+                    continue
+                except (FileNotFoundError, ValueError):
+                    pass
                 paths.append(build_ann(index, point, kind, settings, seed=index.settings.seed))
                 log(f"[ann] {point}.{kind}: {paths[-1].name}")
         return paths

@@ -114,7 +114,8 @@ class StreamedSide:
         """A zero (d, d) float64 matrix, refused when d (exact: every trainable parameter) is past ``limit``."""
         d = self.projector.dim
         if d > limit:
-            raise ValueError(f"a {d} x {d} matrix over the exact gradients is out of reach; {instead}")
+            over = "the exact gradients" if self.exact else f"a {d}-dimensional sketch"
+            raise ValueError(f"a {d} x {d} matrix over {over} is out of reach; {instead}")
         return torch.zeros(d, d, dtype=torch.float64)
 
     def gauss_newton(self, limit: int = 20_000) -> torch.Tensor:
@@ -128,7 +129,7 @@ class StreamedSide:
 
     def feature_gram(self, point: str, limit: int = 20_000) -> torch.Tensor:
         if point not in self._features:
-            gram = self._square(limit, "TRAK needs sketched features (drop --exact)")
+            gram = self._square(limit, "TRAK needs a smaller sketch (drop --exact, or a smaller --proj-dim)")
             for batch in training_gradients(self.loaded, self.projector, *self._caches(point), self.labels, point,
                                             self._batches(), kinds=("trak",)):
                 phi = batch.whole["margin"].double()

@@ -64,3 +64,24 @@ def test_approximate_refuses_missing_and_stale_faiss_indexes(sketched, tmp_path)
     assert main(["index", "--workspace", str(root), "--device", "cpu", "--ann", "IF++"]) == 0
     code, got = explain(root, test_id, "IF++", "--approximate", "--check-recall")
     assert code == 0 and got[0]["recall"] == 1.0
+
+    record = root / "index" / "ann.final.diff.json"  # as if built over another index
+    record.write_text(json.dumps(json.loads(record.read_text()) | {"fingerprint": "0" * 16}))
+    code, err = explain(root, test_id, "IF++", "--approximate")
+    assert code == 2 and "stale (the index was rebuilt" in err
+    assert main(["index", "--workspace", str(root), "--device", "cpu", "--proj-seed", "1"]) == 0  # a new sketch
+    code, err = explain(root, test_id, "TracIn", "--approximate")  # a rebuild starts a fresh folder
+    assert code == 2 and "no approximate index" in err
+
+
+def test_index_ann_refuses_bad_requests_before_building(sketched, tmp_path, capsys):
+    """No method names, or an index FAISS cannot hold (exact, or d not divisible by its
+    sub-quantisers), stop `index --ann` with one line before any build."""
+    root = Path(shutil.copytree(sketched, tmp_path / "ws"))
+    before = (root / "index" / "meta.json").read_text()
+    for extra, message in ((["--ann", "none"], "--ann needs method names"),
+                           (["--ann", "TracIn", "--proj-dim", "0"], "needs a sketched gradient index"),
+                           (["--ann", "TracIn", "--proj-dim", "100"], "not divisible by 64")):
+        assert main(["index", "--workspace", str(root), "--device", "cpu", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert (root / "index" / "meta.json").read_text() == before

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import ray
 import torch
@@ -48,8 +49,8 @@ def test_mappers_apply_a_function_to_every_item(local_ray):
     assert worker_cache(("k", 1), lambda: "made") == "made" and worker_cache(("k", 1), lambda: "again") == "made"
 
 
-def test_retrains_over_ray_equal_retrains_in_one_process(tiny_workspace, tmp_path, local_ray, one_thread):
-    """Ral accuracies and LDS outputs, computed as Ray tasks, equal those computed here."""
+def test_evaluation_over_ray_equals_the_evaluation_in_one_process(tiny_workspace, tmp_path, local_ray, one_thread):
+    """Sag/Lag curves, Ral accuracies and LDS outputs, computed as Ray tasks, equal those computed here."""
     base = EvalSettings(methods=("TracIn", "TracIn++"), ks=(3,), kmax=3, test_limit=4, ral=(50,), faithfulness_runs=0,
                         lds=LdsSettings(subsets=2, alpha=0.5, seed=0))
     here = run_evaluation(Backend(_copy(tiny_workspace, tmp_path, "a"), device="cpu"), base, tmp_path / "out-a",
@@ -57,6 +58,8 @@ def test_retrains_over_ray_equal_retrains_in_one_process(tiny_workspace, tmp_pat
     there = run_evaluation(Backend(_copy(tiny_workspace, tmp_path, "b"), device="cpu"),
                            EvalSettings(**{**base.__dict__, "ray": RaySettings()}), tmp_path / "out-b", **QUIET)
     assert here.ral.accuracy.tolist() == there.ral.accuracy.tolist()
+    pd.testing.assert_frame_equal(here.per_test_curves, there.per_test_curves)  # Sag/Lag batches as tasks
+    assert here.per_test.top1.tolist() == there.per_test.top1.tolist()
     np.testing.assert_array_equal(here.lds_per_test.lds.to_numpy(), there.lds_per_test.lds.to_numpy())
     assert there.summary["settings"]["ray"] is not None
 

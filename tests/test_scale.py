@@ -72,3 +72,7 @@ def test_approximate_top_k_rescores_its_candidates_exactly(tmp_path):
     np.testing.assert_allclose(scores, np.take_along_axis(exact, positions, 1), rtol=1e-4, atol=1e-3)
     assert set(positions[0, :3].tolist()) == set(patched)  # the overlay's rows, not the base rows
     assert recall_at_k(positions, exact, 10) >= 0.9
+    # opponents: the same search with the weights negated finds the lowest exact scores
+    low, low_scores = AnnSearch(index, terms, settings).top_k(vecs, {t: -w for t, w in weights.items()}, k=10)
+    np.testing.assert_allclose(-low_scores, np.take_along_axis(exact, low, 1), rtol=1e-4, atol=1e-3)
+    assert recall_at_k(low, -exact, 10) >= 0.9 and not set(low[0].tolist()) & set(patched)

@@ -181,5 +181,5 @@ def test_a_streamed_side_refuses_square_matrices_past_the_limit():
     side = StreamedSide(None, SimpleNamespace(dim=50, exact=True), [], [], torch.zeros(0))
     with pytest.raises(ValueError, match="50 x 50 .*LiSSA"):
         side.gauss_newton(limit=10)
-    with pytest.raises(ValueError, match="50 x 50 .*TRAK needs sketched features"):
+    with pytest.raises(ValueError, match="50 x 50 .*TRAK needs a smaller sketch"):
         side.feature_gram("final", limit=10)

@@ -1,17 +1,24 @@
 """Phase 1: Sag/Lag K-curves of every method and test (and Spearman with GroundTruth, and the
-score vectors Ral needs), one store row per (method, test)."""
+score vectors Ral needs), one store row per (method, test).
+
+With ``--ray`` each batch of tests is scored as a Ray task (the worker opens the workspace once,
+:func:`core.parallel.worker_cache`) and the curves are computed and stored here as the scores
+arrive; without it, batch after batch in this process."""
 from __future__ import annotations
 
 import base64
 import time
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .. import metrics
 from ..engine import TestInput
+from ..parallel import mapper, worker_cache
 from ..registry import METHODS, MethodSpec
+from ..scoring import ScoreSettings
 from .context import Evaluation, chunks, span_of
 
 
@@ -52,9 +59,13 @@ def main_pass(ev: Evaluation, tests: list[TestInput]) -> None:
     started = time.perf_counter()
     finished = 0
     gt = METHODS.resolve("GroundTruth")
-    for batch in tqdm(chunks(todo, ev.settings.batch), desc="Sag/Lag", unit="batch", disable=not ev.progress):
+    work = []
+    for batch in chunks(todo, ev.settings.batch):
         need = [m for m in ev.computed if any(missing(m, t) for t in batch)]
-        scores, seconds = ev.scores(batch, list(dict.fromkeys([*need, *([gt] if ev.faith else [])])))
+        work.append((batch, need, list(dict.fromkeys([*need, *([gt] if ev.faith else [])]))))
+    bar = tqdm(total=len(work), desc="Sag/Lag", unit="batch", disable=not ev.progress)
+    for (batch, need, _), (scores, seconds) in _scored(ev, work):
+        bar.update(1)
         cos, agree = ev.cosines_and_agreement(batch)
         reversed_curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for m in need:
@@ -77,6 +88,35 @@ def main_pass(ev: Evaluation, tests: list[TestInput]) -> None:
                     ev.store.put_eval_row(score_keys[m.name], t.id, {"span": span_of(t), "scores": encode_scores(values[q])})
         finished += len(batch)
         ev.phases.report("Sag/Lag", finished, len(todo), "tests")
+    bar.close()
     if todo:
         ev.timings["sag_lag_seconds"] = round(time.perf_counter() - started, 2)
         ev.timings["sag_lag_tests_computed"] = len(todo)
+
+
+Work = tuple[list[TestInput], list[MethodSpec], list[MethodSpec]]  # tests, methods to store, methods to score
+
+
+def _scored(ev: Evaluation, work: list[Work]) -> Iterator[tuple[Work, tuple[dict[str, np.ndarray], dict[str, float]]]]:
+    """Each batch's scores: here in order, or as Ray tasks in the order they finish."""
+    if ev.settings.ray is None:
+        for item in work:
+            yield item, ev.scores(item[0], item[2])
+        return
+    key = ("saglag", str(ev.backend.ws.root), ev.backend.fingerprint)
+    with mapper(ev.settings.ray) as pool:
+        yield from pool.map(_batch_task, work, key, ev.settings.scoring(0))
+
+
+def _batch_task(item: Work, key: tuple, settings: ScoreSettings) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """One batch's scores in a Ray worker (the workspace opened once per worker and index)."""
+    from ..backend import Backend
+
+    tests, _, specs = item
+    backend = worker_cache(key, lambda: Backend(key[1]))
+    if backend.fingerprint != key[2]:
+        raise RuntimeError(f"{key[1]}: its index changed during the evaluation; run it again")
+    started = time.perf_counter()
+    out = backend.engine().scores_many(tests, specs, settings)
+    each = (time.perf_counter() - started) / max(len(specs) * len(tests), 1)
+    return {name: s.values.double().cpu().numpy() for name, s in out.items()}, {s.name: each for s in specs}
