@@ -85,3 +85,12 @@ def test_index_ann_refuses_bad_requests_before_building(sketched, tmp_path, caps
         assert main(["index", "--workspace", str(root), "--device", "cpu", *extra]) == 2
         assert message in capsys.readouterr().err
     assert (root / "index" / "meta.json").read_text() == before
+
+
+def test_ann_all_means_the_methods_the_workspace_can_run(sketched):
+    """`--ann all` covers every registered method whose points and artifacts the workspace has:
+    here all but TRAK and EK-FAC (no `--with trak,ekfac`)."""
+    from core.registry import METHODS
+
+    available = Backend(sketched, device="cpu").available_methods()
+    assert available == [n for n in METHODS.names() if n not in ("TRAK", "TRAK++", "EKFAC", "EKFAC++")]
