@@ -8,8 +8,9 @@ store (nothing is retrained or rescored; it stops if a retrain is missing) and p
 
 * ``lds``: the report's mean LDS (x100) over the M subsets;
 * ``ci_tests``: the report's interval (tests resampled, subsets fixed);
-* ``ci_two_way``: tests and subsets both resampled with replacement (``--draws`` draws; Spearman
-  with average ranks, so a subset drawn twice counts as a tie);
+* ``ci_two_way``: tests and subsets both resampled with replacement (``--draws`` draws;
+  :func:`core.lds.two_way_means`, which ``evaluate --lds`` reports too since this benchmark was
+  written);
 * ``windows``: the mean LDS over each run of ``--window`` consecutive subsets (what an
   evaluation with M = window would have reported, for each such draw).
 
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 from common import Backend
-from scipy.stats import rankdata
 
 from core.evaluate import EvalSettings, select_tests
 from core.evaluate.context import Evaluation
@@ -47,16 +47,9 @@ from core.lds import (
     run_lds,
     sample_subsets,
     summarise,
+    two_way_draws,
+    two_way_means,
 )
-
-
-def row_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman per row with average ranks (NaN where a row is constant)."""
-    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
-    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
-    den = np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (ra * rb).sum(1) / den, np.nan)
 
 
 def main() -> None:
@@ -85,9 +78,8 @@ def main() -> None:
 
     outputs = {iv: [_select(o, where) for o in run_lds(missing, subsets, iv, _StoreCache(ev.store), settings_key=key)]
                for iv in {kind_of(s)[0] for s in ev.reported}}
-    rng = np.random.default_rng(args.seed)
     q, m = len(tests), len(subsets)
-    draws = [(rng.integers(q, size=q), rng.integers(m, size=m)) for _ in range(args.draws)]
+    draws = two_way_draws(q, m, args.draws, args.seed)
     pairs, boot, methods = {}, {}, {}
     for spec in ev.reported:
         iv, output = kind_of(spec)
@@ -95,7 +87,7 @@ def main() -> None:
         predicted = predicted_outputs(scores, subsets, iv)
         measured = np.stack([o.output(output) for o in outputs[iv]], axis=1)
         per_test = lds_scores(scores, subsets, outputs[iv], iv, output)
-        boot[spec.name] = np.array([np.nanmean(row_spearman(predicted[t][:, s], measured[t][:, s])) for t, s in draws])
+        boot[spec.name] = two_way_means(predicted, measured, draws)
         windows = [np.nanmean(lds_scores(scores, subsets[w:w + args.window], outputs[iv][w:w + args.window], iv, output))
                    for w in range(0, m - args.window + 1, args.window)]
         low, high = np.nanpercentile(boot[spec.name], [2.5, 97.5])

@@ -233,6 +233,28 @@ def lds_scores(scores, subsets: np.ndarray, outputs: list[RetrainOutputs], inter
     return spearman(predicted, measured)
 
 
+SUBSET_DRAWS = 1000
+"""Draws of the two-way bootstrap (tests and subsets resampled) in :func:`two_way_means`."""
+
+
+def two_way_draws(tests: int, subsets: int, draws: int = SUBSET_DRAWS, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Bootstrap draws of test and subset indices, both with replacement (shared by the methods
+    checked against the same retrains, so their differences are paired)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(tests, size=tests), rng.integers(subsets, size=subsets)) for _ in range(draws)]
+
+
+def two_way_means(predicted: np.ndarray, measured: np.ndarray, draws: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """``(draws,)``: the mean LDS over the drawn tests, each a Spearman over the drawn subsets
+    (a subset drawn twice is a tie). Every test shares the same retrains, so the subsets drawn move
+    all tests' values together; resampling only the tests leaves that out."""
+    out = np.empty(len(draws))
+    for d, (t, s) in enumerate(draws):
+        values = spearman(predicted[t][:, s], measured[t][:, s])
+        out[d] = np.nanmean(values) if np.isfinite(values).any() else np.nan
+    return out
+
+
 def summarise(per_test, seed: int = 0) -> dict:
     """Mean (span-)LDS over tests with its 95% bootstrap interval; NaN tests left out, counted."""
     values = np.asarray(per_test, dtype=np.float64)

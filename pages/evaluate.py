@@ -68,7 +68,8 @@ else:
         if frame.empty:
             st.caption("LDS was not computed in this run (tick *LDS by retraining* below, or `evaluate --lds`).")
         else:
-            st.dataframe(frame.style.format({c: "{:.1f}" for c in ("LDS", "95% CI low", "95% CI high")}),
+            st.dataframe(frame.style.format({c: "{:.1f}" for c in frame.columns if c not in ("checked by", "tests",
+                                                                                          "NaN tests")}),
                          key="eval_lds")
             st.caption("Per test, the Spearman correlation over random training subsets between a method's summed "
                        "scores and the output of the classifier retrained on that subset (`remove`), or with that "

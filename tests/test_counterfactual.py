@@ -44,9 +44,12 @@ def test_lds_in_a_run_is_cached_per_subset_and_reported(workspace, tmp_path, mon
     assert len(per_test) == 3 * 5 and per_test.lds.between(-1, 1).all() | per_test.lds.isna().all()
     finite = per_test[per_test.method == "TracIn"].lds.dropna()
     assert lds.loc["TracIn", "lds"] == pytest.approx(finite.mean()) and lds.loc["TracIn", "low"] <= lds.loc["TracIn", "lds"]
+    assert (lds.low_subsets <= lds.high_subsets).all()  # the interval with the subsets resampled too
     pairs = report.lds_pairs
     assert set(zip(pairs.a, pairs.b)) == {("TracIn++", "GroundTruth")}  # only methods checked the same way
-    assert "## LDS and span-LDS" in (tmp_path / "out" / "report.md").read_text()
+    assert pairs.p_subsets.between(0, 1).all()
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## LDS and span-LDS" in text and "[95% CI, tests and subsets]" in text
     calls.clear()
     again = run_evaluation(Backend(workspace, device="cpu"), settings, tmp_path / "out", **QUIET)
     assert calls == []  # every subset's retrain is served from the store

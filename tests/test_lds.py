@@ -31,7 +31,10 @@ from core.lds import (
     sample_subsets,
     subset_key,
     summarise,
+    two_way_draws,
+    two_way_means,
 )
+from core.metrics import spearman
 from core.model import HiddenCache
 from core.training import TrainConfig
 
@@ -173,6 +176,24 @@ def test_exact_influence_has_high_lds_and_random_scores_none():
     assert abs(lds_scores(noise, subsets, outputs, "remove", "loss").mean()) < 0.2
     summary = summarise(lds, seed=0)
     assert summary["low"] <= summary["lds"] <= summary["high"] and summary["nan"] == 0 and summary["tests"] == 8
+    measured = np.stack([o.output("loss") for o in outputs], axis=1)
+    boot = two_way_means(predicted_outputs(scores, subsets, "remove"), measured, two_way_draws(8, 40, draws=200))
+    assert np.percentile(boot, 2.5) > 0.8  # a real relation survives resampling the subsets too
+
+
+def test_two_way_interval_counts_the_subsets_that_all_tests_share():
+    """No relation between predicted and measured outputs, but both share a per-subset part across
+    tests (as a retrain's noise is shared): the tests-only interval excludes 0, the two-way one
+    (tests and subsets resampled) does not."""
+    rng = np.random.default_rng(3)
+    tests, subsets = 60, 12
+    shared_predicted, shared_measured = rng.normal(size=subsets), rng.normal(size=subsets)  # drawn independently
+    predicted = shared_predicted + 0.3 * rng.normal(size=(tests, subsets))
+    measured = shared_measured + 0.3 * rng.normal(size=(tests, subsets))
+    fixed = summarise(spearman(predicted, measured), seed=0)
+    assert fixed["low"] > 0
+    low, high = np.percentile(two_way_means(predicted, measured, two_way_draws(tests, subsets, draws=400)), [2.5, 97.5])
+    assert low < 0 < high and high - low > 5 * (fixed["high"] - fixed["low"])
 
 
 def test_planted_instance_that_flips_a_prediction_ranks_first():

@@ -73,10 +73,12 @@ def run_evaluation(backend, settings: EvalSettings = EvalSettings(), out_dir: st
     for run in range(1, settings.faithfulness_runs):
         faithfulness_run(ev, run)
     ral_rows = ral(ev, tests) if settings.ral else pd.DataFrame()
-    lds_rows, lds_pairs = lds(ev, tests) if settings.lds else (pd.DataFrame(columns=LDS_COLUMNS), pd.DataFrame())
+    lds_rows, lds_pairs, lds_two_way = (lds(ev, tests) if settings.lds else
+                                        (pd.DataFrame(columns=LDS_COLUMNS), pd.DataFrame(), pd.DataFrame()))
     per_test, per_test_curves, baselines = collect(ev, tests)
     faith = faithfulness_table(ev, selection.ids) if ev.faith else empty_table()
     ev.timings["total_seconds"] = round(time.perf_counter() - started, 1)
-    report = build_report(ev, selection, per_test, per_test_curves, baselines, faith, ral_rows, lds_rows, lds_pairs)
+    report = build_report(ev, selection, per_test, per_test_curves, baselines, faith, ral_rows, lds_rows, lds_pairs,
+                          lds_two_way)
     write_report(report)
     return report

@@ -25,10 +25,13 @@ from ..lds import (
     CacheRetrainer,
     RetrainOutputs,
     lds_scores,
+    predicted_outputs,
     run_lds,
     sample_subsets,
     subset_key,
     summarise,
+    two_way_draws,
+    two_way_means,
 )
 from ..model import HiddenCache, compute_prefix, mask_span
 from ..parallel import mapper, worker_cache
@@ -108,8 +111,9 @@ def retrainer_for(backend: "Backend", out_dir: Path) -> tuple[CacheRetrainer, li
     return retrainer, test_ids, key
 
 
-def lds(ev: Evaluation, tests: list) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-test LDS of every reported method, and pairwise paired comparisons within each kind."""
+def lds(ev: Evaluation, tests: list) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Per-test LDS of every reported method, pairwise paired comparisons within each kind, and
+    each method's interval with the tests and the subsets resampled (:func:`core.lds.two_way_means`)."""
     subsets = sample_subsets(ev.n, ev.settings.lds)
     retrainer, test_ids, key = retrainer_for(ev.backend, ev.out_dir)
     where = [test_ids.index(t.id) for t in tests]
@@ -126,15 +130,20 @@ def lds(ev: Evaluation, tests: list) -> tuple[pd.DataFrame, pd.DataFrame]:
             outputs[intervention] = _over_ray(ev, subsets, intervention, cache, key, tick)
         bar.close()
     ev.timings["lds_seconds"] = round(time.perf_counter() - started, 1)
-    rows = []
+    rows, boot = [], {}
+    draws = two_way_draws(len(tests), len(subsets), seed=ev.settings.seed)
     for spec in ev.reported:
         intervention, output = kinds[spec.name]
         chosen = [_select(o, where) for o in outputs[intervention]]
-        values = lds_scores(_scores(ev, spec, tests), subsets, chosen, intervention, output)
+        scores = _scores(ev, spec, tests)
+        values = lds_scores(scores, subsets, chosen, intervention, output)
+        boot[spec.name] = two_way_means(predicted_outputs(scores, subsets, intervention),
+                                        np.stack([o.output(output) for o in chosen], axis=1), draws)
         rows += [{"test_id": t.id, "method": spec.name, "intervention": intervention, "output": output, "lds": float(v)}
                  for t, v in zip(tests, values)]
     per_test = pd.DataFrame(rows, columns=LDS_COLUMNS)
-    return per_test, _pairs(per_test, ev.settings.seed)
+    two_way = pd.DataFrame({m: dict(zip(TWO_WAY, np.nanpercentile(b, [2.5, 97.5]))) for m, b in boot.items()}).T
+    return per_test, _pairs(per_test, ev.settings.seed, boot), two_way
 
 
 def _over_ray(ev: Evaluation, subsets: np.ndarray, intervention: str, cache: _StoreCache, key: str,
@@ -186,8 +195,13 @@ def lds_table(per_test: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     return pd.DataFrame(out).T.infer_objects()
 
 
-def _pairs(per_test: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """Paired differences (sign-flip test, bootstrap CI) between methods checked the same way."""
+TWO_WAY = ("low_subsets", "high_subsets")
+"""Columns of the 95% interval with tests and subsets resampled (LDS table and pairs)."""
+
+
+def _pairs(per_test: pd.DataFrame, seed: int, boot: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Paired differences between methods checked the same way: sign-flip test and bootstrap CI
+    over tests (subsets fixed), and the two-way interval and p from the shared draws ``boot``."""
     rows = []
     wide = per_test.pivot(index="test_id", columns="method", values="lds")
     kinds = per_test.drop_duplicates("method").set_index("method")[["intervention", "output"]]
@@ -196,7 +210,11 @@ def _pairs(per_test: pd.DataFrame, seed: int) -> pd.DataFrame:
         for b in names[i + 1:]:
             if tuple(kinds.loc[a]) == tuple(kinds.loc[b]):
                 diff = paired_difference(wide[a].to_numpy(), wide[b].to_numpy(), seed=seed)
+                both = boot[a] - boot[b]
+                p_two_way = min(1.0, 2 * min(np.mean(both <= 0), np.mean(both >= 0)))
                 rows.append({"a": a, "b": b, **{k: diff[k] for k in ("difference", "low", "high", "p_value",
-                                                                      "significant", "n")}})
-    return pd.DataFrame(rows, columns=["a", "b", "difference", "low", "high", "p_value", "significant", "n"])
+                                                                      "significant", "n")},
+                             **dict(zip(TWO_WAY, np.nanpercentile(both, [2.5, 97.5]))), "p_subsets": p_two_way})
+    return pd.DataFrame(rows, columns=["a", "b", "difference", "low", "high", "p_value", "significant", "n", *TWO_WAY,
+                                       "p_subsets"])
 

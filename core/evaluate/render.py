@@ -178,21 +178,29 @@ def _md_lds(report: EvalReport) -> list[str]:
     if report.lds.empty:
         return []
     lds = report.lds
-    rows = [[m, r.intervention, r.output, _interval(100 * r.lds, 100 * r.low, 100 * r.high), str(int(r.nan))]
-            for m, r in lds.iterrows()]
+    rows = [[m, r.intervention, r.output, _interval(100 * r.lds, 100 * r.low, 100 * r.high),
+             _interval(100 * r.lds, 100 * r.low_subsets, 100 * r.high_subsets) if "low_subsets" in lds else "-",
+             str(int(r.nan))] for m, r in lds.iterrows()]
     s = report.summary["settings"]["lds"]
     out = ["## LDS and span-LDS (x100)", "",
            f"{s['subsets']} random subsets of {100 * s['alpha']:g}% of the training set (seed {s['seed']}); per test "
            "instance, the Spearman correlation over subsets between the method's summed scores and the retrained "
-           "model's output; the mean over tests with its 95% bootstrap interval. `remove`: retrained on the subset; "
+           "model's output; the mean over tests with its 95% bootstrap interval over tests. That interval holds the "
+           "subsets fixed: every test shares the same retrains, so it leaves out how much the number depends on which "
+           "subsets were drawn, which can be several times larger: the next column resamples both (1,000 draws). "
+           "`remove`: retrained on the subset; "
            "`mask`: retrained on everything with the subset's spans masked (span training sides). `loss`: the test "
            "loss (negated); `span`: the test span's importance loss(z'_-kl) - loss(z'). NaN: tests where the "
            "output did not change across subsets.", "",
-           _md_table(["method", "intervention", "output", "LDS [95% CI]", "NaN tests"], rows), ""]
+           _md_table(["method", "intervention", "output", "LDS [95% CI, tests]", "[95% CI, tests and subsets]",
+                      "NaN tests"], rows), ""]
     if len(report.lds_pairs):
-        sig = report.lds_pairs[report.lds_pairs.significant.astype(bool)]
-        out += [f"Paired differences between methods checked the same way (sign-flip test, `lds_pairs.csv`): "
-                f"{len(sig)} of {len(report.lds_pairs)} pairs differ at p < 0.05.", ""]
+        pairs = report.lds_pairs
+        sig = pairs[pairs.significant.astype(bool)]
+        out += [f"Paired differences between methods checked the same way (`lds_pairs.csv`): {len(sig)} of "
+                f"{len(pairs)} pairs differ at p < 0.05 with the subsets held fixed (sign-flip test)"
+                + (f", {int((pairs.p_subsets < 0.05).sum())} with tests and subsets resampled (`p_subsets`)."
+                   if "p_subsets" in pairs else "."), ""]
     return out
 
 
@@ -210,9 +218,11 @@ def lds_frame(report: EvalReport) -> pd.DataFrame:
     if report.lds.empty:
         return pd.DataFrame()
     lds = report.lds
-    return pd.DataFrame({"checked by": lds.intervention + " / " + lds.output, "LDS": 100 * lds.lds,
-                         "95% CI low": 100 * lds.low, "95% CI high": 100 * lds.high, "tests": lds.tests,
-                         "NaN tests": lds.nan}, index=lds.index)
+    frame = pd.DataFrame({"checked by": lds.intervention + " / " + lds.output, "LDS": 100 * lds.lds,
+                          "95% CI low": 100 * lds.low, "95% CI high": 100 * lds.high}, index=lds.index)
+    if "low_subsets" in lds:  # tests and subsets resampled (reports from before it lack it)
+        frame["CI low, subsets too"], frame["CI high, subsets too"] = 100 * lds.low_subsets, 100 * lds.high_subsets
+    return frame.assign(tests=lds.tests, **{"NaN tests": lds.nan})
 
 
 def lds_note(report: EvalReport | None, method: str, fingerprint: str) -> str | None:
@@ -225,7 +235,8 @@ def lds_note(report: EvalReport | None, method: str, fingerprint: str) -> str | 
     r = report.lds.loc[method]
     kind = "span-LDS" if r.intervention == "mask" else "LDS"
     return (f"{kind} on this workspace: {100 * r.lds:.1f} [{100 * r.low:.1f}, {100 * r.high:.1f}] "
-            f"(x100; {int(r.tests)} tests; 0 = no better than chance at predicting retraining)")
+            f"(x100; {int(r.tests)} tests, interval with the retrains' subsets held fixed; "
+            "0 = no better than chance at predicting retraining)")
 
 
 def _md_curves(report: EvalReport) -> list[str]:

@@ -157,11 +157,11 @@ def computed_seconds(per_test: pd.DataFrame, faith: pd.DataFrame, ral: pd.DataFr
 
 def build_report(ev: Evaluation, selection: Selection, per_test: pd.DataFrame, per_test_curves: pd.DataFrame,
                  baselines: dict, faith: pd.DataFrame, ral: pd.DataFrame, lds_rows: pd.DataFrame,
-                 lds_pairs: pd.DataFrame) -> EvalReport:
+                 lds_pairs: pd.DataFrame, lds_two_way: pd.DataFrame) -> EvalReport:
     backend, s = ev.backend, ev.settings
     dataset = DATASETS.get(str(backend.manifest.settings.get("dataset", "")).lower(), "")
     t3, t4 = table3(ev, per_test, baselines, ral), table4(faith)
-    lds = lds_table(lds_rows, ev.settings.seed) if len(lds_rows) else pd.DataFrame()
+    lds = lds_table(lds_rows, ev.settings.seed).join(lds_two_way) if len(lds_rows) else pd.DataFrame()
     seconds = per_test.groupby("method", sort=False).seconds.mean()
     summary = {
         "workspace": str(backend.ws.root), "fingerprint": backend.fingerprint, "dataset": dataset,
