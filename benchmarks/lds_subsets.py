@@ -50,6 +50,7 @@ from core.lds import (
     two_way_draws,
     two_way_means,
 )
+from core.stats import draws_summary
 
 
 def main() -> None:
@@ -90,7 +91,7 @@ def main() -> None:
         boot[spec.name] = two_way_means(predicted, measured, draws)
         windows = [np.nanmean(lds_scores(scores, subsets[w:w + args.window], outputs[iv][w:w + args.window], iv, output))
                    for w in range(0, m - args.window + 1, args.window)]
-        low, high = np.nanpercentile(boot[spec.name], [2.5, 97.5])
+        low, high, _ = draws_summary(boot[spec.name])
         fixed = summarise(per_test[~np.isnan(per_test)], seed=args.seed)
         methods[spec.name] = {"intervention": iv, "output": output, "lds": round(100 * float(np.nanmean(per_test)), 1),
                               "ci_tests": [round(100 * fixed["low"], 1), round(100 * fixed["high"], 1)],
@@ -99,9 +100,7 @@ def main() -> None:
     for a, b in combinations(methods, 2):
         if (methods[a]["intervention"], methods[a]["output"]) != (methods[b]["intervention"], methods[b]["output"]):
             continue
-        diff = boot[a] - boot[b]
-        low, high = np.nanpercentile(diff, [2.5, 97.5])
-        p = min(1.0, 2 * min(np.mean(diff <= 0), np.mean(diff >= 0)))
+        low, high, p = draws_summary(boot[a] - boot[b])
         pairs[f"{a} - {b}"] = {"difference": round(methods[a]["lds"] - methods[b]["lds"], 1),
                                "ci_two_way": [round(100 * low, 1), round(100 * high, 1)], "p_two_way": round(float(p), 4)}
     print(json.dumps({"workspace": args.workspace, "tests": q, "subsets": m, "window": args.window,

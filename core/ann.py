@@ -80,18 +80,27 @@ def _matrix_state(index: GradientIndex, kind: str) -> dict:
     return {"fingerprint": index.meta.get("fingerprint"), "spans": fingerprint(spans), "rows": len(index.ids)}
 
 
+def stale_reason(index: GradientIndex, point: str, kind: str) -> str | None:
+    """Why a (point, kind) FAISS file cannot serve the index as it is now (``missing``, or what
+    changed since it was built); None when it can."""
+    record = _record_path(index, point, kind)
+    if not ann_path(index, point, kind).exists() or not record.exists():
+        return "missing"
+    state, built = _matrix_state(index, kind), json.loads(record.read_text())
+    if {k: built.get(k) for k in state} == state:
+        return None
+    return "training spans were corrected" if built.get("fingerprint") == state["fingerprint"] else "the index was rebuilt"
+
+
 def check_ann(index: GradientIndex, terms: Sequence[tuple[str, str]], rebuild: str) -> None:
     """FileNotFoundError (missing) or ValueError (stale) unless every term's FAISS file matches
     the index as it is now; ``rebuild``: the command that (re)builds them."""
     for point, kind in terms:
-        state = _matrix_state(index, kind)
-        record = _record_path(index, point, kind)
-        if not ann_path(index, point, kind).exists() or not record.exists():
+        why = stale_reason(index, point, kind)
+        if why == "missing":
             raise FileNotFoundError(f"{ann_path(index, point, kind)}: no approximate index; build it with: {rebuild}")
-        built = json.loads(record.read_text())
-        if {k: built.get(k) for k in state} != state:
-            what = "training spans were corrected" if built.get("fingerprint") == state["fingerprint"] else "the index was rebuilt"
-            raise ValueError(f"{ann_path(index, point, kind)} is stale ({what} since it was built); rebuild it with: {rebuild}")
+        if why is not None:
+            raise ValueError(f"{ann_path(index, point, kind)} is stale ({why} since it was built); rebuild it with: {rebuild}")
 
 
 def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings = AnnSettings(), *,

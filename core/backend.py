@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .ann import AnnSearch, AnnSettings, build_ann, check_ann
+from .ann import AnnSearch, AnnSettings, build_ann, check_ann, stale_reason
 from .artifacts import (
     build_ekfac,
     check_extras,
@@ -339,12 +339,9 @@ class Backend:
             index = self.sync_spans()
             paths = []
             for point, kind in self.ann_terms(methods):
-                try:
-                    check_ann(index, [(point, kind)], "")
+                if stale_reason(index, point, kind) is None:
                     log(f"[ann] {point}.{kind}: up to date")
                     continue
-                except (FileNotFoundError, ValueError):
-                    pass
                 paths.append(build_ann(index, point, kind, settings, seed=index.settings.seed))
                 log(f"[ann] {point}.{kind}: {paths[-1].name}")
         return paths

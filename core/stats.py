@@ -53,6 +53,18 @@ def bootstrap_ci(values, *, statistic: Callable = np.mean, n_resamples: int = 20
     return estimate, float(low), float(high)
 
 
+def draws_summary(draws, level: float = 0.95) -> tuple[float, float, float]:
+    """``(low, high, p)`` of bootstrap draws made elsewhere (e.g. two-way, tests and subsets): their
+    percentile interval and, for draws of a difference, the two-sided bootstrap p of 0. NaN draws
+    are left out."""
+    x = _finite(draws)
+    if len(x) == 0:
+        return float("nan"), float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(x, [tail, 100 - tail])
+    return float(low), float(high), float(min(1.0, 2 * min(np.mean(x <= 0), np.mean(x >= 0))))
+
+
 def _sign_flip_p(d: np.ndarray, n_resamples: int, seed: int) -> tuple[float, bool]:
     """Two-sided p-value of mean(d) = 0 under random sign flips; exact when 2^n <= n_resamples."""
     n = len(d)

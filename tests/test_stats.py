@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.stats import bootstrap_ci, paired_difference, run_variance
+from core.stats import bootstrap_ci, draws_summary, paired_difference, run_variance
 
 
 def test_bootstrap_ci_covers_the_true_mean_at_about_the_nominal_rate():
@@ -85,3 +85,9 @@ def test_run_variance():
     assert run_variance([0.4]) is None
     assert run_variance([]) is None
     assert run_variance([0.1, 0.3, 0.5]) == pytest.approx(np.var([0.1, 0.3, 0.5], ddof=1))
+
+
+def test_draws_summary_gives_the_interval_and_the_p_of_zero():
+    low, high, p = draws_summary(np.r_[np.arange(1.0, 101.0), np.nan])  # NaN draws left out
+    assert (low, high) == pytest.approx((3.475, 97.525)) and p == 0.0
+    assert draws_summary(np.r_[-np.ones(10), np.ones(30)])[2] == pytest.approx(0.5)

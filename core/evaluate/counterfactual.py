@@ -37,7 +37,7 @@ from ..model import HiddenCache, compute_prefix, mask_span
 from ..parallel import mapper, worker_cache
 from ..registry import MethodSpec
 from ..representations import REPRESENTATIONS
-from ..stats import paired_difference
+from ..stats import draws_summary, paired_difference
 from ..training import TrainConfig
 from ..workspace import fingerprint
 from .context import Evaluation, chunks
@@ -142,7 +142,7 @@ def lds(ev: Evaluation, tests: list) -> tuple[pd.DataFrame, pd.DataFrame, pd.Dat
         rows += [{"test_id": t.id, "method": spec.name, "intervention": intervention, "output": output, "lds": float(v)}
                  for t, v in zip(tests, values)]
     per_test = pd.DataFrame(rows, columns=LDS_COLUMNS)
-    two_way = pd.DataFrame({m: dict(zip(TWO_WAY, np.nanpercentile(b, [2.5, 97.5]))) for m, b in boot.items()}).T
+    two_way = pd.DataFrame({m: dict(zip(TWO_WAY, draws_summary(b)[:2])) for m, b in boot.items()}).T
     return per_test, _pairs(per_test, ev.settings.seed, boot), two_way
 
 
@@ -210,11 +210,10 @@ def _pairs(per_test: pd.DataFrame, seed: int, boot: dict[str, np.ndarray]) -> pd
         for b in names[i + 1:]:
             if tuple(kinds.loc[a]) == tuple(kinds.loc[b]):
                 diff = paired_difference(wide[a].to_numpy(), wide[b].to_numpy(), seed=seed)
-                both = boot[a] - boot[b]
-                p_two_way = min(1.0, 2 * min(np.mean(both <= 0), np.mean(both >= 0)))
+                low, high, p_two_way = draws_summary(boot[a] - boot[b])
                 rows.append({"a": a, "b": b, **{k: diff[k] for k in ("difference", "low", "high", "p_value",
                                                                       "significant", "n")},
-                             **dict(zip(TWO_WAY, np.nanpercentile(both, [2.5, 97.5]))), "p_subsets": p_two_way})
+                             **dict(zip(TWO_WAY, (low, high))), "p_subsets": p_two_way})
     return pd.DataFrame(rows, columns=["a", "b", "difference", "low", "high", "p_value", "significant", "n", *TWO_WAY,
                                        "p_subsets"])
 
