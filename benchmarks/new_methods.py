@@ -134,6 +134,55 @@ def query_latency(backend: Backend, tests, methods: list[str]) -> dict:
     return out
 
 
+def solve_and_precision(backend: Backend, tests) -> dict:
+    """What the query path's two shortcuts cost and save, on the workspace's own matrices.
+
+    ``solve``: ms (median of 20) of one vector through the damped Gauss-Newton inverse as the
+    engine applies it (an explicit float64 inverse, :class:`DampedInverse`) against two
+    triangular solves with its Cholesky factor (``torch.cholesky_solve``), and their largest
+    relative difference. ``ekfac_float32``: per test, the relative L2 difference between the
+    sketched EK-FAC test vectors (whole and span) applied in float32, as the engine does for a
+    float32 model, and in float64; and the smallest Spearman correlation of the resulting
+    scores over the index's training rows."""
+    from scipy.stats import spearmanr
+
+    from core.ihvp import DEFAULT_DAMPING, DampedInverse
+
+    engine = backend.engine()
+    gram = engine.side.gauss_newton().double()
+    inverse = DampedInverse(gram, DEFAULT_DAMPING)
+    factor = torch.linalg.cholesky(gram + DEFAULT_DAMPING * torch.eye(gram.shape[0], dtype=gram.dtype))
+    vecs = engine.test_vectors(tests, "final", "full").double().cpu()
+    ways = {"explicit_inverse": inverse.solve, "cholesky_solve": lambda v: torch.cholesky_solve(v.T, factor).T}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for i in range(20):
+        for name, solve in ways.items():
+            started = time.perf_counter()
+            solve(vecs[i % len(vecs)][None])
+            times[name].append(1000 * (time.perf_counter() - started))
+    reference = ways["cholesky_solve"](vecs)
+    diff = (ways["explicit_inverse"](vecs) - reference).norm(dim=1) / reference.norm(dim=1)
+    out: dict = {"solve": {"d": int(gram.shape[0]), **{f"{k}_ms": round(statistics.median(v), 2) for k, v in times.items()},
+                           "max_relative_difference": float(f"{float(diff.max()):.3g}")}}
+    factors = engine.ekfac()
+    engine.loaded.use("final")
+    batch = engine.test_batch(tests)
+    errors, rhos = [], []
+    for rep in ("full", "diff"):
+        for q in range(len(tests)):
+            dense = engine.dense_test_gradient(batch, q, rep)
+            v32 = engine.projector.project_params(factors.apply(dense, DEFAULT_DAMPING))
+            v64 = engine.projector.project_params(factors.apply({n: t.double() for n, t in dense.items()}, DEFAULT_DAMPING))
+            if float(v64.norm()) == 0:
+                continue
+            errors.append(float((v32.double() - v64.double()).norm() / v64.double().norm()))
+            scores = engine.side.dot_many("final", {32: (rep, v32[None].float()), 64: (rep, v64[None].float())})
+            rhos.append(float(spearmanr(scores[32][0].cpu().numpy(), scores[64][0].cpu().numpy())[0]))
+    out["ekfac_float32"] = {"vectors": len(errors), "max_relative_difference": float(f"{max(errors):.3g}"),
+                            "min_score_spearman": round(min(rhos), 6)}
+    return out
+
+
 def index_growth(backend: Backend, fitted_bytes: int | None) -> dict:
     """Bytes of the TRAK group and of the EK-FAC factors against the default grad group."""
     index = backend.index
@@ -166,7 +215,7 @@ def main() -> None:
                         help="fit EK-FAC on this many seeded training instances (default: all)")
     parser.add_argument("--ekfac-batch-size", type=int, default=None, help="default: the index's batch size")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["ekfac", "latency", "growth"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["ekfac", "latency", "precision", "growth"])
     args = parser.parse_args()
     backend = Backend(args.workspace)
     methods = [BASELINE, *NEW]
@@ -182,6 +231,10 @@ def main() -> None:
         records = backend.instances("test")
         tests = gold_tests(backend, random.Random(args.seed).sample(records, min(args.queries, len(records))))
         out["query_latency"] = query_latency(backend, tests, methods)
+    if "precision" not in args.skip:
+        records = backend.instances("test")
+        sample = random.Random(args.seed).sample(records, min(10, len(records)))
+        out.update(solve_and_precision(backend, gold_tests(backend, sample)))
     if "growth" not in args.skip:
         out["index_growth"] = index_growth(backend, fitted_bytes)
     out["peak_rss_mib"] = peak_rss_mib()

@@ -241,9 +241,10 @@ class Engine:
         for s in group:
             key = (s.test, json.dumps(settings.inverse_key(s), sort_keys=True))
             if key not in ready:
-                if s.test not in raw:
+                inverse = self.inverse(s, settings) if s.inverse else None
+                if (inverse is None or inverse.reads_vectors) and s.test not in raw:
                     raw[s.test] = self.test_vectors(tests, point, s.test, batch)
-                ready[key] = (self.inverse(s, settings).apply(self, batch, point, s.test, raw[s.test]) if s.inverse
+                ready[key] = (inverse.apply(self, batch, point, s.test, raw.get(s.test)) if inverse
                               else (raw[s.test], None))
             if s.inverse:
                 approx[s.name]["ihvp"] = ready[key][1]

@@ -33,14 +33,20 @@ if TYPE_CHECKING:
 
 
 class InverseHessian(Protocol):
+    reads_vectors: bool
+    """Whether :meth:`apply` reads the sketched test vectors (else it forms each test's dense
+    gradient itself and is given ``None``)."""
+
     def apply(self, engine: "Engine", batch: "TestBatch", point: str, rep: str,
-              vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+              vecs: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         """The inverse applied to the rows of ``vecs`` (test-side vectors of ``rep`` at ``point``),
         and a description of how (for the result's record)."""
 
 
 class FastInverse:
     """(G + lambda I)^-1 with G the training side's Gauss-Newton matrix (one factorisation)."""
+
+    reads_vectors = True
 
     def __init__(self, gram: torch.Tensor, damping: float):
         self.inverse = DampedInverse(gram, damping)
@@ -53,11 +59,13 @@ class FastInverse:
 class LissaInverse:
     """The paper's LiSSA on each test's dense gradient at theta, then projected."""
 
+    reads_vectors = False
+
     def __init__(self, settings: LissaSettings, train_cache: tuple[HiddenCache, torch.Tensor]):
         self.settings, self.train_cache = settings, train_cache
 
     def apply(self, engine: "Engine", batch: "TestBatch", point: str, rep: str,
-              vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+              vecs: None = None) -> tuple[torch.Tensor, dict]:
         loaded = engine.loaded
 
         def one(dense: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
@@ -71,11 +79,13 @@ class LissaInverse:
 class EkfacInverse:
     """(G_ekfac + lambda I)^-1 on each test's dense gradient at theta, then projected."""
 
+    reads_vectors = False
+
     def __init__(self, factors: EkfacFactors, damping: float):
         self.factors, self.damping = factors, check_damping(damping)
 
     def apply(self, engine: "Engine", batch: "TestBatch", point: str, rep: str,
-              vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+              vecs: None = None) -> tuple[torch.Tensor, dict]:
         info = {"mode": "ekfac", "lambda": float(f"{self.damping:.12g}"), "corrected": self.factors.corrected,
                 "examples": self.factors.examples}
 
@@ -87,6 +97,8 @@ class EkfacInverse:
 
 class FeatureInverse:
     """TRAK's (Phi_p^T Phi_p + lambda I)^-1 at each point p, factorised once per point."""
+
+    reads_vectors = True
 
     def __init__(self, side: "TrainingSide", ridge: float = TRAK_RIDGE):
         self.side, self.ridge = side, ridge

@@ -216,6 +216,23 @@ def test_huge_damping_approaches_v_over_damping(mlp):
         factors.apply({n: t for n, t in v.items() if n != "fc1.bias"}, 1.0)
 
 
+def test_float32_vectors_are_applied_in_float32_close_to_float64(mlp):
+    """A float32 vector is applied with float32 copies of the factors, made once: its result is
+    float32 and within float32 rounding of the float64 result; float64 stays float64."""
+    split, cache, _ = mlp
+    factors = fit_ekfac(split, cache, batch_size=4)
+    v64 = {n: torch.randn(p.shape) for n, p in split.top_params().items()}
+    v32 = {n: t.float() for n, t in v64.items()}
+    exact, fast = factors.apply(v64, MODERATE), factors.apply(v32, MODERATE)
+    assert all(fast[n].dtype == torch.float32 and exact[n].dtype == torch.float64 for n in v64)
+    flat = lambda out: torch.cat([out[n].double().flatten() for n in v64])  # noqa: E731
+    assert 0 < _rel(flat(fast), flat(exact)) < 1e-5
+    copies = dict(factors._copies)
+    factors.apply(v32, MODERATE)
+    assert copies and factors._copies.keys() == copies.keys()
+    assert all(a is b for key in copies for a, b in zip(copies[key], factors._copies[key])), "copies made again"
+
+
 # ----------------------------------------------------------------------------- tiny BERT
 
 

@@ -183,3 +183,21 @@ def test_a_streamed_side_refuses_square_matrices_past_the_limit():
         side.gauss_newton(limit=10)
     with pytest.raises(ValueError, match="50 x 50 .*TRAK needs a smaller sketch"):
         side.feature_gram("final", limit=10)
+
+
+def test_inverses_on_dense_gradients_compute_no_sketched_test_vectors(workspace, monkeypatch):
+    """EK-FAC applies its factors to each test's dense gradient: scoring it alone forms no
+    sketched test vectors (a wasted backward pass per query); a method beside it that reads them
+    still gets them, and the EK-FAC scores agree either way (to rounding)."""
+    backend = Backend(workspace, device="cpu")
+    engine = backend.engine()
+    made: list[str] = []
+    original = engine.test_vectors
+    monkeypatch.setattr(engine, "test_vectors", lambda *a, **k: made.append(a[2]) or original(*a, **k))
+    tests = [backend.test_input(backend.instances("test")[0].id, "gold")]
+    alone = engine.scores(tests, METHODS.resolve("EKFAC++"))
+    assert made == []
+    together = engine.scores_many(tests, [METHODS.resolve("EKFAC++"), METHODS.resolve("IF++")])
+    assert made == ["diff"]
+    assert alone.values.abs().max() > 0
+    torch.testing.assert_close(alone.values, together["EKFAC++"].values, rtol=1e-6, atol=0)
