@@ -338,7 +338,8 @@ def _explain_parser(sub) -> None:
     p.add_argument("--candidates", type=POSITIVE, default=10,
                    help="with --approximate: candidates per matrix, as a multiple of K (default 10)")
     p.add_argument("--check-recall", action="store_true",
-                   help="with --approximate: also score exactly and print recall@K of the approximate top-K")
+                   help="with --approximate: also score exactly and print recall@K of the approximate proponents "
+                        "and opponents")
     _scoring_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
@@ -364,14 +365,15 @@ def cmd_explain(args) -> int:
         test = backend.new_input(args.test_text, args.aspect or "", args.label)
     else:
         test = backend.test_input(args.test_id, args.label)
-    recall: dict[str, float] = {}
+    recall: dict[str, dict[str, float]] = {}
     if args.approximate:
         search = AnnSettings(nprobe=args.nprobe, candidates=args.candidates)
         explanations = [backend.explain_approximate(test, m, k=args.k, settings=settings, search=search) for m in methods]
         if args.check_recall:
+            overlap = lambda got, want: sum(h.train_id in {g.train_id for g in got} for h in want) / len(want)  # noqa: E731
             for approx, exact in zip(explanations, backend.explain_many(test, methods, k=args.k, settings=settings)):
-                found = {h.train_id for h in approx.top}
-                recall[approx.method] = sum(h.train_id in found for h in exact.top) / len(exact.top)
+                recall[approx.method] = {"recall": overlap(approx.top, exact.top),
+                                         "recall_opponents": overlap(approx.opponents, exact.opponents)}
     elif args.check_recall:
         raise ValueError("--check-recall goes with --approximate")
     else:
@@ -382,7 +384,7 @@ def cmd_explain(args) -> int:
             "span_masks_nothing": profile["span_masks_nothing"]}
     if args.json:
         print(json.dumps([{"test": view, **_json_view(backend, e, args.opponents)}
-                          | ({"recall": recall[e.method]} if e.method in recall else {}) for e in explanations],
+                          | recall.get(e.method, {}) for e in explanations],
                          indent=2, ensure_ascii=False))
         return 0
     print(f"test {test.id or '(new review)'}: gold {test.gold or '-'}, predicted {view['predicted']} "
@@ -392,7 +394,8 @@ def cmd_explain(args) -> int:
     for exp in explanations:
         _print_table(backend, test, exp, args.opponents)
         if exp.method in recall:
-            print(f"  recall@{args.k} of the approximate top-{args.k} against the exact one: {recall[exp.method]:.2f}")
+            print(f"  recall@{args.k} of the approximate lists against the exact ones: proponents "
+                  f"{recall[exp.method]['recall']:.2f}, opponents {recall[exp.method]['recall_opponents']:.2f}")
     return 0
 
 
@@ -471,6 +474,7 @@ def cmd_evaluate(args) -> int:
 
     from .backend import Backend
     from .evaluate import EvalSettings, run_evaluation
+    from .evaluate.render import lds_frame
     from .ihvp import DEFAULT_DAMPING, LissaSettings
     from .lds import LdsSettings
     from .workspace import Workspace
@@ -495,8 +499,8 @@ def cmd_evaluate(args) -> int:
             print("\nTable 4 (Spearman with GroundTruth x100)")
             print(report.table4.to_string(float_format="%.2f"))
         if len(report.lds):
-            print("\nLDS and span-LDS (mean over tests, 95% CI)")
-            print(report.lds.to_string(float_format="%.3f"))
+            print("\nLDS and span-LDS (x100; mean over tests, 95% CI over tests, then over tests and subsets)")
+            print(lds_frame(report).to_string(float_format="%.1f"))
     print(f"\nReport: {out / 'report.md'}  (CSV, summary.json, k_curves.html/png in {out})")
     return 0
 

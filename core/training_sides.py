@@ -9,21 +9,24 @@ strategies:
 * :class:`IndexedSide`: the sketched rows of the on-disk gradient index (the default);
 * :class:`StreamedSide`: per-example gradients computed batch by batch (exact, or sketched with
   the index's projector for points the index does not hold, e.g. new variants);
-* :class:`InMemorySide`: given matrices (tests, synthetic data).
+* :class:`InMemorySide`: given matrices (tests, synthetic data);
+* :class:`ShardedSide`: a StreamedSide's passes as tasks (Ray) over shards of the training rows.
 
 :class:`RoutedSide` sends some points to another side.
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from .ggn import gauss_newton_batch
 from .gradients import Projector
 from .index import GradientIndex
-from .model import HiddenCache, length_batches
+from .model import HiddenCache, Params, length_batches
+from .parallel import Mapper, worker_cache
 from .points import LoadedModel
 from .training_rows import training_gradients
 
@@ -178,3 +181,66 @@ class RoutedSide:
 
     def feature_gram(self, point: str) -> torch.Tensor:
         return self.routes.get(point, self.default).feature_gram(point)
+
+
+SHARD_ROWS = 1_000
+"""Training rows per task of a :class:`ShardedSide` (fewer when that would make one shard)."""
+
+
+class ShardedSide:
+    """A :class:`StreamedSide` for points the index does not hold (a faithfulness run's new
+    variants, their parameters in ``points``), its passes run as tasks of ``pool``
+    (:mod:`core.parallel`), one per shard of the training rows.
+
+    ``workspace`` is (root, index fingerprint): a task opens the workspace once per worker,
+    refuses an index that changed, streams its rows at the point with the index's projector and
+    batch size, and returns their inner products, placed here by row; so the result is a
+    StreamedSide's up to rounding (batches of other lengths). ``progress`` is called with the
+    number of training rows of each finished task."""
+
+    def __init__(self, pool: Mapper, workspace: tuple[str, str], points: Mapping[str, Params], n: int, *,
+                 exact: bool = False, progress: Callable[[int], None] | None = None, shard_rows: int = SHARD_ROWS):
+        self.pool, self.workspace, self.points = pool, workspace, dict(points)
+        self.n, self.exact, self.progress = n, exact, progress
+        size = max(1, min(shard_rows, -(-n // 2)))
+        self.shards = [(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def dot_many(self, point: str, requests: Requests) -> dict[Hashable, torch.Tensor]:
+        out = {key: torch.empty(vecs.shape[0], self.n) for key, (_, vecs) in requests.items()}
+        here = {key: (kind, vecs.detach().cpu()) for key, (kind, vecs) in requests.items()}
+        for (start, stop), part in self.pool.map(_shard_dots, self.shards, self.workspace, point, self.points[point], here):
+            for key, values in part.items():
+                out[key][:, start:stop] = torch.from_numpy(values)
+            if self.progress is not None:
+                self.progress(stop - start)
+        return out
+
+    def gauss_newton(self) -> torch.Tensor:
+        raise ValueError("a sharded side streams points the index lacks; the Gauss-Newton matrix is the index's")
+
+    def feature_gram(self, point: str) -> torch.Tensor:
+        raise ValueError("a sharded side streams points the index lacks; TRAK's features are the index's")
+
+
+def _shard_dots(shard: tuple[int, int], workspace: tuple[str, str], point: str, params: Params,
+                requests: Requests) -> dict[Hashable, np.ndarray]:
+    """One shard's inner products in a task: its training rows streamed at ``point``."""
+    from .backend import Backend
+
+    root, fingerprint = workspace
+    backend = worker_cache(("backend", root, fingerprint), lambda: Backend(root))  # as Sag/Lag tasks open it
+    if backend.fingerprint != fingerprint:
+        raise RuntimeError(f"{root}: its index changed during the evaluation; run it again")
+    masked = worker_cache(("masked-prefix", root, fingerprint),
+                          lambda: HiddenCache.load(backend.index.root / "prefix-masked.safetensors"))
+    full, labels = backend.train_cache()
+    rows = list(range(*shard))
+    subset = lambda cache: HiddenCache([cache.states[i] for i in rows])  # noqa: E731
+    loaded = backend.loaded
+    loaded.points[point] = params
+    try:
+        side = StreamedSide(loaded, backend.engine().projector, subset(full), subset(masked), labels[rows],
+                            backend.index.settings.batch_size)
+        return {key: values.numpy() for key, values in side.dot_many(point, requests).items()}
+    finally:
+        loaded.points.pop(point, None)

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from core.__main__ import main
@@ -62,7 +63,11 @@ def test_cli_lds_options(workspace, tmp_path, capsys):
     assert main(["evaluate", "--workspace", str(workspace), "--methods", "TracIn", "--k", "3", "--kmax", "3",
                  "--test-limit", "3", "--ral", "none", "--faithfulness-runs", "0", "--lds", "--lds-subsets", "2",
                  "--quiet", "--device", "cpu", "--out", str(out)]) == 0
-    assert "LDS and span-LDS" in capsys.readouterr().out and (out / "lds.csv").exists()
+    printed = capsys.readouterr().out
+    assert "LDS and span-LDS (x100" in printed and (out / "lds.csv").exists()
+    line = next(row for row in printed.splitlines() if row.startswith("TracIn "))
+    lds = pd.read_csv(out / "lds.csv", index_col=0).loc["TracIn", "lds"]
+    assert f"{100 * lds:.1f}" in line.split(), (line, lds)  # x100, as the report and the page show it
     assert main(["evaluate", "--workspace", str(workspace), "--lds", "--lds-subsets", "1"]) == 2
     assert "--lds-subsets: must be at least 2" in capsys.readouterr().err
 
@@ -101,7 +106,6 @@ def test_reports_combine_across_seeds(workspace, tmp_path):
     first = run_evaluation(backend, settings, tmp_path / "a", **QUIET)
     run_evaluation(backend, settings, tmp_path / "b", **QUIET)
     summary = combine_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "both")
-    import pandas as pd
 
     table = pd.read_csv(tmp_path / "both" / "combined_table3.csv").set_index(["row", "column"])
     cell = table.loc[("Lag@3", "TracIn++")]

@@ -50,8 +50,9 @@ def test_mappers_apply_a_function_to_every_item(local_ray):
 
 
 def test_evaluation_over_ray_equals_the_evaluation_in_one_process(tiny_workspace, tmp_path, local_ray, one_thread):
-    """Sag/Lag curves, Ral accuracies and LDS outputs, computed as Ray tasks, equal those computed here."""
-    base = EvalSettings(methods=("TracIn", "TracIn++"), ks=(3,), kmax=3, test_limit=4, ral=(50,), faithfulness_runs=0,
+    """Sag/Lag curves, Ral accuracies and LDS outputs, computed as Ray tasks, equal those computed here;
+    so do the faithfulness run's, whose new variants' training rows are streamed in shards."""
+    base = EvalSettings(methods=("TracIn", "TracIn++"), ks=(3,), kmax=3, test_limit=4, ral=(50,), faithfulness_runs=2,
                         lds=LdsSettings(subsets=2, alpha=0.5, seed=0))
     here = run_evaluation(Backend(_copy(tiny_workspace, tmp_path, "a"), device="cpu"), base, tmp_path / "out-a",
                           **QUIET)
@@ -61,7 +62,42 @@ def test_evaluation_over_ray_equals_the_evaluation_in_one_process(tiny_workspace
     pd.testing.assert_frame_equal(here.per_test_curves, there.per_test_curves)  # Sag/Lag batches as tasks
     assert here.per_test.top1.tolist() == there.per_test.top1.tolist()
     np.testing.assert_array_equal(here.lds_per_test.lds.to_numpy(), there.lds_per_test.lds.to_numpy())
+    runs = [frame[frame.run == 1].set_index(["test_id", "method"]).spearman.sort_index()
+            for frame in (here.faithfulness, there.faithfulness)]
+    assert runs[0].notna().all() and len(runs[0].loc[:, "TracIn++"]) == 4  # TracIn++ reads new variants
+    pd.testing.assert_series_equal(*runs, rtol=1e-6)  # shards' batches differ from one pass's: rounding only
     assert there.summary["settings"]["ray"] is not None
+
+
+def test_a_sharded_side_equals_a_streamed_side(tiny_workspace):
+    """Training rows streamed as tasks over shards (here in this process) give a streamed
+    pass's inner products, each shard in its place, with progress over every row."""
+    from core.model import HiddenCache
+    from core.training_sides import ShardedSide, StreamedSide
+
+    backend = Backend(tiny_workspace, device="cpu")
+    engine, loaded = backend.engine(), backend.loaded
+    full, labels = backend.train_cache()
+    masked = HiddenCache.load(backend.index.root / "prefix-masked.safetensors")
+    params = {n: t + 0.01 * torch.randn_like(t) for n, t in loaded.points["final"].items()}  # a point the index lacks
+    loaded.points["elsewhere"] = params
+    test = backend.test_input(backend.instances("test")[0].id, "gold")
+    requests = {kind: (kind, engine.test_vectors([test], "final", kind)) for kind in ("full", "diff")}
+    try:
+        expected = StreamedSide(loaded, engine.projector, full, masked, labels, backend.index.settings.batch_size
+                                ).dot_many("elsewhere", requests)
+    finally:
+        loaded.points.pop("elsewhere")
+    done: list[int] = []
+    side = ShardedSide(LocalMapper(), (str(tiny_workspace), backend.fingerprint), {"elsewhere": params}, len(full),
+                       progress=done.append, shard_rows=len(full) // 3)
+    got = side.dot_many("elsewhere", requests)
+    assert len(side.shards) >= 3 and sum(done) == len(full) == got["full"].shape[1]
+    for kind in requests:
+        assert expected[kind].abs().max() > 0
+        torch.testing.assert_close(got[kind], expected[kind], rtol=1e-5, atol=1e-6 * float(expected[kind].abs().max()))
+    with pytest.raises(ValueError, match="Gauss-Newton"):
+        side.gauss_newton()
 
 
 class KilledMidBuild(RayMapper):

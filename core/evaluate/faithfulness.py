@@ -8,19 +8,23 @@ streamed, sketched with the index's projector, and every method is scored by the
 in run 0 - the new variants replace the workspace's in the engine's point set - so signs,
 weights and inverses are the same. Checkpoints (Control, TracIn), theta (GroundTruth) and the
 fast inverse (IF family) are deterministic: their spread across runs comes from the test samples.
+With ``--ray`` the new variants' training rows are streamed as Ray tasks over shards of the
+training rows (:class:`core.training_sides.ShardedSide`); the scores are the same up to rounding.
 """
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import pandas as pd
 
 from .. import metrics
 from ..engine import Engine, TestInput
 from ..model import HiddenCache, length_batches
+from ..parallel import Mapper, mapper
 from ..registry import METHODS
 from ..training import variants_like
-from ..training_sides import RoutedSide, StreamedSide
+from ..training_sides import RoutedSide, ShardedSide, StreamedSide
 from .context import Evaluation, span_of
 from .settings import RUN_SEED_STEP, select_tests
 
@@ -47,13 +51,15 @@ def faithfulness_run(ev: Evaluation, run: int) -> None:
     started = time.perf_counter()
     phase = f"faithfulness run {run + 1}"
     specs = list(dict.fromkeys([*need, METHODS.resolve("GroundTruth")]))
-    engine, names = _run_engine(ev, run, any(m.points == "variants" for m in need),
-                                lambda done, total: ev.phases.report(phase, done, total, "steps"))
-    try:
-        scores, _ = ev.scores(todo, specs, run, engine)
-    finally:
-        for name in names:
-            ev.backend.loaded.points.pop(name, None)
+    new_variants = any(m.points == "variants" for m in need)
+    with mapper(ev.settings.ray) if new_variants and ev.settings.ray else nullcontext() as pool:
+        engine, names = _run_engine(ev, run, new_variants, pool,
+                                    lambda done, total: ev.phases.report(phase, done, total, "steps"))
+        try:
+            scores, _ = ev.scores(todo, specs, run, engine)
+        finally:
+            for name in names:
+                ev.backend.loaded.points.pop(name, None)
     ev.phases.report(phase, len(todo), len(todo), "tests")
     gt = scores["GroundTruth"]
     elapsed = time.perf_counter() - started
@@ -65,9 +71,10 @@ def faithfulness_run(ev: Evaluation, run: int) -> None:
     ev.timings[f"faithfulness_run{run}_seconds"] = round(elapsed, 2)
 
 
-def _run_engine(ev: Evaluation, run: int, new_variants: bool, report) -> tuple[Engine, list[str]]:
-    """The engine of run ``run``: the workspace's, with new variants (streamed) when asked;
-    and the names of the points it added to the loaded model (to drop afterwards)."""
+def _run_engine(ev: Evaluation, run: int, new_variants: bool, pool: Mapper | None, report) -> tuple[Engine, list[str]]:
+    """The engine of run ``run``: the workspace's, with new variants when asked, their training
+    rows streamed here or, with a ``pool`` (``--ray``), as tasks over shards of the rows; and the
+    names of the points it added to the loaded model (to drop afterwards)."""
     if not new_variants:
         return ev.engine, []
     backend, loaded = ev.backend, ev.backend.loaded
@@ -78,16 +85,20 @@ def _run_engine(ev: Evaluation, run: int, new_variants: bool, report) -> tuple[E
                                 device=loaded.device)
     names = [f"faith-run{run}-variant-{i}" for i in range(1, len(variants) + 1)]
     loaded.points.update(zip(names, variants))
-    masked = HiddenCache.load(ev.index.root / "prefix-masked.safetensors")
     batch_size = ev.index.settings.batch_size
-    total = len(names) * len(length_batches(full_cache.lengths(), batch_size))
+    steps = len(full_cache) if pool is not None else len(length_batches(full_cache.lengths(), batch_size))
     counter = {"done": 0}
 
-    def step(n: int) -> None:
+    def step(n: int) -> None:  # batches here, training rows of finished tasks with a pool
         counter["done"] += n
-        report(counter["done"], total)
+        report(counter["done"], len(names) * steps)
 
-    streamed = StreamedSide(loaded, ev.engine.projector, full_cache, masked, labels, batch_size, progress=step)
+    if pool is not None:
+        streamed = ShardedSide(pool, (str(backend.ws.root), backend.fingerprint), dict(zip(names, variants)),
+                               len(full_cache), exact=ev.engine.projector.exact, progress=step)
+    else:
+        masked = HiddenCache.load(ev.index.root / "prefix-masked.safetensors")
+        streamed = StreamedSide(loaded, ev.engine.projector, full_cache, masked, labels, batch_size, progress=step)
     side = RoutedSide(ev.engine.side, {name: streamed for name in names})
     points = ev.engine.points.with_group("variants", tuple(names))
     return Engine(loaded, side, ev.engine.projector, points=points, train_cache=ev.engine.train_cache,

@@ -103,7 +103,7 @@ def _scored(ev: Evaluation, work: list[Work]) -> Iterator[tuple[Work, tuple[dict
         for item in work:
             yield item, ev.scores(item[0], item[2])
         return
-    key = ("saglag", str(ev.backend.ws.root), ev.backend.fingerprint)
+    key = ("backend", str(ev.backend.ws.root), ev.backend.fingerprint)  # shared with ShardedSide's tasks
     with mapper(ev.settings.ray) as pool:
         yield from pool.map(_batch_task, work, key, ev.settings.scoring(0))
 
