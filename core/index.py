@@ -215,7 +215,9 @@ class GradientIndex:
         return "patching" not in self.meta and self.meta.get("overrides", {}) == _overrides_json(overrides)
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+        """Bytes of the index's files, without the optional FAISS indexes (``ann.*``, see
+        :mod:`core.ann`), so the figure does not depend on which searches were built."""
+        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file() and not p.name.startswith("ann."))
 
 
 def _release(mapped: np.ndarray, start: int, length: int) -> None:

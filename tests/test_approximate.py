@@ -10,6 +10,7 @@ import pytest
 
 from core.__main__ import main
 from core.backend import Backend
+from core.index import GradientIndex
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,10 @@ def test_approximate_refuses_missing_and_stale_faiss_indexes(sketched, tmp_path)
     test_id = backend.instances("test")[0].id
     code, err = explain(root, test_id, "TracIn++", "--approximate")
     assert code == 2 and "no approximate index" in err and f"--workspace {root} --ann TracIn++" in err
+    size, files = GradientIndex(root / "index").size_bytes(), len(list((root / "index").iterdir()))
+    assert main(["index", "--workspace", str(root), "--device", "cpu", "--ann", "TracIn++"]) == 0
+    assert len(list((root / "index").iterdir())) > files  # new FAISS files, not counted in the index's size
+    assert GradientIndex(root / "index").size_bytes() == size
     code, err = explain(root, test_id, "TracIn", "--check-recall")
     assert code == 2 and "--check-recall goes with --approximate" in err
 
