@@ -166,9 +166,11 @@ class DampedInverse:
 
     def __init__(self, gram: torch.Tensor, damping: float = DEFAULT_DAMPING):
         self.lam = check_damping(damping)
-        gram = gram.double()
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype)
-        self._inverse = torch.cholesky_inverse(torch.linalg.cholesky(gram + self.lam * eye))
+        matrix = gram.to(torch.float64, copy=True)
+        matrix.diagonal().add_(self.lam)
+        factor = torch.linalg.cholesky(matrix)
+        del matrix  # at most two d x d matrices of its own at once, as with a kept factor
+        self._inverse = torch.cholesky_inverse(factor)
 
     def solve(self, vecs: torch.Tensor) -> torch.Tensor:
         """(G + lam I)^-1 applied to the rows of ``vecs`` (Q, d) (the matrix is symmetric)."""

@@ -351,8 +351,10 @@ def test_lissa_converges_to_explicit_inverse():
         rel = float((got - explicit).norm() / explicit.norm())
         assert rel < 0.05, rel
         # the fast mode's default lambda is LiSSA's: the same quantity (G = H for a linear softmax head)
+        before = hessian.clone()
         fast = DampedInverse(hessian).solve(v_flat[None])[0]
         assert float((fast - explicit).norm() / explicit.norm()) < 1e-8
+        assert torch.equal(hessian, before)  # the damping is added to a copy
         with pytest.raises(ValueError, match="positive"):
             DampedInverse(hessian, damping=0.0)
     finally:
