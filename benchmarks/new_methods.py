@@ -141,8 +141,9 @@ def solve_and_precision(backend: Backend, tests) -> dict:
     engine applies it (an explicit float64 inverse, :class:`DampedInverse`) against two
     triangular solves with its Cholesky factor (``torch.cholesky_solve``), and their largest
     relative difference. ``ekfac_float32``: per test, the relative L2 difference between the
-    sketched EK-FAC test vectors (whole and span) applied in float32, as the engine does for a
-    float32 model, and in float64; and the smallest Spearman correlation of the resulting
+    sketched EK-FAC test vectors (whole and span) as the engine forms them for a float32 model
+    (factored, in float32: :meth:`EkfacFactors.inverse_gradient`) and the factors applied in
+    float64 to autograd's dense gradient; and the smallest Spearman correlation of the resulting
     scores over the index's training rows."""
     from scipy.stats import spearmanr
 
@@ -170,9 +171,11 @@ def solve_and_precision(backend: Backend, tests) -> dict:
     errors, rhos = [], []
     for rep in ("full", "diff"):
         for q in range(len(tests)):
+            projector = engine.projector
+            v32 = projector.project_params(factors.inverse_gradient(  # the engine's path
+                engine.loaded.split, projector.blocks, projector.modules, *engine.test_output(batch, q, rep), DEFAULT_DAMPING))
             dense = engine.dense_test_gradient(batch, q, rep)
-            v32 = engine.projector.project_params(factors.apply(dense, DEFAULT_DAMPING))
-            v64 = engine.projector.project_params(factors.apply({n: t.double() for n, t in dense.items()}, DEFAULT_DAMPING))
+            v64 = projector.project_params(factors.apply({n: t.double() for n, t in dense.items()}, DEFAULT_DAMPING))
             if float(v64.norm()) == 0:
                 continue
             errors.append(float((v32.double() - v64.double()).norm() / v64.double().norm()))

@@ -83,7 +83,7 @@ class EkfacFactors:
         (full-model names, as split.top_params()); each result in its input's dtype and device.
 
         Float64 input is solved in float64; anything else in float32 with float32 copies of the
-        factors (made once per device), twice as fast on a CPU. ``benchmarks/new_methods.py``
+        factors (made once per device), faster on a CPU. ``benchmarks/new_methods.py``
         reports the float32 scores' difference from float64 ones (``ekfac_float32``)."""
         lam = check_damping(damping)
         if set(vec) != set(self.names):
@@ -115,6 +115,39 @@ class EkfacFactors:
             self._copies[key] = tuple(t.to(device=device, dtype=dtype, memory_format=torch.contiguous_format)
                                       for t in tensors)
         return self._copies[key]
+
+    def inverse_gradient(self, split: SplitModel, blocks: list[Block], modules: dict[str, nn.Module], h: torch.Tensor,
+                         mask: torch.Tensor, weights: Callable[[torch.Tensor], torch.Tensor], damping: float) -> Tensors:
+        """``apply`` to the gradient of ``sum(weights(logits) * logits)`` over the rows of ``h``
+        (one example: its rows' tokens together), without forming the gradient first.
+
+        One backward pass keeps each layer's inputs a_t and output gradients delta_t; a linear
+        weight's gradient sum_t delta_t a_t^T is rotated into the eigenbasis as
+        (Q_S^T delta)(Q_A^T a)^T, which costs tokens x (out^2 + in^2) instead of
+        out x in x (out + in). Then as ``apply``: divided, rotated back. The other tensors'
+        gradients are formed from a and delta (as :mod:`core.gradients` forms them) and
+        divided by their diagonal."""
+        lam = check_damping(damping)
+        with _Taps(modules) as taps:
+            taps.start(mask)
+            h = h.detach().requires_grad_(True)
+            logits = top_forward(split, h, mask)
+            torch.autograd.grad(logits, h, grad_outputs=weights(logits.detach()))
+            tokens = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
+            parts = {name: (tokens(taps.grads[name]), tokens(taps.inputs[name])) for name in modules}
+        out = {}
+        for block in blocks:
+            d, a = parts[block.module]
+            dtype = torch.float64 if d.dtype == torch.float64 else torch.float32
+            d, a = d.to(dtype), a.to(dtype)
+            if block.kind == "linear-weight":
+                q_s, q_a, eig = self._cast(dtype, d.device, block.param)
+                rotated = (d @ q_s).T @ (a @ q_a)
+                out[block.param] = (q_s @ (rotated / (eig + lam)) @ q_a.T).to(h.dtype)
+            else:
+                grad = _entries(block.kind, d[None], a[None])[0].reshape(block.shape)
+                out[block.param] = (grad / (self._cast(dtype, d.device, block.param)[0] + lam)).to(h.dtype)
+        return out
 
     def save(self, path: Path) -> None:
         """One safetensors file with a small JSON description inside, written atomically."""

@@ -25,7 +25,7 @@ from .inverses import InverseHessian, make_inverse
 from .model import HiddenCache, compute_prefix, mask_span, predict, top_forward
 from .points import LoadedModel, PointSet
 from .registry import MethodSpec
-from .representations import OUTPUTS, REPRESENTATIONS, query_weights
+from .representations import OUTPUTS, REPRESENTATIONS, LogitWeights, query_weights
 from .scoring import ScoreSettings
 from .training_sides import TrainingSide
 
@@ -158,15 +158,22 @@ class Engine:
             _, cls = predict(self.loaded.split, batch.cache, device=self.loaded.device, with_cls=True)
         return cls[0::2], cls[1::2]
 
+    def test_output(self, batch: TestBatch, q: int, rep: str) -> tuple[torch.Tensor, torch.Tensor, LogitWeights]:
+        """Test q's rows of ``rep`` (the input, and its span-masked copy for a span
+        representation): their prefix states, mask, and the logit weights whose backward pass
+        over those rows gives q's test-side gradient (the masked row's negated)."""
+        rows = batch.rows(q, rep)
+        h, m = batch.cache.batch(rows, self.loaded.device)
+        output = OUTPUTS[REPRESENTATIONS[rep].output](batch.labels[[q] * len(rows)].to(self.loaded.device))
+        signs = torch.tensor([1.0, -1.0][: len(rows)], device=self.loaded.device)
+        return h, m, lambda logits: output(logits) * signs.to(logits.dtype)[:, None]
+
     def dense_test_gradient(self, batch: TestBatch, q: int, rep: str) -> dict[str, torch.Tensor]:
         """Test q's unprojected test-side vector (for LiSSA) with the model as it is (at theta)."""
         params = self.loaded.split.top_params()
-        rows = batch.rows(q, rep)
-        h, m = batch.cache.batch(rows, self.loaded.device)
+        h, m, weights = self.test_output(batch, q, rep)
         logits = top_forward(self.loaded.split, h, m)
-        weights = OUTPUTS[REPRESENTATIONS[rep].output](batch.labels[[q] * len(rows)].to(self.loaded.device))(logits.detach())
-        out = (weights * logits).sum(-1)  # d(out)/d(logits) = weights: its gradient is the output's
-        value = out[0] - out[1] if len(rows) == 2 else out[0]
+        value = (weights(logits.detach()) * logits).sum()  # d(value)/d(logits) = the weights
         grads = torch.autograd.grad(value, list(params.values()))
         return {n: g.detach() for n, g in zip(params, grads)}
 

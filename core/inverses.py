@@ -8,8 +8,9 @@ into an inverse curvature matrix times them:
   exactly by Cholesky (milliseconds per query), or :class:`LissaInverse`, the paper's stochastic
   recursion on each test's dense gradient in the full trainable space, then sketched;
 * ``ekfac`` kind: :class:`EkfacInverse`, ``(G_ekfac + lambda I)^-1`` of the eigenvalue-corrected
-  Kronecker-factored Gauss-Newton matrix (:mod:`core.ekfac`) applied to each test's dense
-  gradient in the full trainable space, then sketched;
+  Kronecker-factored Gauss-Newton matrix (:mod:`core.ekfac`) applied to each test's gradient in
+  the full trainable space (rotated into the eigenbasis from the layers' inputs and output
+  gradients), then sketched;
 * ``trak`` kind: :class:`FeatureInverse`, TRAK's ``(Phi^T Phi + lambda I)^-1`` of the point's
   sketched margin-gradient features, with lambda = :data:`TRAK_RIDGE` x their mean eigenvalue.
 
@@ -68,7 +69,8 @@ class LissaInverse:
               vecs: None = None) -> tuple[torch.Tensor, dict]:
         loaded = engine.loaded
 
-        def one(dense: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        def one(q: int) -> tuple[torch.Tensor, dict]:
+            dense = engine.dense_test_gradient(batch, q, rep)
             res = lissa(loaded.split, self.train_cache[0], self.train_cache[1], dense, self.settings, device=loaded.device)
             return engine.projector.project_params(res.vector), res.describe() | {"trace": res.trace}
 
@@ -89,8 +91,11 @@ class EkfacInverse:
         info = {"mode": "ekfac", "lambda": float(f"{self.damping:.12g}"), "corrected": self.factors.corrected,
                 "examples": self.factors.examples}
 
-        def one(dense: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-            return engine.projector.project_params(self.factors.apply(dense, self.damping)), info
+        def one(q: int) -> tuple[torch.Tensor, dict]:
+            projector = engine.projector
+            applied = self.factors.inverse_gradient(engine.loaded.split, projector.blocks, projector.modules,
+                                                    *engine.test_output(batch, q, rep), self.damping)
+            return projector.project_params(applied), info
 
         return _per_test(engine, batch, rep, one, info, "ekfac")[0], info
 
@@ -115,8 +120,8 @@ class FeatureInverse:
 
 
 def _per_test(engine: "Engine", batch: "TestBatch", rep: str, one, skipped: dict, mode: str) -> tuple[torch.Tensor, dict]:
-    """``one(dense test gradient)`` for each test at theta; zero where a span test side is zero
-    (its span masks no token)."""
+    """``one(q)`` for each test q at theta; zero where a span test side is zero (its span masks
+    no token)."""
     engine.loaded.use("final")  # dense gradients (and LiSSA's Hessian-vector products) at theta, on the model itself
     out, info = [], []
     for q in range(batch.labels.shape[0]):
@@ -124,7 +129,7 @@ def _per_test(engine: "Engine", batch: "TestBatch", rep: str, one, skipped: dict
             out.append(torch.zeros(engine.projector.dim, device=engine.loaded.device))
             info.append(skipped | {"skipped": "the span masks no token"})
             continue
-        vec, described = one(engine.dense_test_gradient(batch, q, rep))
+        vec, described = one(q)
         out.append(vec.to(engine.loaded.device))
         info.append(described)
     return torch.stack(out).float(), info[0] if len(info) == 1 else {"mode": mode, "runs": info}

@@ -9,7 +9,8 @@ from torch import nn
 
 import core.ekfac as ekfac_mod
 from core.ekfac import PARTIAL, EkfacFactors, fit_ekfac
-from core.model import HiddenCache, SplitModel
+from core.gradients import Projector
+from core.model import HiddenCache, SplitModel, top_forward
 
 MODERATE = 0.03  # between the MLP's large GN eigenvalues (~1.6) and its many near-zero ones
 
@@ -345,3 +346,26 @@ def test_a_layer_outside_the_logits_is_reported(float64):
     top.unused = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="unused"):
         fit_ekfac(_split(top), HiddenCache([torch.randn(2, 4)]))
+
+
+def test_inverse_gradient_equals_apply_on_the_autograd_gradient(bert):
+    """The factored path (a and delta rotated before the outer product) equals ``apply`` on the
+    dense autograd gradient: two rows of different lengths weighted +1 and -1 (a span test
+    side, one padded), the weights' and the other tensors' blocks alike."""
+    split, cache = bert
+    split.top.eval()
+    factors = fit_ekfac(split, cache, batch_size=8)
+    projector = Projector(split, None)
+    rows = sorted(range(len(cache)), key=lambda i: cache.states[i].shape[0])[:: len(cache) - 1][:2]
+    h, mask = cache.batch(rows, "cpu")
+    assert int(mask[0].sum()) != int(mask[1].sum())  # one row padded
+    signs = torch.tensor([[1.0], [-1.0]])
+    weights = lambda logits: (logits.softmax(-1) - torch.eye(logits.shape[1])[[0, 1]]) * signs  # noqa: E731
+    params = split.top_params()
+    logits = top_forward(split, h, mask)
+    dense = dict(zip(params, torch.autograd.grad((weights(logits.detach()) * logits).sum(), list(params.values()))))
+    expected = factors.apply(dense, MODERATE)
+    got = factors.inverse_gradient(split, projector.blocks, projector.modules, h, mask, weights, MODERATE)
+    assert got.keys() == expected.keys()
+    flat = lambda out: torch.cat([out[n].double().flatten() for n in sorted(out)])  # noqa: E731
+    assert flat(expected).norm() > 0 and _rel(flat(got), flat(expected)) < 1e-4
