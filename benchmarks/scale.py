@@ -15,8 +15,9 @@ not fit in memory, exact and approximate (FAISS).
    each): p50 and max seconds over ``--repeats`` queries of ``--queries`` test vectors, and that
    process's peak resident memory (VmHWM) against the matrix's size. The first query reads from
    disk; later ones may hit the OS page cache when the matrix fits in it (both are reported).
-3. ``ann``: at the largest N, a FAISS IVF-PQ index (core/ann.py; lists, pq, nprobe and
-   candidates printed) built over the matrix; its top-10 against the exact top-10 of the same
+3. ``ann``: at the largest N, a FAISS IVF-PQ index (core/ann.py; lists and pq printed) built
+   over the matrix, searched with each ``--nprobe`` x ``--candidates`` pair (comma-separated
+   lists); each search's top-10 against the exact top-10 of the same
    queries (recall@10), p50 latency of both, build seconds and the ANN file's size. Rows of a
    random low-rank model are a stand-in for gradient rows; recall on real rows can differ.
 
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -111,8 +113,9 @@ def query(root: Path, queries: int, repeats: int) -> dict:
             "matrix_mib": round((root / "final.full.npy").stat().st_size / 2**20, 1)}
 
 
-def ann(root: Path, queries: int, repeats: int, settings) -> dict:
-    """FAISS IVF-PQ against exact top-10 over the index at ``root``."""
+def ann(root: Path, queries: int, repeats: int, settings, nprobes: list[int], candidates: list[int]) -> dict:
+    """FAISS IVF-PQ against exact top-10 over the index at ``root``: built once with ``settings``,
+    searched with every (nprobe, candidates) pair (search-time choices: no rebuild)."""
     import torch
 
     from core.ann import AnnSearch, build_ann, recall_at_k
@@ -123,19 +126,25 @@ def ann(root: Path, queries: int, repeats: int, settings) -> dict:
     path = build_ann(index, "final", "full", settings)
     built = time.perf_counter() - started
     vecs = torch.from_numpy(np.random.default_rng(2).standard_normal((queries, index.settings.dim), dtype=np.float32))
-    search = AnnSearch(index, [("final", "full")], settings)
-    exact_s, approx_s = [], []
+    exact_s = []
     for _ in range(repeats):
         started = time.perf_counter()
         exact = IndexedSide(index).dot_many("final", {"q": ("full", vecs)})["q"].numpy()
         exact_s.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        positions, _ = search.top_k({("final", "full"): vecs}, {("final", "full"): 1.0}, k=10)
-        approx_s.append(time.perf_counter() - started)
-    return {"settings": settings.__dict__, "build_seconds": round(built, 1),
-            "ann_file_mib": round(path.stat().st_size / 2**20, 1), "recall_at_10": recall_at_k(positions, exact, 10),
-            "exact_p50_seconds": round(float(np.median(exact_s)), 3),
-            "ann_p50_seconds": round(float(np.median(approx_s)), 3)}
+    searches = []
+    for nprobe in nprobes:
+        for cand in candidates:
+            search = AnnSearch(index, [("final", "full")], replace(settings, nprobe=nprobe, candidates=cand))
+            approx_s = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                positions, _ = search.top_k({("final", "full"): vecs}, {("final", "full"): 1.0}, k=10)
+                approx_s.append(time.perf_counter() - started)
+            searches.append({"nprobe": nprobe, "candidates": cand, "recall_at_10": recall_at_k(positions, exact, 10),
+                             "ann_p50_seconds": round(float(np.median(approx_s)), 3)})
+    return {"settings": {"lists": settings.lists, "pq": settings.pq}, "build_seconds": round(built, 1),
+            "ann_file_mib": round(path.stat().st_size / 2**20, 1), "exact_p50_seconds": round(float(np.median(exact_s)), 3),
+            "searches": searches}
 
 
 def main() -> None:
@@ -149,8 +158,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--lists", type=int, default=1024)
     p.add_argument("--pq", type=int, default=64)
-    p.add_argument("--nprobe", type=int, default=64)
-    p.add_argument("--candidates", type=int, default=20)
+    p.add_argument("--nprobe", default="64", help="lists searched per query, comma-separated (each is searched)")
+    p.add_argument("--candidates", default="20", help="candidates per K before exact rescoring, comma-separated")
     p.add_argument("--no-ann", action="store_true")
     p.add_argument("--work", type=Path, help="folder for the temporary indexes (default: a temporary folder)")
     args = p.parse_args()
@@ -169,8 +178,10 @@ def main() -> None:
             if n != max(sizes):
                 shutil.rmtree(root)
         if not args.no_ann:
-            settings = AnnSettings(lists=args.lists, pq=args.pq, nprobe=args.nprobe, candidates=args.candidates)
-            out["ann"] = {"rows": max(sizes), **ann(work / f"n{max(sizes)}", args.queries, args.repeats, settings)}
+            settings = AnnSettings(lists=args.lists, pq=args.pq)
+            out["ann"] = {"rows": max(sizes), **ann(work / f"n{max(sizes)}", args.queries, args.repeats, settings,
+                                                    [int(v) for v in args.nprobe.split(",")],
+                                                    [int(v) for v in args.candidates.split(",")])}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(out, indent=2))

@@ -7,7 +7,8 @@ quantisation (FAISS ``IVF{lists},PQ{m}``, inner-product metric) over each (point
 proposes candidates, and the candidates' scores are then computed exactly from the
 memory-mapped rows, summed over the method's points with its weights - so a returned score is
 never approximate, only the candidate set is. :func:`recall_at_k` measures what that costs
-against the exact top-K.
+against the exact top-K: on synthetic low-rank rows this layout's candidates missed most of
+the exact top-10 (recall@10 0.09 at 1M rows; docs/SCALING.md), so the search is experimental.
 
 Each FAISS file has a record beside it (``ann.{point}.{kind}.json``: the index's fingerprint and
 corrected spans, the rows, the layout); :func:`check_ann` refuses a search when a file is missing
