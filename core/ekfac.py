@@ -83,8 +83,7 @@ class EkfacFactors:
         (full-model names, as split.top_params()); each result in its input's dtype and device.
 
         Float64 input is solved in float64; anything else in float32 with float32 copies of the
-        factors (made once per device), faster on a CPU. ``benchmarks/new_methods.py``
-        reports the float32 scores' difference from float64 ones (``ekfac_float32``)."""
+        factors (made once per device)."""
         lam = check_damping(damping)
         if set(vec) != set(self.names):
             missing, extra = set(self.names) - set(vec), set(vec) - set(self.names)
@@ -92,15 +91,21 @@ class EkfacFactors:
                              f"unexpected {sorted(extra)[:3]}")
         out = {}
         for name, v in vec.items():
-            dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
-            x = v.detach().to(dtype)
+            x = v.detach().to(_compute_dtype(v))
             if name in self.q_out:
-                q_s, q_a, eig = self._cast(dtype, x.device, name)
-                x = q_s @ ((q_s.T @ x @ q_a) / (eig + lam)) @ q_a.T
-            else:
-                x = x / (self._cast(dtype, x.device, name)[0] + lam)
-            out[name] = x.to(v.dtype)
+                q_s, q_a, _ = self._cast(x.dtype, x.device, name)
+                x = q_s.T @ x @ q_a
+            out[name] = self._solve(name, x, lam).to(v.dtype)
         return out
+
+    def _solve(self, name: str, x: torch.Tensor, lam: float) -> torch.Tensor:
+        """The inverse's last step on one tensor: a linear weight's gradient already rotated into
+        the eigenbasis is divided by Lambda + lam and rotated back; any other tensor is divided by
+        its diagonal + lam."""
+        if name in self.q_out:
+            q_s, q_a, eig = self._cast(x.dtype, x.device, name)
+            return q_s @ (x / (eig + lam)) @ q_a.T
+        return x / (self._cast(x.dtype, x.device, name)[0] + lam)
 
     def _cast(self, dtype: torch.dtype, device: torch.device, name: str) -> tuple[torch.Tensor, ...]:
         """One parameter's factors (Q_S, Q_A, Lambda for a linear weight, else its diagonal) in
@@ -126,7 +131,8 @@ class EkfacFactors:
         (Q_S^T delta)(Q_A^T a)^T, which costs tokens x (out^2 + in^2) instead of
         out x in x (out + in). Then as ``apply``: divided, rotated back. The other tensors'
         gradients are formed from a and delta (as :mod:`core.gradients` forms them) and
-        divided by their diagonal."""
+        divided by their diagonal. ``benchmarks/new_methods.py`` (``ekfac_float32``) compares the
+        float32 result with ``apply`` in float64 on autograd's gradient."""
         lam = check_damping(damping)
         with _Taps(modules) as taps:
             taps.start(mask)
@@ -137,16 +143,13 @@ class EkfacFactors:
             parts = {name: (tokens(taps.grads[name]), tokens(taps.inputs[name])) for name in modules}
         out = {}
         for block in blocks:
-            d, a = parts[block.module]
-            dtype = torch.float64 if d.dtype == torch.float64 else torch.float32
-            d, a = d.to(dtype), a.to(dtype)
+            d, a = (x.to(_compute_dtype(x)) for x in parts[block.module])
             if block.kind == "linear-weight":
-                q_s, q_a, eig = self._cast(dtype, d.device, block.param)
-                rotated = (d @ q_s).T @ (a @ q_a)
-                out[block.param] = (q_s @ (rotated / (eig + lam)) @ q_a.T).to(h.dtype)
+                q_s, q_a, _ = self._cast(d.dtype, d.device, block.param)
+                x = (d @ q_s).T @ (a @ q_a)
             else:
-                grad = _entries(block.kind, d[None], a[None])[0].reshape(block.shape)
-                out[block.param] = (grad / (self._cast(dtype, d.device, block.param)[0] + lam)).to(h.dtype)
+                x = _entries(block.kind, d[None], a[None])[0].reshape(block.shape)
+            out[block.param] = self._solve(block.param, x, lam).to(h.dtype)
         return out
 
     def save(self, path: Path) -> None:
@@ -181,6 +184,11 @@ class EkfacFactors:
 
     def _groups(self) -> dict[str, Tensors]:
         return {"q_out": self.q_out, "q_in": self.q_in, "eigenvalues": self.eigenvalues, "diagonals": self.diagonals}
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 tensors, float32 for every other (the factors are stored in float64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- hooks

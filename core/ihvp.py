@@ -160,8 +160,8 @@ class DampedInverse:
 
     Factorised once by Cholesky and inverted from the factor (float64), so that applying it is
     one matrix product: a triangular solve per query walks the d x d factor twice, one row at a
-    time, and took about 12x longer at d = 4,096 on 2 CPU cores (``benchmarks/new_methods.py``
-    shows the query times). With lam >= :data:`DEFAULT_DAMPING`'s order the matrix is well
+    time (54.6 against 5.1 ms at d = 4,096 on 2 CPU cores: ``benchmarks/new_methods.py``,
+    ``solve``). With lam >= :data:`DEFAULT_DAMPING`'s order the matrix is well
     conditioned, and the inverse loses no digits that float32 scores keep."""
 
     def __init__(self, gram: torch.Tensor, damping: float = DEFAULT_DAMPING):

@@ -79,7 +79,8 @@ class LissaInverse:
 
 
 class EkfacInverse:
-    """(G_ekfac + lambda I)^-1 on each test's dense gradient at theta, then projected."""
+    """(G_ekfac + lambda I)^-1 on each test's gradient at theta (formed in the eigenbasis from the
+    layers' inputs and output gradients), then projected."""
 
     reads_vectors = False
 
