@@ -3,11 +3,15 @@ failure in 20 runs on a loaded 2-core machine).
 
     python tests/repeat_suite.py --times 20                 # the whole suite, 20 times
     python tests/repeat_suite.py --times 5 -- tests/test_hardening.py -x
+    python tests/repeat_suite.py --repo /tmp/wt --record runs.jsonl --times 10   # a series in parts
 
 Each run is ``python -m pytest -q`` (plus the arguments after ``--``) in a fresh process from the
-repository root, offline; a failing or hung run never stops the loop. One JSON line per run
-(exit code, counts, seconds, the failing tests), then ``{"runs": N, "failures": F}``; the exit
-code is 1 when a run failed. To run it beside a load, start the load first, for example::
+repository root (``--repo``: another checkout, e.g. a worktree at a fixed commit), offline; a
+failing or hung run never stops the loop. One JSON line per run (commit, exit code, counts,
+seconds, the failing tests), then ``{"runs": N, "failures": F}``; the exit code is 1 when a run
+failed. ``--record FILE`` also appends each run's line to FILE, so a series too long for one
+sitting continues later at the same commit; the summary then adds the recorded runs and failures
+at that commit. To run it beside a load, start the load first, for example::
 
     python benchmarks/engine.py --workspace workspaces/mams-demo --queries 1000 &
     python tests/repeat_suite.py --times 20
@@ -38,19 +42,34 @@ def summarize(output: str) -> dict[str, int]:
     return {"error" if kind.startswith("error") else kind: int(n) for n, kind in COUNTS.findall(lines[-1])}
 
 
-def run_once(number: int, pytest_args: list[str], timeout: float, log_dir: Path | None) -> dict:
-    """One run of the suite: its exit code, counts, seconds and failing tests."""
+def commit_of(repo: Path) -> str:
+    """The checkout's commit, with ``+dirty`` when tracked files differ from it."""
+    git = lambda *args: subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,  # noqa: E731
+                                       check=False).stdout.strip()
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
+
+
+def recorded(path: Path, commit: str) -> dict[str, int]:
+    """Runs and failed runs recorded in ``path`` at ``commit``."""
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    mine = [r for r in runs if r.get("commit") == commit]
+    return {"recorded_runs": len(mine), "recorded_failures": sum(r.get("exit_code") != 0 for r in mine)}
+
+
+def run_once(number: int, pytest_args: list[str], timeout: float, log_dir: Path | None, repo: Path = ROOT) -> dict:
+    """One run of the suite in ``repo``: its commit, exit code, counts, seconds and failing tests."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.perf_counter()
+    commit = commit_of(repo)
     try:
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", *pytest_args], cwd=ROOT, env=env, check=False,
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", *pytest_args], cwd=repo, env=env, check=False,
                               capture_output=True, text=True, timeout=timeout)
         code, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as err:  # its output is bytes, whatever ``text`` says
         code, output = "timeout", (err.stdout or b"").decode(errors="replace")
     if log_dir is not None:
         (log_dir / f"run-{number:03d}.log").write_text(output)
-    return {"run": number, "exit_code": code, **summarize(output),
+    return {"run": number, "commit": commit, "exit_code": code, **summarize(output),
             "seconds": round(time.perf_counter() - started, 1),
             "failing": [name for _, name in FAILING.findall(output)][:20]}
 
@@ -60,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--times", type=int, default=20, help="how many runs (default 20)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a run counts as hung (default 3600)")
     parser.add_argument("--log-dir", type=Path, help="keep each run's pytest output here (run-NNN.log)")
+    parser.add_argument("--repo", type=Path, default=ROOT, help="the checkout to test (default: this one)")
+    parser.add_argument("--record", type=Path, help="append each run's JSON line to this file")
     parser.add_argument("pytest_args", nargs="*", help="arguments for pytest, after --")
     args = parser.parse_args(argv)
     if args.times < 1:
@@ -68,10 +89,16 @@ def main(argv: list[str] | None = None) -> int:
         args.log_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
     for number in range(1, args.times + 1):
-        result = run_once(number, args.pytest_args, args.timeout, args.log_dir)
+        result = run_once(number, args.pytest_args, args.timeout, args.log_dir, args.repo)
         failures += result["exit_code"] != 0
         print(json.dumps(result), flush=True)
-    print(json.dumps({"runs": args.times, "failures": failures}), flush=True)
+        if args.record is not None:
+            with args.record.open("a") as out:
+                out.write(json.dumps(result) + "\n")
+    summary = {"runs": args.times, "failures": failures}
+    if args.record is not None:
+        summary |= {"commit": commit_of(args.repo), **recorded(args.record, commit_of(args.repo))}
+    print(json.dumps(summary), flush=True)
     return 1 if failures else 0
 
 
