@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from core.artifacts import bases_for  # noqa: E402
 from core.backend import Backend  # noqa: E402
 from core.engine import Engine  # noqa: E402
 from core.ggn import gauss_newton_batch  # noqa: E402
@@ -52,6 +53,11 @@ def subset_caches(backend: Backend, rows: list[int]) -> tuple[HiddenCache, Hidde
     return HiddenCache([full.states[i] for i in rows]), HiddenCache([masked.states[i] for i in rows]), labels[rows]
 
 
+def bases(backend: Backend):
+    """The workspace's bases by kinds, for a :class:`StreamedSide` (EK-FAC's, read when asked for)."""
+    return lambda kinds: bases_for(backend.ws, kinds)
+
+
 def subset_side(backend: Backend, rows: list[int], points: list[str], dim: int | None,
                 batch_size: int = 32, with_gram: bool = False) -> tuple[TrainingSide, Projector, float]:
     """A training side over ``rows`` of the training set: projected matrices built in memory
@@ -61,7 +67,7 @@ def subset_side(backend: Backend, rows: list[int], points: list[str], dim: int |
     full, masked, labels = subset_caches(backend, rows)
     projector = Projector(backend.loaded.split, dim, backend.index.settings.seed, backend.loaded.device)
     if dim is None:
-        return StreamedSide(backend.loaded, projector, full, masked, labels, batch_size), projector, 0.0
+        return StreamedSide(backend.loaded, projector, full, masked, labels, batch_size, bases=bases(backend)), projector, 0.0
     if with_gram and "final" not in points:
         raise ValueError("the Gauss-Newton matrix is taken at theta: include 'final' in the points")
     started = time.perf_counter()
@@ -90,7 +96,7 @@ def sketched_streamed_side(backend: Backend, rows: list[int], batch_size: int = 
     full, masked, labels = subset_caches(backend, rows)
     settings = backend.index.settings
     projector = Projector(backend.loaded.split, settings.dim, settings.seed, backend.loaded.device)
-    return StreamedSide(backend.loaded, projector, full, masked, labels, batch_size), projector
+    return StreamedSide(backend.loaded, projector, full, masked, labels, batch_size, bases=bases(backend)), projector
 
 
 def engine_over(backend: Backend, side: TrainingSide, projector: Projector, points: PointSet | None = None) -> Engine:

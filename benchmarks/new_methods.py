@@ -29,8 +29,9 @@ Needs a workspace indexed with ``--with trak,ekfac``. Three parts, in one run:
   default ``grad`` group (``<point>.full.npy``, ``<point>.diff.npy`` and ``ggn.npz``), as a
   ratio, each with its span-patch overlays (``patch.<group>.<point>.npz``) where present; the
   TRAK rows and TRAK's d x d float64 Gram matrices are also given apart (at large d the Gram
-  matrices can outweigh the rows); and the EK-FAC factors' bytes (the workspace's file and the
-  one fitted here) against the ``grad`` group.
+  matrices can outweigh the rows); the EK-FAC factors' bytes (the workspace's file and the
+  one fitted here) and the index's ``ekfac`` rows (the gradients in the factors' eigenbasis, at
+  theta only) against the ``grad`` group.
 
 What would make the result misleading: a machine busy with other work during the timed calls
 (the rotation spreads it over the methods, it does not remove it; rerun on a quiet machine and
@@ -55,7 +56,7 @@ from pathlib import Path
 import torch
 from common import Backend, current_rss_mib, gold_tests, peak_rss_mib
 
-from core.ekfac import fit_ekfac
+from core.ekfac import Eigenbasis, fit_ekfac
 from core.model import HiddenCache
 from core.registry import METHODS
 
@@ -142,9 +143,12 @@ def solve_and_precision(backend: Backend, tests) -> dict:
     triangular solves with its Cholesky factor (``torch.cholesky_solve``), and their largest
     relative difference. ``ekfac_float32``: per test, the relative L2 difference between the
     sketched EK-FAC test vectors (whole and span) as the engine forms them for a float32 model
-    (factored, in float32: :meth:`EkfacFactors.inverse_gradient`) and the factors applied in
-    float64 to autograd's dense gradient; and the smallest Spearman correlation of the resulting
-    scores over the index's training rows."""
+    (in the eigenbasis, divided before the sketch, in float32: :class:`Eigenbasis`) and the
+    factors applied in float64 to autograd's dense gradient, rotated into that basis, then
+    sketched; the smallest Spearman correlation of the resulting scores over the index's ekfac
+    rows; and ``parameter_coordinates_spearman``, the correlation of those scores with the same
+    float64 vector sketched in the parameters' coordinates and dotted with the ``grad`` rows
+    (the query path before the ekfac rows): the two sketches' noise, not an error."""
     from scipy.stats import spearmanr
 
     from core.ihvp import DEFAULT_DAMPING, DampedInverse
@@ -168,26 +172,34 @@ def solve_and_precision(backend: Backend, tests) -> dict:
     factors = engine.ekfac()
     engine.loaded.use("final")
     batch = engine.test_batch(tests)
-    errors, rhos = [], []
-    for rep in ("full", "diff"):
+    rotate = lambda vec: {n: factors.q_out[n].T @ v @ factors.q_in[n] if n in factors.q_out else v  # noqa: E731
+                          for n, v in vec.items()}
+    errors, rhos, rhos_params = [], [], []
+    for rep, plain in (("ekfac", "full"), ("ekfac-diff", "diff")):
+        v32 = engine.test_vectors(tests, "final", rep, batch, basis=Eigenbasis(factors, DEFAULT_DAMPING))  # the engine's
         for q in range(len(tests)):
-            projector = engine.projector
-            v32 = projector.project_params(factors.inverse_gradient(  # the engine's path
-                engine.loaded.split, projector.blocks, projector.modules, *engine.test_output(batch, q, rep), DEFAULT_DAMPING))
-            dense = engine.dense_test_gradient(batch, q, rep)
-            v64 = projector.project_params(factors.apply({n: t.double() for n, t in dense.items()}, DEFAULT_DAMPING))
+            dense = engine.dense_test_gradient(batch, q, plain)
+            applied = factors.apply({n: t.double() for n, t in dense.items()}, DEFAULT_DAMPING)
+            v64 = engine.projector.project_params(rotate(applied)).double()
             if float(v64.norm()) == 0:
                 continue
-            errors.append(float((v32.double() - v64.double()).norm() / v64.double().norm()))
-            scores = engine.side.dot_many("final", {32: (rep, v32[None].float()), 64: (rep, v64[None].float())})
-            rhos.append(float(spearmanr(scores[32][0].cpu().numpy(), scores[64][0].cpu().numpy())[0]))
+            errors.append(float((v32[q].double() - v64).norm() / v64.norm()))
+            params = engine.projector.project_params(applied)  # the same vector sketched in the parameters' coordinates
+            scores = engine.side.dot_many("final", {32: (rep, v32[q][None]), 64: (rep, v64[None].float()),
+                                                    "params": (plain, params[None])})
+            reference = scores[64][0].cpu().numpy()
+            rhos.append(float(spearmanr(scores[32][0].cpu().numpy(), reference)[0]))
+            rhos_params.append(float(spearmanr(scores["params"][0].cpu().numpy(), reference)[0]))
     out["ekfac_float32"] = {"vectors": len(errors), "max_relative_difference": float(f"{max(errors):.3g}"),
-                            "min_score_spearman": round(min(rhos), 6)}
+                            "min_score_spearman": round(min(rhos), 6),
+                            "parameter_coordinates_spearman": {"min": round(min(rhos_params), 4),
+                                                               "median": round(statistics.median(rhos_params), 4)}}
     return out
 
 
 def index_growth(backend: Backend, fitted_bytes: int | None) -> dict:
-    """Bytes of the TRAK group and of the EK-FAC factors against the default grad group."""
+    """Bytes of the TRAK group, of the EK-FAC factors and of the index's ekfac rows (at theta)
+    against the default grad group."""
     index = backend.index
     root, points = index.root, index.points
     size = lambda names: sum((root / n).stat().st_size for n in names if (root / n).exists())  # noqa: E731
@@ -199,11 +211,13 @@ def index_growth(backend: Backend, fitted_bytes: int | None) -> dict:
     trak_grams = size([f"{p}.trak-gram.npz" for p in points])
     factors = backend.ws.root / "ekfac" / "factors.safetensors"
     ekfac = factors.stat().st_size if factors.exists() else None
+    ekfac_rows = size(["final.ekfac.npy", "final.ekfac-diff.npy", "patch.ekfac.final.npz"])
     out = {"points": len(points), "d": index.meta["dim"], "train": len(index.ids), "grad_bytes": grad,
            "trak_bytes": trak_rows + trak_grams, "trak_rows_bytes": trak_rows, "trak_gram_bytes": trak_grams,
            "trak_over_grad": round((trak_rows + trak_grams) / grad, 3),
            "trak_rows_over_grad": round(trak_rows / grad, 3),
            "ekfac_bytes": ekfac, "ekfac_over_grad": None if ekfac is None else round(ekfac / grad, 3),
+           "ekfac_rows_bytes": ekfac_rows, "ekfac_rows_over_grad": round(ekfac_rows / grad, 3),
            "ekfac_fitted_here_bytes": fitted_bytes, "index_bytes": index.size_bytes()}
     if missing:
         out["missing_trak_files"] = missing[:4]

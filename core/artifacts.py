@@ -1,11 +1,12 @@
 """What a method needs beyond the default index, and the EK-FAC factors as a workspace artifact.
 
 Most methods read the index's ``grad`` rows. TRAK and TRAK++ need its ``trak`` rows (a kind group
-built on request), EKFAC and EKFAC++ the EK-FAC factors (``WS/ekfac/``). Both are built only by
-the ``index`` (or ``prepare``) command with ``--with``; explaining refuses, with that command,
-when they are missing. The factors are fitted at theta on the whole training inputs, so they
-depend on the model stage alone (not on spans or the sketch); the fit resumes after an
-interruption (:func:`core.ekfac.fit_ekfac`).
+built on request), EKFAC and EKFAC++ the EK-FAC factors (``WS/ekfac/``) and the index's ``ekfac``
+rows (the gradients in the factors' eigenbasis, so built after them). All are built only by the
+``index`` (or ``prepare``) command with ``--with``; explaining refuses, with that command, when
+they are missing. The factors are fitted at theta on the whole training inputs, so they depend on
+the model stage alone (not on spans or the sketch); the fit resumes after an interruption
+(:func:`core.ekfac.fit_ekfac`).
 """
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ import json
 import time
 from collections.abc import Callable, Iterable
 
-from .ekfac import EkfacFactors, fit_ekfac
+from .ekfac import Eigenbasis, EkfacFactors, fit_ekfac
+from .gradients import Basis
 from .index import IndexUnavailable, group_of
 from .model import HiddenCache
 from .points import load_workspace_model
 from .registry import MethodSpec
+from .representations import REPRESENTATIONS
 from .workspace import Workspace, fingerprint, write_json_atomic
 
 EXTRAS = ("trak", "ekfac")
-"""What ``--with`` may add: the index's TRAK rows, the EK-FAC factors."""
+"""What ``--with`` may add: the index's TRAK rows; the EK-FAC factors and the index's ``ekfac`` rows."""
 
 
 def extras_for(specs: Iterable[MethodSpec]) -> list[str]:
@@ -66,6 +69,13 @@ def open_ekfac(ws: Workspace) -> EkfacFactors:
         raise IndexUnavailable(f"{ws.root / 'ekfac'}: no EK-FAC factors for the current model; build them with "
                                f"`{with_command(ws, ['ekfac'])}`")
     return EkfacFactors.load(ws.root / "ekfac" / "factors.safetensors")
+
+
+def bases_for(ws: Workspace, kinds: Iterable[str]) -> dict[str, Basis]:
+    """The coordinates that rows of ``kinds`` are formed in (:class:`core.ekfac.Eigenbasis` for
+    the ``ekfac`` kinds), from the workspace's artifacts; IndexUnavailable when they are missing."""
+    names = {REPRESENTATIONS[k].basis for k in kinds} - {None}
+    return {"ekfac": Eigenbasis(open_ekfac(ws))} if "ekfac" in names else {}
 
 
 def build_ekfac(ws: Workspace, *, device: str | None = None, batch_size: int = 32, progress: bool = True,

@@ -22,6 +22,7 @@ import torch
 
 from .ann import AnnSearch, AnnSettings, build_ann, check_ann, stale_reason
 from .artifacts import (
+    bases_for,
     build_ekfac,
     check_extras,
     ekfac_ready,
@@ -66,21 +67,26 @@ class MethodUnavailable(IndexUnavailable):
 def index_workspace(ws: Workspace, settings: IndexSettings, *, device: str | None = None, progress: bool = True,
                     log=print, on_progress=None, extras: Sequence[str] = (), mapper: Mapper | None = None) -> GradientIndex:
     """Build (or bring up to date) the workspace's index with its corrected training spans, and
-    the ``extras`` (:data:`core.artifacts.EXTRAS`: TRAK rows, EK-FAC factors); record the index's
+    the ``extras`` (:data:`core.artifacts.EXTRAS`: TRAK rows, EK-FAC factors and rows); record the index's
     size and timing in the manifest. ``mapper``: the passes as shard tasks (Ray)."""
     extras = check_extras(extras)
     fixes: Overrides = {}
     if ws.store_path.exists():
         with Store(ws.store_path) as store:
             fixes = Instances(ws.load_instances(), store.current_annotations()).fixed_train_spans()
-    share = 0.8 if "ekfac" in extras else 1.0
-    report = None if on_progress is None else (lambda f: on_progress(share * f))
-    index = build_index(ws, settings, device=device, progress=progress, log=log, overrides=fixes, on_progress=report,
-                        groups=tuple(e for e in extras if e != "ekfac"), mapper=mapper)
-    record_index(ws, index)
-    if "ekfac" in extras:
+    total = 1.0 if "ekfac" in extras else 0.7
+
+    def part(start: float, share: float):
+        return None if on_progress is None else (lambda f: on_progress((start + share * f) / total))
+
+    build = lambda groups, report: build_index(ws, settings, device=device, progress=progress, log=log,  # noqa: E731
+                                               overrides=fixes, on_progress=report, groups=groups, mapper=mapper)
+    index = build(tuple(e for e in extras if e != "ekfac"), part(0.0, 0.7))
+    if "ekfac" in extras:  # its rows are formed in the factors' eigenbasis: the factors first
         build_ekfac(ws, device=device, batch_size=settings.batch_size, progress=progress, log=log,
-                    on_progress=None if on_progress is None else (lambda f: on_progress(share + (1 - share) * f)))
+                    on_progress=part(0.7, 0.2))
+        index = build(("ekfac",), part(0.9, 0.1))
+    record_index(ws, index)
     return index
 
 
@@ -223,7 +229,7 @@ class Backend:
                 projector = Projector(loaded.split, None, 0, loaded.device)
                 prefixes = TrainPrefixes(self.ws, loaded) if loaded.own_bottoms() else None  # imported checkpoints
                 side = StreamedSide(loaded, projector, full, masked, labels, index.settings.batch_size,
-                                    prefixes=prefixes)
+                                    prefixes=prefixes, bases=lambda kinds: bases_for(self.ws, kinds))
             else:
                 projector = Projector(loaded.split, index.settings.dim, index.settings.seed, loaded.device)
                 side = IndexedSide(index)
@@ -242,7 +248,7 @@ class Backend:
             why = self.manifest.stages.get("model", {}).get("checkpoints_missing", "this workspace has none")
             raise MethodUnavailable(f"{names} need{'s' if len(lacking) == 1 else ''} the model's training "
                                     f"{lacking[0].points}: {why}")
-        have = {"trak": "trak" in self.index.groups, "ekfac": ekfac_ready(self.ws)}
+        have = {"trak": "trak" in self.index.groups, "ekfac": ekfac_ready(self.ws) and "ekfac" in self.index.groups}
         missing = [e for e in extras_for(specs) if not have[e]]
         if missing:
             names = ", ".join(s.name for s in specs if set(extras_for([s])) & set(missing))

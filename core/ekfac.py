@@ -121,37 +121,6 @@ class EkfacFactors:
                                       for t in tensors)
         return self._copies[key]
 
-    def inverse_gradient(self, split: SplitModel, blocks: list[Block], modules: dict[str, nn.Module], h: torch.Tensor,
-                         mask: torch.Tensor, weights: Callable[[torch.Tensor], torch.Tensor], damping: float) -> Tensors:
-        """``apply`` to the gradient of ``sum(weights(logits) * logits)`` over the rows of ``h``
-        (one example: its rows' tokens together), without forming the gradient first.
-
-        One backward pass keeps each layer's inputs a_t and output gradients delta_t; a linear
-        weight's gradient sum_t delta_t a_t^T is rotated into the eigenbasis as
-        (Q_S^T delta)(Q_A^T a)^T, which costs tokens x (out^2 + in^2) instead of
-        out x in x (out + in). Then as ``apply``: divided, rotated back. The other tensors'
-        gradients are formed from a and delta (as :mod:`core.gradients` forms them) and
-        divided by their diagonal. ``benchmarks/new_methods.py`` (``ekfac_float32``) compares the
-        float32 result with ``apply`` in float64 on autograd's gradient."""
-        lam = check_damping(damping)
-        with _Taps(modules) as taps:
-            taps.start(mask)
-            h = h.detach().requires_grad_(True)
-            logits = top_forward(split, h, mask)
-            torch.autograd.grad(logits, h, grad_outputs=weights(logits.detach()))
-            tokens = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
-            parts = {name: (tokens(taps.grads[name]), tokens(taps.inputs[name])) for name in modules}
-        out = {}
-        for block in blocks:
-            d, a = (x.to(_compute_dtype(x)) for x in parts[block.module])
-            if block.kind == "linear-weight":
-                q_s, q_a, _ = self._cast(d.dtype, d.device, block.param)
-                x = (d @ q_s).T @ (a @ q_a)
-            else:
-                x = _entries(block.kind, d[None], a[None])[0].reshape(block.shape)
-            out[block.param] = self._solve(block.param, x, lam).to(h.dtype)
-        return out
-
     def save(self, path: Path) -> None:
         """One safetensors file with a small JSON description inside, written atomically."""
         from safetensors.torch import save_file
@@ -184,6 +153,43 @@ class EkfacFactors:
 
     def _groups(self) -> dict[str, Tensors]:
         return {"q_out": self.q_out, "q_in": self.q_in, "eigenvalues": self.eigenvalues, "diagonals": self.diagonals}
+
+
+class Eigenbasis:
+    """The EK-FAC eigenbasis as coordinates for per-example gradients (the ``ekfac``
+    representations, :mod:`core.representations`), for :class:`core.gradients.GradientCollector`.
+
+    A linear weight's gradient sum_t delta_t a_t^T becomes Q_S^T G Q_A, formed as
+    sum_t (Q_S^T delta_t)(Q_A^T a_t)^T from the rotated output gradients and inputs (tokens x
+    (out^2 + in^2) on top of the gradient's own cost); every other tensor keeps its coordinates.
+    A rotation changes no inner product. With ``damping`` the gradient is also divided, entry by
+    entry, by Lambda + damping (a linear weight) or the diagonal + damping (any other tensor):
+    (G_ekfac + damping I)^-1 applied in these coordinates, so that the test side's
+    ``<divided, rotated training row>`` is g(z')^T (G_ekfac + damping I)^-1 g(z) with no rotation
+    back. Computed in float32 for anything but float64 (copies of the factors made once)."""
+
+    def __init__(self, factors: EkfacFactors, damping: float | None = None):
+        self.factors = factors
+        self.damping = None if damping is None else check_damping(damping)
+        self._scales: dict[tuple, torch.Tensor] = {}
+
+    def rotate(self, param: str, d: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A linear weight's output gradients and inputs (..., out), (..., in) in its eigenbasis."""
+        dtype = _compute_dtype(d)
+        q_s, q_a, _ = self.factors._cast(dtype, d.device, param)
+        return (d.to(dtype) @ q_s).to(d.dtype), (a.to(dtype) @ q_a).to(a.dtype)
+
+    def scale(self, param: str, like: torch.Tensor) -> torch.Tensor | None:
+        """What a tensor's gradient in these coordinates is multiplied by, flattened: 1 / (Lambda +
+        damping) or 1 / (diagonal + damping); None without damping."""
+        if self.damping is None:
+            return None
+        key = (like.dtype, str(like.device), param)
+        if key not in self._scales:
+            curvature = self.factors._cast(_compute_dtype(like), like.device, param)
+            eig = curvature[2] if param in self.factors.q_out else curvature[0]
+            self._scales[key] = (1.0 / (eig + self.damping)).reshape(-1).to(like.dtype)
+        return self._scales[key]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from .ekfac import EkfacFactors
-from .gradients import GradientCollector, Projector
+from .gradients import Basis, GradientCollector, Projector
 from .inverses import InverseHessian, make_inverse
 from .model import HiddenCache, compute_prefix, mask_span, predict, top_forward
 from .points import LoadedModel, PointSet
@@ -135,17 +135,25 @@ class Engine:
                     labels.append(int(self.loaded.split.top(inputs_embeds=h, attention_mask=m).logits.argmax()))
         return torch.tensor(labels)
 
-    def test_vectors(self, tests: Sequence[TestInput], point: str, rep: str, batch: TestBatch | None = None) -> torch.Tensor:
-        """(Q, d) test-side vectors of a representation at a point: g(z') or e(z').
+    def test_vectors(self, tests: Sequence[TestInput] | None, point: str, rep: str, batch: TestBatch | None = None,
+                     basis: Basis | None = None) -> torch.Tensor:
+        """(Q, d) test-side vectors of a representation at a point: g(z') or e(z') (of ``tests``,
+        or of the tests of ``batch``), in the coordinates ``basis`` gives when ``rep`` has its own
+        (the EK-FAC inverse's: rotated and divided).
 
         e(z') is one gradient of out(z') - out(z'_-kl) per test (the two inputs' tokens side by
         side), not two gradients subtracted."""
-        span = REPRESENTATIONS[rep].span
+        representation = REPRESENTATIONS[rep]
+        if (representation.basis is None) != (basis is None):
+            raise ValueError(f"{rep!r} test vectors are formed in {representation.basis or 'the parameters'!r} "
+                             "coordinates; give that basis, and only that one")
+        span = representation.span
         batch = batch or self.test_batch(tests, masked=span, point=point)
-        rows = [r for q in range(len(tests)) for r in batch.rows(q, rep)]
+        rows = [r for q in range(len(batch.labels)) for r in batch.rows(q, rep)]
         h, m = batch.cache.batch(rows, self.loaded.device)
         with self.loaded.at(point), GradientCollector(self.loaded.split, self.projector) as col:
-            (g,), _, _ = col.gradients(h, m, [query_weights(REPRESENTATIONS[rep], batch.labels)], groups=2 if span else 1)
+            (g,), _, _ = col.gradients(h, m, [query_weights(representation, batch.labels)], groups=2 if span else 1,
+                                       bases=[basis])
         if span:  # a mask that changes nothing: e(z') = 0 exactly (the copies cancel only to rounding)
             g[batch.spanless] = 0.0
         return g.detach()

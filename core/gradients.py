@@ -21,11 +21,15 @@ inverse-Hessian-vector product.
 
 Backward passes take per-example weights over the logits: the weights ``softmax - onehot(y)``
 give the cross-entropy gradient, a one-hot weight on class c gives the Jacobian row of logit c.
+A backward pass may form its gradients in other coordinates (a :class:`Basis`, EK-FAC's
+eigenbasis): each linear layer's output gradients and inputs rotated before the outer product,
+and optionally every entry scaled before the sketch.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -46,6 +50,16 @@ class Block:
     def size(self) -> int:
         """Its number of entries."""
         return int(torch.Size(self.shape).numel())
+
+
+class Basis(Protocol):
+    """Other coordinates for the gradients (:class:`core.ekfac.Eigenbasis`): a linear weight's
+    output gradients and inputs rotated before its gradient is formed, and optionally each
+    tensor's gradient multiplied entry by entry (flattened) before it is sketched."""
+
+    def rotate(self, param: str, d: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def scale(self, param: str, like: torch.Tensor) -> torch.Tensor | None: ...
 
 
 CHUNK_ELEMENTS = 1_200_000  # per-example weight gradients formed at once (about 5 MB: cache-sized)
@@ -146,6 +160,7 @@ class GradientCollector:
         self._parts: dict[str, torch.Tensor] = {}  # exact mode: one (B, size) matrix per parameter
         self._sketch: torch.Tensor | None = None  # sketch mode: the (B, dim) sum so far
         self._groups = 1  # consecutive rows summed into one gradient
+        self._basis: Basis | None = None  # the coordinates of this backward pass (None: the parameters')
         self._handles: list = []
 
     # hooks ------------------------------------------------------------------
@@ -171,25 +186,29 @@ class GradientCollector:
             if self._groups > 1:  # a group's rows as one example with their tokens side by side
                 d, a = (x.reshape(x.shape[0] // self._groups, -1, x.shape[2]) for x in (d, a))
             for block in self._blocks[name]:
+                scale = None if self._basis is None else self._basis.scale(block.param, d)
                 if block.kind == "linear-weight":
-                    self._weight(block, d, a)
+                    self._weight(block, *(self._basis.rotate(block.param, d, a) if self._basis else (d, a)), scale)
                 else:
                     values = (d * a).sum(1) if block.kind == "ln-weight" else d.sum(1)
-                    self._add(block, values)
+                    self._add(block, values if scale is None else values * scale)
 
         return hook
 
-    def _weight(self, block: Block, d: torch.Tensor, a: torch.Tensor) -> None:
-        """Per-example ``sum_t d_t a_t^T``; sketched a few rows at a time so they stay in cache."""
+    def _weight(self, block: Block, d: torch.Tensor, a: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Per-example ``sum_t d_t a_t^T`` (times ``scale`` entry by entry); sketched a few rows at
+        a time so they stay in cache."""
         if self.proj.exact:
-            self._parts[block.param] = torch.bmm(d.transpose(1, 2), a).reshape(d.shape[0], -1)
+            rows = torch.bmm(d.transpose(1, 2), a).reshape(d.shape[0], -1)
+            self._parts[block.param] = rows if scale is None else rows * scale
             return
         s_out, s_in = self.proj.signs[block.param]  # the signs s_out(o) s_in(i), on the factors
         d, a = (d * s_out).transpose(1, 2), a * s_in
         out = self._buffer(d.shape[0], d)
         step = d.shape[0] if d.is_cuda else max(1, CHUNK_ELEMENTS // block.size)  # the GPU takes it whole
         for s in range(0, d.shape[0], step):
-            self.proj.sketch(block, torch.bmm(d[s : s + step], a[s : s + step]).reshape(-1, block.size), out[s : s + step])
+            rows = torch.bmm(d[s : s + step], a[s : s + step]).reshape(-1, block.size)
+            self.proj.sketch(block, rows if scale is None else rows.mul_(scale), out[s : s + step])
 
     def _buffer(self, rows: int, like: torch.Tensor) -> torch.Tensor:
         """The (rows, dim) sketch of this backward pass, started at the first block."""
@@ -227,14 +246,16 @@ class GradientCollector:
         return out
 
     def gradients(
-        self, h: torch.Tensor, mask: torch.Tensor, weights: Sequence[torch.Tensor], groups: int = 1
+        self, h: torch.Tensor, mask: torch.Tensor, weights: Sequence[torch.Tensor], groups: int = 1,
+        bases: Sequence[Basis | None] | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Per-example gradients of ``sum_c w[b, c] * logit[b, c]`` for each weight set.
 
         Each entry of ``weights`` is a (B, C) tensor or a function of the logits that returns one
-        (:func:`loss_weights`, :func:`class_weights`). ``groups`` > 1 sums each run of that many
-        consecutive rows into one gradient (B / groups rows), formed once rather than per row.
-        Returns (one (B / groups, d) gradient matrix per weight set, logits (B, C), CLS
+        (:func:`loss_weights`, :func:`class_weights`); ``bases``, one per weight set, the
+        coordinates of its gradients (None: the parameters'). ``groups`` > 1 sums each run of
+        that many consecutive rows into one gradient (B / groups rows), formed once rather than
+        per row. Returns (one (B / groups, d) gradient matrix per weight set, logits (B, C), CLS
         embeddings (B, H)). Must run inside ``with collector:``.
         """
         if h.shape[0] % groups:
@@ -245,9 +266,14 @@ class GradientCollector:
         h = h.detach().requires_grad_(True)
         logits, cls = top_forward(self.split, h, mask, with_cls=True)
         outs = []
-        for i, w in enumerate(weights):
+        bases = bases or [None] * len(weights)
+        for i, (w, basis) in enumerate(zip(weights, bases, strict=True)):
             w = w(logits.detach()) if callable(w) else w
-            torch.autograd.grad(logits, h, grad_outputs=w, retain_graph=i < len(weights) - 1)
+            self._basis = basis
+            try:
+                torch.autograd.grad(logits, h, grad_outputs=w, retain_graph=i < len(weights) - 1)
+            finally:
+                self._basis = None
             outs.append(self._assemble())
         return outs, logits.detach(), cls.detach()
 

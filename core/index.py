@@ -34,9 +34,11 @@ from .points import PointSet
 from .registry import METHODS
 from .workspace import Workspace, fingerprint
 
-KIND_GROUPS: dict[str, tuple[str, ...]] = {"grad": ("full", "diff"), "trak": ("trak", "trak-diff")}
+KIND_GROUPS: dict[str, tuple[str, ...]] = {"grad": ("full", "diff"), "trak": ("trak", "trak-diff"),
+                                           "ekfac": ("ekfac", "ekfac-diff")}
 """Representation kinds built together (one pass per point each): every index holds ``grad``;
-``trak`` (TRAK's features, with their second-moment matrix per point) is built when asked."""
+``trak`` (TRAK's features, with their second-moment matrix per point) and ``ekfac`` (the
+gradients in the EK-FAC eigenbasis, at theta; built after the factors) are built when asked."""
 KINDS = KIND_GROUPS["grad"]
 BLOCK_BYTES = 64 << 20  # a query streams a matrix in blocks of about this size
 FORMAT = 2  # 2: Gauss-Newton sum saved with its batch count (ggn.npz)
@@ -270,9 +272,9 @@ def group_of(kind: str) -> str:
 def _sum_path(root: Path, group: str, point: str) -> Path | None:
     """The matrix a (group, point) pass accumulates: the Gauss-Newton sum (grad, final), TRAK's
     Phi^T Phi (trak, every point); None where the pass accumulates nothing."""
-    if group == "grad":
-        return root / "ggn.npz" if point == "final" else None
-    return root / f"{point}.{group}-gram.npz"
+    if group == "trak":
+        return root / f"{point}.{group}-gram.npz"
+    return root / "ggn.npz" if (group, point) == ("grad", "final") else None
 
 
 def _load_sum(root: Path, group: str, point: str) -> tuple[np.ndarray, int, int]:

@@ -23,7 +23,8 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
-from .gradients import Projector
+from .artifacts import bases_for
+from .gradients import Basis, Projector
 from .index import (
     FORMAT,
     KIND_GROUPS,
@@ -197,7 +198,7 @@ def _patch(ws: Workspace, index: GradientIndex, overrides: Overrides, loaded: Lo
     if where:
         prefixes = TrainPrefixes(ws, loaded)
         prefixes.patch(where, _masked_encodings(loaded, [rows[n] for n in where], overrides))  # on every bottom
-        computed = _span_rows(meta, loaded, settings, prefixes, rows, where)
+        computed = _span_rows(meta, loaded, settings, prefixes, rows, where, bases_for(ws, index.kinds))
         for group, point in _pairs(meta):
             _rewrite_overlay(root, meta, group, point, rows, wanted, computed, index)
     meta["overrides"] = wanted
@@ -208,7 +209,7 @@ def _patch(ws: Workspace, index: GradientIndex, overrides: Overrides, loaded: Lo
 
 
 def _span_rows(meta: dict, loaded: LoadedModel, settings: IndexSettings, prefixes: TrainPrefixes,
-               rows: list[dict], where: list[int]) -> dict[int, dict[str, np.ndarray]]:
+               rows: list[dict], where: list[int], bases: dict[str, Basis]) -> dict[int, dict[str, np.ndarray]]:
     """Per position in ``where``: its span rows at every point ("point.kind") and emb(x_-ij)."""
     labels = torch.tensor([loaded.labels.index(r["label"]) for r in rows])
     batches = [where[i : i + settings.batch_size] for i in range(0, len(where), settings.batch_size)]
@@ -217,7 +218,7 @@ def _span_rows(meta: dict, loaded: LoadedModel, settings: IndexSettings, prefixe
     for point in meta["points"]:
         span_kinds = [k for g, p in _pairs(meta) if p == point for k in KIND_GROUPS[g] if REPRESENTATIONS[k].span]
         for batch in training_gradients(loaded, projector, *prefixes.pair(point), labels, point, batches,
-                                        kinds=span_kinds):
+                                        kinds=span_kinds, bases=bases):
             for j, n in enumerate(batch.rows):
                 out[n] |= {f"{point}.{k}": batch.vectors[k][j].numpy() for k in span_kinds}
                 if point == "final":
@@ -249,7 +250,11 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
     shared, variants_fp, whole = _fingerprints(ws, settings)
     meta_path = root / "meta.json"
     meta = _read_meta(meta_path) if meta_path.exists() else {}
-    if meta.get("shared") != shared or meta.get("format") != FORMAT:
+    stale = meta.get("shared") != shared or meta.get("format") != FORMAT
+    # the coordinates of every group it will hold (EK-FAC's factors), before any file is touched
+    held = [] if stale else meta.get("groups", [])
+    bases = bases_for(ws, [k for g in dict.fromkeys([*held, *groups]) for k in KIND_GROUPS[g]])
+    if stale:
         shutil.rmtree(root, ignore_errors=True)
         meta = {}
     root.mkdir(parents=True, exist_ok=True)
@@ -275,7 +280,7 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
 
         def chunks_from(done: int, group: str = group, point: str = point) -> Iterable[Chunk]:
             if mapper is None:
-                return pass_chunks(loaded, projector, full, masked, labels, group, point, batches[done:], done)
+                return pass_chunks(loaded, projector, full, masked, labels, group, point, batches[done:], done, bases)
             shards = shard_ranges(done, len(batches))
             run_shards(mapper, ws, whole, settings.dim, settings.seed, group, point, batches, shards,
                        progress=progress)

@@ -12,7 +12,7 @@ shards, in order, into the index's matrices (:func:`shard_chunks`) and removes t
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .artifacts import bases_for
 from .ggn import gauss_newton_batch
-from .gradients import Projector
+from .gradients import Basis, Projector
 from .index import KIND_GROUPS
 from .parallel import Mapper, worker_cache
 from .points import LoadedModel, load_workspace_model
@@ -53,15 +54,17 @@ def training_rows(ws: Workspace) -> list[dict]:
 def pass_sums(group: str, point: str) -> tuple[bool, bool]:
     """(whether the pass writes CLS embeddings and sums the Gauss-Newton matrix, whether it sums
     Phi^T Phi): ``grad`` at theta and every ``trak`` pass."""
-    return group == "grad" and point == "final", group != "grad"
+    return group == "grad" and point == "final", group == "trak"
 
 
 def pass_chunks(loaded: LoadedModel, projector: Projector, full: object, masked: object, labels: torch.Tensor,
-                group: str, point: str, batches: list[list[int]], first: int) -> Iterator[Chunk]:
-    """The rows of ``batches`` (numbered from ``first``) of a pass, one chunk per batch."""
+                group: str, point: str, batches: list[list[int]], first: int,
+                bases: Mapping[str, Basis] | None = None) -> Iterator[Chunk]:
+    """The rows of ``batches`` (numbered from ``first``) of a pass, one chunk per batch (``bases``:
+    the coordinates of the group's kinds that have their own, :func:`core.artifacts.bases_for`)."""
     jacobian, phi_sum = pass_sums(group, point)
     grads = training_gradients(loaded, projector, full, masked, labels, point, batches, kinds=KIND_GROUPS[group],
-                               with_jacobian=jacobian)
+                               with_jacobian=jacobian, bases=bases)
     for b, batch in enumerate(grads, start=first):
         total = None
         if jacobian:
@@ -111,8 +114,9 @@ def shard_task(shard: tuple[int, int], ws_root: str, fingerprint: str, dim: int 
                point: str, batches: list[list[int]]) -> str:
     """One shard's rows, sum and embeddings, written to its file atomically; its path."""
     loaded, prefixes, projector, labels = _worker_state(ws_root, fingerprint, dim, seed)
+    bases = worker_cache(("bases", ws_root, fingerprint, group), lambda: bases_for(Workspace(ws_root), KIND_GROUPS[group]))
     chunks = list(pass_chunks(loaded, projector, *prefixes.pair(point), labels, group, point,
-                              batches[shard[0] : shard[1]], shard[0]))
+                              batches[shard[0] : shard[1]], shard[0], bases))
     out = {"positions": np.concatenate([c.rows for c in chunks])}
     for kind in KIND_GROUPS[group]:
         out[kind] = np.concatenate([c.vectors[kind] for c in chunks])

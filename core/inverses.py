@@ -8,9 +8,9 @@ into an inverse curvature matrix times them:
   exactly by Cholesky (milliseconds per query), or :class:`LissaInverse`, the paper's stochastic
   recursion on each test's dense gradient in the full trainable space, then sketched;
 * ``ekfac`` kind: :class:`EkfacInverse`, ``(G_ekfac + lambda I)^-1`` of the eigenvalue-corrected
-  Kronecker-factored Gauss-Newton matrix (:mod:`core.ekfac`) applied to each test's gradient in
-  the full trainable space (rotated into the eigenbasis from the layers' inputs and output
-  gradients), then sketched;
+  Kronecker-factored Gauss-Newton matrix (:mod:`core.ekfac`): in the factors' eigenbasis, where
+  the training rows of its kinds are kept, a division of the test side's gradient, entry by
+  entry, before it is sketched;
 * ``trak`` kind: :class:`FeatureInverse`, TRAK's ``(Phi^T Phi + lambda I)^-1`` of the point's
   sketched margin-gradient features, with lambda = :data:`TRAK_RIDGE` x their mean eigenvalue.
 
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .ekfac import EkfacFactors
-from .ihvp import DampedInverse, LissaResult, LissaSettings, check_damping, lissa
+from .ekfac import Eigenbasis, EkfacFactors
+from .ihvp import DampedInverse, LissaResult, LissaSettings, lissa
 from .model import HiddenCache
 from .representations import REPRESENTATIONS
 from .scoring import TRAK_RIDGE, ScoreSettings
@@ -79,26 +79,20 @@ class LissaInverse:
 
 
 class EkfacInverse:
-    """(G_ekfac + lambda I)^-1 on each test's gradient at theta (formed in the eigenbasis from the
-    layers' inputs and output gradients), then projected."""
+    """(G_ekfac + lambda I)^-1 at theta as a division in the EK-FAC eigenbasis: the test side's
+    gradients formed there (:class:`core.ekfac.Eigenbasis`), divided, then sketched, to meet the
+    training rows of the ``ekfac`` kinds, kept in the same coordinates."""
 
     reads_vectors = False
 
     def __init__(self, factors: EkfacFactors, damping: float):
-        self.factors, self.damping = factors, check_damping(damping)
+        self.basis = Eigenbasis(factors, damping)
+        self.info = {"mode": "ekfac", "lambda": float(f"{self.basis.damping:.12g}"), "corrected": factors.corrected,
+                     "examples": factors.examples}
 
     def apply(self, engine: "Engine", batch: "TestBatch", point: str, rep: str,
               vecs: None = None) -> tuple[torch.Tensor, dict]:
-        info = {"mode": "ekfac", "lambda": float(f"{self.damping:.12g}"), "corrected": self.factors.corrected,
-                "examples": self.factors.examples}
-
-        def one(q: int) -> tuple[torch.Tensor, dict]:
-            projector = engine.projector
-            applied = self.factors.inverse_gradient(engine.loaded.split, projector.blocks, projector.modules,
-                                                    *engine.test_output(batch, q, rep), self.damping)
-            return projector.project_params(applied), info
-
-        return _per_test(engine, batch, rep, one, info, "ekfac")[0], info
+        return engine.test_vectors(None, point, rep, batch, basis=self.basis), self.info
 
 
 class FeatureInverse:

@@ -12,7 +12,9 @@ Larger score = stronger proponent for every method. ``paper_sign = -1`` marks a 
 literal formula in the paper is the negative of ours (IF: Eq. 1's minus; every ++ form, EK-FAC's
 and TRAK's included: the paper's test side g(z'_-kl) - g(z') = -e(z')); ``--paper-signs``
 applies it. A spec is checked when made: an inverse of the curvature at theta (``hessian``,
-``ekfac``) needs the point theta, ``lr`` weights need the checkpoints.
+``ekfac``) needs the point theta, ``lr`` weights need the checkpoints, both sides must be in the
+same coordinates, and the ``ekfac`` inverse (a division in the EK-FAC eigenbasis) goes with the
+``ekfac`` representations.
 """
 from __future__ import annotations
 
@@ -61,6 +63,13 @@ class MethodSpec:
             raise ValueError(f"a method name must be non-empty, without commas or outer spaces: {self.name!r}")
         if not (len(self.colour) == 7 and self.colour.startswith("#")):
             raise ValueError(f"method {self.name!r}: colour must be '#RRGGBB', got {self.colour!r}")
+        bases = {REPRESENTATIONS[self.train].basis, REPRESENTATIONS[self.test].basis}
+        if len(bases) > 1:
+            raise ValueError(f"method {self.name!r}: its two sides must be in the same coordinates, got "
+                             f"{self.train!r} and {self.test!r}")
+        if (self.inverse == "ekfac") != (bases == {"ekfac"}):
+            raise ValueError(f"method {self.name!r}: the ekfac inverse is a division in the EK-FAC eigenbasis: "
+                             "it goes with the ekfac representations on both sides, and they with it")
         if self.inverse in ("hessian", "ekfac") and self.points != "final":
             raise ValueError(f"method {self.name!r}: the {self.inverse} inverse is the curvature at theta; "
                              "its points must be 'final'")
@@ -184,9 +193,9 @@ for _spec in (
                aliases=("gt", "ground-truth"), help="e(z') . e(z) at theta: the paper's 'ultimately faithful' reference"),
     MethodSpec("Control", "checkpoints", "diff", "diff", "#882255", paper_sign=-1, family="reference",
                dash="dashdot", help="TracIn++ with checkpoints in place of variants (the paper's table-4 control)"),
-    MethodSpec("EKFAC", "final", "full", "full", "#DDCC77", inverse="ekfac", family="EK-FAC", dash="longdash",
+    MethodSpec("EKFAC", "final", "ekfac", "ekfac", "#DDCC77", inverse="ekfac", family="EK-FAC", dash="longdash",
                help="influence with the EK-FAC Gauss-Newton inverse: g(z')^T G_ekfac^-1 g(z) (Grosse et al. 2023)"),
-    MethodSpec("EKFAC++", "final", "diff", "diff", "#AA4499", inverse="ekfac", paper_sign=-1, family="EK-FAC",
+    MethodSpec("EKFAC++", "final", "ekfac-diff", "ekfac-diff", "#AA4499", inverse="ekfac", paper_sign=-1, family="EK-FAC",
                dash="longdash",
                help="EK-FAC influence span to span: e(z')^T G_ekfac^-1 e(z)"),
     MethodSpec("TRAK", "checkpoints", "trak", "trak", "#117733", inverse="trak", weights="mean", family="TRAK",

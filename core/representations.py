@@ -9,7 +9,12 @@ input or as a span difference:
 * ``trak``: TRAK's features (Park et al. 2023), phi(z) = grad of the margin
   f(z) = log p_y - log(1 - p_y); on the training side scaled by TRAK's Q = 1 - p_y(z);
 * ``trak-diff``: the span difference of the margin gradient, phi(z) - phi(z_-ij) (training side
-  scaled by Q), phi(z') - phi(z'_-kl) on the test side.
+  scaled by Q), phi(z') - phi(z'_-kl) on the test side;
+* ``ekfac``, ``ekfac-diff``: g(z) and e(z) in the eigenbasis of the EK-FAC factors
+  (:class:`core.ekfac.Eigenbasis`): each linear weight's gradient G as Q_S^T G Q_A, the other
+  tensors as they are. A rotation changes no inner product, and in these coordinates the EK-FAC
+  inverse is a division (the test side's, before it is sketched), so its queries need no
+  rotation back.
 
 An output is a function of the logits whose gradient is formed by backpropagating per-example
 logit weights (:mod:`core.gradients`): for the cross-entropy loss, ``softmax - onehot(y)``; for
@@ -54,7 +59,9 @@ OUTPUTS: dict[str, Callable[[torch.Tensor], LogitWeights]] = {"loss": loss_weigh
 @dataclass(frozen=True)
 class Representation:
     """A gradient representation: an output, on the whole input or as a span difference;
-    ``train_scale`` ``q``: the training rows are scaled by TRAK's Q = 1 - p_y(z)."""
+    ``train_scale`` ``q``: the training rows are scaled by TRAK's Q = 1 - p_y(z); ``basis``: the
+    coordinates the gradient is expressed in (None: the parameters'; ``ekfac``: the EK-FAC
+    eigenbasis)."""
 
     name: str
     output: str
@@ -62,6 +69,7 @@ class Representation:
     train_symbol: str
     test_symbol: str
     train_scale: str | None = None
+    basis: str | None = None
 
 
 REPRESENTATIONS: dict[str, Representation] = {
@@ -71,6 +79,8 @@ REPRESENTATIONS: dict[str, Representation] = {
         Representation("diff", "loss", True, "[g(z) - g(z_-ij)]", "[g(z') - g(z'_-kl)]"),
         Representation("trak", "margin", False, "Q(z) phi(z)", "phi(z')", "q"),
         Representation("trak-diff", "margin", True, "Q(z) [phi(z) - phi(z_-ij)]", "[phi(z') - phi(z'_-kl)]", "q"),
+        Representation("ekfac", "loss", False, "g(z)", "g(z')", basis="ekfac"),
+        Representation("ekfac-diff", "loss", True, "[g(z) - g(z_-ij)]", "[g(z') - g(z'_-kl)]", basis="ekfac"),
     )
 }
 

@@ -8,12 +8,12 @@ matrix needs it).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .gradients import GradientCollector, Projector, class_weights
+from .gradients import Basis, GradientCollector, Projector, class_weights
 from .model import HiddenCache
 from .points import LoadedModel
 from .representations import OUTPUTS, REPRESENTATIONS, Representation, true_class_slack
@@ -25,7 +25,7 @@ class GradientBatch:
 
     rows: list[int]
     vectors: dict[str, torch.Tensor]  # representation -> (B, d)
-    whole: dict[str, torch.Tensor]  # output -> its gradient on the whole inputs, unscaled (B, d)
+    whole: dict[str, torch.Tensor]  # output -> its gradient on the whole inputs, unscaled, unrotated (B, d)
     logits: torch.Tensor  # of the whole inputs      (B, C)
     cls_full: torch.Tensor  # emb(x)                 (B, H)
     cls_masked: torch.Tensor  # emb(x_-ij)           (B, H)
@@ -43,15 +43,22 @@ def training_gradients(
     *,
     kinds: Sequence[str] = ("full", "diff"),
     with_jacobian: bool = False,
+    bases: Mapping[str, Basis] | None = None,
 ) -> Iterator[GradientBatch]:
     """Per-example (projected) training-side vectors of ``kinds`` at ``point``, batch by batch.
 
     Each batch runs the whole inputs and their span-masked versions together: one backward pass
-    per output, or one per class when the Jacobian is asked for (the outputs' gradients are then
-    formed from it). The model is back at theta afterwards.
+    per output and coordinates (a kind with a ``basis`` reads it from ``bases``), or one per
+    class when the Jacobian is asked for (the outputs' gradients are then formed from it; for
+    kinds in the parameters' coordinates only). The model is back at theta afterwards.
     """
     reps = [REPRESENTATIONS[k] for k in kinds]
-    outputs = list(dict.fromkeys(r.output for r in reps))
+    sources = list(dict.fromkeys((r.output, r.basis) for r in reps))  # one backward pass each
+    missing = sorted({b for _, b in sources if b is not None} - set(bases or {}))
+    if missing:
+        raise ValueError(f"the {', '.join(kinds)} rows need the {' and '.join(missing)} basis")
+    if with_jacobian and any(b is not None for _, b in sources):
+        raise ValueError("the Jacobian is formed in the parameters' coordinates only")
     n_classes = len(loaded.labels)
     loaded.use(point)
     try:
@@ -67,15 +74,17 @@ def training_gradients(
                     rows, logits, cls = collector.gradients(h, m, [class_weights(c) for c in range(n_classes)])
                     jac = torch.stack(rows, dim=1).cpu()
                     logits = logits.cpu()
-                    grads = {o: torch.einsum("bc,bcd->bd", OUTPUTS[o](y)(logits), jac) for o in outputs}
+                    grads = {(o, b): torch.einsum("bc,bcd->bd", OUTPUTS[o](y)(logits), jac) for o, b in sources}
                 else:
-                    rows, logits, cls = collector.gradients(h, m, [OUTPUTS[o](y) for o in outputs])
-                    grads = {o: g.cpu() for o, g in zip(outputs, rows)}
+                    rows, logits, cls = collector.gradients(h, m, [OUTPUTS[o](y) for o, _ in sources],
+                                                            bases=[b and bases[b] for _, b in sources])
+                    grads = {source: g.cpu() for source, g in zip(sources, rows)}
                 logits = logits[:nb].cpu()
-                vectors = {r.name: _vector(r, grads[r.output], logits, y[:nb].cpu(), nb) for r in reps}
+                vectors = {r.name: _vector(r, grads[r.output, r.basis], logits, y[:nb].cpu(), nb) for r in reps}
                 cls = cls.cpu()
-                yield GradientBatch(list(idx), vectors, {o: g[:nb] for o, g in grads.items()}, logits, cls[:nb],
-                                    cls[nb:], None if jac is None else jac[:nb])
+                whole = {o: g[:nb] for (o, b), g in grads.items() if b is None}
+                yield GradientBatch(list(idx), vectors, whole, logits, cls[:nb], cls[nb:],
+                                    None if jac is None else jac[:nb])
     finally:
         loaded.use("final")
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .ggn import gauss_newton_batch
-from .gradients import Projector
+from .gradients import Basis, Projector
 from .index import GradientIndex
 from .model import HiddenCache, Params, length_batches
 from .parallel import Mapper, worker_cache
@@ -82,11 +82,14 @@ class IndexedSide:
 class StreamedSide:
     """Training rows computed batch by batch, one pass per point for every kind requested; on the
     caches ``full`` and ``masked``, or those of each point's bottom (``prefixes``, an imported
-    model's checkpoints having their own)."""
+    model's checkpoints having their own); kinds in their own coordinates (EK-FAC's) with the
+    bases that ``bases(kinds)`` gives."""
 
     def __init__(self, loaded: LoadedModel, projector: Projector, full: HiddenCache, masked: HiddenCache,
-                 labels: torch.Tensor, batch_size: int = 32, *, progress=None, prefixes=None):
+                 labels: torch.Tensor, batch_size: int = 32, *, progress=None, prefixes=None,
+                 bases: Callable[[list[str]], Mapping[str, Basis]] | None = None):
         self.loaded, self.projector = loaded, projector
+        self.bases = bases  # kinds -> the coordinates of those that have their own (core.artifacts.bases_for)
         self.full, self.masked, self.labels, self.batch_size = full, masked, labels, batch_size
         self.prefixes = prefixes  # core.prefixes.TrainPrefixes, or None
         self.exact = projector.exact
@@ -106,7 +109,7 @@ class StreamedSide:
         tests = {key: vecs.double().cpu() for key, (_, vecs) in requests.items()}
         kinds = sorted({kind for kind, _ in requests.values()})
         for batch in training_gradients(self.loaded, self.projector, *self._caches(point), self.labels, point,
-                                        self._batches(), kinds=kinds):
+                                        self._batches(), kinds=kinds, bases=self.bases and self.bases(kinds)):
             for key, (kind, _) in requests.items():
                 out[key][:, batch.rows] = tests[key] @ batch.vectors[kind].double().T
             if self.progress is not None:

@@ -25,7 +25,9 @@ def flat_grad(model, tok, row, label: int, span, masked: bool) -> torch.Tensor:
 def sides(model, tok, row, label, span, role):
     g = flat_grad(model, tok, row, label, span, False)
     g_masked = flat_grad(model, tok, row, label, span, True)
-    return {"full": g, "diff": g - g_masked}  # the span's part of the gradient, both sides
+    # e: the span's part of the gradient, both sides; the ekfac kinds are the same vectors in the
+    # EK-FAC eigenbasis, a rotation, which changes no inner product
+    return {"full": g, "diff": g - g_masked, "ekfac": g, "ekfac-diff": g - g_masked}
 
 
 def brute_force(backend, test_id, method, train_rows, dtype):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.artifacts import open_ekfac
+from core.artifacts import bases_for, open_ekfac
 from core.backend import Backend, MethodUnavailable, index_workspace
 from core.engine import Engine
 from core.gradients import Projector
@@ -120,7 +120,8 @@ def engine64(ws: Path) -> Engine:
     labels = own.train_cache()[1]
     prefixes = Float64(own)
     projector = Projector(loaded.split, None)
-    side = StreamedSide(loaded, projector, *prefixes.pair("final"), labels, 8, prefixes=prefixes)
+    side = StreamedSide(loaded, projector, *prefixes.pair("final"), labels, 8, prefixes=prefixes,
+                        bases=lambda kinds: bases_for(own.ws, kinds))
     return Engine(loaded, side, projector, train_cache=lambda: (prefixes.pair("final")[0], labels),
                   ekfac=lambda: open_ekfac(own.ws))
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import core.ekfac as ekfac_mod
-from core.ekfac import PARTIAL, EkfacFactors, fit_ekfac
-from core.gradients import Projector
+from core.ekfac import PARTIAL, Eigenbasis, EkfacFactors, fit_ekfac
+from core.gradients import GradientCollector, Projector
 from core.model import HiddenCache, SplitModel, top_forward
 
 MODERATE = 0.03  # between the MLP's large GN eigenvalues (~1.6) and its many near-zero ones
@@ -348,14 +348,16 @@ def test_a_layer_outside_the_logits_is_reported(float64):
         fit_ekfac(_split(top), HiddenCache([torch.randn(2, 4)]))
 
 
-def test_inverse_gradient_equals_apply_on_the_autograd_gradient(bert):
-    """The factored path (a and delta rotated before the outer product) equals ``apply`` on the
-    dense autograd gradient: two rows of different lengths weighted +1 and -1 (a span test
-    side, one padded), the weights' and the other tensors' blocks alike."""
+def test_the_eigenbasis_collector_equals_apply_rotated(bert):
+    """The test side the engine forms in the eigenbasis (a and delta rotated before the outer
+    product, divided by Lambda + lambda, then sketched) equals ``apply`` on autograd's dense
+    gradient rotated into that basis, Q_S^T (G + lambda I)^-1 g Q_A (other tensors as they are):
+    two rows of different lengths weighted +1 and -1 as one example (a span test side, one
+    padded). Sketched, it equals the sketch of that exact vector; without damping it is the
+    plain rotation, whose inner products are the gradients' own."""
     split, cache = bert
     split.top.eval()
     factors = fit_ekfac(split, cache, batch_size=8)
-    projector = Projector(split, None)
     rows = sorted(range(len(cache)), key=lambda i: cache.states[i].shape[0])[:: len(cache) - 1][:2]
     h, mask = cache.batch(rows, "cpu")
     assert int(mask[0].sum()) != int(mask[1].sum())  # one row padded
@@ -364,8 +366,22 @@ def test_inverse_gradient_equals_apply_on_the_autograd_gradient(bert):
     params = split.top_params()
     logits = top_forward(split, h, mask)
     dense = dict(zip(params, torch.autograd.grad((weights(logits.detach()) * logits).sum(), list(params.values()))))
-    expected = factors.apply(dense, MODERATE)
-    got = factors.inverse_gradient(split, projector.blocks, projector.modules, h, mask, weights, MODERATE)
-    assert got.keys() == expected.keys()
-    flat = lambda out: torch.cat([out[n].double().flatten() for n in sorted(out)])  # noqa: E731
-    assert flat(expected).norm() > 0 and _rel(flat(got), flat(expected)) < 1e-4
+    applied = factors.apply(dense, MODERATE)
+    rotate = lambda vec: {n: factors.q_out[n].float().T @ v @ factors.q_in[n].float() if n in factors.q_out else v  # noqa: E731
+                          for n, v in vec.items()}
+
+    def collected(projector: Projector, basis: Eigenbasis) -> torch.Tensor:
+        with GradientCollector(split, projector) as col:
+            (g,), _, _ = col.gradients(h, mask, [weights], groups=2, bases=[basis])
+        return g[0].double()
+
+    exact = Projector(split, None)
+    flat = lambda vec: exact.project_params(vec).double()  # noqa: E731  (exact: the blocks' order)
+    divided = collected(exact, Eigenbasis(factors, MODERATE))
+    assert flat(applied).norm() > 0 and _rel(divided, flat(rotate(applied))) < 1e-4
+    rotated = collected(exact, Eigenbasis(factors))
+    assert _rel(rotated, flat(rotate(dense))) < 1e-4
+    assert abs(float(divided @ rotated) - float(flat(applied) @ flat(dense))) < 1e-4 * float(flat(applied) @ flat(dense))
+    sketch = Projector(split, 64, seed=3)
+    expected = sketch.project_params({n: v.float() for n, v in rotate(applied).items()}).double()
+    assert _rel(collected(sketch, Eigenbasis(factors, MODERATE)), expected) < 1e-4

@@ -12,6 +12,7 @@ import ray
 import torch
 
 from core import index_shards
+from core.artifacts import build_ekfac
 from core.backend import Backend
 from core.evaluate import EvalSettings, run_evaluation
 from core.index import IndexSettings
@@ -138,8 +139,9 @@ def _index_files(root: Path) -> dict[str, np.ndarray]:
 def test_a_sharded_build_equals_the_single_process_index_and_resumes_after_a_kill(
         tiny_workspace, tmp_path, local_ray, one_thread, monkeypatch):
     """The index built as shard tasks on Ray holds the single-process index's rows bit for bit
-    (every point and kind, TRAK rows and CLS embeddings included) and equal sums; killing the
-    workers mid-build and running again completes it, reusing the shards that were done."""
+    (every point and kind, TRAK rows, EK-FAC's rows in its eigenbasis and CLS embeddings
+    included) and equal sums; killing the workers mid-build and running again completes it,
+    reusing the shards that were done."""
     monkeypatch.setattr(index_shards, "SHARD_BATCHES", 2)
     settings = IndexSettings(dim=32, seed=3, batch_size=16)
     built = {}
@@ -147,17 +149,20 @@ def test_a_sharded_build_equals_the_single_process_index_and_resumes_after_a_kil
         ws = _copy(tiny_workspace, tmp_path, name)
         shutil.rmtree(ws / "index")
         built[name] = Workspace(ws)
-    build_index(built["single"], settings, groups=("grad", "trak"), **QUIET)
+        build_ekfac(built[name], batch_size=16, progress=False, log=lambda _: None)
+    groups = ("grad", "trak", "ekfac")
+    build_index(built["single"], settings, groups=groups, **QUIET)
     with pytest.raises(RuntimeError, match="killed"):
-        build_index(built["sharded"], settings, groups=("grad", "trak"), mapper=KilledMidBuild(RaySettings()), **QUIET)
+        build_index(built["sharded"], settings, groups=groups, mapper=KilledMidBuild(RaySettings()), **QUIET)
     shards = built["sharded"].root / "index" / "shards"
     kept = {p.name: p.stat().st_mtime_ns for p in shards.glob("*.npz") if ".tmp" not in p.name}
     assert kept  # the shard that finished before the kill
     counting = Counting(RaySettings())
-    build_index(built["sharded"], settings, groups=("grad", "trak"), mapper=counting, **QUIET)
+    build_index(built["sharded"], settings, groups=groups, mapper=counting, **QUIET)
     assert not shards.exists()  # assembled and removed
     single, sharded = (_index_files(built[n].root / "index") for n in ("single", "sharded"))
     assert single.keys() == sharded.keys() and any(k.startswith("checkpoint-") for k in single)
+    assert "final.ekfac-diff.npy" in single
     for name, rows in single.items():
         if ".npz:" in name:  # sums: added shard by shard instead of batch by batch
             np.testing.assert_allclose(sharded[name], rows, rtol=1e-10, err_msg=name)

@@ -93,6 +93,12 @@ def test_specs_are_checked_when_registered():
         MethodSpec("Bad", "epochs", "full", "full", "#123456")
     with pytest.raises(ValueError, match="colour"):
         MethodSpec("Bad", "final", "full", "full", "red")
+    with pytest.raises(ValueError, match="same coordinates"):  # an inner product across two bases
+        MethodSpec("Bad", "final", "full", "ekfac", "#123456", inverse="ekfac")
+    with pytest.raises(ValueError, match="division in the EK-FAC eigenbasis"):  # parameters' coordinates, divided there
+        MethodSpec("Bad", "final", "full", "full", "#123456", inverse="ekfac")
+    with pytest.raises(ValueError, match="division in the EK-FAC eigenbasis"):
+        MethodSpec("Bad", "final", "ekfac", "ekfac", "#123456", inverse="hessian")
     with pytest.raises(ValueError, match="taken by 'GroundTruth'"):
         METHODS.register(MethodSpec("Other", "final", "full", "full", "#123456", aliases=("gt",)))
     with pytest.raises(ValueError, match="unknown method 'nope'; choose from IF, IF\\+"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.artifacts import open_ekfac
+from core.artifacts import bases_for, open_ekfac
 from core.backend import Backend, index_workspace
 from core.engine import Engine
 from core.gradients import Projector
@@ -48,7 +48,7 @@ def engine64(workspace):
     masked = HiddenCache.load(own.index.root / "prefix-masked.safetensors")
     to64 = lambda c: HiddenCache([s.double() for s in c.states])  # noqa: E731
     projector = Projector(loaded.split, None)
-    side = StreamedSide(loaded, projector, to64(full), to64(masked), labels, 8)
+    side = StreamedSide(loaded, projector, to64(full), to64(masked), labels, 8, bases=lambda k: bases_for(own.ws, k))
     return own, Engine(loaded, side, projector, ekfac=lambda: open_ekfac(own.ws))
 
 
@@ -185,19 +185,48 @@ def test_a_streamed_side_refuses_square_matrices_past_the_limit():
         side.feature_gram("final", limit=10)
 
 
-def test_inverses_on_dense_gradients_compute_no_sketched_test_vectors(workspace, monkeypatch):
-    """EK-FAC applies its factors to each test's dense gradient: scoring it alone forms no
-    sketched test vectors (a wasted backward pass per query); a method beside it that reads them
-    still gets them, and the EK-FAC scores agree either way (to rounding)."""
+def test_ekfac_forms_only_its_own_test_vectors(workspace, monkeypatch):
+    """EK-FAC forms its test side once, in its eigenbasis with the division inside: scoring it
+    alone forms no test vectors in the parameters' coordinates (a wasted backward pass per
+    query); a method beside it that reads them still gets them, and the EK-FAC scores agree
+    either way (to rounding)."""
     backend = Backend(workspace, device="cpu")
     engine = backend.engine()
-    made: list[str] = []
+    made: list[tuple[str, bool]] = []
     original = engine.test_vectors
-    monkeypatch.setattr(engine, "test_vectors", lambda *a, **k: made.append(a[2]) or original(*a, **k))
+    monkeypatch.setattr(engine, "test_vectors",
+                        lambda *a, **k: made.append((a[2], k.get("basis") is not None)) or original(*a, **k))
     tests = [backend.test_input(backend.instances("test")[0].id, "gold")]
     alone = engine.scores(tests, METHODS.resolve("EKFAC++"))
-    assert made == []
+    assert made == [("ekfac-diff", True)]
     together = engine.scores_many(tests, [METHODS.resolve("EKFAC++"), METHODS.resolve("IF++")])
-    assert made == ["diff"]
+    assert made == [("ekfac-diff", True), ("ekfac-diff", True), ("diff", False)]
     assert alone.values.abs().max() > 0
     torch.testing.assert_close(alone.values, together["EKFAC++"].values, rtol=1e-6, atol=0)
+
+
+def test_ekfac_rows_wait_for_the_factors_and_methods_name_the_command(tiny_workspace, tmp_path):
+    """The index's ekfac rows are formed in the factors' eigenbasis: asked for without the
+    factors, the build refuses with the command before it touches a file; with the factors but
+    without the rows, EKFAC is refused with the same command, which then builds just the rows."""
+    from core.artifacts import build_ekfac
+    from core.index import IndexUnavailable
+    from core.index_build import build_index
+
+    root = Path(shutil.copytree(tiny_workspace, tmp_path / "ws", ignore=shutil.ignore_patterns("store.sqlite*")))
+    ws = Workspace(root)
+    quiet = {"progress": False, "log": lambda _: None}
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "index").iterdir()}
+    with pytest.raises(IndexUnavailable, match=r"no EK-FAC factors.*`python -m core index --workspace .* --with ekfac`"):
+        build_index(ws, IndexSettings(), groups=("ekfac",), **quiet)
+    assert {p.name: p.stat().st_mtime_ns for p in (root / "index").iterdir()} == before
+    build_ekfac(ws, **quiet)
+    backend = Backend(root, device="cpu")
+    with pytest.raises(IndexUnavailable, match=r"EKFAC\+\+ needs the workspace's ekfac artifacts; build them with `python "
+                                               r"-m core index --workspace .* --with ekfac`"):
+        backend.check_methods([METHODS.resolve("EKFAC++")])
+    index_workspace(ws, backend.index.settings, extras=["ekfac"], **quiet)
+    index = Backend(root, device="cpu").index
+    assert "ekfac" in index.groups and index.group_points["ekfac"] == ["final"]
+    assert index.meta["points_built"] == ["ekfac:final"]  # the grad rows were up to date
+    Backend(root, device="cpu").check_methods([METHODS.resolve("EKFAC++")])
