@@ -77,13 +77,9 @@ def test_trak_equals_its_definition(engine64, name):
     assert float((got - expected).norm() / expected.norm()) < 1e-5, name  # float32 scores
 
 
-@pytest.mark.parametrize("name", ["EKFAC", "EKFAC++"])
-def test_ekfac_influence_equals_its_definition(engine64, name):
-    """e(z')^T (G_ekfac + lambda I)^-1 e(z) with the factors applied to autograd's dense test side."""
-    backend, engine = engine64
-    spec = METHODS.resolve(name)
-    test = backend.by_id[backend.instances("test")[0].id]
-    rows = backend.instances("train")[:N_CHECK]
+def ekfac_definition(backend: Backend, spec, test, rows, damping: float, spans: dict | None = None) -> torch.Tensor:
+    """e(z')^T (G_ekfac + lambda I)^-1 e(z) (or with g) in float64: the factors applied to
+    autograd's dense test side; ``spans``: training spans by id in place of the rows' own."""
     labels = backend.manifest.labels
     model = load_model(backend.ws, "final", device="cpu").double()
     tok = model.spanlens_tokenizer
@@ -91,16 +87,51 @@ def test_ekfac_influence_equals_its_definition(engine64, name):
     shapes = [p.shape for n, p in model.named_parameters() if p.requires_grad]
     t_flat = sides(model, tok, test, labels.index(test.label), test.span_pair, "test")[spec.test].double()
     dense = dict(zip(names, (t.view(s) for t, s in zip(torch.split(t_flat, [s.numel() for s in shapes]), shapes))))
-    damping = 1e-3
     applied = open_ekfac(backend.ws).apply(dense, damping)
     t_vec = torch.cat([applied[n].flatten() for n in names])
-    expected = torch.tensor([float(t_vec @ sides(model, tok, r, labels.index(r.label), r.span_pair, "train")[spec.train])
-                             for r in rows])
+    spans = spans or {}
+    return torch.tensor([float(t_vec @ sides(model, tok, r, labels.index(r.label), spans.get(r.id, r.span_pair),
+                                             "train")[spec.train]) for r in rows])
+
+
+@pytest.mark.parametrize("name", ["EKFAC", "EKFAC++"])
+def test_ekfac_influence_equals_its_definition(engine64, name):
+    """e(z')^T (G_ekfac + lambda I)^-1 e(z) with the factors applied to autograd's dense test side."""
     from core.scoring import ScoreSettings
 
+    backend, engine = engine64
+    spec = METHODS.resolve(name)
+    test = backend.by_id[backend.instances("test")[0].id]
+    damping = 1e-3
+    expected = ekfac_definition(backend, spec, test, backend.instances("train")[:N_CHECK], damping)
     got = engine.scores([backend.test_input(test.id, "gold")], spec, ScoreSettings(damping=damping)).values[0, :N_CHECK]
     assert expected.abs().max() > 0
     assert float((got.double() - expected).norm() / expected.norm()) < 1e-5, name  # float32 scores
+
+
+def test_a_corrected_training_span_patches_the_ekfac_rows(workspace, tmp_path):
+    """Fixing a training span re-forms that instance's span row in the eigenbasis (the index's
+    ekfac overlay): EKFAC++ then equals its definition with the new span, the other rows as they were."""
+    from core.ihvp import DEFAULT_DAMPING
+
+    root = Path(shutil.copytree(workspace, tmp_path / "ws", ignore=shutil.ignore_patterns("store.sqlite*")))
+    backend = Backend(root, device="cpu")
+    spec = METHODS.resolve("EKFAC++")
+    test = backend.by_id[backend.instances("test")[0].id]
+    gold = backend.test_input(test.id, "gold")
+    before = backend.engine().scores([gold], spec).values[0].double()
+    j = 2
+    row = backend.instances("train")[j]
+    new = (0, 4) if row.span_pair != (0, 4) else (2, 9)
+    backend.annotate_span(row.id, "fix", "tester", new)
+    assert (root / "index" / "patch.ekfac.final.npz").exists()
+    after = backend.engine().scores([gold], spec).values[0].double()
+    expected = ekfac_definition(backend, spec, test, [row], DEFAULT_DAMPING, {row.id: new})[0]
+    scale = float(before.abs().max())
+    assert abs(float(after[j]) - float(expected)) < 1e-4 * scale
+    assert abs(float(before[j]) - float(after[j])) > 1e-3 * scale  # the new span changed the score
+    others = torch.arange(len(before)) != j
+    assert torch.allclose(after[others], before[others], atol=1e-6 * scale)
 
 
 def test_trak_on_logistic_regression_equals_the_closed_form():
