@@ -23,7 +23,10 @@ Needs a workspace indexed with ``--with trak,ekfac``. Three parts, in one run:
   pages in the OS cache, as on a machine serving queries); then each test is timed
   for every method in turn, the method order rotating from test to test, so that a slow spell
   of a shared machine falls on all methods alike. Reports p50 and max in ms and the p50 as a
-  ratio to IF++'s (the issue's target: within 2x).
+  ratio to IF++'s (the issue's target: within 2x), and per method the median ms per query of
+  its stages (``stages_p50_ms``): the test inputs' frozen prefix, the test vectors (one backward
+  pass per point; EK-FAC's, formed in its eigenbasis, counted here and not in its inverse), the
+  inverse, the inner products with the index rows, and the rest (each median on its own).
 * ``index_growth``: bytes on disk of the TRAK group (``<point>.trak.npy``,
   ``<point>.trak-diff.npy``, ``<point>.trak-gram.npz`` over the index's points) against the
   default ``grad`` group (``<point>.full.npy``, ``<point>.diff.npy`` and ``ggn.npz``), as a
@@ -59,6 +62,7 @@ from common import Backend, current_rss_mib, gold_tests, peak_rss_mib
 from core.ekfac import Eigenbasis, fit_ekfac
 from core.model import HiddenCache
 from core.registry import METHODS
+from core.scoring import ScoreSettings
 
 BASELINE = "IF++"
 NEW = ["EKFAC", "EKFAC++", "TRAK", "TRAK++"]
@@ -111,8 +115,34 @@ def ekfac_fit(backend: Backend, sample: int | None, batch_size: int, seed: int) 
     return out
 
 
+class StageClock:
+    """Seconds spent in some of the engine's stages, exclusive: a stage called inside another
+    (EK-FAC's inverse forms its own test vectors) counts in the inner one only."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, float] = {}
+        self._inner: list[float] = []
+
+    def wrap(self, obj: object, attr: str, stage: str) -> None:
+        original = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            self._inner.append(0.0)
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                total = time.perf_counter() - started
+                self.spent[stage] = self.spent.get(stage, 0.0) + total - self._inner.pop()
+                if self._inner:
+                    self._inner[-1] += total
+
+        setattr(obj, attr, timed)
+
+
 def query_latency(backend: Backend, tests, methods: list[str]) -> dict:
-    """p50 and max ms of one-test scores per method, measured side by side after warming each."""
+    """p50 and max ms of one-test scores per method, measured side by side after warming each,
+    and the median ms per query of each stage."""
     engine = backend.engine()
     specs = [METHODS.resolve(m) for m in methods]
     warm = {}
@@ -120,18 +150,30 @@ def query_latency(backend: Backend, tests, methods: list[str]) -> dict:
         started = time.perf_counter()
         engine.scores(tests[:1], spec)
         warm[spec.name] = round(1000 * (time.perf_counter() - started), 1)
+    clock = StageClock()
+    for obj, attr, stage in ((engine, "test_batch", "test_prefix"), (engine, "test_vectors", "test_vectors"),
+                             (engine.side, "dot_many", "inner_products")):
+        clock.wrap(obj, attr, stage)
+    for inverse in {id(i): i for i in (engine.inverse(s, ScoreSettings()) for s in specs if s.inverse)}.values():
+        clock.wrap(inverse, "apply", "inverse")
     times: dict[str, list[float]] = {s.name: [] for s in specs}
+    stages: dict[str, list[dict[str, float]]] = {s.name: [] for s in specs}
     for q, test in enumerate(tests):
         for spec in specs[q % len(specs):] + specs[: q % len(specs)]:
+            clock.spent.clear()
             started = time.perf_counter()
             engine.scores([test], spec)
             times[spec.name].append(time.perf_counter() - started)
+            stages[spec.name].append(dict(clock.spent, other=times[spec.name][-1] - sum(clock.spent.values())))
     base = statistics.median(times[BASELINE])
     out: dict = {"queries": len(tests), "baseline": BASELINE, "ihvp": "fast", "target_ratio": TARGET_RATIO}
     for name, values in times.items():
         p50 = statistics.median(values)
+        names = dict.fromkeys(k for record in stages[name] for k in record)
         out[name] = {"p50_ms": round(1000 * p50, 2), "max_ms": round(1000 * max(values), 2),
-                     "first_call_ms": warm[name], "p50_ratio_to_if_pp": round(p50 / base, 2)}
+                     "first_call_ms": warm[name], "p50_ratio_to_if_pp": round(p50 / base, 2),
+                     "stages_p50_ms": {k: round(1000 * statistics.median(r.get(k, 0.0) for r in stages[name]), 2)
+                                       for k in names}}
     return out
 
 
