@@ -132,7 +132,8 @@ def _import_parser(sub) -> None:
 def _with_option(p) -> None:
     p.add_argument("--with", dest="extras", default="", metavar="EXTRAS",
                    help="also build what TRAK/TRAK++ (trak: the index's margin-gradient rows) and EKFAC/EKFAC++ "
-                        "(ekfac: the EK-FAC factors) need, comma-separated: e.g. --with trak,ekfac")
+                        "(ekfac: the EK-FAC factors, then the index's rows in their eigenbasis) need, comma-separated: "
+                        "e.g. --with trak,ekfac")
 
 
 def _ray_options(p) -> None:

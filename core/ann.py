@@ -75,10 +75,13 @@ def _record_path(index: GradientIndex, point: str, kind: str) -> Path:
 
 
 def _matrix_state(index: GradientIndex, kind: str) -> dict:
-    """What a FAISS file must match: the index's fingerprint and rows, and for a span kind the
-    corrected spans (they change its rows)."""
-    spans = index.meta.get("overrides", {}) if REPRESENTATIONS[kind].span else None
-    return {"fingerprint": index.meta.get("fingerprint"), "spans": fingerprint(spans), "rows": len(index.ids)}
+    """What a FAISS file must match: the index's fingerprint and rows, for a span kind the
+    corrected spans (they change its rows), and for a kind formed in a basis its factors."""
+    rep = REPRESENTATIONS[kind]
+    spans = index.meta.get("overrides", {}) if rep.span else None
+    basis = index.meta.get("basis_fps", {}).get(rep.basis) if rep.basis else None
+    return {"fingerprint": index.meta.get("fingerprint"), "spans": fingerprint(spans), "rows": len(index.ids),
+            "basis": basis}
 
 
 def stale_reason(index: GradientIndex, point: str, kind: str) -> str | None:
@@ -90,7 +93,9 @@ def stale_reason(index: GradientIndex, point: str, kind: str) -> str | None:
     state, built = _matrix_state(index, kind), json.loads(record.read_text())
     if {k: built.get(k) for k in state} == state:
         return None
-    return "training spans were corrected" if built.get("fingerprint") == state["fingerprint"] else "the index was rebuilt"
+    if built.get("fingerprint") != state["fingerprint"]:
+        return "the index was rebuilt"
+    return "training spans were corrected" if built.get("spans") != state["spans"] else "the EK-FAC factors were fitted again"
 
 
 def check_ann(index: GradientIndex, terms: Sequence[tuple[str, str]], rebuild: str) -> None:

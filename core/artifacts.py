@@ -10,6 +10,7 @@ the model stage alone (not on spans or the sketch); the fit resumes after an int
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -54,13 +55,27 @@ def _ekfac_fingerprint(ws: Workspace) -> str:
     return fingerprint("ekfac", ws.manifest().stages.get("model", {}).get("fingerprint"))
 
 
-def ekfac_ready(ws: Workspace) -> bool:
-    """Whether the workspace has EK-FAC factors for its current model."""
+def factors_fingerprint(ws: Workspace) -> str | None:
+    """The fingerprint of the workspace's EK-FAC factors (of the file's bytes, taken when they
+    were fitted) when they are there for its current model; else None."""
     try:
         meta = json.loads((ws.root / "ekfac" / "meta.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return False
-    return meta.get("fingerprint") == _ekfac_fingerprint(ws) and (ws.root / "ekfac" / "factors.safetensors").exists()
+        return None
+    fresh = meta.get("fingerprint") == _ekfac_fingerprint(ws) and (ws.root / "ekfac" / "factors.safetensors").exists()
+    return meta.get("factors") if fresh else None
+
+
+def ekfac_ready(ws: Workspace) -> bool:
+    """Whether the workspace has EK-FAC factors for its current model."""
+    return factors_fingerprint(ws) is not None
+
+
+def basis_fingerprints(ws: Workspace, kinds: Iterable[str]) -> dict[str, str | None]:
+    """Per basis that rows of ``kinds`` are formed in, the fingerprint of its factors (None when
+    missing): what an index records with the rows it forms there."""
+    names = {REPRESENTATIONS[k].basis for k in kinds} - {None}
+    return {"ekfac": factors_fingerprint(ws)} if "ekfac" in names else {}
 
 
 def open_ekfac(ws: Workspace) -> EkfacFactors:
@@ -92,7 +107,11 @@ def build_ekfac(ws: Workspace, *, device: str | None = None, batch_size: int = 3
                         progress=progress, on_progress=on_progress)
     factors.save(folder / "factors.safetensors")
     seconds = round(time.perf_counter() - started, 1)
-    write_json_atomic(folder / "meta.json", {"fingerprint": _ekfac_fingerprint(ws), "seconds": seconds,
-                                             "examples": factors.examples})
+    digest = hashlib.sha256()
+    with open(folder / "factors.safetensors", "rb") as saved:
+        for chunk in iter(lambda: saved.read(1 << 24), b""):
+            digest.update(chunk)
+    write_json_atomic(folder / "meta.json", {"fingerprint": _ekfac_fingerprint(ws), "factors": digest.hexdigest()[:16],
+                                             "seconds": seconds, "examples": factors.examples})
     (folder / "ekfac-partial.safetensors").unlink(missing_ok=True)
     log(f"[ekfac] fitted on {factors.examples} training instances in {seconds:.1f}s")

@@ -23,6 +23,7 @@ import torch
 from .ann import AnnSearch, AnnSettings, build_ann, check_ann, stale_reason
 from .artifacts import (
     bases_for,
+    basis_fingerprints,
     build_ekfac,
     check_extras,
     ekfac_ready,
@@ -74,18 +75,13 @@ def index_workspace(ws: Workspace, settings: IndexSettings, *, device: str | Non
     if ws.store_path.exists():
         with Store(ws.store_path) as store:
             fixes = Instances(ws.load_instances(), store.current_annotations()).fixed_train_spans()
-    total = 1.0 if "ekfac" in extras else 0.7
-
-    def part(start: float, share: float):
-        return None if on_progress is None else (lambda f: on_progress((start + share * f) / total))
-
-    build = lambda groups, report: build_index(ws, settings, device=device, progress=progress, log=log,  # noqa: E731
-                                               overrides=fixes, on_progress=report, groups=groups, mapper=mapper)
-    index = build(tuple(e for e in extras if e != "ekfac"), part(0.0, 0.7))
-    if "ekfac" in extras:  # its rows are formed in the factors' eigenbasis: the factors first
+    share = 0.2 if "ekfac" in extras else 0.0  # the factors first: the ekfac rows are formed in their eigenbasis
+    if "ekfac" in extras:
         build_ekfac(ws, device=device, batch_size=settings.batch_size, progress=progress, log=log,
-                    on_progress=part(0.7, 0.2))
-        index = build(("ekfac",), part(0.9, 0.1))
+                    on_progress=None if on_progress is None else (lambda f: on_progress(share * f)))
+    index = build_index(ws, settings, device=device, progress=progress, log=log, overrides=fixes,
+                        on_progress=None if on_progress is None else (lambda f: on_progress(share + (1 - share) * f)),
+                        groups=tuple(extras), mapper=mapper)
     record_index(ws, index)
     return index
 
@@ -240,15 +236,18 @@ class Backend:
     def check_methods(self, specs: Sequence[MethodSpec]) -> None:
         """MethodUnavailable, with the reason, when these methods need parameter points the
         workspace has none of (an imported model without Trainer checkpoints); IndexUnavailable,
-        with the command that builds them, when they need extras (TRAK rows, EK-FAC factors) the
-        workspace lacks."""
+        with the command that builds them, when they need extras (TRAK rows; EK-FAC factors and
+        the index's rows formed with them) the workspace lacks."""
         lacking = [s for s in specs if not PointSet.from_manifest(self.manifest).groups.get(s.points)]
         if lacking:
             names = ", ".join(s.name for s in lacking)
             why = self.manifest.stages.get("model", {}).get("checkpoints_missing", "this workspace has none")
             raise MethodUnavailable(f"{names} need{'s' if len(lacking) == 1 else ''} the model's training "
                                     f"{lacking[0].points}: {why}")
-        have = {"trak": "trak" in self.index.groups, "ekfac": ekfac_ready(self.ws) and "ekfac" in self.index.groups}
+        index = self.index
+        have = {"trak": "trak" in index.groups,  # the ekfac rows must be those of the factors there now
+                "ekfac": "ekfac" in index.groups and index.meta.get("basis_fps", {}) == basis_fingerprints(self.ws, index.kinds)
+                and ekfac_ready(self.ws)}
         missing = [e for e in extras_for(specs) if not have[e]]
         if missing:
             names = ", ".join(s.name for s in specs if set(extras_for([s])) & set(missing))

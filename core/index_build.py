@@ -23,7 +23,7 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
-from .artifacts import bases_for
+from .artifacts import bases_for, basis_fingerprints
 from .gradients import Basis, Projector
 from .index import (
     FORMAT,
@@ -123,7 +123,7 @@ def build_index(
     if unknown:
         raise ValueError(f"unknown index kinds {sorted(unknown)}; choose from {', '.join(KIND_GROUPS)}")
     with _shared_lock(root):
-        current = _current(root, whole, overrides, groups)
+        current = _current(ws, root, whole, overrides, groups)
     if current is not None:
         log(f"[index] up to date ({whole})")
         return current
@@ -135,7 +135,7 @@ def build_index(
             if lock.read() == "build":
                 raise RuntimeError(f"{root} is being built by another process; wait for it to finish") from None
             fcntl.flock(lock, fcntl.LOCK_EX)
-        index = _current(root, whole, None, groups)
+        index = _current(ws, root, whole, None, groups)
         if index is None:
             _declare(lock, "build")
             index = _build(ws, settings, root, groups, loaded=loaded, device=device, progress=progress, log=log,
@@ -147,13 +147,17 @@ def build_index(
         return index
 
 
-def _current(root: Path, whole: str, overrides: Overrides | None, groups: tuple[str, ...]) -> GradientIndex | None:
-    """The index at ``root`` when it is finished, has this fingerprint, these groups and these spans."""
+def _current(ws: Workspace, root: Path, whole: str, overrides: Overrides | None,
+             groups: tuple[str, ...]) -> GradientIndex | None:
+    """The index at ``root`` when it is finished, has this fingerprint, these groups, rows formed
+    with the workspace's factors (EK-FAC's) and these spans."""
     try:
         index = GradientIndex(root)
     except (IndexUnavailable, ValueError):
         return None
     if index.meta.get("fingerprint") != whole or index.meta.get("format") != FORMAT or not set(groups) <= set(index.groups):
+        return None
+    if index.meta.get("basis_fps", {}) != basis_fingerprints(ws, index.kinds):
         return None
     return index if overrides is None or index.spans_match(overrides) else None
 
@@ -192,13 +196,14 @@ def _patch(ws: Workspace, index: GradientIndex, overrides: Overrides, loaded: Lo
     changed = {i for i in applied.keys() | wanted.keys() if applied.get(i) != wanted.get(i)}
     changed |= set(meta.get("patching", []))
     where = [n for n, r in enumerate(rows) if r["id"] in changed]
+    bases = bases_for(ws, index.kinds)  # before any write: missing factors refuse
     meta["patching"] = sorted(changed)
     write_json_atomic(root / "meta.json", meta)
     started = time.perf_counter()
     if where:
         prefixes = TrainPrefixes(ws, loaded)
         prefixes.patch(where, _masked_encodings(loaded, [rows[n] for n in where], overrides))  # on every bottom
-        computed = _span_rows(meta, loaded, settings, prefixes, rows, where, bases_for(ws, index.kinds))
+        computed = _span_rows(meta, loaded, settings, prefixes, rows, where, bases)
         for group, point in _pairs(meta):
             _rewrite_overlay(root, meta, group, point, rows, wanted, computed, index)
     meta["overrides"] = wanted
@@ -253,7 +258,8 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
     stale = meta.get("shared") != shared or meta.get("format") != FORMAT
     # the coordinates of every group it will hold (EK-FAC's factors), before any file is touched
     held = [] if stale else meta.get("groups", [])
-    bases = bases_for(ws, [k for g in dict.fromkeys([*held, *groups]) for k in KIND_GROUPS[g]])
+    kinds = [k for g in dict.fromkeys([*held, *groups]) for k in KIND_GROUPS[g]]
+    bases, basis_fps = bases_for(ws, kinds), basis_fingerprints(ws, kinds)
     if stale:
         shutil.rmtree(root, ignore_errors=True)
         meta = {}
@@ -268,7 +274,7 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
     points = loaded.point_set.names()
     point_fps = {p: variants_fp if p.startswith("variant-") else shared for p in points}
     meta = _prepare_files(root, meta, rows, settings, projector, full_cache, loaded.point_set, point_fps, overrides,
-                          groups)
+                          groups, basis_fps)
     meta.update(points=points, fingerprint=whole, done=False, shared=shared, format=FORMAT)
     write_json_atomic(meta_path, meta)
     batches = length_batches(full_cache.lengths(), settings.batch_size)
@@ -308,9 +314,10 @@ def _pairs(meta: dict) -> list[tuple[str, str]]:
 
 def _prepare_files(root: Path, meta: dict, rows: list[dict], settings: IndexSettings, projector: Projector,
                    full_cache: HiddenCache, point_set: PointSet, point_fps: dict[str, str],
-                   overrides: Overrides, groups: tuple[str, ...]) -> dict:
+                   overrides: Overrides, groups: tuple[str, ...], basis_fps: dict[str, str | None]) -> dict:
     """Start (or bring up to date) the index's files and progress records (one per group and
-    point, ``group:point``; a group at the points :func:`group_points` gives); returns the meta."""
+    point, ``group:point``; a group at the points :func:`group_points` gives); returns the meta.
+    A group formed in a basis starts afresh when its factors are not those its rows hold."""
     points = point_set.names()
     n, d = len(rows), projector.dim
     if not meta:
@@ -331,9 +338,13 @@ def _prepare_files(root: Path, meta: dict, rows: list[dict], settings: IndexSett
     for point in set(meta["point_fps"]) - set(points):
         meta["point_fps"].pop(point)
     meta["group_points"] = wanted
-    for point in points:  # new points, points whose parameters changed and new groups start afresh
+    bases_of = lambda g: {REPRESENTATIONS[k].basis for k in KIND_GROUPS[g]} - {None}  # noqa: E731
+    rebased = {g for g in meta["groups"] if any(meta.get("basis_fps", {}).get(b) != basis_fps[b] for b in bases_of(g))}
+    meta["basis_fps"] = {b: basis_fps[b] for g in meta["groups"] for b in sorted(bases_of(g))}
+    for point in points:  # new points, points whose parameters changed, new groups and new factors start afresh
         fresh = meta["point_fps"].get(point) != point_fps[point]
-        for group in [g for g in meta["groups"] if point in wanted[g] and (fresh or (g, point) not in built)]:
+        for group in [g for g in meta["groups"] if point in wanted[g] and (fresh or (g, point) not in built
+                                                                             or g in rebased)]:
             for kind in KIND_GROUPS[group]:
                 (root / f"{point}.{kind}.npy").unlink(missing_ok=True)  # a new file: a reader's mapping keeps the old
                 open_memmap(root / f"{point}.{kind}.npy", mode="w+", dtype=np.float32, shape=(n, d)).flush()

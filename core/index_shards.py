@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .artifacts import bases_for
+from .artifacts import bases_for, basis_fingerprints
 from .ggn import gauss_newton_batch
 from .gradients import Basis, Projector
 from .index import KIND_GROUPS
@@ -114,7 +114,9 @@ def shard_task(shard: tuple[int, int], ws_root: str, fingerprint: str, dim: int 
                point: str, batches: list[list[int]]) -> str:
     """One shard's rows, sum and embeddings, written to its file atomically; its path."""
     loaded, prefixes, projector, labels = _worker_state(ws_root, fingerprint, dim, seed)
-    bases = worker_cache(("bases", ws_root, fingerprint, group), lambda: bases_for(Workspace(ws_root), KIND_GROUPS[group]))
+    ws = Workspace(ws_root)
+    bases = worker_cache(("bases", ws_root, fingerprint, group, *basis_fingerprints(ws, KIND_GROUPS[group]).values()),
+                         lambda: bases_for(ws, KIND_GROUPS[group]))
     chunks = list(pass_chunks(loaded, projector, *prefixes.pair(point), labels, group, point,
                               batches[shard[0] : shard[1]], shard[0], bases))
     out = {"positions": np.concatenate([c.rows for c in chunks])}

@@ -1,6 +1,7 @@
 """TRAK and EK-FAC influence, whole and span (++) forms, against their definitions."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -110,8 +111,9 @@ def test_ekfac_influence_equals_its_definition(engine64, name):
 
 
 def test_a_corrected_training_span_patches_the_ekfac_rows(workspace, tmp_path):
-    """Fixing a training span re-forms that instance's span row in the eigenbasis (the index's
-    ekfac overlay): EKFAC++ then equals its definition with the new span, the other rows as they were."""
+    """The ekfac rows the index built give EKFAC++ by its definition; fixing a training span
+    re-forms that instance's row in the eigenbasis (the index's ekfac overlay): EKFAC++ then
+    equals its definition with the new span, the other rows as they were."""
     from core.ihvp import DEFAULT_DAMPING
 
     root = Path(shutil.copytree(workspace, tmp_path / "ws", ignore=shutil.ignore_patterns("store.sqlite*")))
@@ -120,6 +122,8 @@ def test_a_corrected_training_span_patches_the_ekfac_rows(workspace, tmp_path):
     test = backend.by_id[backend.instances("test")[0].id]
     gold = backend.test_input(test.id, "gold")
     before = backend.engine().scores([gold], spec).values[0].double()
+    built = ekfac_definition(backend, spec, test, backend.instances("train")[:N_CHECK], DEFAULT_DAMPING)
+    assert float((before[:N_CHECK] - built).norm() / built.norm()) < 1e-4  # the exact index's rows, float32
     j = 2
     row = backend.instances("train")[j]
     new = (0, 4) if row.span_pair != (0, 4) else (2, 9)
@@ -239,7 +243,8 @@ def test_ekfac_forms_only_its_own_test_vectors(workspace, monkeypatch):
 def test_ekfac_rows_wait_for_the_factors_and_methods_name_the_command(tiny_workspace, tmp_path):
     """The index's ekfac rows are formed in the factors' eigenbasis: asked for without the
     factors, the build refuses with the command before it touches a file; with the factors but
-    without the rows, EKFAC is refused with the same command, which then builds just the rows."""
+    without the rows, or with rows formed with other factors, EKFAC is refused with the same
+    command, which then builds just the rows."""
     from core.artifacts import build_ekfac
     from core.index import IndexUnavailable
     from core.index_build import build_index
@@ -261,3 +266,13 @@ def test_ekfac_rows_wait_for_the_factors_and_methods_name_the_command(tiny_works
     assert "ekfac" in index.groups and index.group_points["ekfac"] == ["final"]
     assert index.meta["points_built"] == ["ekfac:final"]  # the grad rows were up to date
     Backend(root, device="cpu").check_methods([METHODS.resolve("EKFAC++")])
+    # factors fitted again (another fingerprint): the rows formed with the old ones are refused, then rebuilt
+    meta_path = root / "ekfac" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps(meta | {"factors": "refitted"}))
+    with pytest.raises(IndexUnavailable, match="--with ekfac"):
+        Backend(root, device="cpu").check_methods([METHODS.resolve("EKFAC")])
+    index_workspace(ws, index.settings, extras=["ekfac"], **quiet)
+    index = Backend(root, device="cpu").index
+    assert index.meta["points_built"] == ["ekfac:final"] and index.meta["basis_fps"] == {"ekfac": "refitted"}
+    Backend(root, device="cpu").check_methods([METHODS.resolve("EKFAC")])
