@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterable
 
 from .ekfac import Eigenbasis, EkfacFactors, fit_ekfac
 from .gradients import Basis
-from .index import IndexUnavailable, group_of
+from .index import GradientIndex, IndexUnavailable, group_of
 from .model import HiddenCache
 from .points import load_workspace_model
 from .registry import MethodSpec
-from .representations import REPRESENTATIONS
+from .representations import bases_of
 from .workspace import Workspace, fingerprint, write_json_atomic
 
 EXTRAS = ("trak", "ekfac")
@@ -74,8 +74,7 @@ def ekfac_ready(ws: Workspace) -> bool:
 def basis_fingerprints(ws: Workspace, kinds: Iterable[str]) -> dict[str, str | None]:
     """Per basis that rows of ``kinds`` are formed in, the fingerprint of its factors (None when
     missing): what an index records with the rows it forms there."""
-    names = {REPRESENTATIONS[k].basis for k in kinds} - {None}
-    return {"ekfac": factors_fingerprint(ws)} if "ekfac" in names else {}
+    return {"ekfac": factors_fingerprint(ws)} if "ekfac" in bases_of(kinds) else {}
 
 
 def open_ekfac(ws: Workspace) -> EkfacFactors:
@@ -86,11 +85,16 @@ def open_ekfac(ws: Workspace) -> EkfacFactors:
     return EkfacFactors.load(ws.root / "ekfac" / "factors.safetensors")
 
 
+def formed_with_current_factors(ws: Workspace, index: GradientIndex) -> bool:
+    """Whether the index's rows formed in a basis (its ekfac rows) were formed with the factors
+    the workspace has now (an index without such rows: True)."""
+    return index.meta.get("basis_fps", {}) == basis_fingerprints(ws, index.kinds)
+
+
 def bases_for(ws: Workspace, kinds: Iterable[str]) -> dict[str, Basis]:
     """The coordinates that rows of ``kinds`` are formed in (:class:`core.ekfac.Eigenbasis` for
     the ``ekfac`` kinds), from the workspace's artifacts; IndexUnavailable when they are missing."""
-    names = {REPRESENTATIONS[k].basis for k in kinds} - {None}
-    return {"ekfac": Eigenbasis(open_ekfac(ws))} if "ekfac" in names else {}
+    return {"ekfac": Eigenbasis(open_ekfac(ws))} if "ekfac" in bases_of(kinds) else {}
 
 
 def build_ekfac(ws: Workspace, *, device: str | None = None, batch_size: int = 32, progress: bool = True,

@@ -12,6 +12,7 @@ threads: :attr:`Backend.lock` serialises the model's use.
 """
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -23,11 +24,10 @@ import torch
 from .ann import AnnSearch, AnnSettings, build_ann, check_ann, stale_reason
 from .artifacts import (
     bases_for,
-    basis_fingerprints,
     build_ekfac,
     check_extras,
-    ekfac_ready,
     extras_for,
+    formed_with_current_factors,
     open_ekfac,
     with_command,
 )
@@ -225,7 +225,7 @@ class Backend:
                 projector = Projector(loaded.split, None, 0, loaded.device)
                 prefixes = TrainPrefixes(self.ws, loaded) if loaded.own_bottoms() else None  # imported checkpoints
                 side = StreamedSide(loaded, projector, full, masked, labels, index.settings.batch_size,
-                                    prefixes=prefixes, bases=lambda kinds: bases_for(self.ws, kinds))
+                                    prefixes=prefixes, bases=functools.cache(lambda kinds: bases_for(self.ws, kinds)))
             else:
                 projector = Projector(loaded.split, index.settings.dim, index.settings.seed, loaded.device)
                 side = IndexedSide(index)
@@ -246,8 +246,7 @@ class Backend:
                                     f"{lacking[0].points}: {why}")
         index = self.index
         have = {"trak": "trak" in index.groups,  # the ekfac rows must be those of the factors there now
-                "ekfac": "ekfac" in index.groups and index.meta.get("basis_fps", {}) == basis_fingerprints(self.ws, index.kinds)
-                and ekfac_ready(self.ws)}
+                "ekfac": "ekfac" in index.groups and formed_with_current_factors(self.ws, index)}
         missing = [e for e in extras_for(specs) if not have[e]]
         if missing:
             names = ", ".join(s.name for s in specs if set(extras_for([s])) & set(missing))

@@ -23,7 +23,7 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
-from .artifacts import bases_for, basis_fingerprints
+from .artifacts import bases_for, basis_fingerprints, formed_with_current_factors
 from .gradients import Basis, Projector
 from .index import (
     FORMAT,
@@ -66,7 +66,7 @@ from .model import (
 from .parallel import Mapper
 from .points import LoadedModel, PointSet, load_workspace_model
 from .prefixes import TrainPrefixes
-from .representations import REPRESENTATIONS
+from .representations import REPRESENTATIONS, bases_of
 from .training_rows import training_gradients
 from .workspace import Workspace, write_json_atomic
 
@@ -157,7 +157,7 @@ def _current(ws: Workspace, root: Path, whole: str, overrides: Overrides | None,
         return None
     if index.meta.get("fingerprint") != whole or index.meta.get("format") != FORMAT or not set(groups) <= set(index.groups):
         return None
-    if index.meta.get("basis_fps", {}) != basis_fingerprints(ws, index.kinds):
+    if not formed_with_current_factors(ws, index):
         return None
     return index if overrides is None or index.spans_match(overrides) else None
 
@@ -338,9 +338,9 @@ def _prepare_files(root: Path, meta: dict, rows: list[dict], settings: IndexSett
     for point in set(meta["point_fps"]) - set(points):
         meta["point_fps"].pop(point)
     meta["group_points"] = wanted
-    bases_of = lambda g: {REPRESENTATIONS[k].basis for k in KIND_GROUPS[g]} - {None}  # noqa: E731
-    rebased = {g for g in meta["groups"] if any(meta.get("basis_fps", {}).get(b) != basis_fps[b] for b in bases_of(g))}
-    meta["basis_fps"] = {b: basis_fps[b] for g in meta["groups"] for b in sorted(bases_of(g))}
+    rebased = {g for g in meta["groups"]
+               if any(meta.get("basis_fps", {}).get(b) != basis_fps[b] for b in bases_of(KIND_GROUPS[g]))}
+    meta["basis_fps"] = {b: basis_fps[b] for g in meta["groups"] for b in sorted(bases_of(KIND_GROUPS[g]))}
     for point in points:  # new points, points whose parameters changed, new groups and new factors start afresh
         fresh = meta["point_fps"].get(point) != point_fps[point]
         for group in [g for g in meta["groups"] if point in wanted[g] and (fresh or (g, point) not in built

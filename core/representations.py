@@ -85,6 +85,11 @@ REPRESENTATIONS: dict[str, Representation] = {
 }
 
 
+def bases_of(kinds) -> set[str]:
+    """The coordinates (other than the parameters') that representations of ``kinds`` are formed in."""
+    return {REPRESENTATIONS[k].basis for k in kinds} - {None}
+
+
 def query_weights(rep: Representation, labels: torch.Tensor) -> LogitWeights:
     """Logit weights of a test side over its rows: row q (whole), or rows 2q and 2q + 1 (the input
     and its span-masked copy) weighted +1 and -1, so one grouped backward pass gives

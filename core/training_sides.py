@@ -87,7 +87,7 @@ class StreamedSide:
 
     def __init__(self, loaded: LoadedModel, projector: Projector, full: HiddenCache, masked: HiddenCache,
                  labels: torch.Tensor, batch_size: int = 32, *, progress=None, prefixes=None,
-                 bases: Callable[[list[str]], Mapping[str, Basis]] | None = None):
+                 bases: Callable[[tuple[str, ...]], Mapping[str, Basis]] | None = None):
         self.loaded, self.projector = loaded, projector
         self.bases = bases  # kinds -> the coordinates of those that have their own (core.artifacts.bases_for)
         self.full, self.masked, self.labels, self.batch_size = full, masked, labels, batch_size
@@ -107,7 +107,7 @@ class StreamedSide:
     def dot_many(self, point: str, requests: Requests) -> dict[Hashable, torch.Tensor]:
         out = {key: torch.zeros(vecs.shape[0], self.n, dtype=torch.float64) for key, (_, vecs) in requests.items()}
         tests = {key: vecs.double().cpu() for key, (_, vecs) in requests.items()}
-        kinds = sorted({kind for kind, _ in requests.values()})
+        kinds = tuple(sorted({kind for kind, _ in requests.values()}))
         for batch in training_gradients(self.loaded, self.projector, *self._caches(point), self.labels, point,
                                         self._batches(), kinds=kinds, bases=self.bases and self.bases(kinds)):
             for key, (kind, _) in requests.items():
