@@ -77,6 +77,9 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--variant-lr", type=POSITIVE_FLOAT, help="learning rate of the variants' single step")
     p.add_argument("--variant-optimizer", choices=["adamw", "sgd"],
                    help="the variants' single step: AdamW's first step (default) or plain SGD")
+    p.add_argument("--models", type=POSITIVE,
+                   help="classifiers trained independently (theta and N - 1 more with seeds seed+1 ...): TRAK's "
+                        "ensemble (default 1: TRAK runs over the checkpoints); build their rows with --with trak")
     p.add_argument("--max-length", type=_number(int, 8, name="a whole number"), help="max tokens per (aspect, text) pair")
     _span_options(p)
     _build_options(p)
@@ -200,9 +203,9 @@ def cmd_prepare(args) -> int:
         args.preset, dataset=args.dataset, data_dir=args.data_dir, model=args.model, rc_model=args.rc_model,
         train_limit=args.train_limit, eval_limit=args.eval_limit, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, trainable_layers=args.trainable_layers, checkpoints=args.checkpoints, variants=args.variants,
-        variant_lr=args.variant_lr, variant_optimizer=args.variant_optimizer, max_length=args.max_length,
-        span_importance=args.span_importance, category_spans=args.category_spans, input_format=args.input_format,
-        seed=args.seed, device=args.device,
+        variant_lr=args.variant_lr, variant_optimizer=args.variant_optimizer, models=args.models,
+        max_length=args.max_length, span_importance=args.span_importance, category_spans=args.category_spans,
+        input_format=args.input_format, seed=args.seed, device=args.device,
     )
     return _build(args, lambda: prepare(settings, args.workspace))
 
@@ -256,6 +259,9 @@ def _summary(manifest) -> None:
     for key in ("dev_accuracy", "test_accuracy", "best_epoch", "index"):
         if key in manifest.results:
             print(f"  {key}: {manifest.results[key]}")
+    for record in manifest.stages.get("models", {}).get("records", []):
+        print(f"  {record['point']} (seed {record['seed']}): dev_accuracy {record['dev_accuracy']}, "
+              f"test_accuracy {record['test_accuracy']}")
     missing = manifest.stages.get("model", {}).get("checkpoints_missing")
     if missing:
         print(f"  unavailable: TracIn, Control and TRAK (no checkpoints: {missing})")

@@ -242,8 +242,9 @@ class Backend:
         if lacking:
             names = ", ".join(s.name for s in lacking)
             why = self.manifest.stages.get("model", {}).get("checkpoints_missing", "this workspace has none")
+            wanted = "checkpoints" if lacking[0].points == "ensemble" else lacking[0].points  # no models: its fallback
             raise MethodUnavailable(f"{names} need{'s' if len(lacking) == 1 else ''} the model's training "
-                                    f"{lacking[0].points}: {why}")
+                                    f"{wanted}: {why}")
         index = self.index
         have = {"trak": "trak" in index.groups,  # the ekfac rows must be those of the factors there now
                 "ekfac": "ekfac" in index.groups and formed_with_current_factors(self.ws, index)}

@@ -13,7 +13,7 @@ from typing import Any
 from .data import LAYOUT, default_data_dir
 from .index import IndexSettings, saved_settings
 from .prepare import PrepareSettings
-from .workspace import STAGES, Manifest, Workspace
+from .workspace import OPTIONAL_STAGES, STAGES, Manifest, Workspace
 
 WORKSPACES_ENV = "SPANLENS_WORKSPACES"
 DATA_ROOTS_ENV = "SPANLENS_DATA_ROOTS"
@@ -76,7 +76,7 @@ def workspace_info(path: Path) -> WorkspaceInfo:
     """The build state of the workspace at ``path``."""
     manifest = Workspace(path).manifest()
     done = tuple(s for s in STAGES if manifest.stages.get(s, {}).get("done"))
-    prepared = all(s in done for s in STAGES[:-1])
+    prepared = all(s in done for s in STAGES[:-1] if s in manifest.stages or s not in OPTIONAL_STAGES)
     if prepared and index_done(path):
         status = "ready"
     elif prepared:
@@ -188,8 +188,8 @@ def span_source(manifest: Manifest) -> str:
 
 
 def manifest_summary(root: Path) -> dict[str, Any]:
-    """What the Workspaces page shows: sizes, the data report, accuracy, span stats, index, timings,
-    settings."""
+    """What the Workspaces page shows: sizes, the data report, accuracy, TRAK's independently
+    trained models, span stats, index, timings, settings."""
     ws = Workspace(root)
     manifest = ws.manifest()
     stages, results = manifest.stages, manifest.results
@@ -211,6 +211,7 @@ def manifest_summary(root: Path) -> dict[str, Any]:
         "accuracy": {k: results[k] for k in ("train_accuracy", "dev_accuracy", "test_accuracy") if k in results},
         "best_epoch": results.get("best_epoch"),
         "history": results.get("history", []),
+        "models": stages.get("models", {}).get("records", []),
         "span_stats": stages.get("spans", {}).get("stats", {}),
         "index": index_meta,
         "timings": timings,

@@ -89,6 +89,10 @@ class Importer(Preparer):
         dataset.labels = tuple(match_labels(labels, dataset.labels, folder))
         return dataset
 
+    def _models(self, instances: list[Instance], split, model_fp: str) -> None:
+        """Nothing: an imported model brings no independently trained ones, so TRAK's ensemble is
+        its checkpoints."""
+
     def _model(self, instances: list[Instance], data_fp: str):
         """theta = the given model; its checkpoints, kept whole; the frozen-prefix caches (theta's
         for every split, each checkpoint's for training); accuracy at theta."""

@@ -90,18 +90,20 @@ def index_command(ws: Workspace, settings: IndexSettings | None = None) -> str:
     return f"python -m core index --workspace {ws.root}{extra}"
 
 
-def _fingerprints(ws: Workspace, settings: IndexSettings) -> tuple[str, str, str]:
-    """(shared, variants, whole) fingerprints of the index.
+def _fingerprints(ws: Workspace, settings: IndexSettings) -> tuple[str, dict[str, str], str]:
+    """(shared, by point-name prefix, whole) fingerprints of the index.
 
     Every point's vectors depend on the spans, the masked inputs, the model stage (final and
-    checkpoints) and the projection (shared); the variant points also on the variants stage.
-    The batch size is left out: it changes nothing but float rounding.
+    checkpoints) and the projection (shared); the variant points also on the variants stage, the
+    independently trained models (``model-M``) on the models stage, which only a workspace that
+    has it brings into the whole. The batch size is left out: it changes nothing but float rounding.
     """
     stages = ws.manifest().stages
     stage = lambda name: stages.get(name, {}).get("fingerprint")  # noqa: E731
     shared = fingerprint([stage("spans"), stage("importance"), stage("model")], "countsketch", settings.dim, settings.seed)
-    variants = fingerprint(shared, stage("variants"))
-    return shared, variants, fingerprint(shared, variants)
+    variants, models = fingerprint(shared, stage("variants")), fingerprint(shared, stage("models"))
+    whole = fingerprint(shared, variants, *([models] if "models" in stages else []))
+    return shared, {"variant-": variants, "model-": models}, whole
 
 
 def index_fingerprint(ws: Workspace, settings: IndexSettings) -> str:
@@ -251,10 +253,9 @@ def open_index(ws: Workspace) -> GradientIndex:
 
 
 def group_points(group: str, points: PointSet) -> list[str]:
-    """The points a kind group is built at: ``grad`` at every point; another group at the point
-    sets of the registered methods that read its kinds (TRAK: the checkpoints)."""
-    if group == "grad":
-        return points.names()
+    """The points a kind group is built at: those of the point sets of the registered methods
+    that read its kinds (``grad``: theta, the checkpoints and the variants; ``trak``: TRAK's
+    ensemble; ``ekfac``: theta)."""
     sets = {s.points for s in METHODS if group_of(s.train) == group or group_of(s.test) == group}
     return [p for p in points.names() if any(p in points.groups.get(name, ()) for name in sets)]
 

@@ -22,9 +22,16 @@ from .prepare import PrepareSettings, prepare
 from .workspace import STAGES, Workspace, write_json_atomic
 
 STAGE_WEIGHTS = {"data": 0.02, "spans": 0.05, "model": 0.55, "importance": 0.03, "variants": 0.05, "index": 0.30}
-"""Each build stage's share of the build bar (roughly its share of the time on a CPU)."""
+"""Each build stage's share of the build bar (roughly its share of the time on a CPU) with one
+classifier; ``prepare --models N`` adds N - 1 more, each as long to train as the first."""
 EXPECTED_ERRORS = (DataError, FileNotFoundError, KeyError, ValueError)
 """Errors in the user's data or settings: shown as one line, without a traceback."""
+
+
+def stage_weights(models: int = 1) -> dict[str, float]:
+    """Each stage's share of the build bar for a workspace of ``models`` classifiers (sum 1)."""
+    raw = {**STAGE_WEIGHTS, "models": STAGE_WEIGHTS["model"] * (models - 1)}
+    return {stage: weight / sum(raw.values()) for stage, weight in raw.items()}
 
 
 class Job:
@@ -93,9 +100,10 @@ class PrepareJob(Job):
     def on_progress(self, stage: str, fraction: float) -> None:
         """Where the build is: ``stage`` (one of STAGES) and the fraction of it done."""
         stages = list(STAGES)
-        done = sum(STAGE_WEIGHTS[s] for s in stages[:stages.index(stage)])
+        weights = stage_weights(getattr(self.settings, "models", 1))
+        done = sum(weights[s] for s in stages[:stages.index(stage)])
         self._stage = stage
-        self._fraction = max(self._fraction, done + STAGE_WEIGHTS[stage] * fraction)
+        self._fraction = max(self._fraction, done + weights[stage] * fraction)
 
     def begin(self) -> None:
         """Record the request, so the workspace is listed at once and resumes as asked."""

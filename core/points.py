@@ -1,7 +1,8 @@
 """Parameter points: the classifier at theta, its checkpoints and its variants, loaded once.
 
 A workspace's points are listed in its manifest (``final``; ``checkpoint-K`` from the model
-stage, with the learning rate of its epoch; ``variant-I`` from the variants stage), never taken
+stage, with the learning rate of its epoch; ``variant-I`` from the variants stage; ``model-M``,
+an independently trained classifier, from the models stage), never taken
 from a directory listing: a point file that is missing is an error naming the file and the
 command that rebuilds it, so a method never runs silently on fewer points than it was built for.
 
@@ -42,15 +43,19 @@ class PointSet:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "PointSet":
+        """The points the manifest lists. ``ensemble`` (TRAK's) is theta and the classifiers of the
+        models stage (``prepare --models N``) when it has any, else the checkpoints."""
         checkpoints = manifest.stages.get("model", {}).get("checkpoints", [])
         variants = manifest.stages.get("variants", {}).get("records", [])
-        return cls({"final": ("final",), "checkpoints": tuple(r["point"] for r in checkpoints),
-                    "variants": tuple(r["point"] for r in variants)},
+        models = tuple(r["point"] for r in manifest.stages.get("models", {}).get("records", []))
+        named = tuple(r["point"] for r in checkpoints)
+        return cls({"final": ("final",), "checkpoints": named, "variants": tuple(r["point"] for r in variants),
+                    "ensemble": ("final", *models) if models else named},
                    {r["point"]: float(r["lr"]) for r in checkpoints})
 
     def names(self) -> list[str]:
-        """Every point, theta first."""
-        return [p for group in self.groups.values() for p in group]
+        """Every point once, theta first."""
+        return list(dict.fromkeys(p for group in self.groups.values() for p in group))
 
     def of(self, points: str, method: str = "this method") -> list[str]:
         """The points of a set; ValueError when the workspace has none of them."""
@@ -193,8 +198,9 @@ def _own_bottoms(manifest: Manifest, split: SplitModel, device: torch.device) ->
 def load_workspace_model(ws: Workspace, device: str | None = None) -> LoadedModel:
     """Load the classifier and every parameter point the manifest lists."""
     manifest = ws.manifest()
-    if not manifest.stage_done("variants", manifest.stages.get("variants", {}).get("fingerprint", "")):
-        raise FileNotFoundError(f"{ws.root} is not fully prepared: run `python -m core prepare` first")
+    for stage in ("variants", *(["models"] if "models" in manifest.stages else [])):
+        if not manifest.stage_done(stage, manifest.stages.get(stage, {}).get("fingerprint", "")):
+            raise FileNotFoundError(f"{ws.root} is not fully prepared: run `python -m core prepare` first")
     settings = manifest.settings
     dev = pick_device(device)
     model, tokenizer = load_backbone(settings["model"], manifest.labels, settings["seed"])

@@ -80,8 +80,8 @@ StageProgress = Callable[[str, float], None]
 CHECKPOINT_RULE = "last C epochs up to the selected one"  # in the model stage's fingerprint
 PREFIX_SHARE = 0.1  # of the model stage: the frozen prefix; the rest is training, step by step
 
-AT_LEAST = {"epochs": 1, "batch_size": 1, "trainable_layers": 1, "checkpoints": 1, "variants": 1, "max_length": 8,
-            "seed": 0}
+AT_LEAST = {"epochs": 1, "batch_size": 1, "trainable_layers": 1, "checkpoints": 1, "variants": 1, "models": 1,
+            "max_length": 8, "seed": 0}
 """The smallest value of each whole-number setting."""
 VARIANT_OPTIMIZERS = ("adamw", "sgd")
 RC_NEEDS_ASPECTS = ("--rc-model asks about an aspect (\"How is the X?\"); single texts and text pairs have none: "
@@ -119,6 +119,7 @@ class PrepareSettings:
     variants: int = 3
     variant_lr: float = 1e-4
     variant_optimizer: str = "adamw"
+    models: int = 1  # classifiers trained independently (theta and models - 1 more): TRAK's ensemble
     max_length: int = 128
     span_importance: bool = False
     category_spans: str = "importance"
@@ -301,6 +302,7 @@ class Preparer:
         spans = self._importance(instances, spans, split, tokenizer, model_fp)
         self._mark_past_limit(instances, spans, tokenizer)
         self._variants(instances, split, model_fp)
+        self._models(instances, split, model_fp)
         self.ws.save_manifest(self.manifest)
         return self.manifest
 
@@ -542,6 +544,50 @@ class Preparer:
             records=[{"point": f"variant-{r.index}", "seed": r.seed, "lr": r.lr, "step_norm": r.step_norm,
                       "rows": [train_rows[k].id for k in r.rows], "optimizer": s.variant_optimizer} for r in records],
         )
+
+    def _models(self, instances: list[Instance], split, model_fp: str) -> None:
+        """TRAK's ensemble (``--models N``): N - 1 classifiers besides theta, each trained as theta
+        was, on the same training set, but with the seed + M - 1 (the head's initialisation, the
+        shuffling and dropout), kept at its dev-selected epoch as the point ``model-M``. A training
+        resumes from its last finished epoch, and a model already trained for this theta is kept
+        when N changes. With N = 1 the workspace has no models stage."""
+        s = self.settings
+        before = {r["point"]: r for r in self.manifest.stages.get("models", {}).get("records", [])
+                  if r.get("model") == model_fp and self.ws.point_path_of(r["point"]).exists()}
+        for point in set(before) - {f"model-{m}" for m in range(2, s.models + 1)}:
+            self.ws.point_path_of(point).unlink()
+        if s.models == 1:
+            if self.manifest.stages.pop("models", None) is not None:
+                self.log("[models] removed: TRAK's ensemble is the checkpoints again")
+            return
+        if not self._begin("models", fingerprint(model_fp, s.models), clean=("ensemble",)):
+            return
+        started = time.perf_counter()
+        labels = self.manifest.labels
+        caches = {name: HiddenCache.load(self.ws.root / "prefix" / f"{name}.safetensors") for name in SPLITS}
+        y = {name: torch.tensor([labels.index(i.label) for i in instances if i.split == name]) for name in SPLITS}
+        theta, records = split.state(), []
+        for m in range(2, s.models + 1):
+            seed = s.seed + m - 1
+            if f"model-{m}" in before:
+                records.append(before[f"model-{m}"])
+                continue
+            split.load_state(split_model(load_backbone(s.model, labels, seed)[0], s.trainable_layers).state())
+            state = train(
+                split, caches["train"], y["train"], caches["dev"], y["dev"],
+                TrainConfig(**{**asdict(TrainConfig.from_settings(asdict(s))), "seed": seed}),
+                out_dir=self.ws.dir("ensemble") / f"model-{m}", device=self.device, progress=self.progress,
+                on_step=lambda done, total, at=m - 2: self.report("models", (at + done / max(total, 1)) / (s.models - 1)),
+            )
+            save_params(split.state(), self.ws.point_path_of(f"model-{m}"))
+            test = round(accuracy(predict(split, caches["test"], device=self.device), y["test"]), 4) if len(y["test"]) else None
+            records.append({"point": f"model-{m}", "model": model_fp, "seed": seed, "best_epoch": state.best_epoch,
+                            "dev_accuracy": round(state.best_accuracy, 4), "test_accuracy": test})
+            self.log(f"  model-{m} (seed {seed}): epoch {state.best_epoch}, dev accuracy {state.best_accuracy:.4f}, "
+                     f"test accuracy {test}")
+        split.load_state(theta)
+        shutil.rmtree(self.ws.root / "ensemble", ignore_errors=True)
+        self._finish("models", started, records=records)
 
 
 def prepare(settings: PrepareSettings, workspace: str | Path, *, progress: bool = True,

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 from .representations import REPRESENTATIONS
 
-POINT_SETS = ("final", "checkpoints", "variants")
+POINT_SETS = ("final", "checkpoints", "variants", "ensemble")
+"""``ensemble`` is TRAK's: the independently trained classifiers (theta and ``prepare --models
+N``'s others) when the workspace has them, else the checkpoints (:class:`core.points.PointSet`)."""
 POINT_WEIGHTS = ("uniform", "lr", "mean")
 INVERSES = (None, "hessian", "ekfac", "trak")
 """Inverse kinds a spec may name (:mod:`core.inverses`): ``hessian`` = (H + lambda I)^-1 estimated
@@ -198,10 +200,11 @@ for _spec in (
     MethodSpec("EKFAC++", "final", "ekfac-diff", "ekfac-diff", "#AA4499", inverse="ekfac", paper_sign=-1, family="EK-FAC",
                dash="longdash",
                help="EK-FAC influence span to span: e(z')^T G_ekfac^-1 e(z)"),
-    MethodSpec("TRAK", "checkpoints", "trak", "trak", "#117733", inverse="trak", weights="mean", family="TRAK",
-               dash="longdash", help="TRAK (Park et al. 2023): mean over checkpoints of phi(z')^T (Phi^T Phi)^-1 "
-                                     "phi(z) Q(z), phi the margin gradient, Q = 1 - p_y"),
-    MethodSpec("TRAK++", "checkpoints", "trak-diff", "trak-diff", "#332288", inverse="trak", weights="mean",
+    MethodSpec("TRAK", "ensemble", "trak", "trak", "#117733", inverse="trak", weights="mean", family="TRAK",
+               dash="longdash", help="TRAK (Park et al. 2023): mean over the independently trained models (prepare "
+                                     "--models N), else the checkpoints, of phi(z')^T (Phi^T Phi)^-1 phi(z) Q(z), "
+                                     "phi the margin gradient, Q = 1 - p_y"),
+    MethodSpec("TRAK++", "ensemble", "trak-diff", "trak-diff", "#332288", inverse="trak", weights="mean",
                paper_sign=-1, family="TRAK", dash="longdash", help="TRAK span to span: margin-gradient span differences on both sides"),
 ):
     METHODS.register(_spec)

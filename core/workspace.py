@@ -27,7 +27,9 @@ from .data import Instance
 from .spans import Span
 
 MANIFEST = "manifest.json"
-STAGES = ("data", "spans", "model", "importance", "variants", "index")
+STAGES = ("data", "spans", "model", "importance", "variants", "models", "index")
+OPTIONAL_STAGES = ("models",)
+"""Stages a workspace has only when asked for (``prepare --models N``: TRAK's ensemble)."""
 
 
 def fingerprint(*parts: Any) -> str:
@@ -130,7 +132,8 @@ class Workspace:
     def fingerprint(self) -> str:
         """The fingerprint of the whole workspace (that of its last finished stage chain)."""
         stages = self.manifest().stages
-        return fingerprint([stages.get(s, {}).get("fingerprint") for s in STAGES])
+        return fingerprint([stages.get(s, {}).get("fingerprint") for s in STAGES
+                            if s in stages or s not in OPTIONAL_STAGES])
 
     # instances
     def save_instances(self, rows: list[dict]) -> None:
@@ -155,11 +158,15 @@ class Workspace:
         return rows
 
     # parameter points
+    def point_path_of(self, point: str) -> Path:
+        """Where a parameter point's file lies: ``final``, ``checkpoint-K``, ``variant-I`` or ``model-M``."""
+        if point != "final" and not point.startswith(("checkpoint-", "variant-", "model-")):
+            raise ValueError(f"unknown parameter point {point!r}: use final, checkpoint-K, variant-I or model-M")
+        return self.root / "model" / f"{point}.safetensors"
+
     def point_path(self, point: str) -> Path:
-        """File of a parameter point: ``final``, ``checkpoint-K`` or ``variant-I``."""
-        if point != "final" and not point.startswith(("checkpoint-", "variant-")):
-            raise ValueError(f"unknown parameter point {point!r}: use final, checkpoint-K or variant-I")
-        path = self.root / "model" / f"{point}.safetensors"
+        """File of a parameter point (:meth:`point_path_of`), which must exist."""
+        path = self.point_path_of(point)
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run `python -m core prepare` for this workspace")
         return path

@@ -140,6 +140,11 @@ if info is not None:
             history = pd.DataFrame(summary["history"]).set_index("epoch")
             st.line_chart(history[[c for c in ("dev_accuracy", "train_loss") if c in history]], height=220)
             st.caption(f"best epoch {summary['best_epoch']}")
+    if summary["models"]:
+        st.markdown(f"**TRAK's ensemble: theta (seed {summary['settings'].get('seed')}) and the classifiers trained "
+                    "independently beside it**")
+        st.dataframe(pd.DataFrame(summary["models"]).set_index("point")[
+            ["seed", "best_epoch", "dev_accuracy", "test_accuracy"]], key="models")
     if summary["data_report"]:
         with st.expander("Data report (items read and skipped, split assignment)"):
             st.code(summary["data_report"], language=None)

@@ -2,10 +2,18 @@
 one example at a time, over the trainable subset (no hooks, no sketch, no cache)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from core.model import collate, encode_pairs, mask_span
+from core.artifacts import bases_for, open_ekfac
+from core.backend import Backend
+from core.engine import Engine
+from core.gradients import Projector
+from core.model import HiddenCache, collate, encode_pairs, mask_span
+from core.training_sides import StreamedSide
 from core.workspace import load_model
 
 DAMPING = 1e-4  # far below the tiny model's two large Gauss-Newton eigenvalues (~0.4): the inverse matters
@@ -89,13 +97,14 @@ def margin_grad(model, tok, row, label: int, span, masked: bool) -> tuple[torch.
     return torch.cat([g.flatten() for g in torch.autograd.grad(margin, params)]), 1.0 - float(logp[label].detach().exp())
 
 
-def brute_trak(backend, test_id: str, span_form: bool, train_rows, ridge: float, dtype=torch.float64) -> torch.Tensor:
-    """TRAK's definition, point by point over the checkpoints, with every feature from autograd:
-    mean_p phi_p(z')^T (Phi_p^T Phi_p + lambda_p I)^-1 phi_p(z) Q_p(z), lambda_p = ridge x mean
-    eigenvalue; span_form: phi(x) - phi(x_-ij) on both sides."""
+def brute_trak(backend, test_id: str, span_form: bool, train_rows, ridge: float, dtype=torch.float64,
+               points: Sequence[str] | None = None) -> torch.Tensor:
+    """TRAK's definition, point by point over ``points`` (default: the checkpoints), with every
+    feature from autograd: mean_p phi_p(z')^T (Phi_p^T Phi_p + lambda_p I)^-1 phi_p(z) Q_p(z),
+    lambda_p = ridge x mean eigenvalue; span_form: phi(x) - phi(x_-ij) on both sides."""
     ws, labels = backend.ws, backend.manifest.labels
     test, rows = backend.by_id[test_id], backend.instances("train")
-    points = ws.points("checkpoint")
+    points = list(points or ws.points("checkpoint"))
     total = torch.zeros(len(train_rows), dtype=torch.float64)
     for point in points:
         model = load_model(ws, point, device="cpu").to(dtype)
@@ -115,3 +124,21 @@ def brute_trak(backend, test_id: str, span_form: bool, train_rows, ridge: float,
             x, q = side(row, span_form)
             total[j] += float(t_vec @ x) * q / len(points)
     return total
+
+
+def float64_engine(workspace: Path) -> tuple[Backend, Engine]:
+    """A float64 engine over streamed exact gradients of the workspace (every point), with its
+    EK-FAC factors when it has them, and the workspace's backend."""
+    own = Backend(workspace, device="cpu")
+    loaded = own.loaded
+    loaded.split.model.double()
+    for params in loaded.points.values():
+        for name in params:
+            params[name] = params[name].double()
+    loaded.use("final")
+    full, labels = own.train_cache()
+    masked = HiddenCache.load(own.index.root / "prefix-masked.safetensors")
+    to64 = lambda c: HiddenCache([s.double() for s in c.states])  # noqa: E731
+    projector = Projector(loaded.split, None)
+    side = StreamedSide(loaded, projector, to64(full), to64(masked), labels, 8, bases=lambda k: bases_for(own.ws, k))
+    return own, Engine(loaded, side, projector, ekfac=lambda: open_ekfac(own.ws))

@@ -8,8 +8,9 @@ failure in 20 runs on a loaded 2-core machine).
 Each run is ``python -m pytest -q`` (plus the arguments after ``--``) in a fresh process from the
 repository root (``--repo``: another checkout, e.g. a worktree at a fixed commit), offline; a
 failing or hung run never stops the loop. One JSON line per run (commit, exit code, counts,
-seconds, the failing tests), then ``{"runs": N, "failures": F}``; the exit code is 1 when a run
-failed. ``--record FILE`` also appends each run's line to FILE, so a series too long for one
+seconds, the failing tests), then ``{"runs": N, "failures": F, "timeouts": T}`` (a run killed at
+``--timeout`` is counted apart: hung, or starved of the cores by a heavier load); the exit code
+is 1 unless every run passed. ``--record FILE`` also appends each run's line to FILE, so a series too long for one
 sitting continues later at the same commit; the summary then adds the recorded runs and failures
 at that commit. To run it beside a load, start the load first, for example::
 
@@ -49,11 +50,17 @@ def commit_of(repo: Path) -> str:
     return (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
 
 
+def outcome(exit_code: int | str) -> str:
+    """``passed``, ``failed`` (pytest's exit code was not 0) or ``timeout`` (killed at --timeout:
+    hung, or starved of the cores past the limit; a run's output cannot tell which)."""
+    return "timeout" if exit_code == "timeout" else "passed" if exit_code == 0 else "failed"
+
+
 def recorded(path: Path, commit: str) -> dict[str, int]:
-    """Runs and failed runs recorded in ``path`` at ``commit``."""
+    """Runs, failed runs and timed-out runs recorded in ``path`` at ``commit``."""
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    mine = [r for r in runs if r.get("commit") == commit]
-    return {"recorded_runs": len(mine), "recorded_failures": sum(r.get("exit_code") != 0 for r in mine)}
+    mine = [outcome(r.get("exit_code")) for r in runs if r.get("commit") == commit]
+    return {"recorded_runs": len(mine), "recorded_failures": mine.count("failed"), "recorded_timeouts": mine.count("timeout")}
 
 
 def run_once(number: int, pytest_args: list[str], timeout: float, log_dir: Path | None, repo: Path = ROOT) -> dict:
@@ -87,19 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--times must be at least 1")
     if args.log_dir is not None:
         args.log_dir.mkdir(parents=True, exist_ok=True)
-    failures = 0
+    outcomes = []
     for number in range(1, args.times + 1):
         result = run_once(number, args.pytest_args, args.timeout, args.log_dir, args.repo)
-        failures += result["exit_code"] != 0
+        outcomes.append(outcome(result["exit_code"]))
         print(json.dumps(result), flush=True)
         if args.record is not None:
             with args.record.open("a") as out:
                 out.write(json.dumps(result) + "\n")
-    summary = {"runs": args.times, "failures": failures}
+    summary = {"runs": args.times, "failures": outcomes.count("failed"), "timeouts": outcomes.count("timeout")}
     if args.record is not None:
         summary |= {"commit": commit_of(args.repo), **recorded(args.record, commit_of(args.repo))}
     print(json.dumps(summary), flush=True)
-    return 1 if failures else 0
+    return 0 if outcomes.count("passed") == args.times else 1
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from core.registry import METHODS
 from core.scoring import ScoreSettings
 from core.training_sides import StreamedSide
 from core.workspace import Workspace, load_model
-from tests.brute import DAMPING, brute_force, sides
+from tests.brute import DAMPING, brute_force, float64_engine, sides
 
 EXACT = IndexSettings(dim=None, batch_size=8)
 LOW = ScoreSettings(damping=DAMPING)
@@ -37,19 +37,7 @@ def backend(tiny_workspace):
 @pytest.fixture(scope="module")
 def exact64(tiny_workspace):
     """The streamed exact engine of a separate backend, with model, points and caches in float64."""
-    own = Backend(tiny_workspace, device="cpu", index_settings=EXACT)
-    loaded = own.loaded
-    loaded.split.model.double()
-    for params in loaded.points.values():
-        for name in params:
-            params[name] = params[name].double()
-    loaded.use("final")
-    full, labels = own.train_cache()
-    masked = HiddenCache.load(own.index.root / "prefix-masked.safetensors")
-    to64 = lambda c: HiddenCache([s.double() for s in c.states])  # noqa: E731
-    projector = Projector(loaded.split, None)
-    side = StreamedSide(loaded, projector, to64(full), to64(masked), labels, 8)
-    return Engine(loaded, side, projector)
+    return float64_engine(tiny_workspace)[1]
 
 
 @pytest.mark.parametrize("name", [s.name for s in METHODS if not extras_for([s])])  # the others: test_trak_ekfac.py

@@ -26,41 +26,15 @@ from core.model import HiddenCache, encode_pairs, load_backbone
 from core.prepare import PREFIX_SHARE, PrepareSettings, prepare
 from core.workspace import Workspace
 from tests.conftest import tiny_settings
+from tests.review_data import reviews, small_settings, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 EXACT = IndexSettings(dim=None, batch_size=8)
-FOODS = ["pasta", "soup", "bread", "salad", "pizza", "curry"]
-
-
-def reviews(n: int, *, split: bool = True, labels: tuple[str, ...] = ("positive", "negative"), filler: int = 0) -> list[dict]:
-    """``n`` short reviews (texts differ); with ``split``, 70/15/15 train/dev/test by position;
-    ``filler`` sentences of three words go first, to push the aspect's span past a token limit."""
-    rows = []
-    for i in range(n):
-        food, label = FOODS[i % len(FOODS)], labels[i % len(labels)]
-        words = [f"the {food} was", "good" if label == "positive" else "bad", f"at table {i}"]
-        text = " ".join(words) if not filler else " ".join(["we came late"] * filler) + ". " + " ".join(words)
-        row = {"text": text, "aspect": food, "label": label}
-        if split:
-            row["split"] = "train" if i < 0.7 * n else "dev" if i < 0.85 * n else "test"
-        rows.append(row)
-    return rows
 
 
 def all_train(n: int) -> list[dict]:
     """``n`` reviews without a split column that the 80/10/10 hash all puts in train."""
     return [r for r in reviews(20 * n, split=False) if hash_split(r["text"]) == "train"][:n]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def small_settings(dataset: Path, backbone: Path, **overrides) -> PrepareSettings:
-    values = {"dataset": str(dataset), "model": str(backbone), "epochs": 2, "batch_size": 4, "lr": 1e-3,
-              "checkpoints": 1, "variants": 1, "max_length": 32, "device": "cpu"}
-    return PrepareSettings(**{**values, **overrides})
 
 
 def copy_workspace(source: Path, target: Path) -> Path:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.artifacts import bases_for, open_ekfac
+from core.artifacts import open_ekfac
 from core.backend import Backend, index_workspace
 from core.engine import Engine
 from core.gradients import Projector
@@ -18,9 +18,8 @@ from core.model import HiddenCache
 from core.registry import METHODS
 from core.representations import margin_weights, true_class_slack
 from core.scoring import TRAK_RIDGE
-from core.training_sides import StreamedSide
 from core.workspace import Workspace, load_model
-from tests.brute import brute_trak, sides
+from tests.brute import brute_trak, float64_engine, sides
 
 N_CHECK = 8
 
@@ -38,19 +37,7 @@ def workspace(tiny_workspace, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def engine64(workspace):
     """A float64 engine over streamed exact gradients, with the workspace's EK-FAC factors."""
-    own = Backend(workspace, device="cpu")
-    loaded = own.loaded
-    loaded.split.model.double()
-    for params in loaded.points.values():
-        for name in params:
-            params[name] = params[name].double()
-    loaded.use("final")
-    full, labels = own.train_cache()
-    masked = HiddenCache.load(own.index.root / "prefix-masked.safetensors")
-    to64 = lambda c: HiddenCache([s.double() for s in c.states])  # noqa: E731
-    projector = Projector(loaded.split, None)
-    side = StreamedSide(loaded, projector, to64(full), to64(masked), labels, 8, bases=lambda k: bases_for(own.ws, k))
-    return own, Engine(loaded, side, projector, ekfac=lambda: open_ekfac(own.ws))
+    return float64_engine(workspace)
 
 
 def test_margin_weights_are_the_margins_gradient():
@@ -167,7 +154,7 @@ def test_trak_on_logistic_regression_equals_the_closed_form():
     names = {"classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"}
     split = SplitModel(module, None, module, list(names), names)
     loaded = LoadedModel(split, None, ["a", "b"], {"final": split.state()}, torch.device("cpu"), 8,
-                         PointSet({"final": ("final",), "checkpoints": ("final",)}))
+                         PointSet({"final": ("final",), "ensemble": ("final",)}))
     projector = Projector(split, None)
     # the closed form, in the features' own coordinates
     with torch.no_grad():
