@@ -90,8 +90,9 @@ class Importer(Preparer):
         return dataset
 
     def _models(self, instances: list[Instance], split, model_fp: str) -> None:
-        """Nothing: an imported model brings no independently trained ones, so TRAK's ensemble is
-        its checkpoints."""
+        """An imported model brings no independently trained ones (a stage left by an earlier
+        ``prepare`` goes), so TRAK's ensemble is its checkpoints."""
+        self.manifest.stages.pop("models", None)
 
     def _model(self, instances: list[Instance], data_fp: str):
         """theta = the given model; its checkpoints, kept whole; the frozen-prefix caches (theta's

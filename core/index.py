@@ -94,16 +94,17 @@ def _fingerprints(ws: Workspace, settings: IndexSettings) -> tuple[str, dict[str
     """(shared, by point-name prefix, whole) fingerprints of the index.
 
     Every point's vectors depend on the spans, the masked inputs, the model stage (final and
-    checkpoints) and the projection (shared); the variant points also on the variants stage, the
-    independently trained models (``model-M``) on the models stage, which only a workspace that
-    has it brings into the whole. The batch size is left out: it changes nothing but float rounding.
+    checkpoints) and the projection (shared); the variant points also on the variants stage. An
+    independently trained model ``model-M`` is fixed by the model stage and M (its seed), so its
+    vectors have the shared fingerprint too; the models stage (which models there are) enters the
+    whole only in a workspace that has it. The batch size is left out: it changes nothing but float rounding.
     """
     stages = ws.manifest().stages
     stage = lambda name: stages.get(name, {}).get("fingerprint")  # noqa: E731
     shared = fingerprint([stage("spans"), stage("importance"), stage("model")], "countsketch", settings.dim, settings.seed)
-    variants, models = fingerprint(shared, stage("variants")), fingerprint(shared, stage("models"))
-    whole = fingerprint(shared, variants, *([models] if "models" in stages else []))
-    return shared, {"variant-": variants, "model-": models}, whole
+    variants = fingerprint(shared, stage("variants"))
+    whole = fingerprint(shared, variants, *([fingerprint(shared, stage("models"))] if "models" in stages else []))
+    return shared, {"variant-": variants}, whole
 
 
 def index_fingerprint(ws: Workspace, settings: IndexSettings) -> str:

@@ -550,9 +550,10 @@ class Preparer:
         was, on the same training set, but with the seed + M - 1 (the head's initialisation, the
         shuffling and dropout), kept at its dev-selected epoch as the point ``model-M``. A training
         resumes from its last finished epoch, and a model already trained for this theta is kept
-        when N changes. With N = 1 the workspace has no models stage."""
+        (also from an interrupted stage) when N changes. With N = 1 the workspace has no models stage."""
         s = self.settings
-        before = {r["point"]: r for r in self.manifest.stages.get("models", {}).get("records", [])
+        stage = self.manifest.stages.get("models", {})
+        before = {r["point"]: r for r in [*stage.get("records", []), *stage.get("kept", [])]
                   if r.get("model") == model_fp and self.ws.point_path_of(r["point"]).exists()}
         for point in set(before) - {f"model-{m}" for m in range(2, s.models + 1)}:
             self.ws.point_path_of(point).unlink()
@@ -567,6 +568,8 @@ class Preparer:
         caches = {name: HiddenCache.load(self.ws.root / "prefix" / f"{name}.safetensors") for name in SPLITS}
         y = {name: torch.tensor([labels.index(i.label) for i in instances if i.split == name]) for name in SPLITS}
         theta, records = split.state(), []
+        self.manifest.stages["models"]["kept"] = [before[p] for p in sorted(before)]  # what an interruption keeps
+        self.ws.save_manifest(self.manifest)
         for m in range(2, s.models + 1):
             seed = s.seed + m - 1
             if f"model-{m}" in before:
@@ -583,10 +586,13 @@ class Preparer:
             test = round(accuracy(predict(split, caches["test"], device=self.device), y["test"]), 4) if len(y["test"]) else None
             records.append({"point": f"model-{m}", "model": model_fp, "seed": seed, "best_epoch": state.best_epoch,
                             "dev_accuracy": round(state.best_accuracy, 4), "test_accuracy": test})
+            self.manifest.stages["models"].setdefault("kept", []).append(records[-1])  # kept if interrupted
+            self.ws.save_manifest(self.manifest)
             self.log(f"  model-{m} (seed {seed}): epoch {state.best_epoch}, dev accuracy {state.best_accuracy:.4f}, "
                      f"test accuracy {test}")
         split.load_state(theta)
         shutil.rmtree(self.ws.root / "ensemble", ignore_errors=True)
+        self.manifest.stages["models"].pop("kept", None)
         self._finish("models", started, records=records)
 
 

@@ -93,14 +93,15 @@ def test_a_model_is_the_classifier_that_its_seed_trains(tmp_path, tiny_backbone,
     theta_1 = load_params(Workspace(second).point_path("final"))
     assert model_2.keys() == theta_1.keys() and all(torch.equal(model_2[n], theta_1[n]) for n in model_2)
 
+    index_workspace(Workspace(first), EXACT, extras=["trak"], **QUIET)
     lines: list[str] = []
     prepare(small_settings(data, tiny_backbone, models=3), first, progress=False, log=lines.append)
     assert [line.split(" (")[0].strip() for line in lines if line.strip().startswith("model-")] == ["model-3"]
     again = load_params(Workspace(first).point_path("model-2"))
     assert all(torch.equal(again[n], model_2[n]) for n in model_2)
     assert PointSet.from_manifest(Workspace(first).manifest()).groups["ensemble"] == MODELS
-
-    index_workspace(Workspace(first), EXACT, extras=["trak"], **QUIET)
+    index = index_workspace(Workspace(first), EXACT, extras=["trak"], **QUIET)
+    assert index.meta["points_built"] == ["trak:model-3"]  # the kept models keep their rows
     prepare(small_settings(data, tiny_backbone, models=1), first, **QUIET)
     manifest = Workspace(first).manifest()
     assert "models" not in manifest.stages
@@ -141,3 +142,31 @@ def test_the_workspaces_page_shows_the_ensemble(ensemble, tmp_path, monkeypatch)
     tables = [d.value for d in at.dataframe if "seed" in d.value.columns]
     assert len(tables) == 1 and list(tables[0].index) == ["model-2", "model-3"]
     assert list(tables[0]["seed"]) == [1, 2]
+
+
+def test_an_interrupted_models_stage_keeps_the_models_it_had(tmp_path, tiny_backbone, monkeypatch):
+    """Models trained before (or within) a stage that was interrupted are not trained again
+    when the stage runs next, even with another N."""
+    import core.prepare as preparing
+
+    data = write_jsonl(tmp_path / "reviews.jsonl", reviews(40))
+    root = tmp_path / "ws"
+    prepare(small_settings(data, tiny_backbone, models=2), root, **QUIET)
+    model_2 = load_params(Workspace(root).point_path("model-2"))
+    real, trained = preparing.train, []
+
+    def interrupted(*args, out_dir, **kwargs):
+        trained.append(out_dir.name)
+        if out_dir.name == "model-4" and trained.count("model-4") == 1:
+            raise RuntimeError("killed")
+        return real(*args, out_dir=out_dir, **kwargs)
+
+    monkeypatch.setattr(preparing, "train", interrupted)
+    with pytest.raises(RuntimeError, match="killed"):
+        prepare(small_settings(data, tiny_backbone, models=4), root, **QUIET)
+    prepare(small_settings(data, tiny_backbone, models=5), root, **QUIET)
+    assert [t for t in trained if t.startswith("model-")] == ["model-3", "model-4", "model-4", "model-5"]
+    again = load_params(Workspace(root).point_path("model-2"))
+    assert all(torch.equal(again[n], model_2[n]) for n in model_2)
+    assert PointSet.from_manifest(Workspace(root).manifest()).groups["ensemble"] == (
+        "final", "model-2", "model-3", "model-4", "model-5")
