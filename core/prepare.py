@@ -547,12 +547,10 @@ class Preparer:
 
     def _models(self, instances: list[Instance], split, model_fp: str) -> None:
         """TRAK's ensemble (``--models N``): N - 1 classifiers besides theta, each trained as theta
-        was, on the same training set, but with the seed + M - 1 (the head's initialisation, the
-        shuffling and dropout), kept at its dev-selected epoch as the point ``model-M``. A training
-        resumes from its last finished epoch, and a model already trained for this theta is kept
-        (also from an interrupted stage) when N changes. With N = 1 the workspace has no models stage."""
-        s = self.settings
-        stage = self.manifest.stages.get("models", {})
+        was but with the seed + M - 1 (head initialisation, shuffling, dropout), kept at its best dev
+        epoch as the point ``model-M``. Trainings resume; models trained for this theta are kept (also
+        by an interrupted stage) when N changes. With N = 1 the workspace has no models stage."""
+        s, stage = self.settings, self.manifest.stages.get("models", {})
         before = {r["point"]: r for r in [*stage.get("records", []), *stage.get("kept", [])]
                   if r.get("model") == model_fp and self.ws.point_path_of(r["point"]).exists()}
         for point in set(before) - {f"model-{m}" for m in range(2, s.models + 1)}:
@@ -563,8 +561,7 @@ class Preparer:
             return
         if not self._begin("models", fingerprint(model_fp, s.models), clean=("ensemble",)):
             return
-        started = time.perf_counter()
-        labels = self.manifest.labels
+        started, labels = time.perf_counter(), self.manifest.labels
         caches = {name: HiddenCache.load(self.ws.root / "prefix" / f"{name}.safetensors") for name in SPLITS}
         y = {name: torch.tensor([labels.index(i.label) for i in instances if i.split == name]) for name in SPLITS}
         theta, records = split.state(), []
@@ -592,7 +589,7 @@ class Preparer:
                      f"test accuracy {test}")
         split.load_state(theta)
         shutil.rmtree(self.ws.root / "ensemble", ignore_errors=True)
-        self.manifest.stages["models"].pop("kept", None)
+        del self.manifest.stages["models"]["kept"]
         self._finish("models", started, records=records)
 
 
