@@ -90,8 +90,8 @@ def index_command(ws: Workspace, settings: IndexSettings | None = None) -> str:
     return f"python -m core index --workspace {ws.root}{extra}"
 
 
-def _fingerprints(ws: Workspace, settings: IndexSettings) -> tuple[str, dict[str, str], str]:
-    """(shared, by point-name prefix, whole) fingerprints of the index.
+def _fingerprints(ws: Workspace, settings: IndexSettings) -> tuple[str, str, str]:
+    """(shared, variants, whole) fingerprints of the index.
 
     Every point's vectors depend on the spans, the masked inputs, the model stage (final and
     checkpoints) and the projection (shared); the variant points also on the variants stage. An
@@ -104,7 +104,7 @@ def _fingerprints(ws: Workspace, settings: IndexSettings) -> tuple[str, dict[str
     shared = fingerprint([stage("spans"), stage("importance"), stage("model")], "countsketch", settings.dim, settings.seed)
     variants = fingerprint(shared, stage("variants"))
     whole = fingerprint(shared, variants, *([fingerprint(shared, stage("models"))] if "models" in stages else []))
-    return shared, {"variant-": variants}, whole
+    return shared, variants, whole
 
 
 def index_fingerprint(ws: Workspace, settings: IndexSettings) -> str:

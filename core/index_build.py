@@ -252,7 +252,7 @@ def _rewrite_overlay(root: Path, meta: dict, group: str, point: str, rows: list[
 def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str, ...], *, loaded: LoadedModel | None,
            device: str | None, progress: bool, log, overrides: Overrides, on_progress: Progress | None,
            mapper: Mapper | None) -> GradientIndex:
-    shared, by_prefix, whole = _fingerprints(ws, settings)
+    shared, variants_fp, whole = _fingerprints(ws, settings)
     meta_path = root / "meta.json"
     meta = _read_meta(meta_path) if meta_path.exists() else {}
     stale = meta.get("shared") != shared or meta.get("format") != FORMAT
@@ -272,7 +272,7 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
     full_cache = prefixes.pair("final")[0]
     projector = Projector(loaded.split, settings.dim, settings.seed, loaded.device)
     points = loaded.point_set.names()
-    point_fps = {p: next((fp for prefix, fp in by_prefix.items() if p.startswith(prefix)), shared) for p in points}
+    point_fps = {p: variants_fp if p.startswith("variant-") else shared for p in points}
     meta = _prepare_files(root, meta, rows, settings, projector, full_cache, loaded.point_set, point_fps, overrides,
                           groups, basis_fps)
     meta.update(points=points, fingerprint=whole, done=False, shared=shared, format=FORMAT)

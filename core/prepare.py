@@ -583,7 +583,7 @@ class Preparer:
             test = round(accuracy(predict(split, caches["test"], device=self.device), y["test"]), 4) if len(y["test"]) else None
             records.append({"point": f"model-{m}", "model": model_fp, "seed": seed, "best_epoch": state.best_epoch,
                             "dev_accuracy": round(state.best_accuracy, 4), "test_accuracy": test})
-            self.manifest.stages["models"].setdefault("kept", []).append(records[-1])  # kept if interrupted
+            self.manifest.stages["models"]["kept"].append(records[-1])  # kept if interrupted
             self.ws.save_manifest(self.manifest)
             self.log(f"  model-{m} (seed {seed}): epoch {state.best_epoch}, dev accuracy {state.best_accuracy:.4f}, "
                      f"test accuracy {test}")

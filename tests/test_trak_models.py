@@ -14,7 +14,7 @@ from core.backend import index_workspace
 from core.index import GradientIndex, IndexSettings
 from core.model import load_params
 from core.points import PointSet, load_workspace_model
-from core.prepare import prepare
+from core.prepare import PrepareSettings, prepare
 from core.registry import METHODS
 from core.scoring import TRAK_RIDGE
 from core.workspace import Workspace
@@ -126,7 +126,9 @@ def test_an_unfinished_models_stage_is_refused(ensemble, tmp_path):
 
 def test_prepare_refuses_a_models_count_below_one(capsys):
     assert main(["prepare", "--workspace", "unused", "--models", "0"]) == 2
-    assert "--models" in capsys.readouterr().err
+    assert "argument --models" in capsys.readouterr().err  # the option's own check, not an unknown option
+    with pytest.raises(ValueError, match=r"models \(--models\) must be a whole number of at least 1"):
+        PrepareSettings(models=0)
 
 
 def test_the_workspaces_page_shows_the_ensemble(ensemble, tmp_path, monkeypatch):
