@@ -15,11 +15,12 @@ not fit in memory, exact and approximate (FAISS).
    each): p50 and max seconds over ``--repeats`` queries of ``--queries`` test vectors, and that
    process's peak resident memory (VmHWM) against the matrix's size. The first query reads from
    disk; later ones may hit the OS page cache when the matrix fits in it (both are reported).
-3. ``ann``: at the largest N, a FAISS IVF-PQ index (core/ann.py; lists and pq printed) built
-   over the matrix, searched with each ``--nprobe`` x ``--candidates`` pair (comma-separated
-   lists); each search's top-10 against the exact top-10 of the same
-   queries (recall@10), p50 latency of both, build seconds and the ANN file's size. Rows of a
-   random low-rank model are a stand-in for gradient rows; recall on real rows can differ.
+3. ``ann``: at the largest N, a FAISS index per ``--ranks`` value (core/ann.py: the rows
+   projected onto that many leading directions, 8 bits per coordinate) built over the matrix
+   and searched with each ``--candidates`` value; each search's top-10 against the exact top-10
+   of the same queries (recall@10), p50 latency of both, build seconds, the share of the rows'
+   energy the projection keeps and the FAISS file's size. Rows of a random low-rank model are a
+   stand-in for gradient rows; recall on real rows can differ.
 
 What would make it misleading: a loaded machine (the Ray workers and the single process share
 2 cores; run it alone); the build's first seconds on Ray include starting the workers and
@@ -37,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -113,53 +113,52 @@ def query(root: Path, queries: int, repeats: int) -> dict:
             "matrix_mib": round((root / "final.full.npy").stat().st_size / 2**20, 1)}
 
 
-def ann(root: Path, queries: int, repeats: int, settings, nprobes: list[int], candidates: list[int]) -> dict:
-    """FAISS IVF-PQ against exact top-10 over the index at ``root``: built once with ``settings``,
-    searched with every (nprobe, candidates) pair (search-time choices: no rebuild)."""
+def ann(root: Path, queries: int, repeats: int, ranks: list[int], candidates: list[int]) -> dict:
+    """FAISS against the exact top-10 over the index at ``root``: built once per rank, searched
+    with every number of candidates (a search-time choice: no rebuild)."""
     import torch
 
-    from core.ann import AnnSearch, build_ann, recall_at_k
+    from core.ann import AnnSearch, AnnSettings, ann_record, build_ann, recall_at_k
     from core.training_sides import IndexedSide
 
     index = GradientIndex(root)
-    started = time.perf_counter()
-    path = build_ann(index, "final", "full", settings)
-    built = time.perf_counter() - started
     vecs = torch.from_numpy(np.random.default_rng(2).standard_normal((queries, index.settings.dim), dtype=np.float32))
     exact_s = []
     for _ in range(repeats):
         started = time.perf_counter()
         exact = IndexedSide(index).dot_many("final", {"q": ("full", vecs)})["q"].numpy()
         exact_s.append(time.perf_counter() - started)
-    searches = []
-    for nprobe in nprobes:
+    builds = []
+    for rank in ranks:
+        started = time.perf_counter()
+        path = build_ann(index, "final", "full", AnnSettings(rank=rank))
+        built = time.perf_counter() - started
+        searches = []
         for cand in candidates:
-            search = AnnSearch(index, [("final", "full")], replace(settings, nprobe=nprobe, candidates=cand))
+            search = AnnSearch(index, [("final", "full")], AnnSettings(rank=rank, candidates=cand))
             approx_s = []
             for _ in range(repeats):
                 started = time.perf_counter()
                 positions, _ = search.top_k({("final", "full"): vecs}, {("final", "full"): 1.0}, k=10)
                 approx_s.append(time.perf_counter() - started)
-            searches.append({"nprobe": nprobe, "candidates": cand, "recall_at_10": recall_at_k(positions, exact, 10),
+            searches.append({"candidates": cand, "recall_at_10": recall_at_k(positions, exact, 10),
                              "ann_p50_seconds": round(float(np.median(approx_s)), 3)})
-    return {"settings": {"lists": settings.lists, "pq": settings.pq}, "build_seconds": round(built, 1),
-            "ann_file_mib": round(path.stat().st_size / 2**20, 1), "exact_p50_seconds": round(float(np.median(exact_s)), 3),
-            "searches": searches}
+            print(json.dumps({"rank": rank, **searches[-1]}), file=sys.stderr, flush=True)
+        builds.append({"rank": rank, "energy_kept": ann_record(index, "final", "full")["energy_kept"],
+                       "build_seconds": round(built, 1), "ann_file_mib": round(path.stat().st_size / 2**20, 1),
+                       "searches": searches})
+    return {"exact_p50_seconds": round(float(np.median(exact_s)), 3), "builds": builds}
 
 
 def main() -> None:
-    from core.ann import AnnSettings
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workspace", type=Path, help="a prepared workspace with an index (omit: no build part)")
     p.add_argument("--sizes", default="11186,100000,1000000", help="synthetic index rows N, comma-separated")
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--queries", type=int, default=16, help="test vectors per query (the evaluation's batch)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--lists", type=int, default=1024)
-    p.add_argument("--pq", type=int, default=64)
-    p.add_argument("--nprobe", default="64", help="lists searched per query, comma-separated (each is searched)")
-    p.add_argument("--candidates", default="20", help="candidates per K before exact rescoring, comma-separated")
+    p.add_argument("--ranks", default="64,256", help="projection ranks, comma-separated (one FAISS build each)")
+    p.add_argument("--candidates", default="1,5,20", help="candidates per K before exact rescoring, comma-separated")
     p.add_argument("--no-ann", action="store_true")
     p.add_argument("--work", type=Path, help="folder for the temporary indexes (default: a temporary folder)")
     args = p.parse_args()
@@ -178,9 +177,8 @@ def main() -> None:
             if n != max(sizes):
                 shutil.rmtree(root)
         if not args.no_ann:
-            settings = AnnSettings(lists=args.lists, pq=args.pq)
-            out["ann"] = {"rows": max(sizes), **ann(work / f"n{max(sizes)}", args.queries, args.repeats, settings,
-                                                    [int(v) for v in args.nprobe.split(",")],
+            out["ann"] = {"rows": max(sizes), **ann(work / f"n{max(sizes)}", args.queries, args.repeats,
+                                                    [int(v) for v in args.ranks.split(",")],
                                                     [int(v) for v in args.candidates.split(",")])}
     finally:
         shutil.rmtree(work, ignore_errors=True)

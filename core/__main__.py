@@ -268,7 +268,7 @@ def _summary(manifest) -> None:
 
 
 def cmd_index(args) -> int:
-    from .ann import AnnSettings, check_layout
+    from .ann import AnnSettings, check_sketched
     from .artifacts import check_extras
     from .backend import Backend, index_workspace
     from .workspace import Workspace
@@ -280,12 +280,12 @@ def cmd_index(args) -> int:
     settings = _index_settings(args, rebuild=True)
     ann = _ann_methods(args.ann)  # names and the layout checked before the build
     if ann is not None:
-        check_layout(settings.dim, AnnSettings())
+        check_sketched(settings.dim)
     index = _index_with_ray(args, lambda pool: index_workspace(ws, settings, device=args.device, extras=extras,
                                                                mapper=pool))
     if ann is not None:
         backend = Backend(ws.root, device=args.device, index_settings=settings)
-        backend.build_ann(ann or backend.available_methods())
+        backend.build_ann(ann or backend.available_methods(), AnnSettings(rank=args.ann_rank))
     print(json.dumps({k: index.meta[k] for k in ("dim", "seconds", "examples_per_second", "projection")}, indent=2))
     return 0
 
@@ -323,6 +323,7 @@ def _scoring(args, exact: bool = False):
 
 
 def _explain_parser(sub) -> None:
+    from .ann import AnnSettings
     from .registry import METHODS
 
     p = sub.add_parser("explain", help="rank training instances (and spans) for a test instance",
@@ -341,9 +342,8 @@ def _explain_parser(sub) -> None:
     p.add_argument("--exact", action="store_true", help="exact gradients, no projection (slow; small workspaces)")
     p.add_argument("--approximate", action="store_true",
                    help="top-K from FAISS candidates, rescored exactly (large indexes; build them with index --ann)")
-    p.add_argument("--nprobe", type=POSITIVE, default=32, help="with --approximate: inverted lists searched (default 32)")
-    p.add_argument("--candidates", type=POSITIVE, default=10,
-                   help="with --approximate: candidates per matrix, as a multiple of K (default 10)")
+    p.add_argument("--candidates", type=POSITIVE, default=AnnSettings.candidates,
+                   help=f"with --approximate: candidates per matrix, as a multiple of K (default {AnnSettings.candidates})")
     p.add_argument("--check-recall", action="store_true",
                    help="with --approximate: also score exactly and print recall@K of the approximate proponents "
                         "and opponents")
@@ -374,7 +374,7 @@ def cmd_explain(args) -> int:
         test = backend.test_input(args.test_id, args.label)
     recall: dict[str, dict[str, float]] = {}
     if args.approximate:
-        search = AnnSettings(nprobe=args.nprobe, candidates=args.candidates)
+        search = AnnSettings(candidates=args.candidates)
         explanations = [backend.explain_approximate(test, m, k=args.k, settings=settings, search=search) for m in methods]
         if args.check_recall:
             overlap = lambda got, want: sum(h.train_id in {g.train_id for g in got} for h in want) / len(want)  # noqa: E731
@@ -534,6 +534,8 @@ def cmd_fetch(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .ann import AnnSettings
+
     parser = _Parser(prog="python -m core", description="SpanLens: sample-based explanations with spans.")
     sub = parser.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch-data", help="download MAMS and SentiHood from their public repositories")
@@ -549,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ann", metavar="METHODS",
                    help="also build FAISS indexes for `explain --approximate` over every matrix these methods read "
                         "(comma-separated names, or all: every method the workspace can run)")
+    i.add_argument("--ann-rank", type=POSITIVE, default=AnnSettings.rank,
+                   help=f"with --ann: dimensions each FAISS index projects the rows onto (default {AnnSettings.rank})")
     _ray_options(i)
     _explain_parser(sub)
     _evaluate_parser(sub)

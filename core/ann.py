@@ -2,23 +2,29 @@
 
 Exact inner products over every training row stay the default: a query streams the index's
 matrices once (:class:`core.training_sides.IndexedSide`), which is fast up to a few hundred
-thousand rows on a CPU (see docs/SCALING.md). Past that, an inverted-file index with product
-quantisation (FAISS ``IVF{lists},PQ{m}``, inner-product metric) over each (point, kind) matrix
-proposes candidates, and the candidates' scores are then computed exactly from the
-memory-mapped rows, summed over the method's points with its weights - so a returned score is
-never approximate, only the candidate set is. :func:`recall_at_k` measures what that costs
-against the exact top-K: on synthetic low-rank rows this layout's candidates missed most of
-the exact top-10 (recall@10 0.09 at 1M rows; docs/SCALING.md), so the search is experimental.
+thousand rows on a CPU (see docs/SCALING.md). Past that, each (point, kind) matrix gets a compact
+FAISS index that is searched exhaustively: its rows projected onto the ``rank`` leading
+eigenvectors of their second moment and stored at 8 bits per coordinate (FAISS
+``IndexPreTransform`` of a ``LinearTransform`` and an ``IndexScalarQuantizer``, inner-product
+metric). The candidates' scores are then computed exactly from the memory-mapped rows, summed
+over the method's points with its weights - so a returned score is never approximate, only the
+candidate set is. :func:`recall_at_k` measures what that costs against the exact top-K.
+
+The projection is uncentred on purpose: an inner product, not a distance, is ranked, and FAISS
+applies a pre-transform to the queries as well, so centring would subtract the rows' mean from
+every query and add a row-dependent term to its scores. The earlier layout, inverted lists with
+product quantisation (IVF-PQ), was measured and dropped: its candidates held 9 % of the exact
+top-10 at 1M rows (docs/SCALING.md).
 
 Each FAISS file has a record beside it (``ann.{point}.{kind}.json``: the index's fingerprint and
-corrected spans, the rows, the layout); :func:`check_ann` refuses a search when a file is missing
-or no longer matches its matrix (the index rebuilt, a span corrected since), naming the command
-that rebuilds it.
+corrected spans, the rows, the layout, the share of the rows' energy the projection keeps);
+:func:`check_ann` refuses a search when a file is missing or no longer matches its matrix (the
+index rebuilt, a span corrected since), naming the command that rebuilds it.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,23 +35,20 @@ from .index import GradientIndex
 from .representations import REPRESENTATIONS
 from .workspace import fingerprint, write_json_atomic
 
-TRAIN_SAMPLE = 50_000  # rows the quantisers are trained on
+SAMPLE_ROWS = 20_000  # rows the projection and the 8-bit ranges are fitted on
 
 
 @dataclass(frozen=True)
 class AnnSettings:
-    """FAISS index layout and search breadth. ``lists``: inverted lists (None: about 4 sqrt(N));
-    ``pq``: sub-quantisers (d must be divisible by it); ``nprobe``: lists searched per query;
-    ``candidates``: rows proposed per point before exact rescoring (a multiple of K)."""
+    """FAISS layout and search breadth. ``rank``: dimensions the rows are projected onto (at most
+    the sketch's); ``candidates``: rows proposed per matrix before exact rescoring, a multiple of K."""
 
-    lists: int | None = None
-    pq: int = 64
-    nprobe: int = 32
-    candidates: int = 10
+    rank: int = 256
+    candidates: int = 20
 
     def __post_init__(self) -> None:
-        if self.pq < 1 or self.nprobe < 1 or self.candidates < 1 or (self.lists is not None and self.lists < 1):
-            raise ValueError("lists, pq, nprobe and candidates must be at least 1")
+        if self.rank < 1 or self.candidates < 1:
+            raise ValueError("rank and candidates must be at least 1")
 
 
 def _faiss():
@@ -56,13 +59,10 @@ def _faiss():
     return faiss
 
 
-def check_layout(dim: int | None, settings: AnnSettings) -> int:
-    """The sketch dimension, when FAISS can index it with ``settings`` (ValueError otherwise)."""
+def check_sketched(dim: int | None) -> int:
+    """The sketch dimension of an index FAISS can serve (ValueError for an exact index)."""
     if dim is None:
         raise ValueError("an approximate index needs a sketched gradient index; this one is exact (--proj-dim 0)")
-    if dim % settings.pq:
-        raise ValueError(f"the sketch dimension {dim} is not divisible by {settings.pq} (FAISS's sub-quantisers); "
-                         f"use a --proj-dim that is, e.g. {max(settings.pq, dim // settings.pq * settings.pq)}")
     return dim
 
 
@@ -72,6 +72,11 @@ def ann_path(index: GradientIndex, point: str, kind: str) -> Path:
 
 def _record_path(index: GradientIndex, point: str, kind: str) -> Path:
     return index.root / f"ann.{point}.{kind}.json"
+
+
+def ann_record(index: GradientIndex, point: str, kind: str) -> dict:
+    """What a (point, kind) FAISS file was built from and with (see the module docstring)."""
+    return json.loads(_record_path(index, point, kind).read_text())
 
 
 def _matrix_state(index: GradientIndex, kind: str) -> dict:
@@ -98,6 +103,11 @@ def stale_reason(index: GradientIndex, point: str, kind: str) -> str | None:
     return "training spans were corrected" if built.get("spans") != state["spans"] else "the EK-FAC factors were fitted again"
 
 
+def built_as(index: GradientIndex, point: str, kind: str, settings: AnnSettings) -> bool:
+    """Whether the (point, kind) FAISS file is up to date and was built with ``settings``' rank."""
+    return stale_reason(index, point, kind) is None and ann_record(index, point, kind).get("rank_asked") == settings.rank
+
+
 def check_ann(index: GradientIndex, terms: Sequence[tuple[str, str]], rebuild: str) -> None:
     """FileNotFoundError (missing) or ValueError (stale) unless every term's FAISS file matches
     the index as it is now; ``rebuild``: the command that (re)builds them."""
@@ -109,34 +119,57 @@ def check_ann(index: GradientIndex, terms: Sequence[tuple[str, str]], rebuild: s
             raise ValueError(f"{ann_path(index, point, kind)} is stale ({why} since it was built); rebuild it with: {rebuild}")
 
 
+def leading_directions(sample: np.ndarray, rank: int) -> tuple[np.ndarray, float]:
+    """The ``rank`` leading eigenvectors of the rows' second moment ``S^T S`` as a (rank, d)
+    float32 matrix, and the share of the sample's squared norm they keep."""
+    second = sample.T.astype(np.float64) @ sample.astype(np.float64)
+    values, vectors = np.linalg.eigh(second)  # ascending
+    rank = min(rank, len(values))
+    total = float(values.sum())
+    kept = float(values[-rank:].sum()) / total if total > 0 else 1.0
+    return np.ascontiguousarray(vectors[:, ::-1][:, :rank].T, dtype=np.float32), kept
+
+
 def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings = AnnSettings(), *,
               seed: int = 0) -> Path:
-    """Train and fill a FAISS IVF-PQ inner-product index over a (point, kind) matrix (rows streamed
-    in blocks; corrected spans' overlay rows included) and save it next to the matrix."""
+    """Fit the projection on a sample of a (point, kind) matrix, fill a FAISS index with every row
+    (streamed in blocks; corrected spans' overlay rows in place of their base rows) and save it
+    next to the matrix, with its record."""
     faiss = _faiss()
     n = len(index.ids)
-    d = check_layout(index.settings.dim, settings)
-    lists = settings.lists or max(1, min(n // 39, int(4 * np.sqrt(n))))
-    # built directly: index_factory's IVF-PQ trained 25x slower here (polysemous/precomputed-table setup)
+    d = check_sketched(index.settings.dim)
     rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(n, size=min(n, max(TRAIN_SAMPLE, 39 * lists)), replace=False))
-    bits = int(min(8, max(1, np.log2(len(sample)))))  # 2^bits codes per sub-quantiser: no more than the sample
-    ann = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, lists, settings.pq, bits, faiss.METRIC_INNER_PRODUCT)
-    ann.cp.min_points_per_centroid = ann.pq.cp.min_points_per_centroid = 1  # small samples are expected: no warnings
-    ann.train(_rows(index, point, kind, sample))
-    for start, block in index.blocks(point, kind):
-        ann.add(np.ascontiguousarray(block.numpy(), dtype=np.float32))
-    patched = index.overlay(point, kind)
-    if patched is not None:  # the rows of corrected spans replace their base rows
-        ids = patched[0].numpy().astype(np.int64)
-        ann.remove_ids(ids)
-        ann.add_with_ids(np.ascontiguousarray(patched[1].numpy(), dtype=np.float32), ids)
+    sample = _rows(index, point, kind, np.sort(rng.choice(n, size=min(n, SAMPLE_ROWS), replace=False)))
+    directions, kept = leading_directions(sample, settings.rank)
+    rank = len(directions)
+    transform = faiss.LinearTransform(d, rank, False)
+    faiss.copy_array_to_vector(directions.ravel(), transform.A)
+    transform.is_trained = True
+    ann = faiss.IndexPreTransform(transform, faiss.IndexScalarQuantizer(rank, faiss.ScalarQuantizer.QT_8bit,
+                                                                        faiss.METRIC_INNER_PRODUCT))
+    ann.train(sample)
+    for block in _current_blocks(index, point, kind):
+        ann.add(block)
     path = ann_path(index, point, kind)
     tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(ann, str(tmp))
     tmp.replace(path)
-    write_json_atomic(_record_path(index, point, kind), _matrix_state(index, kind) | {"lists": lists, "pq": settings.pq, "bits": bits})
+    write_json_atomic(_record_path(index, point, kind), _matrix_state(index, kind) | {
+        "layout": "projection-sq8", "rank_asked": settings.rank, "rank": rank, "energy_kept": round(kept, 4),
+        "sample_rows": len(sample)})
     return path
+
+
+def _current_blocks(index: GradientIndex, point: str, kind: str) -> Iterator[np.ndarray]:
+    """The matrix's rows in blocks, overlay applied, float32 and contiguous (copies)."""
+    patched = index.overlay(point, kind)
+    for start, block in index.blocks(point, kind):
+        rows = np.array(block.numpy(), dtype=np.float32)
+        if patched is not None:
+            for pos, row in zip(patched[0].tolist(), patched[1].numpy()):
+                if start <= pos < start + len(rows):
+                    rows[pos - start] = row
+        yield rows
 
 
 def _rows(index: GradientIndex, point: str, kind: str, positions: np.ndarray) -> np.ndarray:
@@ -163,9 +196,7 @@ class AnnSearch:
             path = ann_path(index, point, kind)
             if not path.exists():
                 raise FileNotFoundError(f"{path}: no approximate index; build it with core.ann.build_ann")
-            ann = faiss.read_index(str(path))
-            faiss.extract_index_ivf(ann).nprobe = settings.nprobe
-            self.anns[point, kind] = ann
+            self.anns[point, kind] = faiss.read_index(str(path))
 
     def top_k(self, vecs: dict[tuple[str, str], torch.Tensor], weights: dict[tuple[str, str], float],
               k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .ann import AnnSearch, AnnSettings, build_ann, check_ann, stale_reason
+from .ann import AnnSearch, AnnSettings, ann_record, build_ann, built_as, check_ann
 from .artifacts import (
     bases_for,
     build_ekfac,
@@ -337,14 +337,14 @@ class Backend:
         return f"python -m core index --workspace {self.ws.root} --ann {','.join(methods)}"
 
     def build_ann(self, methods: Sequence[str], settings: AnnSettings = AnnSettings(), *, log=print) -> list[Path]:
-        """FAISS indexes over every matrix the methods read that lacks an up-to-date one (the
-        index must be finished); the paths built."""
+        """FAISS indexes over every matrix the methods read that lacks an up-to-date one built
+        with ``settings``' rank (the index must be finished); the paths built."""
         self.check_methods([METHODS.resolve(m) for m in methods])
         with self.lock:
             index = self.sync_spans()
             paths = []
             for point, kind in self.ann_terms(methods):
-                if stale_reason(index, point, kind) is None:
+                if built_as(index, point, kind, settings):
                     log(f"[ann] {point}.{kind}: up to date")
                     continue
                 paths.append(build_ann(index, point, kind, settings, seed=index.settings.seed))
@@ -374,7 +374,8 @@ class Backend:
         hits = lambda found, sign: [Hit(r + 1, ids[int(p)], sign * float(v))  # noqa: E731
                                     for r, (p, v) in enumerate(zip(found[0][0], found[1][0]))]
         label = test_input.label or self.profile(test_input)["label"]
-        approx |= {"top_k": {"mode": "faiss-ivfpq candidates, exact rescoring", "nprobe": search.nprobe,
+        ranks = sorted({ann_record(index, *t)["rank"] for t in terms})
+        approx |= {"top_k": {"mode": "faiss candidates (projected rows, 8 bits), exact rescoring", "rank": ranks,
                              "candidates": search.candidates}}
         return Explanation(spec.name, test_input.id, test_input.span, k, hits(top, 1.0), hits(low, -1.0), [],
                            approx, round(seconds, 4), label)

@@ -34,7 +34,7 @@ def explain(root: Path, test_id: str, method: str, *extra: str) -> tuple[int, li
 
 
 def test_approximate_lists_equal_the_exact_ones_when_every_row_is_a_candidate(sketched):
-    """48 training rows, 5 x 10 candidates per matrix: the search proposes every row, so the top
+    """48 training rows, 5 x 20 candidates per matrix: the search proposes every row, so the top
     and the opponents (ids and exact scores) equal explain's, and recall@5 is 1 for both lists."""
     backend = Backend(sketched, device="cpu")
     test_id = backend.instances("test")[3].id
@@ -42,7 +42,7 @@ def test_approximate_lists_equal_the_exact_ones_when_every_row_is_a_candidate(sk
         code, got = explain(sketched, test_id, method, "--approximate", "--check-recall")
         assert code == 0, got
         exact = backend.explain(test_id, method, k=5)
-        assert got[0]["recall"] == got[0]["recall_opponents"] == 1.0 and got[0]["approx"]["top_k"]["candidates"] == 10
+        assert got[0]["recall"] == got[0]["recall_opponents"] == 1.0 and got[0]["approx"]["top_k"]["candidates"] == 20
         for key, hits in (("top", exact.top), ("opponents", exact.opponents)):
             assert [h["train_id"] for h in got[0][key]] == [h.train_id for h in hits]
             assert [h["score"] for h in got[0][key]] == pytest.approx([h.score for h in hits], rel=1e-4, abs=1e-6)
@@ -80,13 +80,13 @@ def test_approximate_refuses_missing_and_stale_faiss_indexes(sketched, tmp_path)
 
 
 def test_index_ann_refuses_bad_requests_before_building(sketched, tmp_path, capsys):
-    """No method names, or an index FAISS cannot hold (exact, or d not divisible by its
-    sub-quantisers), stop `index --ann` with one line before any build."""
+    """No method names, an index FAISS cannot serve (exact) or a projection of no dimensions stop
+    `index --ann` with one line before any build."""
     root = Path(shutil.copytree(sketched, tmp_path / "ws"))
     before = (root / "index" / "meta.json").read_text()
     for extra, message in ((["--ann", "none"], "--ann needs method names"),
                            (["--ann", "TracIn", "--proj-dim", "0"], "needs a sketched gradient index"),
-                           (["--ann", "TracIn", "--proj-dim", "100"], "not divisible by 64")):
+                           (["--ann", "TracIn", "--ann-rank", "0"], "argument --ann-rank")):
         assert main(["index", "--workspace", str(root), "--device", "cpu", *extra]) == 2
         assert message in capsys.readouterr().err
     assert (root / "index" / "meta.json").read_text() == before
