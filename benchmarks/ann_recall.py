@@ -12,8 +12,10 @@ and the p50 seconds of the exact and the approximate explanation (the test vecto
 both; the ratio is what a user gains, which grows with N).
 
 What would make it misleading: a small training set, where K x candidates is a large share of
-the rows (recall is then near 1 whatever the layout; the JSON gives the share); a loaded machine
-(compare the ratios of one run, not its seconds).
+the rows (recall is then near 1 whatever the layout; the JSON gives the share per matrix, and a
+method reading several matrices rescores the union of theirs); a loaded machine (compare the
+ratios of one run, not its seconds). The workspace's FAISS files are left at the last rank of
+``--ranks``, so a later ``index --ann`` at another rank rebuilds them.
 
 Prints JSON. ``python benchmarks/ann_recall.py --workspace workspaces/mams-full --methods TracIn++,IF++,TRAK --tests 50``
 """
@@ -67,13 +69,13 @@ def main() -> None:
             for m in methods:
                 recalls, lows, approx_s = [], [], []
                 for test in tests:
-                    got = backend.explain_approximate(test, m, k=args.k, search=AnnSettings(rank=rank, candidates=cand))
+                    got = backend.explain_approximate(test, m, k=args.k, search=AnnSettings(candidates=cand))
                     want = exact[test.id, m]
                     recalls.append(len(share(got.top) & share(want.top)) / args.k)
                     lows.append(len(share(got.opponents) & share(want.opponents)) / args.k)
                     approx_s.append(got.seconds)
                 row = {"method": m, "candidates": cand,
-                       "candidate_share_of_rows": round(min(1.0, cand * args.k / len(index.ids)), 4),
+                       "candidate_share_of_rows_per_matrix": round(min(1.0, cand * args.k / len(index.ids)), 4),
                        "recall_mean": round(statistics.mean(recalls), 4), "recall_min": min(recalls),
                        "opponents_recall_mean": round(statistics.mean(lows), 4), "opponents_recall_min": min(lows),
                        "exact_p50_seconds": round(statistics.median(exact_s[m]), 4),

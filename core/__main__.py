@@ -279,13 +279,15 @@ def cmd_index(args) -> int:
         raise FileNotFoundError(f"{ws.root}: no manifest.json; run `python -m core prepare` first")
     settings = _index_settings(args, rebuild=True)
     ann = _ann_methods(args.ann)  # names and the layout checked before the build
+    if ann is None and args.ann_rank is not None:
+        raise ValueError("--ann-rank goes with --ann")
     if ann is not None:
         check_sketched(settings.dim)
     index = _index_with_ray(args, lambda pool: index_workspace(ws, settings, device=args.device, extras=extras,
                                                                mapper=pool))
     if ann is not None:
         backend = Backend(ws.root, device=args.device, index_settings=settings)
-        backend.build_ann(ann or backend.available_methods(), AnnSettings(rank=args.ann_rank))
+        backend.build_ann(ann or backend.available_methods(), AnnSettings(rank=args.ann_rank or AnnSettings.rank))
     print(json.dumps({k: index.meta[k] for k in ("dim", "seconds", "examples_per_second", "projection")}, indent=2))
     return 0
 
@@ -551,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ann", metavar="METHODS",
                    help="also build FAISS indexes for `explain --approximate` over every matrix these methods read "
                         "(comma-separated names, or all: every method the workspace can run)")
-    i.add_argument("--ann-rank", type=POSITIVE, default=AnnSettings.rank,
+    i.add_argument("--ann-rank", type=POSITIVE,
                    help=f"with --ann: dimensions each FAISS index projects the rows onto (default {AnnSettings.rank})")
     _ray_options(i)
     _explain_parser(sub)

@@ -4,7 +4,8 @@ Exact inner products over every training row stay the default: a query streams t
 matrices once (:class:`core.training_sides.IndexedSide`), which is fast up to a few hundred
 thousand rows on a CPU (see docs/SCALING.md). Past that, each (point, kind) matrix gets a compact
 FAISS index that is searched exhaustively: its rows projected onto the ``rank`` leading
-eigenvectors of their second moment and stored at 8 bits per coordinate (FAISS
+eigenvectors of their second moment and stored at 8 bits per coordinate, over the range of all
+rows (FAISS
 ``IndexPreTransform`` of a ``LinearTransform`` and an ``IndexScalarQuantizer``, inner-product
 metric). The candidates' scores are then computed exactly from the memory-mapped rows, summed
 over the method's points with its weights - so a returned score is never approximate, only the
@@ -30,18 +31,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib.format import open_memmap
 
 from .index import GradientIndex
 from .representations import REPRESENTATIONS
 from .workspace import fingerprint, write_json_atomic
 
-SAMPLE_ROWS = 20_000  # rows the projection and the 8-bit ranges are fitted on
+SAMPLE_ROWS = 20_000  # rows the projection is fitted on
+ADD_ROWS = 65_536  # projected rows added to FAISS at a time
+LAYOUT = "projection-sq8"
+"""The layout this code builds and reads; a FAISS file of another layout is stale."""
 
 
 @dataclass(frozen=True)
 class AnnSettings:
-    """FAISS layout and search breadth. ``rank``: dimensions the rows are projected onto (at most
-    the sketch's); ``candidates``: rows proposed per matrix before exact rescoring, a multiple of K."""
+    """FAISS layout and search breadth. ``rank`` (building): dimensions the rows are projected onto
+    (at most the sketch's); ``candidates`` (searching): rows proposed per matrix before exact
+    rescoring, a multiple of K."""
 
     rank: int = 256
     candidates: int = 20
@@ -96,11 +102,14 @@ def stale_reason(index: GradientIndex, point: str, kind: str) -> str | None:
     if not ann_path(index, point, kind).exists() or not record.exists():
         return "missing"
     state, built = _matrix_state(index, kind), json.loads(record.read_text())
+    if built.get("layout") != LAYOUT:
+        return "it has an earlier FAISS layout"
     if {k: built.get(k) for k in state} == state:
         return None
     if built.get("fingerprint") != state["fingerprint"]:
-        return "the index was rebuilt"
-    return "training spans were corrected" if built.get("spans") != state["spans"] else "the EK-FAC factors were fitted again"
+        return "the index was rebuilt since it was built"
+    return ("training spans were corrected" if built.get("spans") != state["spans"] else
+            "the EK-FAC factors were fitted again") + " since it was built"
 
 
 def built_as(index: GradientIndex, point: str, kind: str, settings: AnnSettings) -> bool:
@@ -116,13 +125,14 @@ def check_ann(index: GradientIndex, terms: Sequence[tuple[str, str]], rebuild: s
         if why == "missing":
             raise FileNotFoundError(f"{ann_path(index, point, kind)}: no approximate index; build it with: {rebuild}")
         if why is not None:
-            raise ValueError(f"{ann_path(index, point, kind)} is stale ({why} since it was built); rebuild it with: {rebuild}")
+            raise ValueError(f"{ann_path(index, point, kind)} is stale ({why}); rebuild it with: {rebuild}")
 
 
 def leading_directions(sample: np.ndarray, rank: int) -> tuple[np.ndarray, float]:
     """The ``rank`` leading eigenvectors of the rows' second moment ``S^T S`` as a (rank, d)
     float32 matrix, and the share of the sample's squared norm they keep."""
-    second = sample.T.astype(np.float64) @ sample.astype(np.float64)
+    wide = sample.astype(np.float64)
+    second = wide.T @ wide
     values, vectors = np.linalg.eigh(second)  # ascending
     rank = min(rank, len(values))
     total = float(values.sum())
@@ -132,36 +142,48 @@ def leading_directions(sample: np.ndarray, rank: int) -> tuple[np.ndarray, float
 
 def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings = AnnSettings(), *,
               seed: int = 0) -> Path:
-    """Fit the projection on a sample of a (point, kind) matrix, fill a FAISS index with every row
-    (streamed in blocks; corrected spans' overlay rows in place of their base rows) and save it
-    next to the matrix, with its record."""
+    """Fit the projection on a sample of a (point, kind) matrix, project every row (streamed in
+    blocks; corrected spans' overlay rows in place of their base rows), quantise each coordinate
+    over the range of all rows (none clamped) and save the FAISS index next to the matrix, with
+    its record."""
     faiss = _faiss()
     n = len(index.ids)
     d = check_sketched(index.settings.dim)
     rng = np.random.default_rng(seed)
-    sample = _rows(index, point, kind, np.sort(rng.choice(n, size=min(n, SAMPLE_ROWS), replace=False)))
-    directions, kept = leading_directions(sample, settings.rank)
+    directions, kept = leading_directions(
+        _rows(index, point, kind, np.sort(rng.choice(n, size=min(n, SAMPLE_ROWS), replace=False))), settings.rank)
     rank = len(directions)
+    path = ann_path(index, point, kind)
+    scratch = path.with_name(path.name + ".rows.npy")  # the projected rows between the two passes
+    try:
+        projected = open_memmap(scratch, mode="w+", dtype=np.float32, shape=(n, rank))
+        low, high = np.full(rank, np.inf, dtype=np.float32), np.full(rank, -np.inf, dtype=np.float32)
+        for start, rows in _current_blocks(index, point, kind):
+            block = rows @ directions.T
+            projected[start : start + len(block)] = block
+            low, high = np.minimum(low, block.min(0)), np.maximum(high, block.max(0))
+        codes = faiss.IndexScalarQuantizer(rank, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        codes.train(np.stack([low, high]))  # min-max ranges: exactly those of the rows
+        for start in range(0, n, ADD_ROWS):
+            codes.add(np.ascontiguousarray(projected[start : start + ADD_ROWS]))
+        del projected
+    finally:
+        scratch.unlink(missing_ok=True)
     transform = faiss.LinearTransform(d, rank, False)
     faiss.copy_array_to_vector(directions.ravel(), transform.A)
     transform.is_trained = True
-    ann = faiss.IndexPreTransform(transform, faiss.IndexScalarQuantizer(rank, faiss.ScalarQuantizer.QT_8bit,
-                                                                        faiss.METRIC_INNER_PRODUCT))
-    ann.train(sample)
-    for block in _current_blocks(index, point, kind):
-        ann.add(block)
-    path = ann_path(index, point, kind)
+    ann = faiss.IndexPreTransform(transform, codes)  # queries are projected by FAISS, rows were here
     tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(ann, str(tmp))
     tmp.replace(path)
     write_json_atomic(_record_path(index, point, kind), _matrix_state(index, kind) | {
-        "layout": "projection-sq8", "rank_asked": settings.rank, "rank": rank, "energy_kept": round(kept, 4),
-        "sample_rows": len(sample)})
+        "layout": LAYOUT, "rank_asked": settings.rank, "rank": rank, "energy_kept": round(kept, 4),
+        "sample_rows": min(n, SAMPLE_ROWS)})
     return path
 
 
-def _current_blocks(index: GradientIndex, point: str, kind: str) -> Iterator[np.ndarray]:
-    """The matrix's rows in blocks, overlay applied, float32 and contiguous (copies)."""
+def _current_blocks(index: GradientIndex, point: str, kind: str) -> Iterator[tuple[int, np.ndarray]]:
+    """The matrix's rows in blocks (start, rows), overlay applied, float32 (copies)."""
     patched = index.overlay(point, kind)
     for start, block in index.blocks(point, kind):
         rows = np.array(block.numpy(), dtype=np.float32)
@@ -169,7 +191,7 @@ def _current_blocks(index: GradientIndex, point: str, kind: str) -> Iterator[np.
             for pos, row in zip(patched[0].tolist(), patched[1].numpy()):
                 if start <= pos < start + len(rows):
                     rows[pos - start] = row
-        yield rows
+        yield start, rows
 
 
 def _rows(index: GradientIndex, point: str, kind: str, positions: np.ndarray) -> np.ndarray:

@@ -302,8 +302,8 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
     meta.update(done=True, seconds=round(meta.get("seconds", 0.0) + elapsed, 1), dim=projector.dim,
                 points_built=[f"{g}:{p}" for g, p in todo], examples_per_second=round(n * len(todo) / max(elapsed, 1e-9), 1))
     write_json_atomic(meta_path, meta)
-    log(f"[index] built: {n} training instances x {len(points)} points x d={projector.dim} "
-        f"({', '.join(meta['groups'])}) in {meta['seconds']:.1f}s")
+    log(f"[index] built: {n} training instances x {len(todo)} passes ({', '.join(meta['points_built']) or 'none'}), "
+        f"d={projector.dim}, in {elapsed:.1f}s ({meta['seconds']:.1f}s over every run of this index)")
     return GradientIndex(root)
 
 

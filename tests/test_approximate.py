@@ -99,3 +99,26 @@ def test_ann_all_means_the_methods_the_workspace_can_run(sketched):
 
     available = Backend(sketched, device="cpu").available_methods()
     assert available == [n for n in METHODS.names() if n not in ("TRAK", "TRAK++", "EKFAC", "EKFAC++")]
+
+
+def test_the_projection_rank_reaches_the_faiss_files_and_another_rank_rebuilds_them(sketched, tmp_path, capsys):
+    """`index --ann M --ann-rank R` builds rank-R files (reported by explain), a second run with the
+    same rank builds nothing, another rank rebuilds them; --ann-rank alone is refused; a file of
+    an earlier FAISS layout is refused by explain with the command that rebuilds it."""
+    from core.ann import ann_record
+
+    root = Path(shutil.copytree(sketched, tmp_path / "ws"))
+    terms = Backend(root, device="cpu").ann_terms(["TracIn"])
+    for rank, built in ((16, True), (16, False), (8, True)):
+        assert main(["index", "--workspace", str(root), "--device", "cpu", "--ann", "TracIn", "--ann-rank", str(rank)]) == 0
+        out = capsys.readouterr().out
+        assert ("full: up to date" in out) != built and all(ann_record(GradientIndex(root / "index"), *t)["rank"] == rank
+                                                      for t in terms)
+    code, got = explain(root, Backend(root, device="cpu").instances("test")[0].id, "TracIn", "--approximate")
+    assert code == 0 and got[0]["approx"]["top_k"]["rank"] == [8]
+    assert main(["index", "--workspace", str(root), "--device", "cpu", "--ann-rank", "8"]) == 2
+    assert "--ann-rank goes with --ann" in capsys.readouterr().err
+    record = root / "index" / f"ann.{terms[0][0]}.{terms[0][1]}.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "layout"}))
+    code, err = explain(root, Backend(root, device="cpu").instances("test")[0].id, "TracIn", "--approximate")
+    assert code == 2 and "earlier FAISS layout" in err and "--ann TracIn" in err

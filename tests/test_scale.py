@@ -55,9 +55,11 @@ def test_a_query_streams_an_index_larger_than_its_memory_budget(tmp_path):
     assert got["rss_mib"] < budget_mib, got["rss_mib"]
 
 
-def test_approximate_top_k_rescores_its_candidates_exactly(tmp_path):
-    """FAISS proposes candidates; their returned scores are exact (corrected spans' overlay rows
-    included), and the exact top-10 is mostly among them (recall@10 against the exact ranking)."""
+def test_approximate_top_k_rescores_its_candidates_exactly(tmp_path, monkeypatch):
+    """FAISS proposes candidates; their returned scores are exact (corrected spans' overlay rows,
+    in three different blocks of the build's stream, included), and the exact top-10 is mostly
+    among them (recall@10 against the exact ranking)."""
+    monkeypatch.setattr("core.index.BLOCK_BYTES", 1000 * 64 * 4)  # blocks of 1,000 rows
     n, dim = 4000, 64
     rng = np.random.default_rng(0)
     root = synthetic_index(tmp_path / "index", n, dim, points=("final", "checkpoint-1"))
@@ -116,3 +118,21 @@ def test_a_low_rank_projection_finds_the_exact_top_k_of_low_rank_rows(tmp_path):
     top, _ = search.top_k({term: vecs}, {term: 1.0}, k=10)
     low, _ = search.top_k({term: vecs}, {term: -1.0}, k=10)
     assert recall_at_k(top, exact, 10) >= 0.95 and recall_at_k(low, -exact, 10) >= 0.95
+
+
+def test_every_row_is_quantised_within_its_coordinates_range(tmp_path, monkeypatch):
+    """The 8-bit ranges are those of all rows, not of the sample the projection is fitted on: a
+    row outside the sample is never clamped (it could be a top proponent)."""
+    import faiss
+
+    monkeypatch.setattr("core.ann.SAMPLE_ROWS", 100)
+    n, dim = 3000, 16
+    root = synthetic_index(tmp_path / "index", n, dim, filled=("full",))
+    index = GradientIndex(root)
+    ann = faiss.read_index(str(build_ann(index, "final", "full", AnnSettings(rank=dim))))
+    directions = faiss.vector_to_array(faiss.downcast_VectorTransform(ann.chain.at(0)).A).reshape(dim, dim)
+    trained = faiss.vector_to_array(faiss.downcast_index(ann.index).sq.trained)
+    low, width = trained[:dim], trained[dim:]
+    projected = index.matrix("final", "full").numpy() @ directions.T
+    assert np.all(projected >= low - 1e-4) and np.all(projected <= low + width + 1e-4)
+    assert ann_record(index, "final", "full")["sample_rows"] == 100
