@@ -30,7 +30,7 @@ from pathlib import Path
 
 from common import Backend, gold_tests
 
-from core.ann import AnnSettings, ann_record, build_ann
+from core.ann import AnnSettings, ann_record, build_ann, list_recall
 from core.registry import METHODS
 
 
@@ -55,7 +55,6 @@ def main() -> None:
     index = backend.index
     out = {"workspace": str(args.workspace), "training_rows": len(index.ids), "dim": index.settings.dim,
            "tests": len(tests), "k": args.k, "builds": []}
-    share = lambda r: {h.train_id for h in r}  # noqa: E731
     for rank in (int(r) for r in args.ranks.split(",")):
         build = {"rank": rank, "matrices": {}}
         for point, kind in backend.ann_terms(methods):
@@ -71,8 +70,8 @@ def main() -> None:
                 for test in tests:
                     got = backend.explain_approximate(test, m, k=args.k, search=AnnSettings(candidates=cand))
                     want = exact[test.id, m]
-                    recalls.append(len(share(got.top) & share(want.top)) / args.k)
-                    lows.append(len(share(got.opponents) & share(want.opponents)) / args.k)
+                    recalls.append(list_recall(got.top, want.top))
+                    lows.append(list_recall(got.opponents, want.opponents))
                     approx_s.append(got.seconds)
                 row = {"method": m, "candidates": cand,
                        "candidate_share_of_rows_per_matrix": round(min(1.0, cand * args.k / len(index.ids)), 4),

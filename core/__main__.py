@@ -356,7 +356,7 @@ def _explain_parser(sub) -> None:
 
 
 def cmd_explain(args) -> int:
-    from .ann import AnnSettings
+    from .ann import AnnSettings, list_recall
     from .backend import Backend
     from .registry import METHODS
 
@@ -379,10 +379,9 @@ def cmd_explain(args) -> int:
         search = AnnSettings(candidates=args.candidates)
         explanations = [backend.explain_approximate(test, m, k=args.k, settings=settings, search=search) for m in methods]
         if args.check_recall:
-            overlap = lambda got, want: sum(h.train_id in {g.train_id for g in got} for h in want) / len(want)  # noqa: E731
             for approx, exact in zip(explanations, backend.explain_many(test, methods, k=args.k, settings=settings)):
-                recall[approx.method] = {"recall": overlap(approx.top, exact.top),
-                                         "recall_opponents": overlap(approx.opponents, exact.opponents)}
+                recall[approx.method] = {"recall": list_recall(approx.top, exact.top),
+                                         "recall_opponents": list_recall(approx.opponents, exact.opponents)}
     elif args.check_recall:
         raise ValueError("--check-recall goes with --approximate")
     else:

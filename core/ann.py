@@ -25,7 +25,7 @@ index rebuilt, a span corrected since), naming the command that rebuilds it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +101,7 @@ def stale_reason(index: GradientIndex, point: str, kind: str) -> str | None:
     record = _record_path(index, point, kind)
     if not ann_path(index, point, kind).exists() or not record.exists():
         return "missing"
-    state, built = _matrix_state(index, kind), json.loads(record.read_text())
+    state, built = _matrix_state(index, kind), ann_record(index, point, kind)
     if built.get("layout") != LAYOUT:
         return "it has an earlier FAISS layout"
     if {k: built.get(k) for k in state} == state:
@@ -144,8 +144,8 @@ def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings
               seed: int = 0) -> Path:
     """Fit the projection on a sample of a (point, kind) matrix, project every row (streamed in
     blocks; corrected spans' overlay rows in place of their base rows), quantise each coordinate
-    over the range of all rows (none clamped) and save the FAISS index next to the matrix, with
-    its record."""
+    over a range that holds all rows (none clamped) and save the FAISS index next to the matrix,
+    with its record."""
     faiss = _faiss()
     n = len(index.ids)
     d = check_sketched(index.settings.dim)
@@ -158,9 +158,13 @@ def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings
     try:
         projected = open_memmap(scratch, mode="w+", dtype=np.float32, shape=(n, rank))
         low, high = np.full(rank, np.inf, dtype=np.float32), np.full(rank, -np.inf, dtype=np.float32)
-        for start, rows in _current_blocks(index, point, kind):
-            block = rows @ directions.T
+        for start, rows in index.blocks(point, kind):
+            block = rows.numpy().astype(np.float32, copy=False) @ directions.T
             projected[start : start + len(block)] = block
+            low, high = np.minimum(low, block.min(0)), np.maximum(high, block.max(0))
+        if (patched := index.overlay(point, kind)) is not None:  # corrected spans' rows replace their base rows
+            block = patched[1].numpy().astype(np.float32, copy=False) @ directions.T
+            projected[patched[0].numpy()] = block
             low, high = np.minimum(low, block.min(0)), np.maximum(high, block.max(0))
         codes = faiss.IndexScalarQuantizer(rank, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
         codes.train(np.stack([low, high]))  # min-max ranges: exactly those of the rows
@@ -180,18 +184,6 @@ def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings
         "layout": LAYOUT, "rank_asked": settings.rank, "rank": rank, "energy_kept": round(kept, 4),
         "sample_rows": min(n, SAMPLE_ROWS)})
     return path
-
-
-def _current_blocks(index: GradientIndex, point: str, kind: str) -> Iterator[tuple[int, np.ndarray]]:
-    """The matrix's rows in blocks (start, rows), overlay applied, float32 (copies)."""
-    patched = index.overlay(point, kind)
-    for start, block in index.blocks(point, kind):
-        rows = np.array(block.numpy(), dtype=np.float32)
-        if patched is not None:
-            for pos, row in zip(patched[0].tolist(), patched[1].numpy()):
-                if start <= pos < start + len(rows):
-                    rows[pos - start] = row
-        yield start, rows
 
 
 def _rows(index: GradientIndex, point: str, kind: str, positions: np.ndarray) -> np.ndarray:
@@ -238,6 +230,12 @@ class AnnSearch:
             positions.append(cand[order])
             scores.append(exact[order])
         return np.stack(positions), np.stack(scores)
+
+
+def list_recall(approx: Sequence, exact: Sequence) -> float:
+    """Share of an exact list's hits (``train_id``) that an approximate list holds."""
+    found = {h.train_id for h in approx}
+    return sum(h.train_id in found for h in exact) / len(exact)
 
 
 def recall_at_k(approx: np.ndarray, exact_scores: np.ndarray, k: int) -> float:
