@@ -9,7 +9,7 @@ store (nothing is retrained or rescored; it stops if a retrain is missing) and p
 * ``lds``: the report's mean LDS (x100) over the M subsets;
 * ``ci_tests``: the report's interval (tests resampled, subsets fixed);
 * ``ci_two_way``: tests and subsets both resampled with replacement (``--draws`` draws;
-  :func:`core.lds.two_way_means`, which ``evaluate --lds`` reports too since this benchmark was
+  :func:`core.lds.two_way_values`, which ``evaluate --lds`` reports too since this benchmark was
   written);
 * ``windows``: the mean LDS over each run of ``--window`` consecutive subsets (what an
   evaluation with M = window would have reported, for each such draw).
@@ -42,13 +42,15 @@ from core.evaluate.counterfactual import (
 )
 from core.lds import (
     LdsSettings,
+    draw_means,
     lds_scores,
+    paired_draws,
     predicted_outputs,
     run_lds,
     sample_subsets,
     summarise,
     two_way_draws,
-    two_way_means,
+    two_way_values,
 )
 from core.stats import draws_summary
 
@@ -81,17 +83,21 @@ def main() -> None:
                for iv in {kind_of(s)[0] for s in ev.reported}}
     q, m = len(tests), len(subsets)
     draws = two_way_draws(q, m, args.draws, args.seed)
-    pairs, boot, methods = {}, {}, {}
+    pairs, boot, methods, per = {}, {}, {}, {}
     for spec in ev.reported:
         iv, output = kind_of(spec)
+        stored = ev.store.eval_rows(ev.scores_key(spec))
+        if not all(t.id in stored for t in tests):  # else _scores would score now, under the default settings
+            raise RuntimeError(f"{spec.name}: the evaluation's scores are not in the store under the default scoring "
+                               "settings; this benchmark reads an `evaluate --lds` run made with them")
         scores = _scores(ev, spec, tests)
         predicted = predicted_outputs(scores, subsets, iv)
         measured = np.stack([o.output(output) for o in outputs[iv]], axis=1)
-        per_test = lds_scores(scores, subsets, outputs[iv], iv, output)
-        boot[spec.name] = two_way_means(predicted, measured, draws)
+        per_test = per[spec.name] = lds_scores(scores, subsets, outputs[iv], iv, output)
+        boot[spec.name] = two_way_values(predicted, measured, draws)
         windows = [np.nanmean(lds_scores(scores, subsets[w:w + args.window], outputs[iv][w:w + args.window], iv, output))
                    for w in range(0, m - args.window + 1, args.window)]
-        low, high, _ = draws_summary(boot[spec.name])
+        low, high, _ = draws_summary(draw_means(boot[spec.name]))
         fixed = summarise(per_test[~np.isnan(per_test)], seed=args.seed)
         methods[spec.name] = {"intervention": iv, "output": output, "lds": round(100 * float(np.nanmean(per_test)), 1),
                               "ci_tests": [round(100 * fixed["low"], 1), round(100 * fixed["high"], 1)],
@@ -100,8 +106,9 @@ def main() -> None:
     for a, b in combinations(methods, 2):
         if (methods[a]["intervention"], methods[a]["output"]) != (methods[b]["intervention"], methods[b]["output"]):
             continue
-        low, high, p = draws_summary(boot[a] - boot[b])
-        pairs[f"{a} - {b}"] = {"difference": round(methods[a]["lds"] - methods[b]["lds"], 1),
+        low, high, p = draws_summary(paired_draws(boot[a], boot[b]))
+        both = np.isfinite(per[a]) & np.isfinite(per[b])  # the tests where both are defined, as the draws
+        pairs[f"{a} - {b}"] = {"difference": round(100 * float(np.mean(per[a][both] - per[b][both])), 1),
                                "ci_two_way": [round(100 * low, 1), round(100 * high, 1)], "p_two_way": round(float(p), 4)}
     print(json.dumps({"workspace": args.workspace, "tests": q, "subsets": m, "window": args.window,
                       "draws": args.draws, "methods": methods, "pairs": pairs}, indent=1))

@@ -6,7 +6,7 @@ training run otherwise. This scores TRAK (and, with ``--methods TRAK,TRAK++``, i
 with each point set in turn, the same tests and the same retrains, and prints per point set:
 
 * ``lds``: the mean LDS (x100) over the tests, with the interval that resamples the tests and
-  the subsets both (:func:`core.lds.two_way_means`) and the tests-only one;
+  the subsets both (:func:`core.lds.two_way_values`) and the tests-only one;
 * per point set against the checkpoints: the difference, its two-way interval and p.
 
 The point sets are the checkpoints and the first 1, 2, ... models of the ensemble (``--sizes``;
@@ -33,7 +33,8 @@ from tqdm import tqdm
 from core.evaluate import EvalSettings, select_tests
 from core.evaluate.context import Evaluation
 from core.evaluate.counterfactual import _select, _StoreCache, kind_of, retrainer_for
-from core.lds import LdsSettings, lds_scores, predicted_outputs, run_lds, sample_subsets, summarise, two_way_draws, two_way_means
+from core.lds import (LdsSettings, draw_means, lds_scores, paired_draws, predicted_outputs, run_lds, sample_subsets,
+                      summarise, two_way_draws, two_way_values)
 from core.registry import METHODS
 from core.stats import draws_summary
 
@@ -91,8 +92,8 @@ def main() -> None:
             engine = engine_over(backend, side, projector, point_set.with_group("ensemble", points))
             scores = engine.scores(tests, spec).values.double().numpy()
             per_test = lds_scores(scores, subsets, outputs[intervention], intervention, output)
-            boot[name] = two_way_means(predicted_outputs(scores, subsets, intervention), measured, draws)
-            low, high, _ = draws_summary(boot[name])
+            boot[name] = two_way_values(predicted_outputs(scores, subsets, intervention), measured, draws)
+            low, high, _ = draws_summary(draw_means(boot[name]))
             fixed = summarise(per_test[~np.isnan(per_test)], seed=args.seed)
             rows[name] = {"points": list(points), "lds": round(100 * float(np.nanmean(per_test)), 1),
                           "ci_two_way": [round(100 * low, 1), round(100 * high, 1)],
@@ -102,12 +103,12 @@ def main() -> None:
                 agreement[spec.name] = float(np.abs(indexed - scores).max() / np.abs(indexed).max())
         for name in sets:
             if name != "checkpoints":
-                low, high, p = draws_summary(boot[name] - boot["checkpoints"])
+                low, high, p = draws_summary(paired_draws(boot[name], boot["checkpoints"]))
                 rows[name]["minus_checkpoints"] = {"difference": round(rows[name]["lds"] - rows["checkpoints"]["lds"], 1),
                                                    "ci_two_way": [round(100 * low, 1), round(100 * high, 1)],
                                                    "p_two_way": round(float(p), 4)}
         for a, b in pairwise([n for n in sets if n != "checkpoints"]):
-            low, high, p = draws_summary(boot[b] - boot[a])
+            low, high, p = draws_summary(paired_draws(boot[b], boot[a]))
             rows[b][f"minus_{a}"] = {"difference": round(rows[b]["lds"] - rows[a]["lds"], 1),
                                      "ci_two_way": [round(100 * low, 1), round(100 * high, 1)], "p_two_way": round(float(p), 4)}
         results[spec.name] = {"intervention": intervention, "output": output, "sets": rows}

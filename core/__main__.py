@@ -12,45 +12,20 @@ import sqlite3
 import sys
 from pathlib import Path
 
+from .cli_options import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_FLOAT,
+    index_with_ray,
+    k_list,
+    number,
+    parse_list,
+    ray_options,
+    ray_settings,
+)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-# ------------------------------------------------------------------------------ option types
-
-def _number(kind, low: float | None = None, *, above: bool = False, name: str = "a number"):
-    """An argparse type: ``kind`` at least ``low`` (``above``: greater than ``low``)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
-        if low is not None and (value <= low if above else value < low):
-            raise argparse.ArgumentTypeError(f"must be {'greater than' if above else 'at least'} {low:g}, got {text}")
-        return value
-    return parse
-
-
-POSITIVE = _number(int, 1, name="a whole number")
-NON_NEGATIVE = _number(int, 0, name="a whole number")
-POSITIVE_FLOAT = _number(float, 0, above=True)
-
-
-def parse_list(text: str, kind=str) -> tuple:
-    """Comma-separated values (``"10,100"``), stripped; ``none`` gives (); ValueError naming a bad item."""
-    if text.strip().lower() == "none":
-        return ()
-    try:
-        return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"{text!r}: expected a comma-separated list of {kind.__name__} values") from None
-
-
-def _k_list(text: str) -> tuple[int, ...]:
-    values = parse_list(text, int)
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected K values of at least 1, comma-separated (e.g. 10,100), got {text!r}")
-    return values
 
 
 # ------------------------------------------------------------------------------ prepare and index
@@ -80,7 +55,7 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--models", type=POSITIVE,
                    help="classifiers trained independently (theta and N - 1 more with seeds seed+1 ...): TRAK's "
                         "ensemble (default 1: TRAK runs over the checkpoints); build their rows with --with trak")
-    p.add_argument("--max-length", type=_number(int, 8, name="a whole number"), help="max tokens per (aspect, text) pair")
+    p.add_argument("--max-length", type=number(int, 8, name="a whole number"), help="max tokens per (aspect, text) pair")
     _span_options(p)
     _build_options(p)
 
@@ -102,7 +77,7 @@ def _build_options(p) -> None:
     p.add_argument("--no-index", action="store_true", help="stop before building the gradient index")
     _index_options(p)
     _with_option(p)
-    _ray_options(p)
+    ray_options(p)
 
 
 def _import_parser(sub) -> None:
@@ -127,7 +102,7 @@ def _import_parser(sub) -> None:
     p.add_argument("--variants", type=POSITIVE, help="number of variants theta + delta_i")
     p.add_argument("--variant-lr", type=POSITIVE_FLOAT, help="learning rate of the variants' single step")
     p.add_argument("--variant-optimizer", choices=["adamw", "sgd"])
-    p.add_argument("--max-length", type=_number(int, 8, name="a whole number"), help="max tokens per input")
+    p.add_argument("--max-length", type=number(int, 8, name="a whole number"), help="max tokens per input")
     _span_options(p)
     _build_options(p)
 
@@ -137,34 +112,6 @@ def _with_option(p) -> None:
                    help="also build what TRAK/TRAK++ (trak: the index's margin-gradient rows) and EKFAC/EKFAC++ "
                         "(ekfac: the EK-FAC factors, then the index's rows in their eigenbasis) need, comma-separated: "
                         "e.g. --with trak,ekfac")
-
-
-def _ray_options(p) -> None:
-    p.add_argument("--ray", action="store_true",
-                   help="run the parallel work (the index build in shards; evaluate's Sag/Lag batches, Ral and LDS retrains) as Ray tasks on a "
-                        "local Ray with this machine's cores (--ray-cpus to choose); results are the same as without")
-    p.add_argument("--ray-address", help="run it on a running Ray cluster instead (e.g. ray://head:10001)")
-    p.add_argument("--ray-cpus", type=POSITIVE, help="CPUs of the local Ray (default: every core)")
-
-
-def _ray(args):
-    from .parallel import RaySettings
-
-    if not (args.ray or args.ray_address):
-        return None
-    return RaySettings(address=args.ray_address, num_cpus=args.ray_cpus)
-
-
-def _index_with_ray(args, build):
-    """``build(mapper)``: the index passes as shard tasks on Ray with --ray/--ray-address, else
-    in this process (mapper None)."""
-    from .parallel import mapper
-
-    settings = _ray(args)
-    if settings is None:
-        return build(None)
-    with mapper(settings) as pool:
-        return build(pool)
 
 
 def _index_options(p) -> None:
@@ -231,9 +178,10 @@ def _build(args, make) -> int:
 
     index_settings = _index_settings(args, rebuild=True)
     extras = check_extras(parse_list(args.extras))
+    ray_settings(args)  # its options checked before any work
     manifest = make()
     if not args.no_index:
-        _index_with_ray(args, lambda pool: index_workspace(Workspace(args.workspace), index_settings,
+        index_with_ray(args, lambda pool: index_workspace(Workspace(args.workspace), index_settings,
                                                            device=args.device, extras=extras, mapper=pool))
         manifest = Workspace(args.workspace).manifest()
     _summary(manifest)
@@ -283,7 +231,7 @@ def cmd_index(args) -> int:
         raise ValueError("--ann-rank goes with --ann")
     if ann is not None:
         check_sketched(settings.dim)
-    index = _index_with_ray(args, lambda pool: index_workspace(ws, settings, device=args.device, extras=extras,
+    index = index_with_ray(args, lambda pool: index_workspace(ws, settings, device=args.device, extras=extras,
                                                                mapper=pool))
     if ann is not None:
         backend = Backend(ws.root, device=args.device, index_settings=settings)
@@ -453,7 +401,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--workspace", required=True)
     p.add_argument("--methods", default="all",
                    help="all (every method), paper (the paper's six), or a comma list of names and groups")
-    p.add_argument("--k", type=_k_list, default=(10, 100), help="K values of Sag@K and Lag@K in the tables (e.g. 10,100)")
+    p.add_argument("--k", type=k_list, default=(10, 100), help="K values of Sag@K and Lag@K in the tables (e.g. 10,100)")
     p.add_argument("--kmax", type=POSITIVE, default=100, help="K-curves for K = 1..kmax")
     p.add_argument("--test-limit", type=NON_NEGATIVE, default=200, help="test instances (0 = all eligible)")
     p.add_argument("--out", help="report folder (default: WORKSPACE/evaluation)")
@@ -462,13 +410,13 @@ def _evaluate_parser(sub) -> None:
                                  "backbone's initial state, which an imported model does not have)")
     p.add_argument("--faithfulness-runs", type=NON_NEGATIVE, default=5, help="runs of table 4 (0 = skip faithfulness)")
     p.add_argument("--lds", action="store_true",
-                   help="LDS and span-LDS: retrain on --lds-subsets random subsets (twice: removing instances, "
-                        "masking spans) and correlate each method's summed scores with the retrained outputs")
-    p.add_argument("--lds-subsets", type=_number(int, 2, name="a whole number"), default=50,
+                   help="LDS and span-LDS: retrain on --lds-subsets random subsets (twice: keeping only the subset, "
+                        "masking its spans) and correlate each method's predicted output with the retrained ones")
+    p.add_argument("--lds-subsets", type=number(int, 2, name="a whole number"), default=50,
                    help="subsets M for LDS (default 50; each is one retrain per intervention)")
-    p.add_argument("--lds-alpha", type=_number(float, 0, above=True), default=0.5,
-                   help="fraction of the training set in each subset (default 0.5)")
-    _ray_options(p)
+    p.add_argument("--lds-alpha", type=number(float, 0, above=True), default=0.5,
+                   help="fraction of the training set in each subset: kept (LDS) or span-masked (span-LDS); default 0.5")
+    ray_options(p)
     _scoring_options(p)
     p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the test sample and the random baselines")
     p.add_argument("--batch", type=POSITIVE, default=16, help="test instances scored together")
@@ -496,7 +444,7 @@ def cmd_evaluate(args) -> int:
         ral=parse_list(args.ral or ("none" if imported else "20,50"), float), faithfulness_runs=args.faithfulness_runs, ihvp=args.ihvp,
         damping=DEFAULT_DAMPING if args.damping is None else args.damping,
         lissa=LissaSettings(depth=args.lissa_depth), paper_signs=args.paper_signs, seed=args.seed, batch=args.batch,
-        lds=LdsSettings(args.lds_subsets, args.lds_alpha, args.seed) if args.lds else None, ray=_ray(args),
+        lds=LdsSettings(args.lds_subsets, args.lds_alpha, args.seed) if args.lds else None, ray=ray_settings(args),
     )
     backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
     report = run_evaluation(backend, settings, out, progress=not args.quiet)
@@ -554,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(comma-separated names, or all: every method the workspace can run)")
     i.add_argument("--ann-rank", type=POSITIVE,
                    help=f"with --ann: dimensions each FAISS index projects the rows onto (default {AnnSettings.rank})")
-    _ray_options(i)
+    ray_options(i)
     _explain_parser(sub)
     _evaluate_parser(sub)
     c = sub.add_parser("combine", help="combine evaluation reports over classifier seeds (mean, sd per cell)",

@@ -234,7 +234,7 @@ def lds_scores(scores, subsets: np.ndarray, outputs: list[RetrainOutputs], inter
 
 
 SUBSET_DRAWS = 1000
-"""Draws of the two-way bootstrap (tests and subsets resampled) in :func:`two_way_means`."""
+"""Draws of the two-way bootstrap (tests and subsets resampled) in :func:`two_way_values`."""
 
 
 def two_way_draws(tests: int, subsets: int, draws: int = SUBSET_DRAWS, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -244,15 +244,30 @@ def two_way_draws(tests: int, subsets: int, draws: int = SUBSET_DRAWS, seed: int
     return [(rng.integers(tests, size=tests), rng.integers(subsets, size=subsets)) for _ in range(draws)]
 
 
+def two_way_values(predicted: np.ndarray, measured: np.ndarray, draws: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """``(draws, tests)``: per draw, the LDS of each drawn test, a Spearman over the drawn subsets
+    (a subset drawn twice is a tie; NaN where undefined). Every test shares the same retrains, so
+    the subsets drawn move all tests' values together; resampling only the tests leaves that out."""
+    return np.stack([spearman(predicted[t][:, s], measured[t][:, s]) for t, s in draws])
+
+
+def draw_means(values: np.ndarray) -> np.ndarray:
+    """``(draws,)``: each draw's mean LDS over its tests where defined (NaN if none is)."""
+    finite = np.isfinite(values)
+    return np.where(finite.any(axis=1), np.nansum(values, axis=1) / np.maximum(finite.sum(axis=1), 1), np.nan)
+
+
 def two_way_means(predicted: np.ndarray, measured: np.ndarray, draws: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """``(draws,)``: the mean LDS over the drawn tests, each a Spearman over the drawn subsets
-    (a subset drawn twice is a tie). Every test shares the same retrains, so the subsets drawn move
-    all tests' values together; resampling only the tests leaves that out."""
-    out = np.empty(len(draws))
-    for d, (t, s) in enumerate(draws):
-        values = spearman(predicted[t][:, s], measured[t][:, s])
-        out[d] = np.nanmean(values) if np.isfinite(values).any() else np.nan
-    return out
+    """``(draws,)``: the mean LDS of each two-way draw (:func:`two_way_values`)."""
+    return draw_means(two_way_values(predicted, measured, draws))
+
+
+def paired_draws(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``(draws,)``: per draw, the mean of ``a - b`` over the drawn tests where both methods' LDS
+    is defined (two methods' :func:`two_way_values` over the same draws), so a difference and its
+    interval rest on the same tests for both."""
+    both = np.isfinite(a) & np.isfinite(b)
+    return draw_means(np.where(both, a - b, np.nan))
 
 
 def summarise(per_test, seed: int = 0) -> dict:

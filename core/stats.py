@@ -55,14 +55,28 @@ def bootstrap_ci(values, *, statistic: Callable = np.mean, n_resamples: int = 20
 
 def draws_summary(draws, level: float = 0.95) -> tuple[float, float, float]:
     """``(low, high, p)`` of bootstrap draws made elsewhere (e.g. two-way, tests and subsets): their
-    percentile interval and, for draws of a difference, the two-sided bootstrap p of 0. NaN draws
-    are left out."""
+    percentile interval and, for draws of a difference, the two-sided bootstrap p of 0, counted as
+    ``2 (1 + hits) / (1 + draws)`` on the smaller side (never 0: n draws cannot show p < 1/n).
+    NaN draws are left out."""
     x = _finite(draws)
     if len(x) == 0:
         return float("nan"), float("nan"), float("nan")
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(x, [tail, 100 - tail])
-    return float(low), float(high), float(min(1.0, 2 * min(np.mean(x <= 0), np.mean(x >= 0))))
+    side = min(np.sum(x <= 0), np.sum(x >= 0))
+    return float(low), float(high), float(min(1.0, 2 * (1 + side) / (1 + len(x))))
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (NaN left as NaN, not counted): a pair
+    is significant at level a over the whole family when its adjusted p is below a."""
+    p = np.asarray(p_values, dtype=np.float64)
+    out = np.full(p.shape, np.nan)
+    idx = np.flatnonzero(~np.isnan(p))
+    order = idx[np.argsort(p[idx], kind="stable")]
+    adjusted = np.maximum.accumulate((len(order) - np.arange(len(order))) * p[order]) if len(order) else order
+    out[order] = np.minimum(1.0, adjusted)
+    return out
 
 
 def _sign_flip_p(d: np.ndarray, n_resamples: int, seed: int) -> tuple[float, bool]:

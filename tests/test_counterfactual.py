@@ -42,13 +42,14 @@ def test_lds_in_a_run_is_cached_per_subset_and_reported(workspace, tmp_path, mon
     assert list(lds.index) == ["TracIn", "TracIn++", "GroundTruth"]
     assert lds.loc["TracIn", "intervention"] == "remove" and lds.loc["TracIn++", "output"] == "span"
     per_test = report.lds_per_test
-    assert len(per_test) == 3 * 5 and per_test.lds.between(-1, 1).all() | per_test.lds.isna().all()
+    assert len(per_test) == 3 * 5 and (per_test.lds.between(-1, 1) | per_test.lds.isna()).all()
     finite = per_test[per_test.method == "TracIn"].lds.dropna()
     assert lds.loc["TracIn", "lds"] == pytest.approx(finite.mean()) and lds.loc["TracIn", "low"] <= lds.loc["TracIn", "lds"]
     assert (lds.low_subsets <= lds.high_subsets).all()  # the interval with the subsets resampled too
     pairs = report.lds_pairs
     assert set(zip(pairs.a, pairs.b)) == {("TracIn++", "GroundTruth")}  # only methods checked the same way
-    assert pairs.p_subsets.between(0, 1).all()
+    assert pairs.p_subsets.between(0, 1).all() and (pairs.p_holm == pairs.p_subsets).all()  # a family of one pair
+    assert (pairs.significant == (pairs.p_holm < 0.05)).all()
     text = (tmp_path / "out" / "report.md").read_text()
     assert "## LDS and span-LDS" in text and "[95% CI, tests and subsets]" in text
     calls.clear()
@@ -94,8 +95,9 @@ def test_the_app_shows_lds_where_users_look(workspace, monkeypatch):
     shown = next(d.value for d in at.dataframe if "LDS" in d.value.columns)
     assert shown.loc["TracIn++", "LDS"] == pytest.approx(100 * report.lds.loc["TracIn++", "lds"])
     at = run("pages/explore.py", test=backend.instances("test")[0].id, methods="TracIn++,TracIn", k="3")
-    notes = [c.value for c in at.caption if "LDS on this workspace" in c.value]
-    assert len(notes) == 1 and notes[0].startswith(f"span-LDS on this workspace: {100 * report.lds.loc['TracIn++', 'lds']:.1f}")
+    notes = [c.value for c in at.caption if ") on this workspace:" in c.value]
+    assert len(notes) == 1 and notes[0].startswith(
+        f"LDS (mask / span) on this workspace: {100 * report.lds.loc['TracIn++', 'lds']:.1f}")
 
 
 def test_reports_combine_across_seeds(workspace, tmp_path):
@@ -117,6 +119,16 @@ def test_reports_combine_across_seeds(workspace, tmp_path):
         combine_reports([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")
 
 
+def test_reports_with_other_lds_settings_do_not_combine():
+    from core.evaluate.combine import differing
+
+    lds = {"subsets": 50, "alpha": 0.5, "seed": 0}
+    base = {"methods": ["TracIn"], "ray": None}
+    assert differing([base | {"lds": lds}, base | {"lds": None}, base | {"lds": lds, "ray": {"cpus": 2}}]) == []
+    assert differing([base | {"lds": lds}, base | {"lds": None}, base | {"lds": lds | {"alpha": 0.9}}]) == ["lds"]
+    assert differing([base | {"lds": lds}, {"methods": ["IF"], "lds": lds}]) == ["methods"]
+
+
 def test_lds_does_not_depend_on_the_paper_signs(workspace, tmp_path):
     """LDS reads scores in SpanLens' signs: --paper-signs (which flips IF++ and the ++ forms in
     table 3) leaves every method's LDS as it is."""
@@ -126,3 +138,16 @@ def test_lds_does_not_depend_on_the_paper_signs(workspace, tmp_path):
     paper = run_evaluation(Backend(workspace, device="cpu"), EvalSettings(**base, paper_signs=True), tmp_path / "paper",
                            **QUIET)
     np.testing.assert_allclose(paper.lds_per_test.lds, ours.lds_per_test.lds, atol=1e-12)
+
+
+def test_the_retrains_key_follows_what_a_retrain_depends_on(workspace, tmp_path, monkeypatch):
+    """Retrains are keyed by the spans and model stages, the training settings and the tests, not
+    by the index's fingerprint: another sketch (or another models stage) reuses them."""
+    from core.evaluate.counterfactual import retrainer_for
+
+    backend = Backend(workspace, device="cpu")
+    key = retrainer_for(backend, tmp_path)[2]
+    monkeypatch.setattr(Backend, "fingerprint", property(lambda self: "an index at another --proj-dim"))
+    assert retrainer_for(backend, tmp_path)[2] == key
+    backend.manifest.stages["model"]["fingerprint"] = "another trained classifier"
+    assert retrainer_for(backend, tmp_path)[2] != key

@@ -25,7 +25,9 @@ from core.lds import (
     LdsSettings,
     MemoryCache,
     RetrainOutputs,
+    draw_means,
     lds_scores,
+    paired_draws,
     predicted_outputs,
     run_lds,
     sample_subsets,
@@ -448,3 +450,11 @@ def test_cache_retrainer_resumes_an_interrupted_retrain_and_restores_on_errors(r
     monkeypatch.setattr(lds, "train", lambda *a, **k: real_train(*a, **k, on_epoch=lambda r: epochs.append(r.epoch)))
     assert _same(retrainer(subset, "remove"), reference)
     assert epochs == [1, 2]  # the second call trained epoch 2 only: resumed from epoch 1's files
+
+
+def test_paired_draws_compare_two_methods_on_the_tests_where_both_are_defined():
+    a = np.array([[0.5, np.nan, 0.1], [0.2, 0.4, np.nan]])
+    b = np.array([[0.1, 0.3, 0.3], [np.nan, 0.0, 0.2]])
+    np.testing.assert_allclose(paired_draws(a, b), [(0.4 - 0.2) / 2, 0.4])  # test 2 of draw 1, 1 and 3 of draw 2 out
+    np.testing.assert_allclose(draw_means(a), [0.3, 0.3])
+    assert np.isnan(draw_means(np.full((1, 3), np.nan))[0])

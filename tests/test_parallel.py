@@ -171,3 +171,21 @@ def test_a_sharded_build_equals_the_single_process_index_and_resumes_after_a_kil
     meta = json.loads((built["sharded"].root / "index" / "meta.json").read_text())
     assert meta["done"] and set(meta["progress"].values()) == {3}  # 48 rows / 16 = 3 batches in every pass
     assert len(counting.items) == 2 * len(meta["progress"]) - len(kept)  # 2 shards a pass; the kept ones reused
+
+
+def test_ray_options_reach_the_task_settings(tmp_path, capsys):
+    """--ray-cpus and --ray-gpus (a share of a GPU reserved per task) reach RaySettings; no flag, no
+    Ray; --ray-gpus alone is refused before any work."""
+    from core.__main__ import build_parser, main
+    from core.cli_options import ray_settings
+
+    parse = build_parser().parse_args
+    assert ray_settings(parse(["index", "--workspace", "w", "--ray", "--ray-cpus", "2", "--ray-gpus", "0.25"])) == \
+        RaySettings(num_cpus=2, gpus=0.25)
+    assert ray_settings(parse(["evaluate", "--workspace", "w", "--ray-address", "auto"])) == RaySettings(address="auto")
+    assert ray_settings(parse(["index", "--workspace", "w"])) is None
+    with pytest.raises(SystemExit):
+        parse(["index", "--workspace", "w", "--ray", "--ray-gpus", "-1"])
+    target = tmp_path / "never-made"
+    assert main(["prepare", "--dataset", "mams", "--workspace", str(target), "--ray-gpus", "1"]) == 2
+    assert "--ray-gpus goes with --ray" in capsys.readouterr().err and not target.exists()

@@ -4,7 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.stats import bootstrap_ci, draws_summary, paired_difference, run_variance
+from core.stats import (
+    bootstrap_ci,
+    draws_summary,
+    holm,
+    paired_difference,
+    run_variance,
+)
 
 
 def test_bootstrap_ci_covers_the_true_mean_at_about_the_nominal_rate():
@@ -89,5 +95,12 @@ def test_run_variance():
 
 def test_draws_summary_gives_the_interval_and_the_p_of_zero():
     low, high, p = draws_summary(np.r_[np.arange(1.0, 101.0), np.nan])  # NaN draws left out
-    assert (low, high) == pytest.approx((3.475, 97.525)) and p == 0.0
-    assert draws_summary(np.r_[-np.ones(10), np.ones(30)])[2] == pytest.approx(0.5)
+    assert (low, high) == pytest.approx((3.475, 97.525)) and p == pytest.approx(2 / 101)  # never 0
+    assert draws_summary(np.r_[-np.ones(10), np.ones(30)])[2] == pytest.approx(2 * 11 / 41)
+
+
+def test_holm_adjusts_a_family_step_down():
+    adjusted = holm([0.01, 0.04, 0.03, np.nan, 0.5])
+    # sorted 0.01, 0.03, 0.04, 0.5 times 4, 3, 2, 1 -> 0.04, 0.09, 0.08, 0.5, then a running maximum
+    assert adjusted[[0, 2, 1, 4]] == pytest.approx([0.04, 0.09, 0.09, 0.5]) and np.isnan(adjusted[3])
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0]) and len(holm([])) == 0

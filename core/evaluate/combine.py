@@ -3,6 +3,7 @@ with --seed 0, 1, 2 ...): each table cell's mean, standard deviation and range a
 reading does not rest on one trained model."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,16 @@ import pandas as pd
 from ..workspace import write_json_atomic
 from .report import load_report
 
-IGNORED = {"lds", "ray"}
-"""Settings that may differ between combined reports: LDS is combined only where every report has
-it, and where the work ran changes no number."""
+
+def differing(settings: list[dict]) -> list[str]:
+    """The evaluate settings in which reports differ. Where the work ran (``ray``) changes no
+    number; LDS may be missing from some reports (it is then left out of the combination), but
+    the reports that have it must share its settings (subsets, alpha, seed)."""
+    keys = {k for s in settings for k in s} - {"ray", "lds"}
+    differ = {k for k in keys if any(s.get(k) != settings[0].get(k) for s in settings[1:])}
+    if len({json.dumps(s["lds"], sort_keys=True) for s in settings if s.get("lds")}) > 1:
+        differ.add("lds")
+    return sorted(differ)
 
 
 def _stack(frames: list[pd.DataFrame], value: str) -> pd.DataFrame:
@@ -42,7 +50,7 @@ def combine_reports(folders: list[str | Path], out_dir: str | Path) -> dict:
         raise ValueError("give at least two reports to combine")
     reports = [load_report(f) for f in folders]
     settings = [r.summary["settings"] for r in reports]
-    differ = sorted({k for s in settings[1:] for k in s if s.get(k) != settings[0].get(k)} - IGNORED)
+    differ = differing(settings)
     if differ:
         raise ValueError(f"the reports differ in {', '.join(differ)}; combine runs of one protocol only "
                          "(the same evaluate options on workspaces that differ in their classifier seed)")

@@ -24,20 +24,22 @@ from ..lds import (
     CachePair,
     CacheRetrainer,
     RetrainOutputs,
+    draw_means,
     lds_scores,
+    paired_draws,
     predicted_outputs,
     run_lds,
     sample_subsets,
     subset_key,
     summarise,
     two_way_draws,
-    two_way_means,
+    two_way_values,
 )
 from ..model import HiddenCache, compute_prefix, mask_span
 from ..parallel import mapper, worker_cache
 from ..registry import MethodSpec
 from ..representations import REPRESENTATIONS
-from ..stats import draws_summary, paired_difference
+from ..stats import ALPHA, draws_summary, holm, paired_difference
 from ..training import TrainConfig
 from ..workspace import fingerprint
 from .context import Evaluation, chunks
@@ -103,7 +105,9 @@ def retrainer_for(backend: "Backend", out_dir: Path) -> tuple[CacheRetrainer, li
     index = backend.index
     masked = HiddenCache.load(index.root / "prefix-masked.safetensors")
     table = backend.table
-    key = fingerprint(backend.fingerprint, dataclasses.asdict(cfg), index.meta.get("overrides", {}), test_ids,
+    stages = backend.manifest.stages  # what a retrain depends on: spans, masked inputs, the model stage; not the sketch
+    key = fingerprint([stages.get(s, {}).get("fingerprint") for s in ("spans", "importance", "model")],
+                      dataclasses.asdict(cfg), index.meta.get("overrides", {}), test_ids,
                       [table.by_id[i].span_pair for i in test_ids])
     retrainer = CacheRetrainer(backend.loaded.split, initial_state(backend.manifest.settings, backend.manifest.labels),
                                CachePair(full, masked, labels), pair, split_cache(backend, "dev"), cfg,
@@ -113,7 +117,7 @@ def retrainer_for(backend: "Backend", out_dir: Path) -> tuple[CacheRetrainer, li
 
 def lds(ev: Evaluation, tests: list) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Per-test LDS of every reported method, pairwise paired comparisons within each kind, and
-    each method's interval with the tests and the subsets resampled (:func:`core.lds.two_way_means`)."""
+    each method's interval with the tests and the subsets resampled (:func:`core.lds.two_way_values`)."""
     subsets = sample_subsets(ev.n, ev.settings.lds)
     retrainer, test_ids, key = retrainer_for(ev.backend, ev.out_dir)
     where = [test_ids.index(t.id) for t in tests]
@@ -137,12 +141,12 @@ def lds(ev: Evaluation, tests: list) -> tuple[pd.DataFrame, pd.DataFrame, pd.Dat
         chosen = [_select(o, where) for o in outputs[intervention]]
         scores = _scores(ev, spec, tests)
         values = lds_scores(scores, subsets, chosen, intervention, output)
-        boot[spec.name] = two_way_means(predicted_outputs(scores, subsets, intervention),
-                                        np.stack([o.output(output) for o in chosen], axis=1), draws)
+        boot[spec.name] = two_way_values(predicted_outputs(scores, subsets, intervention),
+                                         np.stack([o.output(output) for o in chosen], axis=1), draws)
         rows += [{"test_id": t.id, "method": spec.name, "intervention": intervention, "output": output, "lds": float(v)}
                  for t, v in zip(tests, values)]
     per_test = pd.DataFrame(rows, columns=LDS_COLUMNS)
-    two_way = pd.DataFrame({m: dict(zip(TWO_WAY, draws_summary(b)[:2])) for m, b in boot.items()}).T
+    two_way = pd.DataFrame({m: dict(zip(TWO_WAY, draws_summary(draw_means(b))[:2])) for m, b in boot.items()}).T
     return per_test, _pairs(per_test, ev.settings.seed, boot), two_way
 
 
@@ -200,8 +204,10 @@ TWO_WAY = ("low_subsets", "high_subsets")
 
 
 def _pairs(per_test: pd.DataFrame, seed: int, boot: dict[str, np.ndarray]) -> pd.DataFrame:
-    """Paired differences between methods checked the same way: sign-flip test and bootstrap CI
-    over tests (subsets fixed), and the two-way interval and p from the shared draws ``boot``."""
+    """Paired differences between methods checked the same way, over the tests where both are
+    defined: the two-way interval and p from the shared draws ``boot`` (each method's
+    :func:`core.lds.two_way_values`), Holm-adjusted over all the pairs (``significant``), and the
+    tests-only sign-flip test and interval (subsets fixed: too narrow, uncorrected; kept for comparison)."""
     rows = []
     wide = per_test.pivot(index="test_id", columns="method", values="lds")
     kinds = per_test.drop_duplicates("method").set_index("method")[["intervention", "output"]]
@@ -210,10 +216,10 @@ def _pairs(per_test: pd.DataFrame, seed: int, boot: dict[str, np.ndarray]) -> pd
         for b in names[i + 1:]:
             if tuple(kinds.loc[a]) == tuple(kinds.loc[b]):
                 diff = paired_difference(wide[a].to_numpy(), wide[b].to_numpy(), seed=seed)
-                low, high, p_two_way = draws_summary(boot[a] - boot[b])
-                rows.append({"a": a, "b": b, **{k: diff[k] for k in ("difference", "low", "high", "p_value",
-                                                                      "significant", "n")},
+                low, high, p_two_way = draws_summary(paired_draws(boot[a], boot[b]))
+                rows.append({"a": a, "b": b, **{k: diff[k] for k in ("difference", "low", "high", "p_value", "n")},
                              **dict(zip(TWO_WAY, (low, high))), "p_subsets": p_two_way})
-    return pd.DataFrame(rows, columns=["a", "b", "difference", "low", "high", "p_value", "significant", "n", *TWO_WAY,
-                                       "p_subsets"])
-
+    pairs = pd.DataFrame(rows, columns=["a", "b", "difference", "low", "high", "p_value", "n", *TWO_WAY, "p_subsets"])
+    pairs["p_holm"] = holm(pairs.p_subsets.to_numpy(dtype=np.float64))
+    pairs["significant"] = pairs.p_holm < ALPHA
+    return pairs

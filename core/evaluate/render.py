@@ -183,24 +183,35 @@ def _md_lds(report: EvalReport) -> list[str]:
              str(int(r.nan))] for m, r in lds.iterrows()]
     s = report.summary["settings"]["lds"]
     out = ["## LDS and span-LDS (x100)", "",
-           f"{s['subsets']} random subsets of {100 * s['alpha']:g}% of the training set (seed {s['seed']}); per test "
-           "instance, the Spearman correlation over subsets between the method's summed scores and the retrained "
-           "model's output; the mean over tests with its 95% bootstrap interval over tests. That interval holds the "
-           "subsets fixed: every test shares the same retrains, so it leaves out how much the number depends on which "
-           "subsets were drawn, which can be several times larger: the next column resamples both (1,000 draws). "
-           "`remove`: retrained on the subset; "
-           "`mask`: retrained on everything with the subset's spans masked (span training sides). `loss`: the test "
-           "loss (negated); `span`: the test span's importance loss(z'_-kl) - loss(z'). NaN: tests where the "
-           "output did not change across subsets.", "",
+           f"{s['subsets']} random subsets of {100 * s['alpha']:g}% of the training set (seed {s['seed']}: the kept "
+           "share for `remove`, the masked share for `mask`); per test instance, the Spearman correlation over "
+           "subsets between the method's predicted output and the retrained model's output. The predicted output "
+           "is the sum of the method's scores over the subset for `remove` (retrained on the subset) and minus that "
+           "sum for `mask` (retrained on everything with the subset's spans masked: masking a proponent's span "
+           "lowers the output). `loss`: the test loss (negated); `span`: the test span's importance "
+           "loss(z'_-kl) - loss(z') (TRAK++'s test side is a span difference of the margin, so its span-LDS is "
+           "checked against a related output, not a rank-equivalent one). The mean over tests comes with its 95% "
+           "bootstrap interval over tests; that interval holds the subsets fixed: every test shares the same "
+           "retrains, so it leaves out how much the number depends on which subsets were drawn, which can be "
+           "several times larger: the next column resamples both (1,000 draws). NaN: tests where the retrained "
+           "outputs or the predicted ones did not change across subsets."
+           + (f" With {s['subsets']} subsets each test's Spearman takes few distinct values: read these as a smoke "
+              "test." if s["subsets"] < 10 else ""), "",
            _md_table(["method", "intervention", "output", "LDS [95% CI, tests]", "[95% CI, tests and subsets]",
                       "NaN tests"], rows), ""]
     if len(report.lds_pairs):
         pairs = report.lds_pairs
-        sig = pairs[pairs.significant.astype(bool)]
-        out += [f"Paired differences between methods checked the same way (`lds_pairs.csv`): {len(sig)} of "
-                f"{len(pairs)} pairs differ at p < 0.05 with the subsets held fixed (sign-flip test)"
-                + (f", {int((pairs.p_subsets < 0.05).sum())} with tests and subsets resampled (`p_subsets`)."
-                   if "p_subsets" in pairs else "."), ""]
+        if "p_holm" in pairs:
+            out += [(f"Paired differences between methods checked the same way, over the tests where both are defined "
+                     f"(`lds_pairs.csv`): {int((pairs.p_subsets < 0.05).sum())} of {len(pairs)} pairs differ at "
+                     f"p < 0.05 with tests and subsets resampled (`p_subsets`, uncorrected), "
+                     f"{int(pairs.significant.astype(bool).sum())} after Holm's correction over the {len(pairs)} pairs "
+                     f"(`p_holm`, `significant`). With the subsets held fixed (sign-flip test over tests, `p_value`, "
+                     f"uncorrected and too narrow, as above): {int((pairs.p_value < 0.05).sum())}."), ""]
+        else:  # a report from before the two-way test decided `significant`
+            out += [(f"Paired differences between methods checked the same way (`lds_pairs.csv`): "
+                     f"{int(pairs.significant.astype(bool).sum())} of {len(pairs)} pairs differ at p < 0.05 with the "
+                     "subsets held fixed (sign-flip test, uncorrected)."), ""]
     return out
 
 
@@ -233,10 +244,13 @@ def lds_note(report: EvalReport | None, method: str, fingerprint: str) -> str | 
     if report.summary.get("fingerprint") != fingerprint:
         return None
     r = report.lds.loc[method]
-    kind = "span-LDS" if r.intervention == "mask" else "LDS"
-    return (f"{kind} on this workspace: {100 * r.lds:.1f} [{100 * r.low:.1f}, {100 * r.high:.1f}] "
-            f"(x100; {int(r.tests)} tests, interval with the retrains' subsets held fixed; "
-            "0 = no better than chance at predicting retraining)")
+    kind = f"LDS ({r.intervention} / {r.output})"
+    if "low_subsets" in report.lds and np.isfinite(r.low_subsets):
+        interval, held = f"[{100 * r.low_subsets:.1f}, {100 * r.high_subsets:.1f}]", "tests and retrain subsets resampled"
+    else:
+        interval, held = f"[{100 * r.low:.1f}, {100 * r.high:.1f}]", "interval with the retrains' subsets held fixed"
+    return (f"{kind} on this workspace: {100 * r.lds:.1f} {interval} "
+            f"(x100; {int(r.tests)} tests, {held}; 0 = no better than chance at predicting retraining)")
 
 
 def _md_curves(report: EvalReport) -> list[str]:
