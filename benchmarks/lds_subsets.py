@@ -52,7 +52,7 @@ from core.lds import (
     two_way_draws,
     two_way_values,
 )
-from core.stats import draws_summary
+from core.stats import draws_summary, paired_difference
 
 
 def main() -> None:
@@ -107,8 +107,7 @@ def main() -> None:
         if (methods[a]["intervention"], methods[a]["output"]) != (methods[b]["intervention"], methods[b]["output"]):
             continue
         low, high, p = draws_summary(paired_draws(boot[a], boot[b]))
-        both = np.isfinite(per[a]) & np.isfinite(per[b])  # the tests where both are defined, as the draws
-        pairs[f"{a} - {b}"] = {"difference": round(100 * float(np.mean(per[a][both] - per[b][both])), 1),
+        pairs[f"{a} - {b}"] = {"difference": round(100 * paired_difference(per[a], per[b])["difference"], 1),
                                "ci_two_way": [round(100 * low, 1), round(100 * high, 1)], "p_two_way": round(float(p), 4)}
     print(json.dumps({"workspace": args.workspace, "tests": q, "subsets": m, "window": args.window,
                       "draws": args.draws, "methods": methods, "pairs": pairs}, indent=1))

@@ -33,10 +33,20 @@ from tqdm import tqdm
 from core.evaluate import EvalSettings, select_tests
 from core.evaluate.context import Evaluation
 from core.evaluate.counterfactual import _select, _StoreCache, kind_of, retrainer_for
-from core.lds import (LdsSettings, draw_means, lds_scores, paired_draws, predicted_outputs, run_lds, sample_subsets,
-                      summarise, two_way_draws, two_way_values)
+from core.lds import (
+    LdsSettings,
+    draw_means,
+    lds_scores,
+    paired_draws,
+    predicted_outputs,
+    run_lds,
+    sample_subsets,
+    summarise,
+    two_way_draws,
+    two_way_values,
+)
 from core.registry import METHODS
-from core.stats import draws_summary
+from core.stats import draws_summary, paired_difference
 
 
 def main() -> None:
@@ -87,11 +97,11 @@ def main() -> None:
     for spec in specs:
         intervention, output = kind_of(spec)
         measured = np.stack([o.output(output) for o in outputs[intervention]], axis=1)
-        boot, rows = {}, {}
+        boot, rows, per = {}, {}, {}
         for name, points in tqdm(sets.items(), desc=f"{spec.name} point sets", unit="set"):
             engine = engine_over(backend, side, projector, point_set.with_group("ensemble", points))
             scores = engine.scores(tests, spec).values.double().numpy()
-            per_test = lds_scores(scores, subsets, outputs[intervention], intervention, output)
+            per_test = per[name] = lds_scores(scores, subsets, outputs[intervention], intervention, output)
             boot[name] = two_way_values(predicted_outputs(scores, subsets, intervention), measured, draws)
             low, high, _ = draws_summary(draw_means(boot[name]))
             fixed = summarise(per_test[~np.isnan(per_test)], seed=args.seed)
@@ -104,12 +114,12 @@ def main() -> None:
         for name in sets:
             if name != "checkpoints":
                 low, high, p = draws_summary(paired_draws(boot[name], boot["checkpoints"]))
-                rows[name]["minus_checkpoints"] = {"difference": round(rows[name]["lds"] - rows["checkpoints"]["lds"], 1),
+                rows[name]["minus_checkpoints"] = {"difference": round(100 * paired_difference(per[name], per["checkpoints"])["difference"], 1),
                                                    "ci_two_way": [round(100 * low, 1), round(100 * high, 1)],
                                                    "p_two_way": round(float(p), 4)}
         for a, b in pairwise([n for n in sets if n != "checkpoints"]):
             low, high, p = draws_summary(paired_draws(boot[b], boot[a]))
-            rows[b][f"minus_{a}"] = {"difference": round(rows[b]["lds"] - rows[a]["lds"], 1),
+            rows[b][f"minus_{a}"] = {"difference": round(100 * paired_difference(per[b], per[a])["difference"], 1),
                                      "ci_two_way": [round(100 * low, 1), round(100 * high, 1)], "p_two_way": round(float(p), 4)}
         results[spec.name] = {"intervention": intervention, "output": output, "sets": rows}
     report = {"workspace": args.workspace, "tests": len(tests), "subsets": len(subsets), "alpha": args.alpha,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def number(kind, low: float | None = None, *, above: bool = False, name: str = "a number"):
@@ -11,6 +12,8 @@ def number(kind, low: float | None = None, *, above: bool = False, name: str = "
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {name}") from None
+        if not math.isfinite(value):  # nan, inf
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if low is not None and (value <= low if above else value < low):
             raise argparse.ArgumentTypeError(f"must be {'greater than' if above else 'at least'} {low:g}, got {text}")
         return value

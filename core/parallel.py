@@ -126,6 +126,9 @@ def mapper(settings: RaySettings | None) -> Iterator[Mapper]:
             os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=settings.num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **options)
     try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if settings.gpus > gpus:
+            raise RuntimeError(f"--ray-gpus {settings.gpus:g}: the Ray cluster has {gpus:g} GPUs, so no task could start")
         yield RayMapper(settings)
     finally:
         if started:

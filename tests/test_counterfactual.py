@@ -125,7 +125,8 @@ def test_reports_with_other_lds_settings_do_not_combine():
     lds = {"subsets": 50, "alpha": 0.5, "seed": 0}
     base = {"methods": ["TracIn"], "ray": None}
     assert differing([base | {"lds": lds}, base | {"lds": None}, base | {"lds": lds, "ray": {"cpus": 2}}]) == []
-    assert differing([base | {"lds": lds}, base | {"lds": None}, base | {"lds": lds | {"alpha": 0.9}}]) == ["lds"]
+    assert differing([base | {"lds": lds}, base | {"lds": None}, base | {"lds": lds | {"alpha": 0.9}}]) == []  # LDS left out
+    assert differing([base | {"lds": lds}, base | {"lds": lds | {"alpha": 0.9}}]) == ["lds"]
     assert differing([base | {"lds": lds}, {"methods": ["IF"], "lds": lds}]) == ["methods"]
 
 

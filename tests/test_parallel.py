@@ -184,8 +184,15 @@ def test_ray_options_reach_the_task_settings(tmp_path, capsys):
         RaySettings(num_cpus=2, gpus=0.25)
     assert ray_settings(parse(["evaluate", "--workspace", "w", "--ray-address", "auto"])) == RaySettings(address="auto")
     assert ray_settings(parse(["index", "--workspace", "w"])) is None
-    with pytest.raises(SystemExit):
-        parse(["index", "--workspace", "w", "--ray", "--ray-gpus", "-1"])
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(SystemExit):
+            parse(["index", "--workspace", "w", "--ray", "--ray-gpus", bad])
     target = tmp_path / "never-made"
     assert main(["prepare", "--dataset", "mams", "--workspace", str(target), "--ray-gpus", "1"]) == 2
     assert "--ray-gpus goes with --ray" in capsys.readouterr().err and not target.exists()
+
+
+def test_asking_for_more_gpus_than_the_cluster_has_is_refused(local_ray):
+    """Tasks that reserve GPUs a cluster lacks could never start: refused instead of waiting forever."""
+    with pytest.raises(RuntimeError, match="the Ray cluster has 0 GPUs"), mapper(RaySettings(num_cpus=2, gpus=0.5)):
+        pass

@@ -15,11 +15,11 @@ from .report import load_report
 
 def differing(settings: list[dict]) -> list[str]:
     """The evaluate settings in which reports differ. Where the work ran (``ray``) changes no
-    number; LDS may be missing from some reports (it is then left out of the combination), but
-    the reports that have it must share its settings (subsets, alpha, seed)."""
+    number; LDS is combined only where every report has it, and then its settings (subsets,
+    alpha, seed) must be the same."""
     keys = {k for s in settings for k in s} - {"ray", "lds"}
     differ = {k for k in keys if any(s.get(k) != settings[0].get(k) for s in settings[1:])}
-    if len({json.dumps(s["lds"], sort_keys=True) for s in settings if s.get("lds")}) > 1:
+    if all(s.get("lds") for s in settings) and len({json.dumps(s["lds"], sort_keys=True) for s in settings}) > 1:
         differ.add("lds")
     return sorted(differ)
 

@@ -206,7 +206,7 @@ TWO_WAY = ("low_subsets", "high_subsets")
 def _pairs(per_test: pd.DataFrame, seed: int, boot: dict[str, np.ndarray]) -> pd.DataFrame:
     """Paired differences between methods checked the same way, over the tests where both are
     defined: the two-way interval and p from the shared draws ``boot`` (each method's
-    :func:`core.lds.two_way_values`), Holm-adjusted over all the pairs (``significant``), and the
+    :func:`core.lds.two_way_values`), Holm-adjusted over the pairs of each kind (``significant``), and the
     tests-only sign-flip test and interval (subsets fixed: too narrow, uncorrected; kept for comparison)."""
     rows = []
     wide = per_test.pivot(index="test_id", columns="method", values="lds")
@@ -220,6 +220,10 @@ def _pairs(per_test: pd.DataFrame, seed: int, boot: dict[str, np.ndarray]) -> pd
                 rows.append({"a": a, "b": b, **{k: diff[k] for k in ("difference", "low", "high", "p_value", "n")},
                              **dict(zip(TWO_WAY, (low, high))), "p_subsets": p_two_way})
     pairs = pd.DataFrame(rows, columns=["a", "b", "difference", "low", "high", "p_value", "n", *TWO_WAY, "p_subsets"])
-    pairs["p_holm"] = holm(pairs.p_subsets.to_numpy(dtype=np.float64))
+    family = [tuple(kinds.loc[a]) for a in pairs.a]  # the pairs checked against the same retrains and output
+    pairs["p_holm"] = np.nan
+    for kind in dict.fromkeys(family):
+        members = np.flatnonzero([f == kind for f in family])
+        pairs.loc[members, "p_holm"] = holm(pairs.p_subsets.to_numpy(dtype=np.float64)[members])
     pairs["significant"] = pairs.p_holm < ALPHA
     return pairs

@@ -193,7 +193,7 @@ def _md_lds(report: EvalReport) -> list[str]:
            "checked against a related output, not a rank-equivalent one). The mean over tests comes with its 95% "
            "bootstrap interval over tests; that interval holds the subsets fixed: every test shares the same "
            "retrains, so it leaves out how much the number depends on which subsets were drawn, which can be "
-           "several times larger: the next column resamples both (1,000 draws). NaN: tests where the retrained "
+           "several times larger: the next column resamples both (4,000 draws). NaN: tests where the retrained "
            "outputs or the predicted ones did not change across subsets."
            + (f" With {s['subsets']} subsets each test's Spearman takes few distinct values: read these as a smoke "
               "test." if s["subsets"] < 10 else ""), "",
@@ -205,8 +205,8 @@ def _md_lds(report: EvalReport) -> list[str]:
             out += [(f"Paired differences between methods checked the same way, over the tests where both are defined "
                      f"(`lds_pairs.csv`): {int((pairs.p_subsets < 0.05).sum())} of {len(pairs)} pairs differ at "
                      f"p < 0.05 with tests and subsets resampled (`p_subsets`, uncorrected), "
-                     f"{int(pairs.significant.astype(bool).sum())} after Holm's correction over the {len(pairs)} pairs "
-                     f"(`p_holm`, `significant`). With the subsets held fixed (sign-flip test over tests, `p_value`, "
+                     f"{int(pairs.significant.astype(bool).sum())} after Holm's correction over the pairs of each "
+                     f"intervention and output (`p_holm`, `significant`). With the subsets held fixed (sign-flip test over tests, `p_value`, "
                      f"uncorrected and too narrow, as above): {int((pairs.p_value < 0.05).sum())}."), ""]
         else:  # a report from before the two-way test decided `significant`
             out += [(f"Paired differences between methods checked the same way (`lds_pairs.csv`): "
