@@ -150,11 +150,26 @@ def cmd_prepare(args) -> int:
         args.preset, dataset=args.dataset, data_dir=args.data_dir, model=args.model, rc_model=args.rc_model,
         train_limit=args.train_limit, eval_limit=args.eval_limit, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, trainable_layers=args.trainable_layers, checkpoints=args.checkpoints, variants=args.variants,
-        variant_lr=args.variant_lr, variant_optimizer=args.variant_optimizer, models=args.models,
+        variant_lr=args.variant_lr, variant_optimizer=args.variant_optimizer, models=_models(args),
         max_length=args.max_length, span_importance=args.span_importance, category_spans=args.category_spans,
         input_format=args.input_format, seed=args.seed, device=args.device,
     )
     return _build(args, lambda: prepare(settings, args.workspace))
+
+
+def _models(args) -> int:
+    """--models, or when it is left out the number the workspace's earlier prepare trained: each of
+    those classifiers cost a training, so only an explicit `--models 1` removes them."""
+    from .workspace import Workspace
+
+    if args.models is not None:
+        return args.models
+    ws = Workspace(args.workspace)
+    recorded = int(ws.manifest().settings.get("models", 1)) if ws.exists() else 1
+    if recorded > 1:
+        print(f"[models] keeping the {recorded - 1} classifiers besides theta of the earlier prepare "
+              "(--models 1 removes them)")
+    return recorded
 
 
 def cmd_import(args) -> int:

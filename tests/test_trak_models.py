@@ -172,3 +172,18 @@ def test_an_interrupted_models_stage_keeps_the_models_it_had(tmp_path, tiny_back
     assert all(torch.equal(again[n], model_2[n]) for n in model_2)
     assert PointSet.from_manifest(Workspace(root).manifest()).groups["ensemble"] == (
         "final", "model-2", "model-3", "model-4", "model-5")
+
+
+def test_a_later_prepare_without_models_keeps_them(tmp_path, capsys):
+    """Left out, --models is the number the workspace's earlier prepare trained (each model cost a
+    training); only an explicit --models 1 removes them; a new workspace gets 1."""
+    from core.__main__ import _models, build_parser
+    from core.workspace import Manifest, Workspace
+
+    def parse(*extra: str):
+        return build_parser().parse_args(["prepare", "--workspace", str(tmp_path / "ws"), *extra])
+
+    assert _models(parse()) == 1
+    Workspace(tmp_path / "ws").save_manifest(Manifest(settings={"models": 3}))
+    assert _models(parse()) == 3 and "keeping the 2 classifiers besides theta" in capsys.readouterr().out
+    assert _models(parse("--models", "1")) == 1 and _models(parse("--models", "4")) == 4
