@@ -259,11 +259,6 @@ def draw_means(values: np.ndarray) -> np.ndarray:
     return np.where(finite.any(axis=1), np.nansum(values, axis=1) / np.maximum(finite.sum(axis=1), 1), np.nan)
 
 
-def two_way_means(predicted: np.ndarray, measured: np.ndarray, draws: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """``(draws,)``: the mean LDS of each two-way draw (:func:`two_way_values`)."""
-    return draw_means(two_way_values(predicted, measured, draws))
-
-
 def paired_draws(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``(draws,)``: per draw, the mean of ``a - b`` over the drawn tests where both methods' LDS
     is defined (two methods' :func:`two_way_values` over the same draws), so a difference and its

@@ -74,8 +74,7 @@ def holm(p_values) -> np.ndarray:
     out = np.full(p.shape, np.nan)
     idx = np.flatnonzero(~np.isnan(p))
     order = idx[np.argsort(p[idx], kind="stable")]
-    adjusted = np.maximum.accumulate((len(order) - np.arange(len(order))) * p[order]) if len(order) else order
-    out[order] = np.minimum(1.0, adjusted)
+    out[order] = np.minimum(1.0, np.maximum.accumulate((len(order) - np.arange(len(order))) * p[order]))
     return out
 
 

@@ -34,7 +34,7 @@ from core.lds import (
     subset_key,
     summarise,
     two_way_draws,
-    two_way_means,
+    two_way_values,
 )
 from core.metrics import spearman
 from core.model import HiddenCache
@@ -179,7 +179,7 @@ def test_exact_influence_has_high_lds_and_random_scores_none():
     summary = summarise(lds, seed=0)
     assert summary["low"] <= summary["lds"] <= summary["high"] and summary["nan"] == 0 and summary["tests"] == 8
     measured = np.stack([o.output("loss") for o in outputs], axis=1)
-    boot = two_way_means(predicted_outputs(scores, subsets, "remove"), measured, two_way_draws(8, 40, draws=200))
+    boot = draw_means(two_way_values(predicted_outputs(scores, subsets, "remove"), measured, two_way_draws(8, 40, draws=200)))
     assert np.percentile(boot, 2.5) > 0.8  # a real relation survives resampling the subsets too
 
 
@@ -194,7 +194,8 @@ def test_two_way_interval_counts_the_subsets_that_all_tests_share():
     measured = shared_measured + 0.3 * rng.normal(size=(tests, subsets))
     fixed = summarise(spearman(predicted, measured), seed=0)
     assert fixed["low"] > 0
-    low, high = np.percentile(two_way_means(predicted, measured, two_way_draws(tests, subsets, draws=400)), [2.5, 97.5])
+    low, high = np.percentile(draw_means(two_way_values(predicted, measured, two_way_draws(tests, subsets, draws=400))),
+                              [2.5, 97.5])
     assert low < 0 < high and high - low > 5 * (fixed["high"] - fixed["low"])
 
 

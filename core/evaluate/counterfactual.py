@@ -83,13 +83,16 @@ def _test_pair(backend: "Backend") -> tuple[CachePair, list[str]]:
                                            progress=False), labels), [r.id for r in records]
 
 
-def _scores(ev: Evaluation, spec: MethodSpec, tests: list) -> np.ndarray:
+def _scores(ev: Evaluation, spec: MethodSpec, tests: list, *, stored_only: bool = False) -> np.ndarray:
     """(Q, N) scores of a method for the selected tests in SpanLens' signs (larger = proponent, as
     :mod:`core.lds` requires, whatever ``--paper-signs`` made phase 1 store): stored by phase 1,
-    else computed now."""
+    else computed now (``stored_only``: else an error)."""
     rows = ev.store.eval_rows(ev.scores_key(spec))
     if all(t.id in rows for t in tests):
         signed = np.stack([decode_scores(rows[t.id]["scores"]) for t in tests]).astype(np.float64)
+    elif stored_only:
+        raise RuntimeError(f"{spec.name}: the evaluation's scores of these tests are not in the store under "
+                           "these scoring settings")
     else:
         signed = np.concatenate([ev.scores(batch, [spec])[0][spec.name] for batch in chunks(tests, ev.settings.batch)])
     return ev.settings.scoring().sign(spec) * signed
@@ -220,10 +223,7 @@ def _pairs(per_test: pd.DataFrame, seed: int, boot: dict[str, np.ndarray]) -> pd
                 rows.append({"a": a, "b": b, **{k: diff[k] for k in ("difference", "low", "high", "p_value", "n")},
                              **dict(zip(TWO_WAY, (low, high))), "p_subsets": p_two_way})
     pairs = pd.DataFrame(rows, columns=["a", "b", "difference", "low", "high", "p_value", "n", *TWO_WAY, "p_subsets"])
-    family = [tuple(kinds.loc[a]) for a in pairs.a]  # the pairs checked against the same retrains and output
-    pairs["p_holm"] = np.nan
-    for kind in dict.fromkeys(family):
-        members = np.flatnonzero([f == kind for f in family])
-        pairs.loc[members, "p_holm"] = holm(pairs.p_subsets.to_numpy(dtype=np.float64)[members])
+    family = pairs.a.map(lambda m: tuple(kinds.loc[m]))  # the pairs checked against the same retrains and output
+    pairs["p_holm"] = pairs.groupby(family).p_subsets.transform(lambda p: holm(p.to_numpy(dtype=np.float64)))
     pairs["significant"] = pairs.p_holm < ALPHA
     return pairs
