@@ -436,7 +436,7 @@ def _evaluate_parser(sub) -> None:
     p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the test sample and the random baselines")
     p.add_argument("--batch", type=POSITIVE, default=16, help="test instances scored together")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--device")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     _index_options(p)
 
 
@@ -509,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     _import_parser(sub)
     i = sub.add_parser("index", help="build (or resume) the gradient index of a prepared workspace")
     i.add_argument("--workspace", required=True)
-    i.add_argument("--device")
+    i.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     _index_options(i)
     _with_option(i)
     i.add_argument("--ann", metavar="METHODS",

@@ -51,7 +51,8 @@ def ray_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", help="run it on a running Ray cluster instead (e.g. ray://head:10001)")
     p.add_argument("--ray-cpus", type=POSITIVE, help="CPUs of the local Ray (default: every core)")
     p.add_argument("--ray-gpus", type=number(float, 0), default=0.0, help="GPUs each Ray task reserves (e.g. 1 or "
-                   "0.25: Ray places tasks on GPU nodes and gives each its device); default 0: none reserved")
+                   "0.25: Ray places tasks on GPU nodes and gives each its device); default 0: none reserved, tasks "
+                   "run on their CPUs unless --device says otherwise")
 
 
 def ray_settings(args: argparse.Namespace):
@@ -62,7 +63,7 @@ def ray_settings(args: argparse.Namespace):
         if args.ray_gpus:
             raise ValueError("--ray-gpus goes with --ray or --ray-address")
         return None
-    return RaySettings(address=args.ray_address, num_cpus=args.ray_cpus, gpus=args.ray_gpus)
+    return RaySettings(address=args.ray_address, num_cpus=args.ray_cpus, gpus=args.ray_gpus, device=args.device)
 
 
 def index_with_ray(args: argparse.Namespace, build):

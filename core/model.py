@@ -35,8 +35,22 @@ def resolve_backbone(name: str | None) -> str:
     return name
 
 
+_default_device: str | None = None
+"""What an unnamed device means in this process (:func:`set_default_device`); None: CUDA when present."""
+
+
+def set_default_device(name: str | None) -> None:
+    """Make ``name`` the device :func:`pick_device` gives when none is named, in this process (a Ray
+    task's device, :class:`core.parallel.RaySettings`); None: CUDA when present."""
+    global _default_device
+    _default_device = name
+
+
 def pick_device(name: str | None = None) -> torch.device:
-    """``cuda`` when present unless a device is forced (``cpu``, ``cuda``, ``cuda:1`` ...)."""
+    """``cuda`` when present unless a device is forced (``cpu``, ``cuda``, ``cuda:1`` ...), here or by
+    :func:`set_default_device`."""
+    if name in (None, "", "auto"):
+        name = _default_device
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)

@@ -29,16 +29,28 @@ WORKER_CACHE_SIZE = 4
 @dataclass(frozen=True)
 class RaySettings:
     """Where tasks run: ``address`` of a running cluster (None: start a local Ray with
-    ``num_cpus``, default every core); ``threads`` per task (torch threads); ``gpus`` per task."""
+    ``num_cpus``, default every core); ``threads`` per task (torch threads); ``gpus`` per task;
+    ``device``: the tasks' device (the driver's ``--device``; None: :attr:`task_device`)."""
 
     address: str | None = None
     num_cpus: int | None = None
     threads: int = 1
     gpus: float = 0.0
+    device: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_cpus is not None and self.num_cpus < 1 or self.threads < 1 or self.gpus < 0:
             raise ValueError("num_cpus and threads must be at least 1, gpus at least 0")
+        if self.gpus and (self.device or "").startswith("cpu"):
+            raise ValueError(f"--device {self.device} with --ray-gpus {self.gpus:g}: the tasks would reserve GPUs "
+                             "and not use them")
+
+    @property
+    def task_device(self) -> str:
+        """The device each task uses: the one named, else a GPU Ray gave it when it reserves GPUs,
+        else its CPU (a task never takes a GPU it did not reserve: Ray leaves every GPU of a
+        node visible to a task that reserves none)."""
+        return self.device or ("cuda" if self.gpus else "cpu")
 
 
 class Mapper(Protocol):
@@ -66,7 +78,8 @@ class RayMapper:
 
         remote = ray.remote(num_cpus=self.settings.threads, num_gpus=self.settings.gpus, max_retries=0)(_run)
         shared = [ray.put(a) for a in args]  # once, however many tasks read them
-        return {remote.remote(fn, item, self.settings.threads, *shared): item for item in items}
+        return {remote.remote(fn, item, self.settings.threads, self.settings.task_device, *shared): item
+                for item in items}
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], *args: Any) -> Iterator[tuple[Any, Any]]:
         import ray
@@ -78,11 +91,14 @@ class RayMapper:
             yield item, ray.get(done[0])
 
 
-def _run(fn: Callable[..., Any], item: Any, threads: int, *args: Any) -> Any:
-    """A task's body: ``threads`` torch threads, then the function."""
+def _run(fn: Callable[..., Any], item: Any, threads: int, device: str, *args: Any) -> Any:
+    """A task's body: ``threads`` torch threads and ``device`` for what it loads, then the function."""
     import torch
 
+    from .model import set_default_device
+
     torch.set_num_threads(threads)
+    set_default_device(device)
     return fn(item, *args)
 
 

@@ -184,12 +184,28 @@ def test_ray_options_reach_the_task_settings(tmp_path, capsys):
         RaySettings(num_cpus=2, gpus=0.25)
     assert ray_settings(parse(["evaluate", "--workspace", "w", "--ray-address", "auto"])) == RaySettings(address="auto")
     assert ray_settings(parse(["index", "--workspace", "w"])) is None
+    with_device = ray_settings(parse(["evaluate", "--workspace", "w", "--ray", "--device", "cuda:1"]))
+    assert with_device == RaySettings(device="cuda:1") and with_device.task_device == "cuda:1"
+    assert (RaySettings().task_device, RaySettings(gpus=0.5).task_device) == ("cpu", "cuda")
     for bad in ("-1", "nan", "inf"):
         with pytest.raises(SystemExit):
             parse(["index", "--workspace", "w", "--ray", "--ray-gpus", bad])
     target = tmp_path / "never-made"
     assert main(["prepare", "--dataset", "mams", "--workspace", str(target), "--ray-gpus", "1"]) == 2
     assert "--ray-gpus goes with --ray" in capsys.readouterr().err and not target.exists()
+    assert main(["prepare", "--dataset", "mams", "--workspace", str(target), "--ray", "--ray-gpus", "1",
+                 "--device", "cpu"]) == 2
+    assert "reserve GPUs and not use them" in capsys.readouterr().err and not target.exists()
+
+
+def test_tasks_use_the_device_the_settings_name(local_ray):
+    """A task's unnamed device is its settings' (the driver's --device; else CPU without reserved
+    GPUs), not whatever the worker's node has."""
+    from core.model import pick_device
+
+    assert list(RayMapper(RaySettings(device="meta")).map(pick_device, [None])) == [(None, torch.device("meta"))]
+    assert list(local_ray.map(pick_device, [None])) == [(None, torch.device("cpu"))]
+    assert pick_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")  # this process untouched
 
 
 def test_asking_for_more_gpus_than_the_cluster_has_is_refused(local_ray):
