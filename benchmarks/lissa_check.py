@@ -67,7 +67,7 @@ from core.ihvp import LissaSettings, lissa
 from core.model import length_batches
 from core.training_rows import training_gradients
 
-CHUNK = 1 << 20  # columns of F handled at once in float64
+CHUNK = 1 << 18  # columns of F handled at once in float64 (a block of n C x CHUNK)
 REPS = {"diff": "IF++ e(z')", "full": "IF g(z')"}
 
 
@@ -158,13 +158,13 @@ def main() -> None:
     exact_projector = Projector(loaded.split, None, 0, loaded.device)
 
     started = time.perf_counter()
-    factors = [gauss_newton_factor(b.logits, b.jacobian) for b in training_gradients(
-        loaded, exact_projector, full, masked, labels, "final", length_batches(full.lengths(), 16), kinds=("full",),
-        with_jacobian=True)]
-    paper_lam = LissaSettings().lam
-    exact = ExactInverse(torch.cat(factors), len(rows), paper_lam)
-    del factors
     classes = len(loaded.labels)
+    f_rows = torch.empty(len(rows) * classes, exact_projector.params)  # F, filled in place: n C x P floats, once
+    for b in training_gradients(loaded, exact_projector, full, masked, labels, "final",
+                                length_batches(full.lengths(), 16), kinds=("full",), with_jacobian=True):
+        f_rows.view(len(rows), classes, -1)[b.rows] = gauss_newton_factor(b.logits, b.jacobian).view(len(b.rows), classes, -1)
+    paper_lam = LissaSettings().lam
+    exact = ExactInverse(f_rows, len(rows), paper_lam)
     curvature = exact.curvature(classes)
     settings = settings_for(args, curvature["per_example_gn_lambda_max"])
     top = curvature["per_example_gn_lambda_max"]
