@@ -104,7 +104,7 @@ def browser():
         chromium.close()
 
 
-def settle(page, condition: str = "true", arg: object = None, timeout: float = 60_000) -> None:
+def settle(page, condition: str = "true", arg: object = None, timeout: float = 120_000) -> None:
     """Wait until the page shows what ``condition`` (a JavaScript expression of ``arg``) checks and
     no script run is going."""
     page.wait_for_function(f"arg => ({condition})", arg=arg, timeout=timeout)
