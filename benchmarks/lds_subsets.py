@@ -16,7 +16,7 @@ store (nothing is retrained or rescored; it stops if a retrain is missing) and p
 
 and per pair of methods checked against the same retrains: the two-way interval of the
 difference and a two-sided bootstrap p. Pass the ``evaluate`` options the run used (test limit,
-seed, subsets, alpha).
+seed, subsets, alpha); ``--interventions remove`` reads only the ``remove`` retrains.
 
     python benchmarks/lds_subsets.py --workspace workspaces/sentihood-1k-s0 \\
         --out workspaces/sentihood-1k-s0/evaluation-m50 --test-limit 100 --subsets 50
@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--window", type=int, default=5)
     ap.add_argument("--draws", type=int, default=2000)
+    ap.add_argument("--interventions", nargs="+", choices=["remove", "mask"], default=["remove", "mask"],
+                    help="only the methods checked by these retrains (e.g. remove while the mask retrains still run)")
     args = ap.parse_args()
 
     backend = Backend(args.workspace)
@@ -79,12 +81,13 @@ def main() -> None:
     def missing(*_):
         raise RuntimeError("a retrain of this evaluation is not in the store; run evaluate --lds first")
 
+    specs = [s for s in ev.reported if kind_of(s)[0] in args.interventions]
     outputs = {iv: [_select(o, where) for o in run_lds(missing, subsets, iv, _StoreCache(ev.store), settings_key=key)]
-               for iv in {kind_of(s)[0] for s in ev.reported}}
+               for iv in {kind_of(s)[0] for s in specs}}
     q, m = len(tests), len(subsets)
     draws = two_way_draws(q, m, args.draws, args.seed)
     pairs, boot, methods, per = {}, {}, {}, {}
-    for spec in ev.reported:
+    for spec in specs:
         iv, output = kind_of(spec)
         scores = _scores(ev, spec, tests, stored_only=True)  # the default scoring settings: read, never rescored
         predicted = predicted_outputs(scores, subsets, iv)
