@@ -239,5 +239,13 @@ def test_cli_writes_report(workspace, tmp_path, capsys):
     # the paper's literal sign for TracIn++ (opponents first) beside the paper's number
     paper = report.paper_sign.set_index(["metric", "method"]).loc[("Lag@10", "TracIn++")]
     assert f"{paper.value:.2f} [{paper.low:.2f}, {paper.high:.2f}] / 78.03" in md
+    # the paired difference of the two methods on each cell, over the same tests
+    pairs = report.table3_pairs.set_index("metric")
+    assert list(pairs.index) == ["Sag@5", "Sag@10", "Lag@5", "Lag@10"] and set(zip(pairs.a, pairs.b)) == {("TracIn++", "TracIn")}
+    wide = report.per_test.pivot(index="test_id", columns="method", values="lag@10")
+    lag = pairs.loc["Lag@10"]
+    assert lag.difference == pytest.approx(100 * (wide["TracIn++"] - wide["TracIn"]).mean())
+    assert lag.low <= lag.difference <= lag.high and lag.p_holm == lag.p and 0 < lag.p <= 1 and lag.n == 6
+    assert "after Holm: Sag@5 " in md and f"Lag@10 {int(lag.significant)} of 1" in md
     html = (out / "k_curves.html").read_text()
     assert "plotly" in html.lower() and "Sag@K" in html and "Lag@K" in html

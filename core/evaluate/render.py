@@ -137,6 +137,7 @@ def _md_table3(report: EvalReport) -> list[str]:
         "Sag/Lag cells carry their 95% bootstrap interval over test instances (`table3_ci.csv`); two methods whose "
         "intervals overlap may still differ in a paired test, and those whose intervals barely separate may not.",
         "",
+        *_md_pairs(report),
     ]
     if len(report.ral):
         base = report.ral.iloc[0]
@@ -147,6 +148,18 @@ def _md_table3(report: EvalReport) -> list[str]:
     else:
         out += ["Ral was not computed (`--ral none`).", ""]
     return out
+
+
+def _md_pairs(report: EvalReport) -> list[str]:
+    """How many paired differences of table 3's cells hold after Holm's correction, per cell."""
+    pairs = report.table3_pairs
+    if pairs.empty:
+        return []
+    held = pairs.groupby("metric", sort=False).significant.agg(["sum", "size"])
+    counts = "; ".join(f"{metric} {int(row['sum'])} of {int(row['size'])}" for metric, row in held.iterrows())
+    return [f"Paired differences of every two methods on the same tests (`table3_pairs.csv`: the mean difference, "
+            f"its 95% interval, the sign-flip p and Holm's adjustment over the pairs of each cell) significant at 5% "
+            f"after Holm: {counts}.", ""]
 
 
 def _interval(value: float, low: float, high: float) -> str:
