@@ -108,7 +108,8 @@ def main() -> None:
         low, high, p = draws_summary(paired_draws(boot[a], boot[b]))
         pairs[f"{a} - {b}"] = {"difference": round(100 * float(np.nanmean(per[a] - per[b])), 1),
                                "ci_two_way": [round(100 * low, 1), round(100 * high, 1)], "p_two_way": round(float(p), 4)}
-    print(json.dumps({"workspace": args.workspace, "tests": q, "subsets": m, "window": args.window,
+    print(json.dumps({"workspace": args.workspace, "interventions": args.interventions, "tests": q, "subsets": m,
+                      "window": args.window,
                       "draws": args.draws, "methods": methods, "pairs": pairs}, indent=1))
 
 

@@ -160,9 +160,12 @@ def main() -> None:
     started = time.perf_counter()
     classes = len(loaded.labels)
     f_rows = torch.empty(len(rows) * classes, exact_projector.params)  # F, filled in place: n C x P floats, once
+    filled = 0
     for b in training_gradients(loaded, exact_projector, full, masked, labels, "final",
                                 length_batches(full.lengths(), 16), kinds=("full",), with_jacobian=True):
         f_rows.view(len(rows), classes, -1)[b.rows] = gauss_newton_factor(b.logits, b.jacobian).view(len(b.rows), classes, -1)
+        filled += len(b.rows)
+    assert filled == len(rows), f"{filled} of {len(rows)} Jacobian rows formed"
     paper_lam = LissaSettings().lam
     exact = ExactInverse(f_rows, len(rows), paper_lam)
     curvature = exact.curvature(classes)

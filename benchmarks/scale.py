@@ -87,9 +87,9 @@ def build(workspace: Path, work: Path) -> dict:
         ws = Workspace(copy)
         started = time.perf_counter()
         if ray is None:
-            index = build_index(ws, settings, progress=False, log=lambda _: None)
-        else:
-            with mapper(RaySettings(num_cpus=ray)) as pool:
+            index = build_index(ws, settings, device="cpu", progress=False, log=lambda _: None)
+        else:  # Ray's tasks reserve no GPU, so they run on the CPU: so does the single process
+            with mapper(RaySettings(num_cpus=ray, device="cpu")) as pool:
                 index = build_index(ws, settings, progress=False, log=lambda _: None, mapper=pool)
         seconds = time.perf_counter() - started
         n, points = len(index.ids), len(index.points)

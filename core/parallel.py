@@ -47,10 +47,13 @@ class RaySettings:
 
     @property
     def task_device(self) -> str:
-        """The device each task uses: the one named, else a GPU Ray gave it when it reserves GPUs,
-        else its CPU (a task never takes a GPU it did not reserve: Ray leaves every GPU of a
-        node visible to a task that reserves none)."""
-        return self.device or ("cuda" if self.gpus else "cpu")
+        """The device each task uses. A task that reserves GPUs uses the one Ray gave it (``cuda``:
+        Ray narrows the visible devices, so a driver's ``cuda:N`` means nothing there); one that
+        reserves none uses the device named, else its CPU (it never takes a GPU it did not
+        reserve: Ray leaves every GPU of a node visible to it)."""
+        if self.gpus:
+            return "cuda"
+        return self.device if self.device not in (None, "", "auto") else "cpu"
 
 
 class Mapper(Protocol):

@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -245,7 +246,34 @@ def test_cli_writes_report(workspace, tmp_path, capsys):
     wide = report.per_test.pivot(index="test_id", columns="method", values="lag@10")
     lag = pairs.loc["Lag@10"]
     assert lag.difference == pytest.approx(100 * (wide["TracIn++"] - wide["TracIn"]).mean())
-    assert lag.low <= lag.difference <= lag.high and lag.p_holm == lag.p and 0 < lag.p <= 1 and lag.n == 6
+    assert lag.low <= lag.difference <= lag.high and lag.p_holm == lag.p_value and 0 < lag.p_value <= 1 and lag.n == 6
     assert "after Holm: Sag@5 " in md and f"Lag@10 {int(lag.significant)} of 1" in md
     html = (out / "k_curves.html").read_text()
     assert "plotly" in html.lower() and "Sag@K" in html and "Lag@K" in html
+
+
+def test_table3_pairs_line_tests_up_by_id_and_adjust_within_each_cell():
+    """A pair's tests are matched by id (rows in any order), a test either method lacks is left
+    out, and Holm's adjustment runs over the pairs of each cell."""
+    from types import SimpleNamespace
+
+    from core.evaluate.report import table3_pairs
+    from core.stats import holm
+
+    rng = np.random.default_rng(0)
+    ids, base = [f"t{i}" for i in range(30)], rng.random(30)
+    per_test = pd.DataFrame([{"test_id": t, "method": name, "sag@5": base[i] + shift + 0.005 * rng.standard_normal(),
+                              "lag@5": base[i]}
+                             for name, shift in (("A", 0.2), ("B", 0.0), ("C", -0.05)) for i, t in enumerate(ids)])
+    per_test = per_test.sample(frac=1, random_state=0)  # the rows shuffled
+    per_test.loc[(per_test.method == "C") & (per_test.test_id == "t3"), "sag@5"] = np.nan
+    ev = SimpleNamespace(reported=[SimpleNamespace(name=n) for n in "ABC"], ks=[5], settings=SimpleNamespace(seed=0))
+    pairs = table3_pairs(ev, per_test).set_index(["metric", "a", "b"])
+    ab = pairs.loc[("Sag@5", "A", "B")]
+    # matched tests differ by 20 +- noise; mismatched ones would spread over +-100
+    assert ab.difference == pytest.approx(20, abs=0.5) and ab.high - ab.low < 1 and ab.significant and ab.n == 30
+    assert pairs.loc[("Sag@5", "A", "C")].n == pairs.loc[("Sag@5", "B", "C")].n == 29
+    sag = pairs.loc["Sag@5"]
+    assert np.allclose(sag.p_holm, holm(sag.p_value)) and (sag.p_holm >= sag.p_value).all()
+    lag = pairs.loc["Lag@5"]  # the same values for every method: no difference, none significant
+    assert (lag.difference == 0).all() and not lag.significant.any()

@@ -186,7 +186,8 @@ def test_ray_options_reach_the_task_settings(tmp_path, capsys):
     assert ray_settings(parse(["index", "--workspace", "w"])) is None
     with_device = ray_settings(parse(["evaluate", "--workspace", "w", "--ray", "--device", "cuda:1"]))
     assert with_device == RaySettings(device="cuda:1") and with_device.task_device == "cuda:1"
-    assert (RaySettings().task_device, RaySettings(gpus=0.5).task_device) == ("cpu", "cuda")
+    assert (RaySettings().task_device, RaySettings(device="auto").task_device) == ("cpu", "cpu")
+    assert RaySettings(gpus=0.5).task_device == RaySettings(gpus=0.5, device="cuda:1").task_device == "cuda"
     for bad in ("-1", "nan", "inf"):
         with pytest.raises(SystemExit):
             parse(["index", "--workspace", "w", "--ray", "--ray-gpus", bad])

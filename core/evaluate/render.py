@@ -155,9 +155,10 @@ def _md_pairs(report: EvalReport) -> list[str]:
     pairs = report.table3_pairs
     if pairs.empty:
         return []
-    held = pairs.groupby("metric", sort=False).significant.agg(["sum", "size"])
+    testable = pairs[pairs.p_value.notna()]
+    held = testable.groupby("metric", sort=False).significant.agg(["sum", "size"])
     counts = "; ".join(f"{metric} {int(row['sum'])} of {int(row['size'])}" for metric, row in held.iterrows())
-    return [f"Paired differences of every two methods on the same tests (`table3_pairs.csv`: the mean difference, "
+    return [f"Paired differences of every two methods on the same tests (`table3_pairs.csv`: the mean of a - b, "
             f"its 95% interval, the sign-flip p and Holm's adjustment over the pairs of each cell) significant at 5% "
             f"after Holm: {counts}.", ""]
 

@@ -97,16 +97,17 @@ def table3_ci(ev: Evaluation, per_test: pd.DataFrame) -> pd.DataFrame:
     return _cells_ci(ev, per_test, "")
 
 
-PAIR_COLUMNS = ["metric", "a", "b", "difference", "low", "high", "p", "p_holm", "significant", "n"]
+PAIR_COLUMNS = ["metric", "a", "b", "difference", "low", "high", "p_value", "p_holm", "significant", "n"]
 PAIR_RESAMPLES = 10_000
 """Sign flips (and bootstrap draws) per pair: the smallest p, 1/10,001, stays below 5% after Holm
 over the 78 pairs of 13 methods (with 2,000 it would sit at 0.039, just under)."""
 
 
 def table3_pairs(ev: Evaluation, per_test: pd.DataFrame) -> pd.DataFrame:
-    """Every two reported methods on each Sag/Lag cell: the mean of a - b over the same tests (x100)
-    with its 95% bootstrap interval and paired sign-flip p; ``significant`` when Holm's adjustment
-    over the pairs of that cell (``p_holm``) is below 5%."""
+    """Every two reported methods on each Sag/Lag cell: the mean of a - b (``a`` listed first) over
+    the tests where both are defined (x100, ``n`` tests) with its 95% bootstrap interval and paired
+    sign-flip p; ``significant`` when Holm's adjustment over the testable pairs of that cell
+    (``p_holm``) is below 5%."""
     names = [m.name for m in ev.reported]
     rows = []
     for metric in ("sag", "lag"):
@@ -116,9 +117,9 @@ def table3_pairs(ev: Evaluation, per_test: pd.DataFrame) -> pd.DataFrame:
                 d = paired_difference(100 * wide[a].to_numpy(float), 100 * wide[b].to_numpy(float), seed=ev.settings.seed,
                                       n_resamples=PAIR_RESAMPLES)
                 rows.append({"metric": f"{metric.capitalize()}@{k}", "a": a, "b": b, "difference": d["difference"],
-                             "low": d["low"], "high": d["high"], "p": d["p_value"], "n": d["n"]})
+                             "low": d["low"], "high": d["high"], "p_value": d["p_value"], "n": d["n"]})
     frame = pd.DataFrame(rows, columns=[c for c in PAIR_COLUMNS if c not in ("p_holm", "significant")])
-    frame["p_holm"] = frame.groupby("metric", sort=False).p.transform(holm)
+    frame["p_holm"] = frame.groupby("metric", sort=False).p_value.transform(holm)
     frame["significant"] = frame.p_holm < ALPHA
     return frame[PAIR_COLUMNS]
 
@@ -139,8 +140,7 @@ def _cells_ci(ev: Evaluation, per_test: pd.DataFrame, suffix: str) -> pd.DataFra
             continue
         for metric in ("sag", "lag"):
             for k in ev.ks:
-                value, low, high = bootstrap_ci(100 * group[f"{metric}{suffix}@{k}"].to_numpy(), seed=ev.settings.seed,
-                                      n_resamples=PAIR_RESAMPLES)
+                value, low, high = bootstrap_ci(100 * group[f"{metric}{suffix}@{k}"].to_numpy(), seed=ev.settings.seed)
                 rows.append({"metric": f"{metric.capitalize()}@{k}", "method": m.name, "value": value, "low": low,
                              "high": high})
     return pd.DataFrame(rows, columns=["metric", "method", "value", "low", "high"])

@@ -48,7 +48,7 @@ class EvalSettings:
     random_draws: int = 50  # random rankings behind the K-curve baseline band
     ral_random_seeds: int = 1
     lds: LdsSettings | None = None  # LDS and span-LDS by retraining (None: not run)
-    ray: RaySettings | None = None  # Sag/Lag batches and retrains as Ray tasks (None: in this process); changes no number
+    ray: RaySettings | None = None  # Sag/Lag batches and retrains as Ray tasks (None: in this process); same numbers on the same device
 
     def __post_init__(self) -> None:
         if self.ihvp not in IHVP_MODES:
