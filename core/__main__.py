@@ -1,4 +1,5 @@
-"""Command line: ``python -m core {fetch-data,prepare,import,index,explain,evaluate,combine} ...`` (``-h`` on each).
+"""Command line: ``python -m core COMMAND ...``: fetch-data, prepare, import, index, explain, evaluate,
+combine, intervals (``-h`` on each).
 
 Every option is checked before any work starts; errors are one line on stderr with exit code 2
 (an interruption: exit code 130, and the work resumes when the command is run again).
@@ -484,6 +485,17 @@ def cmd_combine(args) -> int:
     return 0
 
 
+def cmd_intervals(args) -> int:
+    from .evaluate.render import pairs_summary, write_frames
+    from .evaluate.report import load_report, with_intervals
+
+    report = with_intervals(load_report(args.report))
+    write_frames(report, ("table3_ci", "table3_pairs", "paper_sign"))
+    print(pairs_summary(report) or "fewer than two methods: no pairs to test")
+    print(f"written: table3_ci.csv, table3_pairs.csv, paper_sign.csv in {report.out_dir}")
+    return 0
+
+
 def cmd_fetch(args) -> int:
     from .fetch import FetchError, fetch_data
 
@@ -525,11 +537,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "workspaces prepared with different --seed: mean, sd, min, max per cell.")
     c.add_argument("--reports", nargs="+", required=True, help="report folders (evaluate --out)")
     c.add_argument("--out", required=True, help="folder for combined.md and the CSV files")
+    v = sub.add_parser("intervals", help="95%% intervals and paired tests of a report, from its per-test rows",
+                       description="Derive table3_ci.csv, table3_pairs.csv and paper_sign.csv of an evaluation "
+                                   "report again from its per_test.csv and the settings in its summary.json: a "
+                                   "report written before every report had them gains them (report.md is left "
+                                   "as it is).")
+    v.add_argument("--report", required=True, help="report folder (evaluate --out)")
     return parser
 
 
 COMMANDS = {"fetch-data": cmd_fetch, "prepare": cmd_prepare, "import": cmd_import, "index": cmd_index,
-            "explain": cmd_explain, "evaluate": cmd_evaluate, "combine": cmd_combine}
+            "explain": cmd_explain, "evaluate": cmd_evaluate, "combine": cmd_combine,
+            "intervals": cmd_intervals}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,6 +1,7 @@
 """Evaluation runs on the tiny workspace: tables, faithfulness, Ral, resuming, the command line."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -250,13 +251,38 @@ def test_cli_writes_report(workspace, tmp_path, capsys):
     assert "after Holm: Sag@5 " in md and f"Lag@10 {int(lag.significant)} of 1" in md
     html = (out / "k_curves.html").read_text()
     assert "plotly" in html.lower() and "Sag@K" in html and "Lag@K" in html
+    # a report of an earlier version, without the interval tables, gains them from its per-test rows
+    derived = ("table3_ci.csv", "table3_pairs.csv", "paper_sign.csv")
+    before = {name: pd.read_csv(out / name) for name in derived}
+    for name in derived:
+        (out / name).unlink()
+    assert load_report(out).table3_pairs.empty
+    capsys.readouterr()
+    assert main(["intervals", "--report", str(out)]) == 0
+    assert f"Lag@10 {int(lag.significant)} of 1" in capsys.readouterr().out
+    for name in derived:
+        pd.testing.assert_frame_equal(pd.read_csv(out / name), before[name])
+    assert not list(out.glob("*.tmp"))
+
+
+def test_intervals_name_the_file_they_cannot_use(tmp_path, capsys):
+    """`intervals` on a folder without per-test rows, or whose rows lack a K of its settings,
+    answers in one line naming the file, and writes nothing."""
+    (tmp_path / "summary.json").write_text(json.dumps({"settings": {"methods": ["A", "B"], "ks": [5, 10], "seed": 0}}))
+    assert main(["intervals", "--report", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'per_test.csv'}: no per-test rows" in capsys.readouterr().err
+    pd.DataFrame({"test_id": ["t1", "t1"], "method": ["A", "B"], "sag@5": [0.1, 0.2], "lag@5": [1.0, 0.0]}).to_csv(
+        tmp_path / "per_test.csv", index=False)
+    assert main(["intervals", "--report", str(tmp_path)]) == 2
+    assert "per_test.csv: no column lag@10, sag@10" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["per_test.csv", "summary.json"]
+    assert main(["intervals", "--report", str(tmp_path / "nowhere")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
 
 
 def test_table3_pairs_line_tests_up_by_id_and_adjust_within_each_cell():
     """A pair's tests are matched by id (rows in any order), a test either method lacks is left
     out, and Holm's adjustment runs over the pairs of each cell."""
-    from types import SimpleNamespace
-
     from core.evaluate.report import table3_pairs
     from core.stats import holm
 
@@ -267,8 +293,7 @@ def test_table3_pairs_line_tests_up_by_id_and_adjust_within_each_cell():
                              for name, shift in (("A", 0.2), ("B", 0.0), ("C", -0.05)) for i, t in enumerate(ids)])
     per_test = per_test.sample(frac=1, random_state=0)  # the rows shuffled
     per_test.loc[(per_test.method == "C") & (per_test.test_id == "t3"), "sag@5"] = np.nan
-    ev = SimpleNamespace(reported=[SimpleNamespace(name=n) for n in "ABC"], ks=[5], settings=SimpleNamespace(seed=0))
-    pairs = table3_pairs(ev, per_test).set_index(["metric", "a", "b"])
+    pairs = table3_pairs(per_test, list("ABC"), [5], 0).set_index(["metric", "a", "b"])
     ab = pairs.loc[("Sag@5", "A", "B")]
     # matched tests differ by 20 +- noise; mismatched ones would spread over +-100
     assert ab.difference == pytest.approx(20, abs=0.5) and ab.high - ab.low < 1 and ab.significant and ab.n == 30

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..workspace import write_json_atomic
+from ..workspace import write_json_atomic, write_text_atomic
 from .report import load_report
 
 
@@ -57,14 +57,14 @@ def combine_reports(folders: list[str | Path], out_dir: str | Path) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table3 = across([r.table3 for r in reports])
-    table3.to_csv(out / "combined_table3.csv", index=False)
+    write_text_atomic(out / "combined_table3.csv", table3.to_csv(index=False))
     frames = [r.lds[["lds"]].T.rename(index={"lds": "LDS"}) for r in reports if not r.lds.empty]
     lds = across(frames) if len(frames) == len(reports) else pd.DataFrame()
-    lds.to_csv(out / "combined_lds.csv", index=False)
+    write_text_atomic(out / "combined_lds.csv", lds.to_csv(index=False))
     summary = {"reports": [str(f) for f in folders], "workspaces": [r.summary["workspace"] for r in reports],
                "n": len(reports)}
     write_json_atomic(out / "combined.json", summary)
-    (out / "combined.md").write_text(_markdown(table3, lds, summary), encoding="utf-8")
+    write_text_atomic(out / "combined.md", _markdown(table3, lds, summary))
     return summary
 
 

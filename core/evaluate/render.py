@@ -3,26 +3,31 @@ plots (interactive HTML through :mod:`core.figures`, PNG through matplotlib), an
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
 
 from ..figures import BASELINE_COLOUR, k_curve_figure
 from ..registry import METHODS
-from ..workspace import write_json_atomic
+from ..workspace import write_json_atomic, write_text_atomic
 from .paper import PAPER_SOURCE
 from .report import FILES, INDEXED, EvalReport
 
 
 def write_report(report: EvalReport) -> None:
     """Write the CSVs, ``summary.json``, ``report.md`` and the K-curve plots (HTML, PNG)."""
-    out = report.out_dir
-    for attr, name in FILES.items():
-        frame: pd.DataFrame = getattr(report, attr)
-        frame.to_csv(out / name, index=attr in INDEXED)
-    write_json_atomic(out / "summary.json", report.summary)
+    write_frames(report, FILES)
+    write_json_atomic(report.out_dir / "summary.json", report.summary)
     _plots(report)
-    (out / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    write_text_atomic(report.out_dir / "report.md", report_markdown(report))
+
+
+def write_frames(report: EvalReport, attrs: Iterable[str]) -> None:
+    """Write the report's tables named by ``attrs`` (keys of :data:`FILES`), each atomically."""
+    for attr in attrs:
+        frame: pd.DataFrame = getattr(report, attr)
+        write_text_atomic(report.out_dir / FILES[attr], frame.to_csv(index=attr in INDEXED))
 
 
 def curve_figures(report: EvalReport) -> dict:
@@ -41,9 +46,9 @@ def curve_figures(report: EvalReport) -> dict:
 def _plots(report: EvalReport) -> None:
     figs = curve_figures(report)
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figs.values())]
-    (report.out_dir / "k_curves.html").write_text(
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>SpanLens K-curves</title></head><body>"
-        + "".join(parts) + "</body></html>", encoding="utf-8")
+    write_text_atomic(report.out_dir / "k_curves.html",
+                      "<!DOCTYPE html><html><head><meta charset='utf-8'><title>SpanLens K-curves</title></head><body>"
+                      + "".join(parts) + "</body></html>")
     _png(report)
 
 
@@ -151,16 +156,22 @@ def _md_table3(report: EvalReport) -> list[str]:
 
 
 def _md_pairs(report: EvalReport) -> list[str]:
-    """How many paired differences of table 3's cells hold after Holm's correction, per cell."""
+    summary = pairs_summary(report)
+    return [summary, ""] if summary else []
+
+
+def pairs_summary(report: EvalReport) -> str:
+    """How many paired differences of table 3's cells hold after Holm's correction, per cell
+    (empty without pairs)."""
     pairs = report.table3_pairs
     if pairs.empty:
-        return []
+        return ""
     testable = pairs[pairs.p_value.notna()]
     held = testable.groupby("metric", sort=False).significant.agg(["sum", "size"])
     counts = "; ".join(f"{metric} {int(row['sum'])} of {int(row['size'])}" for metric, row in held.iterrows())
-    return [f"Paired differences of every two methods on the same tests (`table3_pairs.csv`: the mean of a - b, "
+    return (f"Paired differences of every two methods on the same tests (`table3_pairs.csv`: the mean of a - b, "
             f"its 95% interval, the sign-flip p and Holm's adjustment over the pairs of each cell) significant at 5% "
-            f"after Holm: {counts}.", ""]
+            f"after Holm: {counts}.")
 
 
 def _interval(value: float, low: float, high: float) -> str:

@@ -3,7 +3,7 @@ written to and read back from a folder of CSV files and ``summary.json``."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import combinations
 from pathlib import Path
 
@@ -92,9 +92,9 @@ def table3(ev: Evaluation, per_test: pd.DataFrame, baselines: dict, ral: pd.Data
     return pd.DataFrame(rows).T[[*names, "random"]]
 
 
-def table3_ci(ev: Evaluation, per_test: pd.DataFrame) -> pd.DataFrame:
+def table3_ci(per_test: pd.DataFrame, methods: list[str], ks: list[int], seed: int) -> pd.DataFrame:
     """Each Sag/Lag cell of table 3 with its 95% bootstrap interval over tests (x100)."""
-    return _cells_ci(ev, per_test, "")
+    return _cells_ci(per_test, methods, ks, seed, "")
 
 
 PAIR_COLUMNS = ["metric", "a", "b", "difference", "low", "high", "p_value", "p_holm", "significant", "n"]
@@ -103,18 +103,17 @@ PAIR_RESAMPLES = 10_000
 over the 78 pairs of 13 methods (with 2,000 it would sit at 0.039, just under)."""
 
 
-def table3_pairs(ev: Evaluation, per_test: pd.DataFrame) -> pd.DataFrame:
-    """Every two reported methods on each Sag/Lag cell: the mean of a - b (``a`` listed first) over
+def table3_pairs(per_test: pd.DataFrame, methods: list[str], ks: list[int], seed: int) -> pd.DataFrame:
+    """Every two of ``methods`` on each Sag/Lag cell: the mean of a - b (``a`` listed first) over
     the tests where both are defined (x100, ``n`` tests) with its 95% bootstrap interval and paired
     sign-flip p; ``significant`` when Holm's adjustment over the testable pairs of that cell
     (``p_holm``) is below 5%."""
-    names = [m.name for m in ev.reported]
     rows = []
     for metric in ("sag", "lag"):
-        for k in ev.ks:
+        for k in ks:
             wide = per_test.pivot(index="test_id", columns="method", values=f"{metric}@{k}")
-            for a, b in combinations(names, 2):
-                d = paired_difference(100 * wide[a].to_numpy(float), 100 * wide[b].to_numpy(float), seed=ev.settings.seed,
+            for a, b in combinations(methods, 2):
+                d = paired_difference(100 * wide[a].to_numpy(float), 100 * wide[b].to_numpy(float), seed=seed,
                                       n_resamples=PAIR_RESAMPLES)
                 rows.append({"metric": f"{metric.capitalize()}@{k}", "a": a, "b": b, "difference": d["difference"],
                              "low": d["low"], "high": d["high"], "p_value": d["p_value"], "n": d["n"]})
@@ -124,24 +123,24 @@ def table3_pairs(ev: Evaluation, per_test: pd.DataFrame) -> pd.DataFrame:
     return frame[PAIR_COLUMNS]
 
 
-def paper_sign_table(ev: Evaluation, per_test: pd.DataFrame) -> pd.DataFrame:
-    """Sag@K/Lag@K (x100) of the reported methods the paper writes with the other sign, ranked
+def paper_sign_table(per_test: pd.DataFrame, methods: list[str], ks: list[int], seed: int) -> pd.DataFrame:
+    """Sag@K/Lag@K (x100) of those of ``methods`` the paper writes with the other sign, ranked
     with the paper's sign, each with its 95% interval; empty when the run uses the paper's signs."""
-    return _cells_ci(ev, per_test, "_paper")
+    return _cells_ci(per_test, methods, ks, seed, "_paper")
 
 
-def _cells_ci(ev: Evaluation, per_test: pd.DataFrame, suffix: str) -> pd.DataFrame:
-    """Sag/Lag cells of the reported methods with the per-test columns ``{metric}{suffix}@{k}``
-    (methods without them, or with missing values, left out), each with its 95% interval."""
+def _cells_ci(per_test: pd.DataFrame, methods: list[str], ks: list[int], seed: int, suffix: str) -> pd.DataFrame:
+    """Sag/Lag cells of ``methods`` with the per-test columns ``{metric}{suffix}@{k}`` (methods
+    without them, or with missing values, left out), each with its 95% interval."""
     rows = []
-    for m in ev.reported:
-        group = per_test[per_test.method == m.name]
-        if f"sag{suffix}@{ev.ks[0]}" not in group or group[f"sag{suffix}@{ev.ks[0]}"].isna().any():
+    for name in methods:
+        group = per_test[per_test.method == name]
+        if f"sag{suffix}@{ks[0]}" not in group or group[f"sag{suffix}@{ks[0]}"].isna().any():
             continue
         for metric in ("sag", "lag"):
-            for k in ev.ks:
-                value, low, high = bootstrap_ci(100 * group[f"{metric}{suffix}@{k}"].to_numpy(), seed=ev.settings.seed)
-                rows.append({"metric": f"{metric.capitalize()}@{k}", "method": m.name, "value": value, "low": low,
+            for k in ks:
+                value, low, high = bootstrap_ci(100 * group[f"{metric}{suffix}@{k}"].to_numpy(), seed=seed)
+                rows.append({"metric": f"{metric.capitalize()}@{k}", "method": name, "value": value, "low": low,
                              "high": high})
     return pd.DataFrame(rows, columns=["metric", "method", "value", "low", "high"])
 
@@ -213,9 +212,10 @@ def build_report(ev: Evaluation, selection: Selection, per_test: pd.DataFrame, p
                     "seconds_per_test": {m: round(float(v), 4) for m, v in seconds.items()}},
         "notes": ev.notes,
     }
+    cells = (per_test, [m.name for m in ev.reported], ev.ks, s.seed)
     return EvalReport(ev.out_dir, summary, t3, t4, curves(ev, per_test_curves, baselines), per_test, per_test_curves,
-                      faith, ral, table3_ci(ev, per_test), table3_pairs(ev, per_test), paper_sign_table(ev, per_test),
-                      lds, lds_rows, lds_pairs)
+                      faith, ral, table3_ci(*cells), table3_pairs(*cells), paper_sign_table(*cells), lds, lds_rows,
+                      lds_pairs)
 
 
 FILES = {"per_test": "per_test.csv", "per_test_curves": "per_test_curves.csv", "curves": "k_curves.csv",
@@ -225,6 +225,22 @@ FILES = {"per_test": "per_test.csv", "per_test_curves": "per_test_curves.csv", "
          "lds_per_test": "lds_per_test.csv", "lds_pairs": "lds_pairs.csv"}
 INDEXED = ("table3", "table4", "lds")
 """Files whose first column is the row index."""
+
+
+def with_intervals(report: EvalReport) -> EvalReport:
+    """``report`` with its intervals and paired tests (``table3_ci``, ``table3_pairs``,
+    ``paper_sign``) derived again from its per-test rows and recorded settings: a report written
+    before every report had them gains them, a current one gets the same tables back."""
+    if report.per_test.empty:
+        raise ValueError(f"{report.out_dir / FILES['per_test']}: no per-test rows to derive intervals from")
+    settings = report.summary["settings"]
+    missing = sorted({f"{m}@{k}" for m in ("sag", "lag") for k in settings["ks"]} - set(report.per_test.columns))
+    if missing:
+        raise ValueError(f"{report.out_dir / FILES['per_test']}: no column {', '.join(missing)} (the ks in summary.json)")
+    present = set(report.per_test.method)
+    cells = (report.per_test, [m for m in settings["methods"] if m in present], settings["ks"], settings["seed"])
+    return replace(report, table3_ci=table3_ci(*cells), table3_pairs=table3_pairs(*cells),
+                   paper_sign=paper_sign_table(*cells))
 
 
 def load_report(out_dir: str | Path) -> EvalReport:
