@@ -491,7 +491,10 @@ def cmd_intervals(args) -> int:
 
     report = with_intervals(load_report(args.report))
     write_frames(report, ("table3_ci", "table3_pairs", "paper_sign"))
-    print(pairs_summary(report) or "fewer than two methods: no pairs to test")
+    absent = sorted(set(report.summary["settings"]["methods"]) - set(report.per_test.method))
+    if absent:
+        print(f"left out (no per-test rows): {', '.join(absent)}")
+    print(pairs_summary(report) or "no pair of methods to test")
     print(f"written: table3_ci.csv, table3_pairs.csv, paper_sign.csv in {report.out_dir}")
     return 0
 

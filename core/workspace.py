@@ -66,10 +66,16 @@ def library_versions() -> dict[str, str]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write text (UTF-8) via a temporary file and rename, so a reader never sees half a file."""
+    """Write text (UTF-8, line ends as given) via ``NAME.tmp`` and rename, so a reader never sees
+    half a file; the temporary file is removed if the write fails (after a kill, the next write
+    replaces it)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -7,7 +7,14 @@ import time
 import pandas as pd
 import streamlit as st
 
-from core.evaluate import RETRAINS_REFUSED, EvalSettings, curve_figures, lds_frame
+from core.evaluate import (
+    RETRAINS_REFUSED,
+    EvalSettings,
+    curve_figures,
+    lds_frame,
+    pair_frame,
+    table3_intervals_frame,
+)
 from core.jobs import EvalJob, Job, job_for, start_job
 from core.lds import LdsSettings
 from core.registry import METHODS
@@ -25,6 +32,23 @@ def progress_panel(job: Job) -> None:
         progress=lambda j: f"{j.stage} · {time.time() - j.started:.0f}s",
         note="Runs on the server: reloading this page does not stop it; a stopped run resumes from the rows "
              "already stored.", waiting="loading the model…", every=2.0, seen_key="_eval_seen")
+
+
+def pair_picker(pairs: pd.DataFrame, methods: list[str], scale: float, key: str) -> None:
+    """Two methods chosen by the user, and their paired test on each cell of the report."""
+    if pairs.empty or len(methods) < 2:
+        return
+    st.markdown("**Is one method better than another here?** (paired, on the same test instances)")
+    c1, c2 = st.columns(2)
+    a = c1.selectbox("Method a", methods, key=f"pair_{key}_a")
+    b = c2.selectbox("Method b", [m for m in methods if m != a], key=f"pair_{key}_b")
+    frame = pair_frame(pairs, a, b, scale)
+    if frame.empty:
+        st.caption(f"{a} and {b} are not compared: they are checked against different retrains or outputs.")
+        return
+    st.dataframe(frame, key=f"pair_{key}_table")
+    st.caption("a - b (x100) over the tests where both are defined, with its 95% bootstrap interval; *holds*: "
+               "significant at 5% after Holm's correction over all the pairs of that cell.")
 
 
 job = job_for("evaluate", info.path)
@@ -48,6 +72,11 @@ else:
     with t3:
         st.markdown("**Ours** (Sag, Lag x100; Ral in accuracy points; `random`: a random ranking)")
         st.dataframe(widgets.table3_frame(report), key="eval_table3")
+        intervals = table3_intervals_frame(report)
+        if not intervals.empty:
+            st.markdown("**With 95% intervals** (bootstrap over the test instances)")
+            st.dataframe(intervals, key="eval_table3_ci")
+            pair_picker(report.table3_pairs, list(intervals.columns), 1.0, "t3")
         paper = summary.get("paper", {})
         if paper.get("table3"):
             st.markdown(f"**Paper** ({paper.get('source', 'Zhang et al. 2021')}, table 3, {summary.get('dataset')})")
@@ -74,6 +103,7 @@ else:
             st.caption("Per test, the Spearman correlation over random training subsets between a method's summed "
                        "scores and the output of the classifier retrained on that subset (`remove`), or with that "
                        "subset's spans masked (`mask`); mean over tests with a 95% bootstrap interval.")
+            pair_picker(report.lds_pairs, list(frame.index), 100.0, "lds")
     with per_test:
         st.dataframe(report.per_test, hide_index=True, key="eval_per_test")
     markdown = report.out_dir / "report.md"

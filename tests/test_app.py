@@ -10,6 +10,7 @@ from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -481,6 +482,24 @@ def test_evaluate_runs_a_subset_and_shows_the_report(tmp_path, tiny_workspace, m
     table = at.dataframe[0].value
     assert list(table.columns) == ["IF++", "TracIn++", "random"] and list(table.index) == ["Sag@5", "Lag@5"]
     assert {"Sag@K v. K on 4 test instances", "Lag@K v. K on 4 test instances"} <= set(plotly_titles(at))
+    # each cell with its interval, and a paired test of two chosen methods read as a - b
+    ci = next(d.value for d in at.dataframe if list(d.value.columns) == ["IF++", "TracIn++"])
+    assert list(ci.index) == ["Sag@5", "Lag@5"]
+    assert ci.loc["Lag@5", "TracIn++"].startswith(f"{table.loc['Lag@5', 'TracIn++']:.2f} [")
+    per_test = next(d.value for d in at.dataframe if "test_id" in d.value.columns)
+    wide = per_test.pivot(index="test_id", columns="method", values="sag@5")
+
+    def paired(a: str, b: str) -> pd.DataFrame:
+        at.selectbox(key="pair_t3_a").set_value(a).run()
+        at.selectbox(key="pair_t3_b").set_value(b).run()
+        return next(d.value for d in at.dataframe if "a - b" in d.value.columns)
+
+    forward, backward = paired("TracIn++", "IF++"), paired("IF++", "TracIn++")
+    assert list(forward.index) == ["Sag@5", "Lag@5"]
+    assert forward.loc["Sag@5", "a - b"] == pytest.approx(100 * (wide["TracIn++"] - wide["IF++"]).mean())
+    assert forward["a - b"].tolist() == pytest.approx((-backward["a - b"]).tolist())
+    assert forward["95% CI low"].tolist() == pytest.approx((-backward["95% CI high"]).tolist())
+    assert (forward["p"] == backward["p"]).all() and (forward["tests"] == 4).all()
     at.switch_page("pages/compare.py").run()
     assert any(list(d.value.index) == ["Sag@5", "Lag@5"] for d in at.dataframe)
 

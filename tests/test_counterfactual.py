@@ -77,8 +77,8 @@ def test_the_app_shows_lds_where_users_look(workspace, monkeypatch):
     """Evaluate lists LDS with intervals; Explore puts a method's LDS beside its gauges."""
     from streamlit.testing.v1 import AppTest
 
-    settings = EvalSettings(methods=("TracIn++",), ks=(3,), kmax=3, test_limit=4, ral=(), faithfulness_runs=0,
-                            lds=LdsSettings(subsets=2, alpha=0.5, seed=0))
+    settings = EvalSettings(methods=("TracIn++", "GroundTruth"), ks=(3,), kmax=3, test_limit=4, ral=(),
+                            faithfulness_runs=0, lds=LdsSettings(subsets=2, alpha=0.5, seed=0))
     backend = Backend(workspace, device="cpu")
     report = run_evaluation(backend, settings, workspace / "evaluation", **QUIET)  # where the app looks
     monkeypatch.setenv("SPANLENS_WORKSPACES", str(workspace.parent))
@@ -94,6 +94,13 @@ def test_the_app_shows_lds_where_users_look(workspace, monkeypatch):
     at = run("pages/evaluate.py")
     shown = next(d.value for d in at.dataframe if "LDS" in d.value.columns)
     assert shown.loc["TracIn++", "LDS"] == pytest.approx(100 * report.lds.loc["TracIn++", "lds"])
+    at.selectbox(key="pair_lds_a").set_value("GroundTruth").run()
+    pair = next(d.value for d in at.dataframe if list(d.value.index) == ["LDS"])  # stored as TracIn++ - GroundTruth
+    stored = report.lds_pairs.iloc[0]
+    assert (stored.a, stored.b) == ("TracIn++", "GroundTruth")
+    assert pair.loc["LDS", "a - b"] == pytest.approx(-100 * stored.difference)
+    assert pair.loc["LDS", "CI low, subsets too"] == pytest.approx(-100 * stored.high_subsets)
+    assert pair.loc["LDS", "holds"] == stored.significant
     at = run("pages/explore.py", test=backend.instances("test")[0].id, methods="TracIn++,TracIn", k="3")
     notes = [c.value for c in at.caption if ") on this workspace:" in c.value]
     assert len(notes) == 1 and notes[0].startswith(

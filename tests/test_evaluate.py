@@ -262,22 +262,63 @@ def test_cli_writes_report(workspace, tmp_path, capsys):
     assert f"Lag@10 {int(lag.significant)} of 1" in capsys.readouterr().out
     for name in derived:
         pd.testing.assert_frame_equal(pd.read_csv(out / name), before[name])
-    assert not list(out.glob("*.tmp"))
 
 
 def test_intervals_name_the_file_they_cannot_use(tmp_path, capsys):
     """`intervals` on a folder without per-test rows, or whose rows lack a K of its settings,
     answers in one line naming the file, and writes nothing."""
-    (tmp_path / "summary.json").write_text(json.dumps({"settings": {"methods": ["A", "B"], "ks": [5, 10], "seed": 0}}))
-    assert main(["intervals", "--report", str(tmp_path)]) == 2
-    assert f"{tmp_path / 'per_test.csv'}: no per-test rows" in capsys.readouterr().err
-    pd.DataFrame({"test_id": ["t1", "t1"], "method": ["A", "B"], "sag@5": [0.1, 0.2], "lag@5": [1.0, 0.0]}).to_csv(
-        tmp_path / "per_test.csv", index=False)
-    assert main(["intervals", "--report", str(tmp_path)]) == 2
-    assert "per_test.csv: no column lag@10, sag@10" in capsys.readouterr().err
+    def answer() -> str:
+        assert main(["intervals", "--report", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err
+
+    settings = {"methods": ["A", "B"], "ks": [5, 10], "seed": 0}
+    (tmp_path / "summary.json").write_text(json.dumps({"settings": settings}))
+    assert f"{tmp_path / 'per_test.csv'}: no per-test rows" in answer()
+    rows = pd.DataFrame({"test_id": ["t1", "t1"], "method": ["A", "B"], "sag@5": [0.1, 0.2], "lag@5": [1.0, 0.0]})
+    rows.to_csv(tmp_path / "per_test.csv", index=False)
+    assert "per_test.csv: no column lag@10, sag@10" in answer()
+    (tmp_path / "summary.json").write_text(json.dumps({"settings": {"methods": ["A", "B"], "ks": [5]}}))
+    assert "summary.json: settings without seed" in answer()
+    (tmp_path / "summary.json").write_text(json.dumps({"settings": settings | {"ks": [5]}}))
+    pd.concat([rows, rows]).to_csv(tmp_path / "per_test.csv", index=False)
+    assert "per_test.csv: a test appears twice for one method" in answer()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["per_test.csv", "summary.json"]
+    (tmp_path / "summary.json").write_text(json.dumps({"settings": settings | {"ks": [5], "methods": ["A", "B", "C"]}}))
+    rows.to_csv(tmp_path / "per_test.csv", index=False)
+    assert main(["intervals", "--report", str(tmp_path)]) == 0
+    assert "left out (no per-test rows): C" in capsys.readouterr().out
+    assert set(zip(*pd.read_csv(tmp_path / "table3_pairs.csv")[["a", "b"]].to_numpy().T)) == {("A", "B")}
     assert main(["intervals", "--report", str(tmp_path / "nowhere")]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+def test_an_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from core import workspace
+
+    target = tmp_path / "table.csv"
+    workspace.write_text_atomic(target, "a,b\r\n1,2\n")
+    assert target.read_bytes() == b"a,b\r\n1,2\n"  # line ends as given
+    monkeypatch.setattr(workspace.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        workspace.write_text_atomic(target, "new")
+    assert target.read_bytes() == b"a,b\r\n1,2\n" and [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+def test_a_pair_reads_as_a_minus_b_whichever_order_it_was_stored_in():
+    from core.evaluate import pair_frame
+
+    pairs = pd.DataFrame({"metric": ["Sag@5", "Lag@5", "Sag@5"], "a": ["A", "B", "A"], "b": ["B", "A", "C"],
+                          "difference": [2.0, 3.0, 9.0], "low": [1.0, 1.5, 8.0], "high": [4.0, 5.0, 10.0],
+                          "p_value": [0.01, 0.2, 0.01], "p_holm": [0.02, 0.2, 0.02], "significant": [True, False, True],
+                          "n": [7, 7, 7]})
+    ab = pair_frame(pairs, "A", "B")
+    assert list(ab.index) == ["Sag@5", "Lag@5"] and ab["a - b"].tolist() == [2.0, -3.0]
+    assert ab["95% CI low"].tolist() == [1.0, -5.0] and ab["95% CI high"].tolist() == [4.0, -1.5]
+    assert ab["p (Holm)"].tolist() == [0.02, 0.2] and ab["holds"].tolist() == [True, False]
+    assert pair_frame(pairs, "B", "C").empty
+    assert pair_frame(pairs, "C", "A", scale=100)["a - b"].tolist() == [-900.0]
 
 
 def test_table3_pairs_line_tests_up_by_id_and_adjust_within_each_cell():

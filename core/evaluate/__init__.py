@@ -33,7 +33,15 @@ from .context import Evaluation, ProgressCallback
 from .counterfactual import LDS_COLUMNS, lds
 from .faithfulness import empty_table, faithfulness_run, faithfulness_table
 from .ral import initial_state, ral, retrain_accuracy
-from .render import curve_figures, lds_frame, lds_note, report_markdown, write_report
+from .render import (
+    curve_figures,
+    lds_frame,
+    lds_note,
+    pair_frame,
+    report_markdown,
+    table3_intervals_frame,
+    write_report,
+)
 from .report import EvalReport, build_report, collect, load_report
 from .saglag import main_pass
 from .settings import EvalSettings, Selection, resolve_methods, select_tests
@@ -43,10 +51,24 @@ RETRAINS_REFUSED = ("Ral and LDS retrain the classifier's top layers from the ba
                     "full, with its own settings), so a retrain would measure another model. Run without them "
                     "(--ral none, no --lds): Sag, Lag and faithfulness work as usual")
 
-__all__ = ["RETRAINS_REFUSED", "EvalReport", "EvalSettings", "Selection", "curve_figures", "initial_state",
-           "lds_frame", "lds_note",
-           "load_report",
-           "report_markdown", "resolve_methods", "retrain_accuracy", "run_evaluation", "select_tests"]
+__all__ = [
+    "RETRAINS_REFUSED",
+    "EvalReport",
+    "EvalSettings",
+    "Selection",
+    "curve_figures",
+    "initial_state",
+    "lds_frame",
+    "lds_note",
+    "load_report",
+    "pair_frame",
+    "report_markdown",
+    "resolve_methods",
+    "retrain_accuracy",
+    "run_evaluation",
+    "select_tests",
+    "table3_intervals_frame",
+]
 
 
 def run_evaluation(backend, settings: EvalSettings = EvalSettings(), out_dir: str | Path = "evaluation", *,

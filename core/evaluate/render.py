@@ -167,6 +167,8 @@ def pairs_summary(report: EvalReport) -> str:
     if pairs.empty:
         return ""
     testable = pairs[pairs.p_value.notna()]
+    if testable.empty:
+        return ""
     held = testable.groupby("metric", sort=False).significant.agg(["sum", "size"])
     counts = "; ".join(f"{metric} {int(row['sum'])} of {int(row['size'])}" for metric, row in held.iterrows())
     return (f"Paired differences of every two methods on the same tests (`table3_pairs.csv`: the mean of a - b, "
@@ -259,6 +261,50 @@ def lds_frame(report: EvalReport) -> pd.DataFrame:
     if "low_subsets" in lds:  # tests and subsets resampled (reports from before it lack it)
         frame["CI low, subsets too"], frame["CI high, subsets too"] = 100 * lds.low_subsets, 100 * lds.high_subsets
     return frame.assign(tests=lds.tests, **{"NaN tests": lds.nan})
+
+
+def table3_intervals_frame(report: EvalReport) -> pd.DataFrame:
+    """Table 3's Sag/Lag cells as 'value [low, high]' (x100, 95% bootstrap interval over tests),
+    metrics by methods, for display; empty when the report has no intervals."""
+    ci = report.table3_ci
+    if ci.empty:
+        return pd.DataFrame()
+    cells = ci.assign(cell=[_interval(v, lo, hi) for v, lo, hi in zip(ci.value, ci.low, ci.high)])
+    return cells.pivot(index="metric", columns="method", values="cell").reindex(
+        index=list(dict.fromkeys(ci.metric)), columns=list(dict.fromkeys(ci.method)))
+
+
+FLIPPED = (("low", "high"), ("low_subsets", "high_subsets"))
+"""Interval bounds of a pairs table, which swap and change sign when a pair is read as b - a."""
+PAIR_DISPLAY = {"difference": "a - b", "low": "95% CI low", "high": "95% CI high",
+                "low_subsets": "CI low, subsets too", "high_subsets": "CI high, subsets too", "p_value": "p",
+                "p_subsets": "p, subsets too", "p_holm": "p (Holm)", "significant": "holds", "n": "tests"}
+
+
+def oriented_pairs(pairs: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    """The rows of a pairs table (``table3_pairs``, ``lds_pairs``) comparing ``a`` with ``b``,
+    each read as a - b whichever order it was stored in (p values are symmetric)."""
+    same = pairs[(pairs.a == a) & (pairs.b == b)]
+    flipped = pairs[(pairs.a == b) & (pairs.b == a)].copy()
+    flipped["difference"] = -flipped.difference
+    for low, high in FLIPPED:
+        if low in flipped:
+            flipped[low], flipped[high] = -flipped[high], -flipped[low]
+    flipped[["a", "b"]] = [a, b]
+    return pd.concat([same, flipped]).sort_index()
+
+
+def pair_frame(pairs: pd.DataFrame, a: str, b: str, scale: float = 1.0) -> pd.DataFrame:
+    """``a`` against ``b`` for display: per cell (``metric``; one ``LDS`` row for LDS pairs) the
+    difference a - b and its interval times ``scale``, the p values and whether it holds after
+    Holm; empty when the table has no such pair."""
+    rows = oriented_pairs(pairs, a, b)
+    out = rows[[c for c in PAIR_DISPLAY if c in rows]].copy()
+    for column in ("difference", *(c for pair in FLIPPED for c in pair)):
+        if column in out:
+            out[column] = scale * out[column]
+    out.index = pd.Index(rows.metric if "metric" in rows else ["LDS"] * len(rows), name="cell")
+    return out.rename(columns=PAIR_DISPLAY)
 
 
 def lds_note(report: EvalReport | None, method: str, fingerprint: str) -> str | None:

@@ -231,14 +231,20 @@ def with_intervals(report: EvalReport) -> EvalReport:
     """``report`` with its intervals and paired tests (``table3_ci``, ``table3_pairs``,
     ``paper_sign``) derived again from its per-test rows and recorded settings: a report written
     before every report had them gains them, a current one gets the same tables back."""
-    if report.per_test.empty:
-        raise ValueError(f"{report.out_dir / FILES['per_test']}: no per-test rows to derive intervals from")
-    settings = report.summary["settings"]
-    missing = sorted({f"{m}@{k}" for m in ("sag", "lag") for k in settings["ks"]} - set(report.per_test.columns))
+    rows, per_test = report.out_dir / FILES["per_test"], report.per_test
+    if per_test.empty:
+        raise ValueError(f"{rows}: no per-test rows to derive intervals from")
+    settings = report.summary.get("settings", {})
+    absent = [key for key in ("methods", "ks", "seed") if key not in settings]
+    if absent or not settings["ks"]:
+        raise ValueError(f"{report.out_dir / 'summary.json'}: settings without {', '.join(absent) or 'ks'}")
+    missing = sorted({f"{m}@{k}" for m in ("sag", "lag") for k in settings["ks"]} - set(per_test.columns))
     if missing:
-        raise ValueError(f"{report.out_dir / FILES['per_test']}: no column {', '.join(missing)} (the ks in summary.json)")
-    present = set(report.per_test.method)
-    cells = (report.per_test, [m for m in settings["methods"] if m in present], settings["ks"], settings["seed"])
+        raise ValueError(f"{rows}: no column {', '.join(missing)} (the ks in summary.json)")
+    if per_test.duplicated(["test_id", "method"]).any():
+        raise ValueError(f"{rows}: a test appears twice for one method")
+    present = set(per_test.method)
+    cells = (per_test, [m for m in settings["methods"] if m in present], settings["ks"], settings["seed"])
     return replace(report, table3_ci=table3_ci(*cells), table3_pairs=table3_pairs(*cells),
                    paper_sign=paper_sign_table(*cells))
 
