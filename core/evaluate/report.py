@@ -212,10 +212,16 @@ def build_report(ev: Evaluation, selection: Selection, per_test: pd.DataFrame, p
                     "seconds_per_test": {m: round(float(v), 4) for m, v in seconds.items()}},
         "notes": ev.notes,
     }
-    cells = (per_test, [m.name for m in ev.reported], ev.ks, s.seed)
     return EvalReport(ev.out_dir, summary, t3, t4, curves(ev, per_test_curves, baselines), per_test, per_test_curves,
-                      faith, ral, table3_ci(*cells), table3_pairs(*cells), paper_sign_table(*cells), lds, lds_rows,
-                      lds_pairs)
+                      faith, ral, lds=lds, lds_per_test=lds_rows, lds_pairs=lds_pairs,
+                      **interval_tables(per_test, [m.name for m in ev.reported], ev.ks, s.seed))
+
+
+def interval_tables(per_test: pd.DataFrame, methods: list[str], ks: list[int], seed: int) -> dict[str, pd.DataFrame]:
+    """The report's tables derived from its per-test rows: ``table3_ci``, ``table3_pairs`` and
+    ``paper_sign`` (the :class:`EvalReport` fields)."""
+    cells = (per_test, methods, ks, seed)
+    return {"table3_ci": table3_ci(*cells), "table3_pairs": table3_pairs(*cells), "paper_sign": paper_sign_table(*cells)}
 
 
 FILES = {"per_test": "per_test.csv", "per_test_curves": "per_test_curves.csv", "curves": "k_curves.csv",
@@ -244,9 +250,8 @@ def with_intervals(report: EvalReport) -> EvalReport:
     if per_test.duplicated(["test_id", "method"]).any():
         raise ValueError(f"{rows}: a test appears twice for one method")
     present = set(per_test.method)
-    cells = (per_test, [m for m in settings["methods"] if m in present], settings["ks"], settings["seed"])
-    return replace(report, table3_ci=table3_ci(*cells), table3_pairs=table3_pairs(*cells),
-                   paper_sign=paper_sign_table(*cells))
+    return replace(report, **interval_tables(per_test, [m for m in settings["methods"] if m in present],
+                                             settings["ks"], settings["seed"]))
 
 
 def load_report(out_dir: str | Path) -> EvalReport:
