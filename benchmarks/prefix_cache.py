@@ -38,7 +38,8 @@ from core.model import (  # noqa: E402,F401
     split_model,
     top_forward,
 )
-from core.prepare import PrepareSettings, select  # noqa: E402
+from core.prepare import select  # noqa: E402
+from core.prepare_settings import PrepareSettings  # noqa: E402
 
 
 class Trainer:

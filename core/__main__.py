@@ -44,6 +44,9 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--rc-model", help="extractive QA model for reading-comprehension spans (default: heuristic only)")
     p.add_argument("--train-limit", type=POSITIVE, help="use a seeded random subset of this many training instances")
     p.add_argument("--eval-limit", type=POSITIVE, help="likewise for dev and test")
+    p.add_argument("--data-seed", type=NON_NEGATIVE,
+                   help="seed of the --train-limit/--eval-limit samples (default: --seed); fix it to train "
+                        "classifiers of several seeds on one slice")
     p.add_argument("--epochs", type=POSITIVE)
     p.add_argument("--batch-size", type=POSITIVE)
     p.add_argument("--lr", type=POSITIVE_FLOAT)
@@ -145,7 +148,8 @@ def _index_settings(args, *, rebuild: bool = False):
 
 
 def cmd_prepare(args) -> int:
-    from .prepare import PrepareSettings, prepare
+    from .prepare import prepare
+    from .prepare_settings import PrepareSettings
 
     settings = PrepareSettings.from_preset(
         args.preset, dataset=args.dataset, data_dir=args.data_dir, model=args.model, rc_model=args.rc_model,
@@ -153,7 +157,7 @@ def cmd_prepare(args) -> int:
         lr=args.lr, trainable_layers=args.trainable_layers, checkpoints=args.checkpoints, variants=args.variants,
         variant_lr=args.variant_lr, variant_optimizer=args.variant_optimizer, models=_models(args),
         max_length=args.max_length, span_importance=args.span_importance, category_spans=args.category_spans,
-        input_format=args.input_format, seed=args.seed, device=args.device,
+        input_format=args.input_format, seed=args.seed, data_seed=args.data_seed, device=args.device,
     )
     return _build(args, lambda: prepare(settings, args.workspace))
 
@@ -536,8 +540,10 @@ def build_parser() -> argparse.ArgumentParser:
     _explain_parser(sub)
     _evaluate_parser(sub)
     c = sub.add_parser("combine", help="combine evaluation reports over classifier seeds (mean, sd per cell)",
-                       description="Table 3 and LDS of several reports made with the same evaluate options on "
-                                   "workspaces prepared with different --seed: mean, sd, min, max per cell.")
+                       description="Tables 3 and 4 and LDS of several reports made with the same evaluate options "
+                                   "on workspaces prepared with different --seed: mean, sd, min, max per cell; each "
+                                   "Sag/Lag and table-4 cell's 95% interval and every two methods' paired "
+                                   "difference (Holm over each cell's pairs) with seeds and tests both resampled.")
     c.add_argument("--reports", nargs="+", required=True, help="report folders (evaluate --out)")
     c.add_argument("--out", required=True, help="folder for combined.md and the CSV files")
     v = sub.add_parser("intervals", help="95%% intervals and paired tests of a report, from its per-test rows",

@@ -12,7 +12,7 @@ from typing import Any
 
 from .data import LAYOUT, default_data_dir
 from .index import IndexSettings, saved_settings
-from .prepare import PrepareSettings
+from .prepare_settings import PrepareSettings
 from .workspace import OPTIONAL_STAGES, STAGES, Manifest, Workspace
 
 WORKSPACES_ENV = "SPANLENS_WORKSPACES"

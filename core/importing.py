@@ -38,7 +38,8 @@ from .model import (
     split_model,
 )
 from .prefixes import prefix_path
-from .prepare import PREFIX_SHARE, Preparer, StageProgress, check_settings
+from .prepare import PREFIX_SHARE, Preparer, StageProgress
+from .prepare_settings import check_settings
 from .workspace import Manifest, backbone_fingerprint, fingerprint
 
 

@@ -18,7 +18,8 @@ from .catalog import REQUEST_FILE, index_settings_of
 from .data import DataError
 from .importing import ImportSettings, import_model
 from .index import IndexSettings
-from .prepare import PrepareSettings, prepare
+from .prepare import prepare
+from .prepare_settings import PrepareSettings
 from .workspace import STAGES, Workspace, write_json_atomic
 
 STAGE_WEIGHTS = {"data": 0.02, "spans": 0.05, "model": 0.55, "importance": 0.03, "variants": 0.05, "index": 0.30}

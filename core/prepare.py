@@ -15,18 +15,16 @@ a single text or of a pair's second text has no aspect mention to grow from: the
 """
 from __future__ import annotations
 
-import math
 import random
 import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from . import formats
 from .data import (
     HASH_NOTE,
     KNOWN_LABELS,
@@ -51,6 +49,7 @@ from .model import (
     span_token_positions,
     split_model,
 )
+from .prepare_settings import RC_NEEDS_ASPECTS, PrepareSettings
 from .spans import (
     RCSpanFinder,
     Span,
@@ -72,106 +71,10 @@ from .workspace import (
     library_versions,
 )
 
-CATEGORY_SPANS = ("importance", "anchored")
-"""Spans of category aspects (SentiHood's "price" of LOCATION1): chosen among every clause and
-sentence of the text by the paper's importance rule (Eq. 3), or anchored on the target mention."""
 StageProgress = Callable[[str, float], None]
 """Called with a stage name and the fraction of that stage done."""
 CHECKPOINT_RULE = "last C epochs up to the selected one"  # in the model stage's fingerprint
 PREFIX_SHARE = 0.1  # of the model stage: the frozen prefix; the rest is training, step by step
-
-AT_LEAST = {"epochs": 1, "batch_size": 1, "trainable_layers": 1, "checkpoints": 1, "variants": 1, "models": 1,
-            "max_length": 8, "seed": 0}
-"""The smallest value of each whole-number setting."""
-VARIANT_OPTIMIZERS = ("adamw", "sgd")
-RC_NEEDS_ASPECTS = ("--rc-model asks about an aspect (\"How is the X?\"); single texts and text pairs have none: "
-                    "their spans come from the importance rule over the text's clauses and sentences")
-
-PRESETS: dict[str, dict] = {
-    "demo": {},
-    "paper": {
-        "model": "roberta-large",
-        "rc_model": "phiyodr/roberta-large-finetuned-squad2",
-        "batch_size": {"mams": 200, "sentihood": 100},
-        "lr": 1e-4,
-        "epochs": 100,
-        "max_length": 256,
-        "span_importance": True,
-    },
-}
-
-
-@dataclass
-class PrepareSettings:
-    """Everything ``prepare`` depends on. Defaults are the demo preset."""
-
-    dataset: str = "mams"
-    data_dir: str | None = None
-    model: str = "minilm"
-    rc_model: str | None = None
-    train_limit: int | None = None
-    eval_limit: int | None = None
-    epochs: int = 6
-    batch_size: int = 32
-    lr: float = 5e-4
-    trainable_layers: int = 2
-    checkpoints: int = 3
-    variants: int = 3
-    variant_lr: float = 1e-4
-    variant_optimizer: str = "adamw"
-    models: int = 1  # classifiers trained independently (theta and models - 1 more): TRAK's ensemble
-    max_length: int = 128
-    span_importance: bool = False
-    category_spans: str = "importance"
-    input_format: str = "auto"
-    seed: int = 0
-    device: str | None = None
-
-    def __post_init__(self) -> None:
-        check_settings(self)
-
-    @classmethod
-    def from_preset(cls, preset: str = "demo", **overrides) -> "PrepareSettings":
-        """Preset values, then every override that is not ``None``."""
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        values = dict(PRESETS[preset])
-        dataset = overrides.get("dataset") or cls.dataset
-        if isinstance(values.get("batch_size"), dict):
-            values["batch_size"] = values["batch_size"].get(dataset, 100)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown settings: {sorted(unknown)}")
-        return cls(**values)
-
-
-def check_settings(settings: object) -> None:
-    """Every setting of ``settings`` in range (ValueError naming the setting, its option and the
-    range): those of :class:`PrepareSettings` it has."""
-    def whole(value: object) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    option = lambda name: f"{name} (--{name.replace('_', '-')})"  # noqa: E731
-    for name, low in AT_LEAST.items():
-        value = getattr(settings, name, low)
-        if not whole(value) or value < low:
-            raise ValueError(f"{option(name)} must be a whole number of at least {low}, got {value!r}")
-    for name in ("train_limit", "eval_limit"):
-        value = getattr(settings, name)
-        if value is not None and (not whole(value) or value < 1):
-            raise ValueError(f"{option(name)} must be at least 1 (leave it out to use every instance), got {value!r}")
-    for name in ("lr", "variant_lr"):
-        value = getattr(settings, name, 1.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{option(name)} must be a positive number, got {value!r}")
-    for name, allowed in (("category_spans", CATEGORY_SPANS), ("variant_optimizer", VARIANT_OPTIMIZERS),
-                          ("input_format", formats.INPUT_FORMATS)):
-        if getattr(settings, name) not in allowed:
-            raise ValueError(f"{option(name)} must be one of {', '.join(allowed)}, got {getattr(settings, name)!r}")
-    if settings.rc_model and settings.input_format in ("single", "pair"):
-        raise ValueError(RC_NEEDS_ASPECTS)
 
 
 def select(instances: list[Instance], limit: int | None, seed: int) -> list[Instance]:
@@ -327,7 +230,7 @@ class Preparer:
         used = ", ".join(f"{split} {sum(i.split == split for i in instances)}" for split in SPLITS)
         limits = ""
         if s.train_limit is not None or s.eval_limit is not None:
-            limits = (f" (seeded samples: train at most {s.train_limit or 'all'}, "
+            limits = (f" (samples drawn with seed {s.sample_seed}: train at most {s.train_limit or 'all'}, "
                       f"dev and test at most {s.eval_limit or 'all'})")
         self.log(f"  used: {used}{limits}")
 
@@ -360,9 +263,9 @@ class Preparer:
     def _select(self, dataset: Dataset) -> list[Instance]:
         s = self.settings
         return (
-            select(dataset.splits.get("train", []), s.train_limit, s.seed)
-            + select(dataset.splits.get("dev", []), s.eval_limit, s.seed)
-            + select(dataset.splits.get("test", []), s.eval_limit, s.seed)
+            select(dataset.splits.get("train", []), s.train_limit, s.sample_seed)
+            + select(dataset.splits.get("dev", []), s.eval_limit, s.sample_seed)
+            + select(dataset.splits.get("test", []), s.eval_limit, s.sample_seed)
         )
 
     def _spans(self, instances: list[Instance], data_fp: str) -> dict[str, Span]:

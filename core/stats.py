@@ -7,6 +7,7 @@ out everywhere; each function says what it returns when too few values remain.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -117,3 +118,38 @@ def run_variance(run_means: Sequence[float]) -> float | None:
     """
     x = _finite(run_means)
     return float(x.var(ddof=1)) if len(x) >= 2 else None
+
+
+def seeds_tests_draws(per_seed: Sequence[np.ndarray], *, crossed: bool, n_resamples: int = 2000,
+                      seed: int = 0) -> np.ndarray:
+    """``(n_resamples,)`` bootstrap draws of a grand mean over classifier seeds and test instances.
+
+    ``per_seed``: each seed's per-test values. The grand mean weighs every seed alike: the mean
+    over seeds of each seed's mean over its tests (NaN left out). A draw resamples the seeds with
+    replacement and the tests: once for all seeds when ``crossed`` (every seed evaluated the same
+    tests, in the same order, so a test's difficulty is shared and moves all seeds together),
+    else within each drawn seed (nested: each seed has its own tests). The same ``seed`` gives the
+    same draws for arrays of the same shapes, so draws of two methods' values pair up. With S
+    seeds the seed level has only C(2S - 1, S) distinct draws (10 for 3): read its intervals as
+    approximate.
+    """
+    arrays = [np.asarray(v, dtype=np.float64).ravel() for v in per_seed]
+    if not arrays or any(len(a) == 0 for a in arrays):
+        raise ValueError("every seed needs at least one value")
+    rng = np.random.default_rng(seed)
+    n_seeds = len(arrays)
+    seeds = rng.integers(n_seeds, size=(n_resamples, n_seeds))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw of only NaN tests: NaN, left out later
+        if crossed:
+            if len({len(a) for a in arrays}) != 1:
+                raise ValueError("crossed draws need the same tests in every seed")
+            values = np.stack(arrays)  # (S, T)
+            tests = rng.integers(values.shape[1], size=(n_resamples, values.shape[1]))
+            means = np.nanmean(values[seeds[:, :, None], tests[:, None, :]], axis=2)  # (draws, S)
+        else:
+            # each seed's test means for every (draw, slot), then the drawn seed's value in each slot
+            own = np.stack([np.nanmean(a[rng.integers(len(a), size=(n_resamples, n_seeds, len(a)))], axis=2)
+                            for a in arrays])  # (S, draws, slots)
+            means = np.take_along_axis(own.transpose(1, 2, 0), seeds[:, :, None], axis=2)[:, :, 0]
+        return np.nanmean(means, axis=1)

@@ -21,7 +21,7 @@ def tiny_backbone(tmp_path_factory) -> Path:
 
 def tiny_settings(data_dir: Path, backbone: Path, **overrides):
     """Settings of a seconds-long ``prepare`` on a slice of MAMS with the tiny backbone."""
-    from core.prepare import PrepareSettings
+    from core.prepare_settings import PrepareSettings
 
     values = dict(dataset="mams", data_dir=str(data_dir), model=str(backbone), train_limit=48, eval_limit=16,
                   epochs=3, batch_size=8, lr=1e-3, checkpoints=2, variants=3, max_length=64, device="cpu")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.prepare import PrepareSettings
+from core.prepare_settings import PrepareSettings
 
 FOODS = ["pasta", "soup", "bread", "salad", "pizza", "curry"]
 

@@ -120,10 +120,47 @@ def test_reports_combine_across_seeds(workspace, tmp_path):
     cell = table.loc[("Lag@3", "TracIn++")]
     assert summary["n"] == 2 and cell["mean"] == pytest.approx(first.table3.loc["Lag@3", "TracIn++"]) and cell.sd == 0
     assert "± 0.00" in (tmp_path / "both" / "combined.md").read_text()
+    # the same tests in both: crossed draws; two identical seeds give each report's own differences
+    assert summary["design"] == "crossed"
+    cells = pd.read_csv(tmp_path / "both" / "combined_table3_ci.csv").set_index(["metric", "method"])
+    assert cells.loc[("Lag@3", "TracIn++"), "mean"] == pytest.approx(first.table3.loc["Lag@3", "TracIn++"])
+    assert cells.loc[("Lag@3", "TracIn++"), "sd_seeds"] == 0 and (cells.low <= cells["mean"] + 1e-9).all()
+    pairs = pd.read_csv(tmp_path / "both" / "combined_pairs.csv")
+    own = first.table3_pairs.set_index(["metric", "a", "b"])
+    for row in pairs.itertuples():
+        assert row.difference == pytest.approx(own.loc[(row.metric, row.a, row.b), "difference"])
+    assert pd.read_csv(tmp_path / "both" / "combined_table4.csv").empty  # no faithfulness runs
+    # other tests in one report: nested draws, same means
+    nested = tmp_path / "renamed"
+    shutil.copytree(tmp_path / "b", nested)
+    rows = pd.read_csv(nested / "per_test.csv")
+    rows.assign(test_id=rows.test_id + "-other").to_csv(nested / "per_test.csv", index=False)
+    assert combine_reports([tmp_path / "a", nested], tmp_path / "nested")["design"] == "nested"
+    again = pd.read_csv(tmp_path / "nested" / "combined_table3_ci.csv").set_index(["metric", "method"])
+    assert np.allclose(again["mean"], cells["mean"])
     run_evaluation(backend, EvalSettings(methods=("TracIn",), ks=(3,), kmax=3, test_limit=3, ral=(),
                                          faithfulness_runs=0), tmp_path / "c", **QUIET)
     with pytest.raises(ValueError, match="differ in methods, test_limit"):
         combine_reports([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")
+
+
+def test_table4_combines_over_seeds_with_an_interval():
+    from types import SimpleNamespace
+
+    from core.evaluate.combine import table4_across
+
+    def seed(values):
+        rows = [{"run": 0, "test_id": f"t{i}", "method": m, "spearman": v if m == "TracIn++" else 1.0}
+                for i, v in enumerate(values) for m in ("TracIn++", "GroundTruth")]
+        return SimpleNamespace(faithfulness=pd.DataFrame(rows))
+
+    table = table4_across([seed([0.5, 0.7, 0.9]), seed([0.6, 0.8, 1.0]), seed([0.2, 0.4, 0.6])], seed=0)
+    row = table.set_index("method").loc["TracIn++"]
+    assert row["mean"] == pytest.approx(100 * np.mean([0.7, 0.8, 0.4]))
+    assert row.sd_seeds == pytest.approx(100 * np.std([0.7, 0.8, 0.4], ddof=1)) and row.seeds == 3
+    assert row.low < row["mean"] < row.high and row.per_seed == "70;80;40"
+    assert table.set_index("method").loc["GroundTruth", ["mean", "low", "high"]].tolist() == [100.0] * 3
+    assert table4_across([seed([0.5]), SimpleNamespace(faithfulness=pd.DataFrame())], seed=0).empty
 
 
 def test_reports_with_other_lds_settings_do_not_combine():

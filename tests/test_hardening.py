@@ -23,7 +23,8 @@ from core.index_build import build_index
 from core.instances import Instances
 from core.jobs import PrepareJob
 from core.model import HiddenCache, encode_pairs, load_backbone
-from core.prepare import PREFIX_SHARE, PrepareSettings, prepare
+from core.prepare import PREFIX_SHARE, prepare
+from core.prepare_settings import PrepareSettings
 from core.workspace import Workspace
 from tests.conftest import tiny_settings
 from tests.review_data import reviews, small_settings, write_jsonl
@@ -108,7 +109,7 @@ def test_an_empty_split_says_how_the_splits_were_given(tmp_path, tiny_backbone, 
 @pytest.mark.parametrize("field, value", [
     ("train_limit", 0), ("eval_limit", -5), ("epochs", 0), ("batch_size", 0), ("checkpoints", 0), ("variants", 0),
     ("trainable_layers", 0), ("lr", 0.0), ("variant_lr", -1e-4), ("lr", float("nan")), ("max_length", 7),
-    ("seed", -1), ("epochs", 1.5), ("batch_size", True), ("variant_optimizer", "adam"),
+    ("seed", -1), ("data_seed", -1), ("data_seed", 0.5), ("epochs", 1.5), ("batch_size", True), ("variant_optimizer", "adam"),
 ])
 def test_prepare_settings_are_range_checked(field, value):
     with pytest.raises(ValueError, match=f"^{field} \\(--{field.replace('_', '-')}\\) must be"):

@@ -205,7 +205,7 @@ def test_a_pickled_training_state_is_never_loaded(backbones, tmp_path):
 
 def test_prepare_and_retrains_read_one_training_config(tiny_workspace):
     """Ral and LDS retrain with the config prepare trained with: both read it from the settings."""
-    from core.prepare import PrepareSettings
+    from core.prepare_settings import PrepareSettings
     from core.workspace import Workspace
 
     recorded = Workspace(tiny_workspace).manifest().settings

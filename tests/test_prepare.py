@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from core.model import load_params
-from core.prepare import PrepareSettings, prepare
+from core.prepare import prepare
+from core.prepare_settings import PrepareSettings
 from core.workspace import Workspace, load_model
 from tests.conftest import tiny_settings
 
@@ -100,6 +101,22 @@ def test_changed_setting_never_reuses_stale_parts(tmp_path, data_dir, tiny_backb
     prepare(tiny_settings(data_dir, tiny_backbone, epochs=2, lr=5e-3, train_limit=40), root, progress=False, log=lines.append)
     assert "[data] up to date" not in "\n".join(lines)
     assert Workspace(root).manifest().stages["data"]["counts"]["train"] == 40
+
+
+def test_a_data_seed_keeps_the_slice_while_the_classifier_seed_changes(tmp_path, data_dir, tiny_backbone,
+                                                                      tiny_workspace):
+    root = tmp_path / "seed1"
+    lines: list[str] = []
+    prepare(tiny_settings(data_dir, tiny_backbone, seed=1, data_seed=0), root, progress=False, log=lines.append)
+    ids = lambda ws: [r["id"] for r in Workspace(ws).load_instances()]  # noqa: E731
+    assert ids(root) == ids(tiny_workspace)  # the tiny workspace: seed 0, no data seed
+    assert "samples drawn with seed 0" in "\n".join(lines)
+    first, other = (load_params(Workspace(ws).point_path("final")) for ws in (tiny_workspace, root))
+    assert any(not torch.equal(first[n], other[n]) for n in first)  # another classifier on the same slice
+    prepare(tiny_settings(data_dir, tiny_backbone, seed=1, epochs=1), tmp_path / "drawn", progress=False,
+            log=lambda _: None)
+    assert ids(tmp_path / "drawn") != ids(tiny_workspace)  # without it, --seed draws the slice too
+    assert PrepareSettings(seed=3).sample_seed == 3 and PrepareSettings(seed=3, data_seed=0).sample_seed == 0
 
 
 def test_presets_and_overrides():

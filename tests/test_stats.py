@@ -10,6 +10,7 @@ from core.stats import (
     holm,
     paired_difference,
     run_variance,
+    seeds_tests_draws,
 )
 
 
@@ -104,3 +105,36 @@ def test_holm_adjusts_a_family_step_down():
     # sorted 0.01, 0.03, 0.04, 0.5 times 4, 3, 2, 1 -> 0.04, 0.09, 0.08, 0.5, then a running maximum
     assert adjusted[[0, 2, 1, 4]] == pytest.approx([0.04, 0.09, 0.09, 0.5]) and np.isnan(adjusted[3])
     assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0]) and len(holm([])) == 0
+
+
+def test_seed_level_draws_take_only_means_of_drawn_seeds():
+    """No spread over tests, seed means 0, 1, 2: every draw is a mean of three drawn seeds (a
+    multiple of 1/3 in [0, 2]), centred on 1, and both designs agree."""
+    per_seed = [np.full(5, float(s)) for s in range(3)]
+    for crossed in (True, False):
+        draws = seeds_tests_draws(per_seed, crossed=crossed, n_resamples=3000, seed=1)
+        assert np.allclose(draws * 3, np.round(draws * 3)) and draws.min() >= 0 and draws.max() <= 2
+        assert draws.mean() == pytest.approx(1.0, abs=0.05) and 0 < draws.std() < 1
+
+
+def test_a_shared_test_effect_widens_crossed_draws_by_about_root_s():
+    """Three seeds that see the same 50 tests and agree on them: crossed, the tests move every seed
+    together and the spread is one seed's test bootstrap; nested (as if each seed had its own
+    tests) it averages down by about sqrt(3)."""
+    effect = np.random.default_rng(0).normal(size=50)
+    per_seed = [effect + 0.01 * s for s in range(3)]
+    crossed = seeds_tests_draws(per_seed, crossed=True, n_resamples=4000, seed=2).std()
+    nested = seeds_tests_draws(per_seed, crossed=False, n_resamples=4000, seed=2).std()
+    single = bootstrap_ci(effect, n_resamples=4000, seed=2)
+    assert crossed == pytest.approx((single[2] - single[1]) / (2 * 1.96), rel=0.15)
+    assert 1.4 < crossed / nested < 2.1
+
+
+def test_seeds_tests_draws_leave_out_nan_and_check_their_input():
+    values = [np.array([1.0, np.nan, 1.0]), np.array([3.0, 3.0, np.nan])]
+    draws = seeds_tests_draws(values, crossed=True, n_resamples=500)
+    assert set(np.unique(draws[~np.isnan(draws)])) == {1.0, 2.0, 3.0}  # a NaN test never enters a mean
+    with pytest.raises(ValueError, match="same tests"):
+        seeds_tests_draws([np.ones(3), np.ones(4)], crossed=True)
+    with pytest.raises(ValueError, match="at least one value"):
+        seeds_tests_draws([np.ones(3), np.ones(0)], crossed=False)

@@ -14,7 +14,8 @@ from core.backend import index_workspace
 from core.index import GradientIndex, IndexSettings
 from core.model import load_params
 from core.points import PointSet, load_workspace_model
-from core.prepare import PrepareSettings, prepare
+from core.prepare import prepare
+from core.prepare_settings import PrepareSettings
 from core.registry import METHODS
 from core.scoring import TRAK_RIDGE
 from core.workspace import Workspace

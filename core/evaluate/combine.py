@@ -1,16 +1,24 @@
 """Combining evaluation reports of the same protocol over classifier seeds (workspaces prepared
 with --seed 0, 1, 2 ...): each table cell's mean, standard deviation and range across seeds, so a
-reading does not rest on one trained model."""
+reading does not rest on one trained model; and, from the reports' per-test rows, each Sag/Lag
+and table-4 cell's 95% interval and every two methods' paired difference with seeds and tests
+both resampled (:func:`core.stats.seeds_tests_draws`: crossed when every report evaluated the same
+tests, as with ``prepare --data-seed`` fixed, nested otherwise)."""
 from __future__ import annotations
 
 import json
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..stats import ALPHA, draws_summary, holm, seeds_tests_draws
 from ..workspace import write_json_atomic, write_text_atomic
-from .report import load_report
+from .report import PAIR_RESAMPLES, EvalReport, load_report
+
+CELL_DRAWS = 2000
+"""Bootstrap draws of a cell's interval (the pairs take :data:`PAIR_RESAMPLES`, for Holm)."""
 
 
 def differing(settings: list[dict]) -> list[str]:
@@ -61,11 +69,85 @@ def combine_reports(folders: list[str | Path], out_dir: str | Path) -> dict:
     frames = [r.lds[["lds"]].T.rename(index={"lds": "LDS"}) for r in reports if not r.lds.empty]
     lds = across(frames) if len(frames) == len(reports) else pd.DataFrame()
     write_text_atomic(out / "combined_lds.csv", lds.to_csv(index=False))
+    seed = int(settings[0].get("seed", 0))
+    cells, pairs, crossed = table3_across(reports, seed)
+    faith = table4_across(reports, seed)
+    for name, frame in (("combined_table3_ci.csv", cells), ("combined_pairs.csv", pairs), ("combined_table4.csv", faith)):
+        write_text_atomic(out / name, frame.to_csv(index=False))
     summary = {"reports": [str(f) for f in folders], "workspaces": [r.summary["workspace"] for r in reports],
-               "n": len(reports)}
+               "n": len(reports), "design": "crossed" if crossed else "nested"}
     write_json_atomic(out / "combined.json", summary)
-    write_text_atomic(out / "combined.md", _markdown(table3, lds, summary))
+    write_text_atomic(out / "combined.md", _markdown(table3, lds, cells, pairs, faith, summary))
     return summary
+
+
+def _wide(frame: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
+    """Per-test rows as (test key) x method, sorted by the key."""
+    key = frame[keys].astype(str).agg("|".join, axis=1)
+    return frame.assign(_key=key).pivot(index="_key", columns="method", values=value).sort_index()
+
+
+def _crossed(wides: list[pd.DataFrame]) -> bool:
+    """Whether every report has the same tests (then a test's draw is shared by all seeds)."""
+    return all(w.index.equals(wides[0].index) for w in wides[1:])
+
+
+def _cell(wides: list[pd.DataFrame], values, crossed: bool, draws: int, seed: int) -> dict:
+    """Mean over seeds of each seed's mean, sd across seeds, and the seeds-and-tests interval of
+    ``values(wide)`` (a per-test array of one report)."""
+    per_seed = [np.asarray(values(w), dtype=np.float64) for w in wides]
+    means = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in per_seed])
+    low, high, p = draws_summary(seeds_tests_draws(per_seed, crossed=crossed, n_resamples=draws, seed=seed))
+    return {"mean": float(np.nanmean(means)), "sd_seeds": float(np.std(means, ddof=1)), "low": low, "high": high,
+            "p_value": p, "seeds": len(per_seed), "per_seed": ";".join(f"{m:.4g}" for m in means)}
+
+
+def table3_across(reports: list[EvalReport], seed: int) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
+    """Sag/Lag cells (x100) across seeds with intervals, and every two methods' paired
+    difference per cell (Holm over the pairs of the cell); and whether the design is crossed."""
+    ks, methods = reports[0].summary["settings"]["ks"], _methods(reports)
+    cells, pairs = [], []
+    crossed = True
+    for metric in ("sag", "lag"):
+        for k in ks:
+            wides = [100 * _wide(r.per_test, ["test_id"], f"{metric}@{k}") for r in reports]
+            crossed = crossed and _crossed(wides)
+            name = f"{metric.capitalize()}@{k}"
+            for m in methods:
+                cell = _cell(wides, lambda w, m=m: w[m], _crossed(wides), CELL_DRAWS, seed)
+                cells.append({"metric": name, "method": m, **{c: cell[c] for c in CELL_COLUMNS[2:]}})
+            for a, b in combinations(methods, 2):
+                cell = _cell(wides, lambda w, a=a, b=b: w[a] - w[b], _crossed(wides), PAIR_RESAMPLES, seed)
+                pairs.append({"metric": name, "a": a, "b": b, "difference": cell["mean"],
+                              **{c: cell[c] for c in ("low", "high", "p_value", "sd_seeds", "seeds", "per_seed")}})
+    pairs = pd.DataFrame(pairs, columns=[c for c in PAIR_COLUMNS if c not in ("p_holm", "significant")])
+    pairs["p_holm"] = pairs.groupby("metric", sort=False).p_value.transform(holm)
+    pairs["significant"] = pairs.p_holm < ALPHA
+    return pd.DataFrame(cells, columns=CELL_COLUMNS), pairs[PAIR_COLUMNS], crossed
+
+
+CELL_COLUMNS = ["metric", "method", "mean", "sd_seeds", "low", "high", "seeds", "per_seed"]
+PAIR_COLUMNS = ["metric", "a", "b", "difference", "low", "high", "p_value", "p_holm", "significant", "sd_seeds",
+                "seeds", "per_seed"]
+
+
+def _methods(reports: list[EvalReport]) -> list[str]:
+    """The methods of table 3 (every report's per-test rows have them)."""
+    present = set.intersection(*(set(r.per_test.method) for r in reports)) if all(
+        len(r.per_test) for r in reports) else set()
+    return [m for m in reports[0].summary["settings"]["methods"] if m in present]
+
+
+def table4_across(reports: list[EvalReport], seed: int) -> pd.DataFrame:
+    """Table 4 (Spearman with GroundTruth x100) across seeds: per method the mean over seeds of
+    each seed's mean over its (run, test) values, the sd across seeds and the seeds-and-tests
+    interval; empty unless every report has faithfulness rows."""
+    if not all(len(r.faithfulness) for r in reports):
+        return pd.DataFrame(columns=["method", "mean", "sd_seeds", "low", "high", "seeds", "per_seed"])
+    wides = [100 * _wide(r.faithfulness, ["run", "test_id"], "spearman") for r in reports]
+    methods = [m for m in wides[0].columns if all(m in w for w in wides)]
+    rows = [{"method": m, **_cell(wides, lambda w, m=m: w[m], _crossed(wides), CELL_DRAWS, seed)} for m in methods]
+    return pd.DataFrame(rows)[["method", "mean", "sd_seeds", "low", "high", "seeds", "per_seed"]]
 
 
 def _grid(long: pd.DataFrame, scale: float) -> str:
@@ -82,11 +164,52 @@ def _grid(long: pd.DataFrame, scale: float) -> str:
     return "\n".join(lines)
 
 
-def _markdown(table3: pd.DataFrame, lds: pd.DataFrame, summary: dict) -> str:
+def _markdown(table3: pd.DataFrame, lds: pd.DataFrame, cells: pd.DataFrame, pairs: pd.DataFrame,
+              faith: pd.DataFrame, summary: dict) -> str:
+    design = ("crossed: every report evaluated the same tests, so a drawn test is drawn for every seed"
+              if summary["design"] == "crossed" else "nested: the reports evaluated different tests, drawn "
+              "within each drawn seed")
     parts = ["# SpanLens evaluation across classifier seeds", "",
              f"{summary['n']} reports: " + ", ".join(f"`{w}`" for w in summary["workspaces"]), "",
-             "Each cell: mean ± standard deviation across the reports (one per classifier seed); the per-report "
-             "values are in `combined_table3.csv` (min, max).", "", "## Table 3", "", _grid(table3, 1.0), ""]
+             ("Each cell: mean ± standard deviation across the reports (one per classifier seed); the per-report "
+              "values are in `combined_table3.csv` (min, max)."), "", "## Table 3", "", _grid(table3, 1.0), ""]
+    if len(cells):
+        parts += ["## Table 3 with intervals over seeds and tests", "",
+                  (f"Each Sag/Lag cell x100: the mean over seeds of each seed's mean over its tests, [its 95% "
+                   f"bootstrap interval with seeds and tests both resampled ({design}); {CELL_DRAWS} draws], and "
+                   f"the sd across seeds. With {summary['n']} seeds the seed level has few distinct draws: the "
+                   "intervals are approximate (`combined_table3_ci.csv`, each seed's value in `per_seed`)."), "",
+                  _interval_grid(cells, "metric", "method"), ""]
+    if len(pairs):
+        testable = pairs[pairs.p_value.notna()]
+        held = testable.groupby("metric", sort=False).significant.agg(["sum", "size"])
+        counts = "; ".join(f"{metric} {int(row['sum'])} of {int(row['size'])}" for metric, row in held.iterrows())
+        parts += [(f"Paired differences of every two methods (`combined_pairs.csv`: the mean over seeds of a - b, "
+                   f"its interval and bootstrap p from the same two-way draws ({PAIR_RESAMPLES}), Holm's adjustment "
+                   f"over the pairs of each cell, and each seed's difference) significant at 5% after Holm: "
+                   f"{counts}."), ""]
+    if len(faith):
+        parts += ["## Table 4 across seeds", "",
+                  ("Spearman with GroundTruth x100: the mean over seeds of each seed's mean over its (run, test) "
+                   "values [95% interval, seeds and tests resampled], and the sd across seeds (`combined_table4.csv`)."),
+                  "", _interval_grid(faith.assign(metric="Spearman"), "method", "metric"), ""]
     if len(lds):
         parts += ["## LDS and span-LDS (x100)", "", _grid(lds, 100.0), ""]
     return "\n".join(parts)
+
+
+def _interval_grid(frame: pd.DataFrame, rows: str, columns: str) -> str:
+    """A long frame with mean, low, high, sd_seeds as a grid of 'mean [low, high] (sd s)'."""
+    cell = frame.set_index([rows, columns])
+    names = list(dict.fromkeys(frame[columns]))
+    lines = ["| | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for row in dict.fromkeys(frame[rows]):
+        values = []
+        for name in names:
+            if (row, name) not in cell.index:
+                values.append("–")
+                continue
+            r = cell.loc[(row, name)]
+            values.append(f"{r['mean']:.1f} [{r['low']:.1f}, {r['high']:.1f}] (sd {r['sd_seeds']:.1f})")
+        lines.append(f"| {row} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
