@@ -541,9 +541,11 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate_parser(sub)
     c = sub.add_parser("combine", help="combine evaluation reports over classifier seeds (mean, sd per cell)",
                        description="Tables 3 and 4 and LDS of several reports made with the same evaluate options "
-                                   "on workspaces prepared with different --seed: mean, sd, min, max per cell; each "
-                                   "Sag/Lag and table-4 cell's 95% interval and every two methods' paired "
-                                   "difference (Holm over each cell's pairs) with seeds and tests both resampled.")
+                                   "on workspaces prepared with different --seed (and one --data-seed, so that they "
+                                   "share their tests): mean, sd, min, max per cell; each Sag/Lag and table-4 "
+                                   "cell's 95% interval with seeds and tests both resampled, and every two methods' "
+                                   "paired difference, which holds when both that bootstrap and a t-test over the "
+                                   "seeds are significant after Holm over the cell's pairs.")
     c.add_argument("--reports", nargs="+", required=True, help="report folders (evaluate --out)")
     c.add_argument("--out", required=True, help="folder for combined.md and the CSV files")
     v = sub.add_parser("intervals", help="95%% intervals and paired tests of a report, from its per-test rows",

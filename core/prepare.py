@@ -49,7 +49,7 @@ from .model import (
     span_token_positions,
     split_model,
 )
-from .prepare_settings import RC_NEEDS_ASPECTS, PrepareSettings
+from .prepare_settings import RC_NEEDS_ASPECTS, PrepareSettings, sample_seed
 from .spans import (
     RCSpanFinder,
     Span,
@@ -230,7 +230,7 @@ class Preparer:
         used = ", ".join(f"{split} {sum(i.split == split for i in instances)}" for split in SPLITS)
         limits = ""
         if s.train_limit is not None or s.eval_limit is not None:
-            limits = (f" (samples drawn with seed {s.sample_seed}: train at most {s.train_limit or 'all'}, "
+            limits = (f" (samples drawn with seed {sample_seed(s)}: train at most {s.train_limit or 'all'}, "
                       f"dev and test at most {s.eval_limit or 'all'})")
         self.log(f"  used: {used}{limits}")
 
@@ -263,9 +263,9 @@ class Preparer:
     def _select(self, dataset: Dataset) -> list[Instance]:
         s = self.settings
         return (
-            select(dataset.splits.get("train", []), s.train_limit, s.sample_seed)
-            + select(dataset.splits.get("dev", []), s.eval_limit, s.sample_seed)
-            + select(dataset.splits.get("test", []), s.eval_limit, s.sample_seed)
+            select(dataset.splits.get("train", []), s.train_limit, sample_seed(s))
+            + select(dataset.splits.get("dev", []), s.eval_limit, sample_seed(s))
+            + select(dataset.splits.get("test", []), s.eval_limit, sample_seed(s))
         )
 
     def _spans(self, instances: list[Instance], data_fp: str) -> dict[str, Span]:

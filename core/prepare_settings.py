@@ -61,12 +61,6 @@ class PrepareSettings:
     def __post_init__(self) -> None:
         check_settings(self)
 
-    @property
-    def sample_seed(self) -> int:
-        """The seed of the instance samples: ``data_seed``, else ``seed`` (so that classifiers of
-        several seeds can share one slice)."""
-        return self.seed if self.data_seed is None else self.data_seed
-
     @classmethod
     def from_preset(cls, preset: str = "demo", **overrides) -> "PrepareSettings":
         """Preset values, then every override that is not ``None``."""
@@ -82,6 +76,14 @@ class PrepareSettings:
         if unknown:
             raise ValueError(f"unknown settings: {sorted(unknown)}")
         return cls(**values)
+
+
+def sample_seed(settings: object) -> int:
+    """The seed of the instance samples (``--train-limit``/``--eval-limit``): ``data_seed`` where
+    the settings have one, else ``seed`` (``import`` has no data seed; ``prepare``'s lets
+    classifiers of several seeds share one slice)."""
+    data_seed = getattr(settings, "data_seed", None)
+    return settings.seed if data_seed is None else data_seed
 
 
 def check_settings(settings: object) -> None:

@@ -128,28 +128,38 @@ def seeds_tests_draws(per_seed: Sequence[np.ndarray], *, crossed: bool, n_resamp
     over seeds of each seed's mean over its tests (NaN left out). A draw resamples the seeds with
     replacement and the tests: once for all seeds when ``crossed`` (every seed evaluated the same
     tests, in the same order, so a test's difficulty is shared and moves all seeds together),
-    else within each drawn seed (nested: each seed has its own tests). The same ``seed`` gives the
-    same draws for arrays of the same shapes, so draws of two methods' values pair up. With S
-    seeds the seed level has only C(2S - 1, S) distinct draws (10 for 3): read its intervals as
-    approximate.
+    else within each drawn seed (nested: each seed has its own tests; a seed's mean already
+    carries its test noise, so this counts it twice and errs wide). The same ``seed`` gives the
+    same draws for arrays of the same shapes. With S seeds the seed level has only C(2S - 1, S)
+    distinct draws (10 for 3) and shrinks the seeds' variance by (S - 1) / S: read its intervals
+    as approximate (:func:`core.evaluate.combine.table3_across` adds a t-test over the seeds).
+    Draws are made in chunks of at most :data:`DRAW_CHUNK` values.
     """
     arrays = [np.asarray(v, dtype=np.float64).ravel() for v in per_seed]
     if not arrays or any(len(a) == 0 for a in arrays):
         raise ValueError("every seed needs at least one value")
+    if crossed and len({len(a) for a in arrays}) != 1:
+        raise ValueError("crossed draws need the same tests in every seed")
     rng = np.random.default_rng(seed)
-    n_seeds = len(arrays)
-    seeds = rng.integers(n_seeds, size=(n_resamples, n_seeds))
-    with np.errstate(all="ignore"), warnings.catch_warnings():
+    n_seeds, longest = len(arrays), max(len(a) for a in arrays)
+    step = max(1, DRAW_CHUNK // (n_seeds * longest * (1 if crossed else n_seeds)))
+    out = []
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a draw of only NaN tests: NaN, left out later
-        if crossed:
-            if len({len(a) for a in arrays}) != 1:
-                raise ValueError("crossed draws need the same tests in every seed")
-            values = np.stack(arrays)  # (S, T)
-            tests = rng.integers(values.shape[1], size=(n_resamples, values.shape[1]))
-            means = np.nanmean(values[seeds[:, :, None], tests[:, None, :]], axis=2)  # (draws, S)
-        else:
-            # each seed's test means for every (draw, slot), then the drawn seed's value in each slot
-            own = np.stack([np.nanmean(a[rng.integers(len(a), size=(n_resamples, n_seeds, len(a)))], axis=2)
-                            for a in arrays])  # (S, draws, slots)
-            means = np.take_along_axis(own.transpose(1, 2, 0), seeds[:, :, None], axis=2)[:, :, 0]
-        return np.nanmean(means, axis=1)
+        for start in range(0, n_resamples, step):
+            n = min(step, n_resamples - start)
+            seeds = rng.integers(n_seeds, size=(n, n_seeds))
+            if crossed:
+                values = np.stack(arrays)  # (S, T)
+                tests = rng.integers(values.shape[1], size=(n, values.shape[1]))
+                means = np.nanmean(values[seeds[:, :, None], tests[:, None, :]], axis=2)  # (n, S)
+            else:  # each seed's test means for every (draw, slot), then the drawn seed's value in each slot
+                own = np.stack([np.nanmean(a[rng.integers(len(a), size=(n, n_seeds, len(a)))], axis=2)
+                                for a in arrays])  # (S, n, slots)
+                means = np.take_along_axis(own.transpose(1, 2, 0), seeds[:, :, None], axis=2)[:, :, 0]
+            out.append(np.nanmean(means, axis=1))
+    return np.concatenate(out)
+
+
+DRAW_CHUNK = 20_000_000
+"""Values resampled at once by :func:`seeds_tests_draws` (160 MB of float64)."""

@@ -138,21 +138,54 @@ def test_reports_combine_across_seeds(workspace, tmp_path):
     assert combine_reports([tmp_path / "a", nested], tmp_path / "nested")["design"] == "nested"
     again = pd.read_csv(tmp_path / "nested" / "combined_table3_ci.csv").set_index(["metric", "method"])
     assert np.allclose(again["mean"], cells["mean"])
+    rows.iloc[[0, 0]].to_csv(nested / "per_test.csv", index=False)
+    with pytest.raises(ValueError, match=r"renamed/per_test.csv: a test appears twice"):
+        combine_reports([tmp_path / "a", nested], tmp_path / "twice")
+    (nested / "per_test.csv").unlink()  # a report of an earlier version: the means only
+    assert combine_reports([tmp_path / "a", nested], tmp_path / "means")["n"] == 2
+    assert pd.read_csv(tmp_path / "means" / "combined_table3_ci.csv").empty
     run_evaluation(backend, EvalSettings(methods=("TracIn",), ks=(3,), kmax=3, test_limit=3, ral=(),
                                          faithfulness_runs=0), tmp_path / "c", **QUIET)
     with pytest.raises(ValueError, match="differ in methods, test_limit"):
         combine_reports([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")
 
 
-def test_table4_combines_over_seeds_with_an_interval():
+def _seed_report(values: dict[str, list[float]], runs: int = 1):
+    """A stand-in report of one seed: per-test Sag@3/Lag@3 and faithfulness rows of each method."""
     from types import SimpleNamespace
 
+    rows = [{"test_id": f"t{i}", "method": m, "sag@3": v, "lag@3": v} for m, vs in values.items()
+            for i, v in enumerate(vs)]
+    faith = pd.DataFrame([{"run": r, "test_id": f"t{i}", "method": m, "spearman": v} for r in range(runs)
+                          for m, vs in values.items() for i, v in enumerate(vs)])
+    table4 = faith.groupby("method").spearman.mean().mul(100).to_frame("mean")
+    return SimpleNamespace(per_test=pd.DataFrame(rows), faithfulness=faith, table4=table4,
+                           summary={"settings": {"ks": [3], "methods": list(values)}})
+
+
+def test_a_pair_holds_across_seeds_only_when_the_seeds_agree():
+    """Seed differences of 0.1, 0.2 and 5 points with no test noise: the two-way bootstrap alone
+    would call it significant (its seed level cannot reach 0); the t-test over the seeds (p 0.39)
+    does not. Three seeds that agree (5 +- 0.1) hold."""
+    from core.evaluate.combine import table3_across
+
+    base = np.linspace(0.2, 0.8, 20)
+    def reports(gaps):
+        return [_seed_report({"A": list(base + gap / 100), "B": list(base)}) for gap in gaps]
+
+    _, spread, crossed = table3_across(reports([0.1, 0.2, 5.0]), seed=0)
+    row = spread.set_index("metric").loc["Sag@3"]
+    assert crossed and row.p_value < 0.01 and row.p_seeds == pytest.approx(0.39, abs=0.01) and not row.significant
+    cells, agree, _ = table3_across(reports([4.9, 5.0, 5.1]), seed=0)
+    assert agree.significant.all() and agree.difference.tolist() == pytest.approx([5.0, 5.0])
+    assert cells.set_index(["metric", "method"]).loc[("Lag@3", "A"), "seeds"] == 3
+
+
+def test_table4_combines_over_seeds_with_an_interval():
     from core.evaluate.combine import table4_across
 
-    def seed(values):
-        rows = [{"run": 0, "test_id": f"t{i}", "method": m, "spearman": v if m == "TracIn++" else 1.0}
-                for i, v in enumerate(values) for m in ("TracIn++", "GroundTruth")]
-        return SimpleNamespace(faithfulness=pd.DataFrame(rows))
+    def seed(values, runs=1):
+        return _seed_report({"TracIn++": values, "GroundTruth": [1.0] * len(values)}, runs)
 
     table = table4_across([seed([0.5, 0.7, 0.9]), seed([0.6, 0.8, 1.0]), seed([0.2, 0.4, 0.6])], seed=0)
     row = table.set_index("method").loc["TracIn++"]
@@ -160,7 +193,11 @@ def test_table4_combines_over_seeds_with_an_interval():
     assert row.sd_seeds == pytest.approx(100 * np.std([0.7, 0.8, 0.4], ddof=1)) and row.seeds == 3
     assert row.low < row["mean"] < row.high and row.per_seed == "70;80;40"
     assert table.set_index("method").loc["GroundTruth", ["mean", "low", "high"]].tolist() == [100.0] * 3
-    assert table4_across([seed([0.5]), SimpleNamespace(faithfulness=pd.DataFrame())], seed=0).empty
+    runs = table4_across([seed([0.5, 0.7], runs=2), seed([0.1, 0.3], runs=2)], seed=0).set_index("method")
+    assert runs.loc["TracIn++", "mean"] == pytest.approx(40.0) and np.isnan(runs.loc["TracIn++", "low"])
+    empty = _seed_report({"TracIn++": [0.5]})
+    empty.faithfulness = pd.DataFrame()
+    assert table4_across([seed([0.5]), empty], seed=0).empty
 
 
 def test_reports_with_other_lds_settings_do_not_combine():

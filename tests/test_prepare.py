@@ -9,7 +9,8 @@ import torch
 
 from core.model import load_params
 from core.prepare import prepare
-from core.prepare_settings import PrepareSettings
+from core.importing import ImportSettings
+from core.prepare_settings import PrepareSettings, sample_seed
 from core.workspace import Workspace, load_model
 from tests.conftest import tiny_settings
 
@@ -116,7 +117,8 @@ def test_a_data_seed_keeps_the_slice_while_the_classifier_seed_changes(tmp_path,
     prepare(tiny_settings(data_dir, tiny_backbone, seed=1, epochs=1), tmp_path / "drawn", progress=False,
             log=lambda _: None)
     assert ids(tmp_path / "drawn") != ids(tiny_workspace)  # without it, --seed draws the slice too
-    assert PrepareSettings(seed=3).sample_seed == 3 and PrepareSettings(seed=3, data_seed=0).sample_seed == 0
+    assert sample_seed(PrepareSettings(seed=3)) == 3 and sample_seed(PrepareSettings(seed=3, data_seed=0)) == 0
+    assert sample_seed(ImportSettings(model="m", dataset="mams", seed=4)) == 4  # import draws its samples with its seed
 
 
 def test_presets_and_overrides():

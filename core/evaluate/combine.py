@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from ..stats import ALPHA, draws_summary, holm, seeds_tests_draws
 from ..workspace import write_json_atomic, write_text_atomic
@@ -51,9 +52,10 @@ def across(frames: list[pd.DataFrame]) -> pd.DataFrame:
 
 
 def combine_reports(folders: list[str | Path], out_dir: str | Path) -> dict:
-    """Table 3 (and LDS, where every report has it) across reports; writes ``combined_table3.csv``,
-    ``combined_lds.csv`` and ``combined.md`` to ``out_dir``; returns the summary written to
-    ``combined.json``."""
+    """Tables 3 and 4 (and LDS, where every report has it) across reports; writes
+    ``combined_table3.csv``, ``combined_lds.csv``, the per-test intervals and paired tests
+    (``combined_table3_ci.csv``, ``combined_pairs.csv``, ``combined_table4.csv``) and
+    ``combined.md`` to ``out_dir``; returns the summary written to ``combined.json``."""
     if len(folders) < 2:
         raise ValueError("give at least two reports to combine")
     reports = [load_report(f) for f in folders]
@@ -62,6 +64,9 @@ def combine_reports(folders: list[str | Path], out_dir: str | Path) -> dict:
     if differ:
         raise ValueError(f"the reports differ in {', '.join(differ)}; combine runs of one protocol only "
                          "(the same evaluate options on workspaces that differ in their classifier seed)")
+    for r in reports:
+        if len(r.per_test) and r.per_test.duplicated(["test_id", "method"]).any():
+            raise ValueError(f"{r.out_dir / 'per_test.csv'}: a test appears twice for one method")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table3 = across([r.table3 for r in reports])
@@ -74,8 +79,10 @@ def combine_reports(folders: list[str | Path], out_dir: str | Path) -> dict:
     faith = table4_across(reports, seed)
     for name, frame in (("combined_table3_ci.csv", cells), ("combined_pairs.csv", pairs), ("combined_table4.csv", faith)):
         write_text_atomic(out / name, frame.to_csv(index=False))
+    methods = _methods(reports)
     summary = {"reports": [str(f) for f in folders], "workspaces": [r.summary["workspace"] for r in reports],
-               "n": len(reports), "design": "crossed" if crossed else "nested"}
+               "n": len(reports), "design": "crossed" if crossed else "nested",
+               "left_out": [m for m in settings[0]["methods"] if m not in methods] if len(cells) else []}
     write_json_atomic(out / "combined.json", summary)
     write_text_atomic(out / "combined.md", _markdown(table3, lds, cells, pairs, faith, summary))
     return summary
@@ -92,47 +99,69 @@ def _crossed(wides: list[pd.DataFrame]) -> bool:
     return all(w.index.equals(wides[0].index) for w in wides[1:])
 
 
-def _cell(wides: list[pd.DataFrame], values, crossed: bool, draws: int, seed: int) -> dict:
-    """Mean over seeds of each seed's mean, sd across seeds, and the seeds-and-tests interval of
-    ``values(wide)`` (a per-test array of one report)."""
-    per_seed = [np.asarray(values(w), dtype=np.float64) for w in wides]
+def _cell(per_seed: list[np.ndarray], crossed: bool, draws: int, seed: int) -> dict:
+    """Mean over seeds of each seed's mean over its tests, sd across seeds, its seeds-and-tests
+    interval with the bootstrap p of 0, and a t-test of 0 over the seeds' means (``p_seeds``)."""
     means = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in per_seed])
+    finite = means[np.isfinite(means)]
     low, high, p = draws_summary(seeds_tests_draws(per_seed, crossed=crossed, n_resamples=draws, seed=seed))
-    return {"mean": float(np.nanmean(means)), "sd_seeds": float(np.std(means, ddof=1)), "low": low, "high": high,
-            "p_value": p, "seeds": len(per_seed), "per_seed": ";".join(f"{m:.4g}" for m in means)}
+    return {"mean": float(finite.mean()) if len(finite) else float("nan"),
+            "sd_seeds": float(np.std(finite, ddof=1)) if len(finite) > 1 else float("nan"),
+            "low": low, "high": high, "p_value": p, "p_seeds": seed_t_p(finite), "seeds": len(finite),
+            "per_seed": ";".join(f"{m:.4g}" for m in means)}
+
+
+def seed_t_p(means: np.ndarray) -> float:
+    """Two-sided p of a one-sample t-test of 0 over per-seed means (S - 1 degrees of freedom; NaN
+    below 2 seeds; seeds that agree exactly give 0, or 1 when they agree on 0)."""
+    if len(means) < 2:
+        return float("nan")
+    if np.ptp(means) == 0:
+        return 0.0 if means[0] != 0 else 1.0
+    return float(stats.ttest_1samp(means, 0.0).pvalue)
 
 
 def table3_across(reports: list[EvalReport], seed: int) -> tuple[pd.DataFrame, pd.DataFrame, bool]:
     """Sag/Lag cells (x100) across seeds with intervals, and every two methods' paired
-    difference per cell (Holm over the pairs of the cell); and whether the design is crossed."""
+    difference per cell; and whether the design is crossed. A difference holds (``significant``)
+    when both its seeds-and-tests bootstrap p and its t-test over the seeds are below 5% after
+    Holm over the pairs of the cell: with 3 seeds the bootstrap's seed level has 10 distinct
+    draws and cannot reach 0 when every seed's difference has the same sign, so alone it would
+    rest on the test noise. Empty tables unless every report has per-test rows."""
+    if not all(len(r.per_test) for r in reports):
+        return pd.DataFrame(columns=CELL_COLUMNS), pd.DataFrame(columns=PAIR_COLUMNS), False
     ks, methods = reports[0].summary["settings"]["ks"], _methods(reports)
     cells, pairs = [], []
     crossed = True
     for metric in ("sag", "lag"):
         for k in ks:
             wides = [100 * _wide(r.per_test, ["test_id"], f"{metric}@{k}") for r in reports]
-            crossed = crossed and _crossed(wides)
+            shared = _crossed(wides)
+            crossed = crossed and shared
             name = f"{metric.capitalize()}@{k}"
             for m in methods:
-                cell = _cell(wides, lambda w, m=m: w[m], _crossed(wides), CELL_DRAWS, seed)
+                cell = _cell([w[m].to_numpy(float) for w in wides], shared, CELL_DRAWS, seed)
                 cells.append({"metric": name, "method": m, **{c: cell[c] for c in CELL_COLUMNS[2:]}})
             for a, b in combinations(methods, 2):
-                cell = _cell(wides, lambda w, a=a, b=b: w[a] - w[b], _crossed(wides), PAIR_RESAMPLES, seed)
+                cell = _cell([(w[a] - w[b]).to_numpy(float) for w in wides], shared, PAIR_RESAMPLES, seed)
                 pairs.append({"metric": name, "a": a, "b": b, "difference": cell["mean"],
-                              **{c: cell[c] for c in ("low", "high", "p_value", "sd_seeds", "seeds", "per_seed")}})
-    pairs = pd.DataFrame(pairs, columns=[c for c in PAIR_COLUMNS if c not in ("p_holm", "significant")])
-    pairs["p_holm"] = pairs.groupby("metric", sort=False).p_value.transform(holm)
-    pairs["significant"] = pairs.p_holm < ALPHA
+                              **{c: cell[c] for c in PAIR_COLUMNS[4:] if c in cell}})
+    pairs = pd.DataFrame(pairs, columns=[c for c in PAIR_COLUMNS if c not in ("p_holm", "p_seeds_holm", "significant")])
+    by_cell = pairs.groupby("metric", sort=False)
+    pairs["p_holm"] = by_cell.p_value.transform(holm)
+    pairs["p_seeds_holm"] = by_cell.p_seeds.transform(holm)
+    pairs["significant"] = (pairs.p_holm < ALPHA) & (pairs.p_seeds_holm < ALPHA)
     return pd.DataFrame(cells, columns=CELL_COLUMNS), pairs[PAIR_COLUMNS], crossed
 
 
 CELL_COLUMNS = ["metric", "method", "mean", "sd_seeds", "low", "high", "seeds", "per_seed"]
-PAIR_COLUMNS = ["metric", "a", "b", "difference", "low", "high", "p_value", "p_holm", "significant", "sd_seeds",
-                "seeds", "per_seed"]
+PAIR_COLUMNS = ["metric", "a", "b", "difference", "low", "high", "p_value", "p_seeds", "p_holm", "p_seeds_holm",
+                "significant", "sd_seeds", "seeds", "per_seed"]
+TABLE4_COLUMNS = ["method", "mean", "sd_seeds", "low", "high", "seeds", "per_seed"]
 
 
 def _methods(reports: list[EvalReport]) -> list[str]:
-    """The methods of table 3 (every report's per-test rows have them)."""
+    """The methods of table 3 that every report's per-test rows have."""
     present = set.intersection(*(set(r.per_test.method) for r in reports)) if all(
         len(r.per_test) for r in reports) else set()
     return [m for m in reports[0].summary["settings"]["methods"] if m in present]
@@ -140,14 +169,23 @@ def _methods(reports: list[EvalReport]) -> list[str]:
 
 def table4_across(reports: list[EvalReport], seed: int) -> pd.DataFrame:
     """Table 4 (Spearman with GroundTruth x100) across seeds: per method the mean over seeds of
-    each seed's mean over its (run, test) values, the sd across seeds and the seeds-and-tests
-    interval; empty unless every report has faithfulness rows."""
+    each report's mean, and the sd across seeds. With one faithfulness run per report, also the
+    seeds-and-tests interval; with more, none (a run draws new tests and variants, a level this
+    bootstrap does not resample). Empty unless every report has faithfulness rows."""
     if not all(len(r.faithfulness) for r in reports):
-        return pd.DataFrame(columns=["method", "mean", "sd_seeds", "low", "high", "seeds", "per_seed"])
-    wides = [100 * _wide(r.faithfulness, ["run", "test_id"], "spearman") for r in reports]
-    methods = [m for m in wides[0].columns if all(m in w for w in wides)]
-    rows = [{"method": m, **_cell(wides, lambda w, m=m: w[m], _crossed(wides), CELL_DRAWS, seed)} for m in methods]
-    return pd.DataFrame(rows)[["method", "mean", "sd_seeds", "low", "high", "seeds", "per_seed"]]
+        return pd.DataFrame(columns=TABLE4_COLUMNS)
+    one_run = all(r.faithfulness.run.nunique() == 1 for r in reports)
+    wides = [100 * _wide(r.faithfulness, ["test_id"] if one_run else ["run", "test_id"], "spearman") for r in reports]
+    rows = []
+    for m in [m for m in wides[0].columns if all(m in w for w in wides)]:
+        if one_run:
+            cell = _cell([w[m].to_numpy(float) for w in wides], _crossed(wides), CELL_DRAWS, seed)
+        else:
+            means = np.array([r.table4.loc[m, "mean"] for r in reports], dtype=np.float64)
+            cell = {"mean": float(means.mean()), "sd_seeds": float(np.std(means, ddof=1)), "low": np.nan,
+                    "high": np.nan, "seeds": len(means), "per_seed": ";".join(f"{v:.4g}" for v in means)}
+        rows.append({"method": m, **cell})
+    return pd.DataFrame(rows, columns=TABLE4_COLUMNS)
 
 
 def _grid(long: pd.DataFrame, scale: float) -> str:
@@ -184,14 +222,18 @@ def _markdown(table3: pd.DataFrame, lds: pd.DataFrame, cells: pd.DataFrame, pair
         testable = pairs[pairs.p_value.notna()]
         held = testable.groupby("metric", sort=False).significant.agg(["sum", "size"])
         counts = "; ".join(f"{metric} {int(row['sum'])} of {int(row['size'])}" for metric, row in held.iterrows())
-        parts += [(f"Paired differences of every two methods (`combined_pairs.csv`: the mean over seeds of a - b, "
-                   f"its interval and bootstrap p from the same two-way draws ({PAIR_RESAMPLES}), Holm's adjustment "
-                   f"over the pairs of each cell, and each seed's difference) significant at 5% after Holm: "
-                   f"{counts}."), ""]
+        parts += [(f"Paired differences of every two methods (`combined_pairs.csv`: the mean over seeds of a - b; its "
+                   f"interval and bootstrap p from two-way draws ({PAIR_RESAMPLES}); a t-test over the seeds' "
+                   "differences (`p_seeds`, S - 1 degrees of freedom); each p adjusted by Holm over the pairs of the "
+                   "cell; each seed's difference in `per_seed`). A difference holds when both adjusted p are below "
+                   f"5%: {counts}."), ""]
+    if summary["left_out"]:
+        parts += [f"Left out (not in every report's per-test rows): {', '.join(summary['left_out'])}.", ""]
     if len(faith):
         parts += ["## Table 4 across seeds", "",
-                  ("Spearman with GroundTruth x100: the mean over seeds of each seed's mean over its (run, test) "
-                   "values [95% interval, seeds and tests resampled], and the sd across seeds (`combined_table4.csv`)."),
+                  ("Spearman with GroundTruth x100: the mean over seeds of each report's mean [95% interval, seeds "
+                   "and tests resampled; none when a report has several faithfulness runs], and the sd across seeds "
+                   "(`combined_table4.csv`)."),
                   "", _interval_grid(faith.assign(metric="Spearman"), "method", "metric"), ""]
     if len(lds):
         parts += ["## LDS and span-LDS (x100)", "", _grid(lds, 100.0), ""]
