@@ -119,7 +119,8 @@ def test_reports_combine_across_seeds(workspace, tmp_path):
     table = pd.read_csv(tmp_path / "both" / "combined_table3.csv").set_index(["row", "column"])
     cell = table.loc[("Lag@3", "TracIn++")]
     assert summary["n"] == 2 and cell["mean"] == pytest.approx(first.table3.loc["Lag@3", "TracIn++"]) and cell.sd == 0
-    assert "± 0.00" in (tmp_path / "both" / "combined.md").read_text()
+    markdown = (tmp_path / "both" / "combined.md").read_text()
+    assert "± 0.00" in markdown and "(bootstrap alone " in markdown
     # the same tests in both: crossed draws; two identical seeds give each report's own differences
     assert summary["design"] == "crossed"
     cells = pd.read_csv(tmp_path / "both" / "combined_table3_ci.csv").set_index(["metric", "method"])

@@ -219,14 +219,18 @@ def _markdown(table3: pd.DataFrame, lds: pd.DataFrame, cells: pd.DataFrame, pair
                    "intervals are approximate (`combined_table3_ci.csv`, each seed's value in `per_seed`)."), "",
                   _interval_grid(cells, "metric", "method"), ""]
     if len(pairs):
-        testable = pairs[pairs.p_value.notna()]
-        held = testable.groupby("metric", sort=False).significant.agg(["sum", "size"])
-        counts = "; ".join(f"{metric} {int(row['sum'])} of {int(row['size'])}" for metric, row in held.iterrows())
+        testable = pairs[pairs.p_value.notna()].assign(
+            tests=lambda f: f.p_holm < ALPHA, seeds=lambda f: f.p_seeds_holm < ALPHA)
+        held = testable.groupby("metric", sort=False)[["tests", "seeds", "significant"]].sum()
+        sizes = testable.groupby("metric", sort=False).size()
+        counts = "; ".join(f"{metric} {int(row.significant)} of {sizes[metric]} (bootstrap alone {int(row.tests)}, "
+                           f"t-test alone {int(row.seeds)})" for metric, row in held.iterrows())
         parts += [(f"Paired differences of every two methods (`combined_pairs.csv`: the mean over seeds of a - b; its "
                    f"interval and bootstrap p from two-way draws ({PAIR_RESAMPLES}); a t-test over the seeds' "
                    "differences (`p_seeds`, S - 1 degrees of freedom); each p adjusted by Holm over the pairs of the "
                    "cell; each seed's difference in `per_seed`). A difference holds when both adjusted p are below "
-                   f"5%: {counts}."), ""]
+                   f"5%: {counts}. With few seeds the t-test has little power: a difference every seed shows can "
+                   "fail it."), ""]
     if summary["left_out"]:
         parts += [f"Left out (not in every report's per-test rows): {', '.join(summary['left_out'])}.", ""]
     if len(faith):
