@@ -13,6 +13,10 @@ sentence of the text by the paper's importance rule (Eq. 3), or anchored on the 
 AT_LEAST = {"epochs": 1, "batch_size": 1, "trainable_layers": 1, "checkpoints": 1, "variants": 1, "models": 1,
             "max_length": 8, "seed": 0}
 """The smallest value of each whole-number setting."""
+OPTIONAL_AT_LEAST = {"train_limit": (1, "leave it out to use every instance"),
+                     "eval_limit": (1, "leave it out to use every instance"),
+                     "data_seed": (0, "leave it out to draw the samples with --seed")}
+"""The smallest value of each whole-number setting that may be left out (None), and what leaving it out does."""
 VARIANT_OPTIMIZERS = ("adamw", "sgd")
 RC_NEEDS_ASPECTS = ("--rc-model asks about an aspect (\"How is the X?\"); single texts and text pairs have none: "
                     "their spans come from the importance rule over the text's clauses and sentences")
@@ -97,13 +101,10 @@ def check_settings(settings: object) -> None:
         value = getattr(settings, name, low)
         if not whole(value) or value < low:
             raise ValueError(f"{option(name)} must be a whole number of at least {low}, got {value!r}")
-    data_seed = getattr(settings, "data_seed", None)
-    if data_seed is not None and (not whole(data_seed) or data_seed < 0):
-        raise ValueError(f"{option('data_seed')} must be a whole number of at least 0, got {data_seed!r}")
-    for name in ("train_limit", "eval_limit"):
-        value = getattr(settings, name)
-        if value is not None and (not whole(value) or value < 1):
-            raise ValueError(f"{option(name)} must be at least 1 (leave it out to use every instance), got {value!r}")
+    for name, (low, hint) in OPTIONAL_AT_LEAST.items():
+        value = getattr(settings, name, None)
+        if value is not None and (not whole(value) or value < low):
+            raise ValueError(f"{option(name)} must be at least {low} ({hint}), got {value!r}")
     for name in ("lr", "variant_lr"):
         value = getattr(settings, name, 1.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):

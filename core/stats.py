@@ -143,6 +143,7 @@ def seeds_tests_draws(per_seed: Sequence[np.ndarray], *, crossed: bool, n_resamp
     rng = np.random.default_rng(seed)
     n_seeds, longest = len(arrays), max(len(a) for a in arrays)
     step = max(1, DRAW_CHUNK // (n_seeds * longest * (1 if crossed else n_seeds)))
+    values = np.stack(arrays) if crossed else None  # (S, T)
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a draw of only NaN tests: NaN, left out later
@@ -150,7 +151,6 @@ def seeds_tests_draws(per_seed: Sequence[np.ndarray], *, crossed: bool, n_resamp
             n = min(step, n_resamples - start)
             seeds = rng.integers(n_seeds, size=(n, n_seeds))
             if crossed:
-                values = np.stack(arrays)  # (S, T)
                 tests = rng.integers(values.shape[1], size=(n, values.shape[1]))
                 means = np.nanmean(values[seeds[:, :, None], tests[:, None, :]], axis=2)  # (n, S)
             else:  # each seed's test means for every (draw, slot), then the drawn seed's value in each slot
