@@ -24,9 +24,11 @@ from .cli_options import (
     ray_options,
     ray_settings,
 )
+from .prepare_settings import PrepareSettings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_DEMO = PrepareSettings()  # the defaults the help texts state
 
 
 # ------------------------------------------------------------------------------ prepare and index
@@ -47,19 +49,20 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--data-seed", type=NON_NEGATIVE,
                    help="seed of the --train-limit/--eval-limit samples (default: --seed); fix it to train "
                         "classifiers of several seeds on one slice")
-    p.add_argument("--epochs", type=POSITIVE)
-    p.add_argument("--batch-size", type=POSITIVE)
-    p.add_argument("--lr", type=POSITIVE_FLOAT)
-    p.add_argument("--trainable-layers", type=POSITIVE, help="last N encoder layers trained (plus pooler and head)")
-    p.add_argument("--checkpoints", type=POSITIVE, help="last C epoch checkpoints kept for TracIn")
-    p.add_argument("--variants", type=POSITIVE, help="number of variants theta + delta_i")
-    p.add_argument("--variant-lr", type=POSITIVE_FLOAT, help="learning rate of the variants' single step")
+    p.add_argument("--epochs", type=POSITIVE, help=f"training epochs (default {_DEMO.epochs}; paper preset 100)")
+    p.add_argument("--batch-size", type=POSITIVE,
+                   help=f"training mini-batch (default {_DEMO.batch_size}; paper preset 200 on MAMS, 100 on SentiHood)")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, help=f"AdamW learning rate (default {_DEMO.lr:g}; paper preset 1e-4)")
+    p.add_argument("--trainable-layers", type=POSITIVE, help=f"last N encoder layers trained (plus pooler and head; default {_DEMO.trainable_layers})")
+    p.add_argument("--checkpoints", type=POSITIVE, help=f"last C epoch checkpoints kept for TracIn (default {_DEMO.checkpoints})")
+    p.add_argument("--variants", type=POSITIVE, help=f"number of variants theta + delta_i (default {_DEMO.variants})")
+    p.add_argument("--variant-lr", type=POSITIVE_FLOAT, help=f"learning rate of the variants' single step (default {_DEMO.variant_lr:g})")
     p.add_argument("--variant-optimizer", choices=["adamw", "sgd"],
                    help="the variants' single step: AdamW's first step (default) or plain SGD")
     p.add_argument("--models", type=POSITIVE,
                    help="classifiers trained independently (theta and N - 1 more with seeds seed+1 ...): TRAK's "
                         "ensemble (default 1: TRAK runs over the checkpoints); build their rows with --with trak")
-    p.add_argument("--max-length", type=number(int, 8, name="a whole number"), help="max tokens per (aspect, text) pair")
+    p.add_argument("--max-length", type=number(int, 8, name="a whole number"), help=f"max tokens per (aspect, text) pair (default {_DEMO.max_length}; paper preset 256)")
     _span_options(p)
     _build_options(p)
 
@@ -76,7 +79,8 @@ def _span_options(p) -> None:
 
 
 def _build_options(p) -> None:
-    p.add_argument("--seed", type=NON_NEGATIVE)
+    p.add_argument("--seed", type=NON_NEGATIVE,
+                   help="seed of the run: its training, variants and --train-limit/--eval-limit samples (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--no-index", action="store_true", help="stop before building the gradient index")
     _index_options(p)
@@ -103,8 +107,8 @@ def _import_parser(sub) -> None:
     p.add_argument("--train-limit", type=POSITIVE, help="use a seeded random subset of this many training instances")
     p.add_argument("--eval-limit", type=POSITIVE, help="likewise for dev and test")
     p.add_argument("--batch-size", type=POSITIVE, help="the variants' mini-batch (default 32)")
-    p.add_argument("--variants", type=POSITIVE, help="number of variants theta + delta_i")
-    p.add_argument("--variant-lr", type=POSITIVE_FLOAT, help="learning rate of the variants' single step")
+    p.add_argument("--variants", type=POSITIVE, help=f"number of variants theta + delta_i (default {_DEMO.variants})")
+    p.add_argument("--variant-lr", type=POSITIVE_FLOAT, help=f"learning rate of the variants' single step (default {_DEMO.variant_lr:g})")
     p.add_argument("--variant-optimizer", choices=["adamw", "sgd"])
     p.add_argument("--max-length", type=number(int, 8, name="a whole number"), help="max tokens per input")
     _span_options(p)
@@ -420,15 +424,15 @@ def _evaluate_parser(sub) -> None:
                                    "whose span is marked wrong); resumes an interrupted run from the workspace's store.")
     p.add_argument("--workspace", required=True)
     p.add_argument("--methods", default="all",
-                   help="all (every method), paper (the paper's six), or a comma list of names and groups")
-    p.add_argument("--k", type=k_list, default=(10, 100), help="K values of Sag@K and Lag@K in the tables (e.g. 10,100)")
-    p.add_argument("--kmax", type=POSITIVE, default=100, help="K-curves for K = 1..kmax")
-    p.add_argument("--test-limit", type=NON_NEGATIVE, default=200, help="test instances (0 = all eligible)")
+                   help="all (every method; the default), paper (the paper's six), or a comma list of names and groups")
+    p.add_argument("--k", type=k_list, default=(10, 100), help="K values of Sag@K and Lag@K in the tables (default 10,100)")
+    p.add_argument("--kmax", type=POSITIVE, default=100, help="K-curves for K = 1..kmax (default 100)")
+    p.add_argument("--test-limit", type=NON_NEGATIVE, default=200, help="test instances (default 200; 0 = all eligible)")
     p.add_argument("--out", help="report folder (default: WORKSPACE/evaluation)")
     p.add_argument("--ral", help="removal percentages for Ral, or none; each is one retrain per method (minutes each on "
                                  "full MAMS); default 20,50 (none for an imported model: Ral retrains from the "
                                  "backbone's initial state, which an imported model does not have)")
-    p.add_argument("--faithfulness-runs", type=NON_NEGATIVE, default=5, help="runs of table 4 (0 = skip faithfulness)")
+    p.add_argument("--faithfulness-runs", type=NON_NEGATIVE, default=5, help="runs of table 4 (default 5; 0 = skip faithfulness)")
     p.add_argument("--lds", action="store_true",
                    help="LDS and span-LDS: retrain on --lds-subsets random subsets (twice: keeping only the subset, "
                         "masking its spans) and correlate each method's predicted output with the retrained ones")
@@ -438,8 +442,8 @@ def _evaluate_parser(sub) -> None:
                    help="fraction of the training set in each subset: kept (LDS) or span-masked (span-LDS); default 0.5")
     ray_options(p)
     _scoring_options(p)
-    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the test sample and the random baselines")
-    p.add_argument("--batch", type=POSITIVE, default=16, help="test instances scored together")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the test sample and the random baselines (default 0)")
+    p.add_argument("--batch", type=POSITIVE, default=16, help="test instances scored together (default 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     _index_options(p)
@@ -486,6 +490,8 @@ def cmd_combine(args) -> int:
 
     summary = combine_reports(args.reports, args.out)
     print(f"{summary['n']} reports combined: {Path(args.out) / 'combined.md'}")
+    if summary["left_out"]:
+        print(f"left out (not in every report's per-test rows): {', '.join(summary['left_out'])}")
     return 0
 
 

@@ -39,6 +39,7 @@ from .index import (
     IndexSettings,
     IndexUnavailable,
     Overrides,
+    check_training_ids,
     index_command,
     open_index,
 )
@@ -198,7 +199,9 @@ class Backend:
         meta = self.ws.root / "index" / "meta.json"
         stamp = meta.stat().st_mtime_ns if meta.exists() else -1
         if self._index is None or self._index[0] != stamp:
-            self._index = (stamp, open_index(self.ws))
+            index = open_index(self.ws)
+            check_training_ids(index, [r["id"] for r in self._rows if r["split"] == "train"], self.ws.instances_path)
+            self._index = (stamp, index)
             self._engines.clear()  # they hold the previous rows
         return self._index[1]
 

@@ -556,7 +556,7 @@ def load_dataset(source: str, data_dir: str | Path | None = None, *, conflict: s
         if missing:
             raise DataError(
                 f"{source} data not found (missing {', '.join(missing)}); download it with "
-                f"`python -m core fetch-data --dest DIR`, then pass data_dir=DIR or set SPANLENS_DATA=DIR"
+                f"`python -m core fetch-data --dest DIR`, then pass --data-dir DIR (data_dir=DIR in Python) or set SPANLENS_DATA=DIR"
             )
         files = [(root / rel, split, FORMATS[source]) for split, rel in LAYOUT[source].items()]
         name, label_set = source, label_set or LABELS[source]

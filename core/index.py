@@ -114,9 +114,12 @@ def index_fingerprint(ws: Workspace, settings: IndexSettings) -> str:
 
 def _read_meta(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: damaged ({err}); rebuild the index with `python -m core index`") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: damaged (not a JSON object); rebuild the index with `python -m core index`")
+    return meta
 
 
 def _lock_path(root: Path) -> Path:
@@ -143,6 +146,10 @@ class GradientIndex:
         self.meta = _read_meta(meta_path)
         if not self.meta.get("done"):
             raise IndexUnavailable(f"{root}: the index build has not finished")
+        missing = [key for key in ("ids", "points") if key not in self.meta]
+        if missing:
+            raise ValueError(f"{meta_path}: damaged (no {', '.join(missing)}); rebuild the index with "
+                             "`python -m core index`")
         self.ids: list[str] = self.meta["ids"]
         self.points: list[str] = self.meta["points"]
         self.groups: list[str] = self.meta.get("groups", ["grad"])
@@ -251,6 +258,16 @@ def open_index(ws: Workspace) -> GradientIndex:
         raise IndexUnavailable(f"{root} was built for an earlier state of the workspace (it was prepared again "
                                f"since); rebuild it with `{index_command(ws, index.settings)}`")
     return index
+
+
+def check_training_ids(index: GradientIndex, ids: list[str], source: Path) -> None:
+    """ValueError unless the index's rows are the training instances ``ids`` of ``source``, in
+    order (an edited or reordered instances file would attach scores to the wrong reviews)."""
+    if index.ids != ids:
+        first = next((n for n, (a, b) in enumerate(zip(index.ids, ids)) if a != b), min(len(ids), len(index.ids)))
+        raise ValueError(f"{source}: its {len(ids)} training instances are not the {len(index.ids)} the index was "
+                         f"built on, in the same order (first difference at training row {first}); the file was "
+                         "changed after `prepare`: run `python -m core prepare` again")
 
 
 def group_points(group: str, points: PointSet) -> list[str]:

@@ -43,6 +43,7 @@ from .index import (
     _save_sum,
     _shared_lock,
     _sum_path,
+    check_training_ids,
     group_points,
     index_fingerprint,
     open_index,
@@ -190,8 +191,7 @@ def _patch(ws: Workspace, index: GradientIndex, overrides: Overrides, loaded: Lo
     so an interrupted patch is redone (and the index does not claim to match meanwhile)."""
     root, meta = index.root, index.meta
     rows = training_rows(ws)
-    if meta["ids"] != [r["id"] for r in rows]:
-        raise ValueError(f"{root}: the index's training rows differ from the workspace's; rebuild it")
+    check_training_ids(index, [r["id"] for r in rows], ws.instances_path)
     applied, wanted = meta.get("overrides", {}), _overrides_json(overrides)
     changed = {i for i in applied.keys() | wanted.keys() if applied.get(i) != wanted.get(i)}
     changed |= set(meta.get("patching", []))

@@ -164,14 +164,14 @@ def run_statistics(per_run: list) -> dict[str, float]:
     """Mean and spread of a score measured in several runs, each over several tests.
 
     ``per_run``: one array of per-test values a run. Returns the mean of the run means, the
-    variance (ddof=1) across runs of the run means (0 for one run), and the standard deviation
+    variance (ddof=1) across runs of the run means (NaN, undefined, for one run), and the standard deviation
     across all per-test values (ddof=1).
     """
     runs = [np.asarray(r, dtype=np.float64) for r in per_run]
     means = np.array([np.nanmean(r) for r in runs])
     pooled = np.concatenate(runs) if runs else np.array([])
     return {"mean": float(means.mean()) if len(means) else float("nan"),
-            "var_runs": float(means.var(ddof=1)) if len(means) > 1 else 0.0,
+            "var_runs": float(means.var(ddof=1)) if len(means) > 1 else float("nan"),
             "sd_tests": float(np.nanstd(pooled, ddof=1)) if len(pooled) > 1 else 0.0,
             "runs": len(runs), "tests": int(sum(len(r) for r in runs))}
 

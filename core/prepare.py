@@ -49,7 +49,7 @@ from .model import (
     span_token_positions,
     split_model,
 )
-from .prepare_settings import RC_NEEDS_ASPECTS, PrepareSettings, sample_seed
+from .prepare_settings import RC_NEEDS_ASPECTS, PrepareSettings, changed_settings, sample_seed
 from .spans import (
     RCSpanFinder,
     Span,
@@ -191,6 +191,10 @@ class Preparer:
             self._log_report(dataset, instances)
         check_usable({name: [i for i in instances if i.split == name] for name in SPLITS}, dataset.report)
         torch.manual_seed(s.seed)
+        changed = changed_settings(self.manifest.settings, asdict(s))
+        if changed:
+            self.log(f"[settings] changed since this workspace was last prepared: {changed}; the stages "
+                     "they feed are rebuilt")
         self.manifest.settings = asdict(s)
         self.manifest.versions = library_versions()
         self.manifest.labels = list(dataset.labels)

@@ -115,3 +115,10 @@ def check_settings(settings: object) -> None:
             raise ValueError(f"{option(name)} must be one of {', '.join(allowed)}, got {getattr(settings, name)!r}")
     if settings.rc_model and settings.input_format in ("single", "pair"):
         raise ValueError(RC_NEEDS_ASPECTS)
+
+
+def changed_settings(before: dict, now: dict) -> str:
+    """The settings that differ between a workspace's recorded run and this one, as ``name old ->
+    new`` (the device, which changes no result, left out); empty for a new workspace."""
+    keys = [k for k in now if k != "device" and before and before.get(k) != now[k]]
+    return ", ".join(f"{k} {before.get(k)} -> {now[k]}" for k in keys)

@@ -133,6 +133,8 @@ class Workspace:
             data = json.loads(self.manifest_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{self.manifest_path}: not valid JSON ({err})") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.manifest_path}: not a JSON object; run `python -m core prepare` again")
         return Manifest(**{k: data.get(k, v) for k, v in asdict(Manifest()).items()})
 
     def save_manifest(self, manifest: Manifest) -> None:

@@ -108,12 +108,27 @@ def test_the_app_shows_lds_where_users_look(workspace, monkeypatch):
 
 
 def test_reports_combine_across_seeds(workspace, tmp_path):
-    from core.evaluate.combine import combine_reports
+    from core.evaluate.combine import combine_reports, table3_across
 
     settings = EvalSettings(methods=("TracIn", "TracIn++"), ks=(3,), kmax=3, test_limit=4, ral=(), faithfulness_runs=0)
     backend = Backend(workspace, device="cpu")
     first = run_evaluation(backend, settings, tmp_path / "a", **QUIET)
     run_evaluation(backend, settings, tmp_path / "b", **QUIET)
+    # one classifier twice would make every difference look certain: refused
+    with pytest.raises(ValueError, match=r"/a is given twice"):
+        combine_reports([tmp_path / "a", tmp_path / "a"], tmp_path / "same")
+    with pytest.raises(ValueError, match=r"hold the same per-test values: the same classifier twice"):
+        combine_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "same")
+    assert not (tmp_path / "same").exists()
+    # two identical seeds give each report's own paired differences (the statistics alone)
+    _, own_pairs, _ = table3_across([load_report(tmp_path / "a"), load_report(tmp_path / "b")], seed=0)
+    own = first.table3_pairs.set_index(["metric", "a", "b"])
+    for row in own_pairs.itertuples():
+        assert row.difference == pytest.approx(own.loc[(row.metric, row.a, row.b), "difference"])
+    # a second seed that differs in TracIn's per-test rows only
+    rows = pd.read_csv(tmp_path / "b" / "per_test.csv")
+    rows.loc[rows.method == "TracIn", "sag@3"] += 0.01
+    rows.to_csv(tmp_path / "b" / "per_test.csv", index=False)
     summary = combine_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "both")
 
     table = pd.read_csv(tmp_path / "both" / "combined_table3.csv").set_index(["row", "column"])
@@ -121,15 +136,17 @@ def test_reports_combine_across_seeds(workspace, tmp_path):
     assert summary["n"] == 2 and cell["mean"] == pytest.approx(first.table3.loc["Lag@3", "TracIn++"]) and cell.sd == 0
     markdown = (tmp_path / "both" / "combined.md").read_text()
     assert "± 0.00" in markdown and "(bootstrap alone " in markdown
-    # the same tests in both: crossed draws; two identical seeds give each report's own differences
+    # the same tests in both: crossed draws
     assert summary["design"] == "crossed"
     cells = pd.read_csv(tmp_path / "both" / "combined_table3_ci.csv").set_index(["metric", "method"])
     assert cells.loc[("Lag@3", "TracIn++"), "mean"] == pytest.approx(first.table3.loc["Lag@3", "TracIn++"])
     assert cells.loc[("Lag@3", "TracIn++"), "sd_seeds"] == 0 and (cells.low <= cells["mean"] + 1e-9).all()
-    pairs = pd.read_csv(tmp_path / "both" / "combined_pairs.csv")
-    own = first.table3_pairs.set_index(["metric", "a", "b"])
-    for row in pairs.itertuples():
-        assert row.difference == pytest.approx(own.loc[(row.metric, row.a, row.b), "difference"])
+    assert cells.loc[("Sag@3", "TracIn"), "mean"] == pytest.approx(first.table3.loc["Sag@3", "TracIn"] + 0.5)
+    pairs = pd.read_csv(tmp_path / "both" / "combined_pairs.csv").set_index(["metric", "a", "b"])
+    assert pairs.loc[("Sag@3", "TracIn", "TracIn++"), "difference"] == pytest.approx(
+        own.loc[("Sag@3", "TracIn", "TracIn++"), "difference"] + 0.5)
+    assert pairs.loc[("Lag@3", "TracIn", "TracIn++"), "difference"] == pytest.approx(
+        own.loc[("Lag@3", "TracIn", "TracIn++"), "difference"])
     assert pd.read_csv(tmp_path / "both" / "combined_table4.csv").empty  # no faithfulness runs
     # other tests in one report: nested draws, same means
     nested = tmp_path / "renamed"
@@ -147,8 +164,38 @@ def test_reports_combine_across_seeds(workspace, tmp_path):
     assert pd.read_csv(tmp_path / "means" / "combined_table3_ci.csv").empty
     run_evaluation(backend, EvalSettings(methods=("TracIn",), ks=(3,), kmax=3, test_limit=3, ral=(),
                                          faithfulness_runs=0), tmp_path / "c", **QUIET)
-    with pytest.raises(ValueError, match="differ in methods, test_limit"):
+    with pytest.raises(ValueError, match=r"differ in methods, test_limit \(\S+/c lacks TracIn\+\+, against \S+/a\)"):
         combine_reports([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")
+
+
+def test_combine_names_what_is_wrong_with_a_report(workspace, tmp_path):
+    """A report cut short, a damaged summary or an --out that is a file: refused, naming the file,
+    before anything is written."""
+    from core.evaluate.combine import combine_reports
+
+    settings = EvalSettings(methods=("TracIn", "TracIn++"), ks=(3,), kmax=3, test_limit=4, ral=(), faithfulness_runs=0)
+    backend = Backend(workspace, device="cpu")
+    for name in ("a", "b"):
+        run_evaluation(backend, settings, tmp_path / name, **QUIET)
+    rows = pd.read_csv(tmp_path / "b" / "per_test.csv")
+    rows.loc[rows.method == "TracIn", "sag@3"] += 0.01
+    rows.to_csv(tmp_path / "b" / "per_test.csv", index=False)
+    reports = [tmp_path / "a", tmp_path / "b"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"/file: exists and is not a folder"):
+        combine_reports(reports, tmp_path / "file")
+    text = (tmp_path / "b" / "per_test.csv").read_text()
+    (tmp_path / "b" / "per_test.csv").write_text(text[: text.rindex("\n", 0, len(text) - 1) + 1])  # last row lost
+    with pytest.raises(ValueError, match=r"b/per_test.csv: TracIn\+* lack rows of tests that other methods have"):
+        combine_reports(reports, tmp_path / "out")
+    rows.drop(columns="sag@3").to_csv(tmp_path / "b" / "per_test.csv", index=False)
+    with pytest.raises(ValueError, match=r"b/per_test.csv: no column sag@3"):
+        combine_reports(reports, tmp_path / "out")
+    summary = tmp_path / "b" / "summary.json"
+    summary.write_text(summary.read_text()[:40])
+    with pytest.raises(ValueError, match=r"b/summary.json: not valid JSON"):
+        combine_reports(reports, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def _seed_report(values: dict[str, list[float]], runs: int = 1):

@@ -7,6 +7,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import tomllib
 from pathlib import Path
@@ -307,6 +308,45 @@ def test_a_missing_index_meta_makes_explain_refuse_with_the_index_command(tiny_w
                                   "--device", "cpu"])
     assert f"python -m core index --workspace {ws}" in err
     assert not (ws / "index" / "meta.json").exists(), "explain built nothing"
+
+
+def _reorder_training_rows(ws: Path) -> None:
+    lines = (ws / "instances.jsonl").read_text().splitlines()
+    train = [n for n, line in enumerate(lines) if json.loads(line)["split"] == "train"]
+    lines[train[0]], lines[train[1]] = lines[train[1]], lines[train[0]]
+    (ws / "instances.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _drop_last_training_row(ws: Path) -> None:
+    lines = (ws / "instances.jsonl").read_text().splitlines()
+    last = max(n for n, line in enumerate(lines) if json.loads(line)["split"] == "train")
+    (ws / "instances.jsonl").write_text("\n".join(lines[:last] + lines[last + 1:]) + "\n")
+
+
+def _meta_without_ids(ws: Path) -> None:
+    meta = json.loads((ws / "index" / "meta.json").read_text())
+    del meta["ids"]
+    (ws / "index" / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_reorder_training_rows, r"instances.jsonl: its \d+ training instances are not the \d+ the index was built on, "
+                             r"in the same order \(first difference at training row 0\).*python -m core prepare"),
+    (_drop_last_training_row, r"instances.jsonl: its \d+ training instances are not the \d+ the index"),
+    (_meta_without_ids, r"index/meta.json: damaged \(no ids\); rebuild the index"),
+    (lambda ws: (ws / "manifest.json").write_text("[]"), r"manifest.json: not a JSON object"),
+])
+def test_a_changed_instances_file_or_damaged_meta_is_refused_before_any_score(tiny_workspace, tmp_path, capsys,
+                                                                               damage, message):
+    """An edited instances file would attach the index's rows (and cached scores) to other reviews:
+    explain refuses, in one line naming the file, even for a result the store already holds."""
+    ws = copy_workspace(tiny_workspace, tmp_path / "ws")
+    test_id = next(r["id"] for r in Workspace(ws).load_instances() if r["split"] == "test")
+    argv = ["explain", "--workspace", str(ws), "--test-id", test_id, "--method", "TracIn", "--device", "cpu"]
+    assert main(argv) == 0  # the result is now in the store
+    capsys.readouterr()
+    damage(ws)
+    assert re.search(message, one_line_error(capsys, argv))
 
 
 def check_index_at_once(root: str, barrier, results) -> None:

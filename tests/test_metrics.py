@@ -107,4 +107,4 @@ def test_run_statistics():
     assert stats_["mean"] == pytest.approx(4.0)
     assert stats_["var_runs"] == pytest.approx(np.var([2.0, 4.0, 6.0], ddof=1))
     assert stats_["sd_tests"] == pytest.approx(np.std([1, 3, 3, 5, 5, 7], ddof=1))
-    assert metrics.run_statistics([[0.5, 0.7]])["var_runs"] == 0.0
+    assert np.isnan(metrics.run_statistics([[0.5, 0.7]])["var_runs"])  # undefined, not 0

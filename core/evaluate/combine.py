@@ -16,7 +16,7 @@ from scipy import stats
 
 from ..stats import ALPHA, draws_summary, holm, seeds_tests_draws
 from ..workspace import write_json_atomic, write_text_atomic
-from .report import PAIR_RESAMPLES, EvalReport, load_report
+from .report import PAIR_RESAMPLES, EvalReport, check_per_test, load_report
 
 CELL_DRAWS = 2000
 """Bootstrap draws of a cell's interval (the pairs take :data:`PAIR_RESAMPLES`, for Holm)."""
@@ -58,16 +58,11 @@ def combine_reports(folders: list[str | Path], out_dir: str | Path) -> dict:
     ``combined.md`` to ``out_dir``; returns the summary written to ``combined.json``."""
     if len(folders) < 2:
         raise ValueError("give at least two reports to combine")
-    reports = [load_report(f) for f in folders]
-    settings = [r.summary["settings"] for r in reports]
-    differ = differing(settings)
-    if differ:
-        raise ValueError(f"the reports differ in {', '.join(differ)}; combine runs of one protocol only "
-                         "(the same evaluate options on workspaces that differ in their classifier seed)")
-    for r in reports:
-        if len(r.per_test) and r.per_test.duplicated(["test_id", "method"]).any():
-            raise ValueError(f"{r.out_dir / 'per_test.csv'}: a test appears twice for one method")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder; give --out a folder")
+    reports = _checked([load_report(f) for f in folders])
+    settings = [r.summary["settings"] for r in reports]
     out.mkdir(parents=True, exist_ok=True)
     table3 = across([r.table3 for r in reports])
     write_text_atomic(out / "combined_table3.csv", table3.to_csv(index=False))
@@ -86,6 +81,38 @@ def combine_reports(folders: list[str | Path], out_dir: str | Path) -> dict:
     write_json_atomic(out / "combined.json", summary)
     write_text_atomic(out / "combined.md", _markdown(table3, lds, cells, pairs, faith, summary))
     return summary
+
+
+def _checked(reports: list[EvalReport]) -> list[EvalReport]:
+    """``reports`` when they can be combined: one protocol (the same evaluate settings), whole
+    per-test rows, and no classifier twice (the same folder, or two reports with the same per-test
+    values: with identical seeds every difference would look certain)."""
+    settings = [r.summary.get("settings", {}) for r in reports]
+    differ = differing(settings)
+    if differ:
+        detail = [f"{r.out_dir} {_methods_detail(s.get('methods'), settings[0].get('methods'))}"
+                  for r, s in zip(reports[1:], settings[1:]) if s.get("methods") != settings[0].get("methods")]
+        methods = f" ({'; '.join(detail)}, against {reports[0].out_dir})" if detail else ""
+        raise ValueError(f"the reports differ in {', '.join(differ)}{methods}; combine runs of one protocol only "
+                         "(the same evaluate options on workspaces that differ in their classifier seed)")
+    for r in reports:
+        if len(r.per_test):
+            check_per_test(r)
+    for a, b in combinations(reports, 2):
+        if a.out_dir.resolve() == b.out_dir.resolve():
+            raise ValueError(f"{a.out_dir} is given twice; give each classifier's report once")
+        if len(a.per_test) and a.per_test.equals(b.per_test):
+            raise ValueError(f"{a.out_dir} and {b.out_dir} hold the same per-test values: the same classifier "
+                             "twice (workspaces prepared with the same --seed?); combine reports of different seeds")
+    return reports
+
+
+def _methods_detail(methods: list[str] | None, first: list[str] | None) -> str:
+    """How a report's methods differ from the first report's."""
+    methods, first = methods or [], first or []
+    lacks, adds = [m for m in first if m not in methods], [m for m in methods if m not in first]
+    parts = [f"lacks {', '.join(lacks)}" if lacks else "", f"adds {', '.join(adds)}" if adds else ""]
+    return " and ".join(p for p in parts if p) or "has the methods in another order"
 
 
 def _wide(frame: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:

@@ -237,9 +237,21 @@ def with_intervals(report: EvalReport) -> EvalReport:
     """``report`` with its intervals and paired tests (``table3_ci``, ``table3_pairs``,
     ``paper_sign``) derived again from its per-test rows and recorded settings: a report written
     before every report had them gains them, a current one gets the same tables back."""
-    rows, per_test = report.out_dir / FILES["per_test"], report.per_test
+    per_test = report.per_test
     if per_test.empty:
-        raise ValueError(f"{rows}: no per-test rows to derive intervals from")
+        raise ValueError(f"{report.out_dir / FILES['per_test']}: no per-test rows to derive intervals from")
+    check_per_test(report)
+    settings = report.summary["settings"]
+    present = set(per_test.method)
+    return replace(report, **interval_tables(per_test, [m for m in settings["methods"] if m in present],
+                                             settings["ks"], settings["seed"]))
+
+
+def check_per_test(report: EvalReport) -> None:
+    """ValueError naming the file unless the report's per-test rows are whole: settings with the
+    methods, ks and seed; a Sag and Lag column per K; each (test, method) once; and every method
+    on the same tests (a file cut short leaves its last method with fewer)."""
+    rows, per_test = report.out_dir / FILES["per_test"], report.per_test
     settings = report.summary.get("settings", {})
     absent = [key for key in ("methods", "ks", "seed") if key not in settings]
     if absent or not settings["ks"]:
@@ -249,9 +261,11 @@ def with_intervals(report: EvalReport) -> EvalReport:
         raise ValueError(f"{rows}: no column {', '.join(missing)} (the ks in summary.json)")
     if per_test.duplicated(["test_id", "method"]).any():
         raise ValueError(f"{rows}: a test appears twice for one method")
-    present = set(per_test.method)
-    return replace(report, **interval_tables(per_test, [m for m in settings["methods"] if m in present],
-                                             settings["ks"], settings["seed"]))
+    tests = per_test.groupby("method", sort=False).test_id.agg(frozenset)
+    short = [m for m, t in tests.items() if t != frozenset(per_test.test_id)]
+    if short:
+        raise ValueError(f"{rows}: {', '.join(short)} lack rows of tests that other methods have "
+                         "(the file is incomplete); run the evaluation again")
 
 
 def load_report(out_dir: str | Path) -> EvalReport:
@@ -266,6 +280,14 @@ def load_report(out_dir: str | Path) -> EvalReport:
             frames[attr] = pd.read_csv(out / name, index_col=0 if attr in INDEXED else None)
         except (pd.errors.EmptyDataError, FileNotFoundError):  # empty, or a report of an earlier version
             frames[attr] = pd.DataFrame()
-    return EvalReport(out, json.loads(path.read_text()), **frames)
+        except (pd.errors.ParserError, UnicodeDecodeError) as err:
+            raise ValueError(f"{out / name}: unreadable ({err})") from None
+    try:
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); run the evaluation again") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path}: not a JSON object; run the evaluation again")
+    return EvalReport(out, summary, **frames)
 
 
