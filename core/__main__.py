@@ -80,7 +80,8 @@ def _span_options(p) -> None:
 
 def _build_options(p) -> None:
     p.add_argument("--seed", type=NON_NEGATIVE,
-                   help="seed of the run: its training, variants and --train-limit/--eval-limit samples (default 0)")
+                   help="seed of the run: the variants, the --train-limit/--eval-limit samples and (prepare) the "
+                        "training; default 0")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA when present)")
     p.add_argument("--no-index", action="store_true", help="stop before building the gradient index")
     _index_options(p)
@@ -477,7 +478,7 @@ def cmd_evaluate(args) -> int:
         print(report.table3.to_string(float_format="%.2f"))
         if len(report.table4):
             print("\nTable 4 (Spearman with GroundTruth x100)")
-            print(report.table4.to_string(float_format="%.2f"))
+            print(report.table4.to_string(float_format="%.2f", na_rep="undefined"))
         if len(report.lds):
             print("\nLDS and span-LDS (x100; mean over tests, 95% CI over tests, then over tests and subsets)")
             print(lds_frame(report).to_string(float_format="%.1f"))

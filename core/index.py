@@ -267,7 +267,7 @@ def check_training_ids(index: GradientIndex, ids: list[str], source: Path) -> No
         first = next((n for n, (a, b) in enumerate(zip(index.ids, ids)) if a != b), min(len(ids), len(index.ids)))
         raise ValueError(f"{source}: its {len(ids)} training instances are not the {len(index.ids)} the index was "
                          f"built on, in the same order (first difference at training row {first}); the file was "
-                         "changed after `prepare`: run `python -m core prepare` again")
+                         "changed after `prepare`: restore it as prepare wrote it, or prepare a new workspace")
 
 
 def group_points(group: str, points: PointSet) -> list[str]:

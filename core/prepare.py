@@ -49,7 +49,12 @@ from .model import (
     span_token_positions,
     split_model,
 )
-from .prepare_settings import RC_NEEDS_ASPECTS, PrepareSettings, changed_settings, sample_seed
+from .prepare_settings import (
+    RC_NEEDS_ASPECTS,
+    PrepareSettings,
+    changed_settings,
+    sample_seed,
+)
 from .spans import (
     RCSpanFinder,
     Span,
@@ -194,7 +199,7 @@ class Preparer:
         changed = changed_settings(self.manifest.settings, asdict(s))
         if changed:
             self.log(f"[settings] changed since this workspace was last prepared: {changed}; the stages "
-                     "they feed are rebuilt")
+                     "whose inputs changed are rebuilt")
         self.manifest.settings = asdict(s)
         self.manifest.versions = library_versions()
         self.manifest.labels = list(dataset.labels)

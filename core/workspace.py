@@ -134,7 +134,8 @@ class Workspace:
         except json.JSONDecodeError as err:
             raise ValueError(f"{self.manifest_path}: not valid JSON ({err})") from err
         if not isinstance(data, dict):
-            raise ValueError(f"{self.manifest_path}: not a JSON object; run `python -m core prepare` again")
+            raise ValueError(f"{self.manifest_path}: not a JSON object; delete it to prepare this folder again from "
+                             "scratch, or prepare into a new folder")
         return Manifest(**{k: data.get(k, v) for k, v in asdict(Manifest()).items()})
 
     def save_manifest(self, manifest: Manifest) -> None:

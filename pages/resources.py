@@ -40,7 +40,13 @@ def require_backend() -> tuple[catalog.WorkspaceInfo, Backend]:
     if not info.ready:
         st.warning(f"Workspace `{info.name}` is not ready ({info.status}). Finish it on the **Workspaces** page.")
         st.stop()
-    return info, _open(str(info.path), _stamp(info.path))
+    backend = _open(str(info.path), _stamp(info.path))
+    try:
+        backend.index  # opened, and checked against the workspace's files, once per build
+    except ValueError as err:  # a damaged or edited file, named in the message
+        st.error(str(err))
+        st.stop()
+    return info, backend
 
 
 def evaluation_dir(path: Path) -> Path:

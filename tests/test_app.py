@@ -584,6 +584,19 @@ def test_an_interrupted_workspace_offers_to_resume(tmp_path, tiny_workspace, mon
     assert any("not ready" in w.value for w in at.warning)
 
 
+def test_an_edited_instances_file_is_an_error_naming_it_not_wrong_results(tmp_path, tiny_workspace, monkeypatch):
+    root = tmp_path / "workspaces"
+    ws = copy_workspace(tiny_workspace, root, "edited")
+    lines = (ws / "instances.jsonl").read_text().splitlines()
+    (ws / "instances.jsonl").write_text("\n".join(reversed(lines)) + "\n")  # the training rows reordered
+    monkeypatch.setenv("SPANLENS_WORKSPACES", str(root))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.switch_page("pages/explore.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("instances.jsonl: its" in e.value and "restore it as prepare wrote it" in e.value for e in at.error)
+    assert not at.get("plotly_chart") and not at.get("arrow_data_frame"), "no explanation is shown"
+
+
 def test_no_workspace_says_where_to_start(tmp_path, monkeypatch):
     monkeypatch.setenv("SPANLENS_WORKSPACES", str(tmp_path / "empty"))
     at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()  # the landing page: Workspaces

@@ -1,6 +1,7 @@
 """LDS and span-LDS in an evaluation run: which retrains check which method, caching, the report."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -117,7 +118,10 @@ def test_reports_combine_across_seeds(workspace, tmp_path):
     # one classifier twice would make every difference look certain: refused
     with pytest.raises(ValueError, match=r"/a is given twice"):
         combine_reports([tmp_path / "a", tmp_path / "a"], tmp_path / "same")
-    with pytest.raises(ValueError, match=r"hold the same per-test values: the same classifier twice"):
+    with pytest.raises(ValueError, match=r"come from the same classifier \(the same workspace fingerprint"):
+        combine_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "same")
+    _other_fingerprint(tmp_path / "b")  # as another workspace prepared with the same seed would be
+    with pytest.raises(ValueError, match=r"come from the same classifier"):
         combine_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "same")
     assert not (tmp_path / "same").exists()
     # two identical seeds give each report's own paired differences (the statistics alone)
@@ -168,6 +172,12 @@ def test_reports_combine_across_seeds(workspace, tmp_path):
         combine_reports([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")
 
 
+def _other_fingerprint(report: Path) -> None:
+    """Give a report another workspace fingerprint (a stand-in for another classifier's)."""
+    summary = json.loads((report / "summary.json").read_text())
+    (report / "summary.json").write_text(json.dumps(summary | {"fingerprint": "another classifier"}))
+
+
 def test_combine_names_what_is_wrong_with_a_report(workspace, tmp_path):
     """A report cut short, a damaged summary or an --out that is a file: refused, naming the file,
     before anything is written."""
@@ -187,6 +197,10 @@ def test_combine_names_what_is_wrong_with_a_report(workspace, tmp_path):
     text = (tmp_path / "b" / "per_test.csv").read_text()
     (tmp_path / "b" / "per_test.csv").write_text(text[: text.rindex("\n", 0, len(text) - 1) + 1])  # last row lost
     with pytest.raises(ValueError, match=r"b/per_test.csv: TracIn\+* lack rows of tests that other methods have"):
+        combine_reports(reports, tmp_path / "out")
+    rows.assign(**{"lag@3": rows["lag@3"].where(rows.index < len(rows) - 1)}).to_csv(tmp_path / "b" / "per_test.csv",
+                                                                                  index=False)  # a row cut mid-way
+    with pytest.raises(ValueError, match=r"b/per_test.csv: 1 row\(s\) without their Sag/Lag values"):
         combine_reports(reports, tmp_path / "out")
     rows.drop(columns="sag@3").to_csv(tmp_path / "b" / "per_test.csv", index=False)
     with pytest.raises(ValueError, match=r"b/per_test.csv: no column sag@3"):

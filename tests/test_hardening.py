@@ -331,7 +331,7 @@ def _meta_without_ids(ws: Path) -> None:
 
 @pytest.mark.parametrize("damage, message", [
     (_reorder_training_rows, r"instances.jsonl: its \d+ training instances are not the \d+ the index was built on, "
-                             r"in the same order \(first difference at training row 0\).*python -m core prepare"),
+                             r"in the same order \(first difference at training row 0\).*restore it as prepare wrote it"),
     (_drop_last_training_row, r"instances.jsonl: its \d+ training instances are not the \d+ the index"),
     (_meta_without_ids, r"index/meta.json: damaged \(no ids\); rebuild the index"),
     (lambda ws: (ws / "manifest.json").write_text("[]"), r"manifest.json: not a JSON object"),

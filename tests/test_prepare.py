@@ -92,7 +92,7 @@ def test_changed_setting_never_reuses_stale_parts(tmp_path, data_dir, tiny_backb
     joined = "\n".join(lines)
     assert "[data] up to date" in joined and "[spans] up to date" in joined
     changed = next(l for l in lines if l.startswith("[settings] changed since this workspace was last prepared: "))
-    assert "prepared: lr 0.001 -> 0.005; the stages" in changed and "device" not in changed and "seed" not in changed, changed
+    assert "prepared: lr 0.001 -> 0.005; the stages whose" in changed and "device" not in changed and "seed" not in changed, changed
     assert "[model] up to date" not in joined and "[variants] up to date" not in joined
     after = load_params(Workspace(root).point_path("final"))
     assert any(not torch.equal(before[n], after[n]) for n in before)

@@ -101,10 +101,27 @@ def _checked(reports: list[EvalReport]) -> list[EvalReport]:
     for a, b in combinations(reports, 2):
         if a.out_dir.resolve() == b.out_dir.resolve():
             raise ValueError(f"{a.out_dir} is given twice; give each classifier's report once")
-        if len(a.per_test) and a.per_test.equals(b.per_test):
-            raise ValueError(f"{a.out_dir} and {b.out_dir} hold the same per-test values: the same classifier "
-                             "twice (workspaces prepared with the same --seed?); combine reports of different seeds")
+        if _same_classifier(a, b):
+            raise ValueError(f"{a.out_dir} and {b.out_dir} come from the same classifier (the same workspace "
+                             "fingerprint, or the same Sag/Lag per test): workspaces prepared with the same --seed? "
+                             "Combine reports of different seeds")
     return reports
+
+
+def _same_classifier(a: EvalReport, b: EvalReport) -> bool:
+    """Whether two reports come from one classifier: the same workspace fingerprint (the model
+    stage's settings and seed), or the same Sag/Lag values on every (test, method)."""
+    fingerprint = a.summary.get("fingerprint")
+    if fingerprint is not None and fingerprint == b.summary.get("fingerprint"):
+        return True
+    if not len(a.per_test) or len(a.per_test) != len(b.per_test):
+        return False
+    keys = ["test_id", "method"]
+    values = [c for c in a.per_test.columns if c.startswith(("sag@", "lag@"))]
+    left, right = (r.per_test.sort_values(keys).reset_index(drop=True) for r in (a, b))
+    return (list(left[keys].itertuples(index=False)) == list(right[keys].itertuples(index=False))
+            and values == [c for c in b.per_test.columns if c.startswith(("sag@", "lag@"))]
+            and np.allclose(left[values].to_numpy(float), right[values].to_numpy(float), equal_nan=True))
 
 
 def _methods_detail(methods: list[str] | None, first: list[str] | None) -> str:

@@ -261,6 +261,12 @@ def check_per_test(report: EvalReport) -> None:
         raise ValueError(f"{rows}: no column {', '.join(missing)} (the ks in summary.json)")
     if per_test.duplicated(["test_id", "method"]).any():
         raise ValueError(f"{rows}: a test appears twice for one method")
+    values = [f"{m}@{k}" for m in ("sag", "lag") for k in settings["ks"]]
+    cut = per_test[values].isna().any(axis=1)
+    if cut.any():
+        raise ValueError(f"{rows}: {int(cut.sum())} row(s) without their Sag/Lag values (first: "
+                         f"{per_test.test_id[cut].iloc[0]}, {per_test.method[cut].iloc[0]}); the file is "
+                         "incomplete: run the evaluation again")
     tests = per_test.groupby("method", sort=False).test_id.agg(frozenset)
     short = [m for m, t in tests.items() if t != frozenset(per_test.test_id)]
     if short:
