@@ -85,8 +85,8 @@ def combine_reports(folders: list[str | Path], out_dir: str | Path) -> dict:
 
 def _checked(reports: list[EvalReport]) -> list[EvalReport]:
     """``reports`` when they can be combined: one protocol (the same evaluate settings), whole
-    per-test rows, and no classifier twice (the same folder, or two reports with the same per-test
-    values: with identical seeds every difference would look certain)."""
+    per-test rows, and no classifier twice (the same folder, or :func:`_same_classifier`: with
+    identical seeds every difference would look certain)."""
     settings = [r.summary.get("settings", {}) for r in reports]
     differ = differing(settings)
     if differ:

@@ -249,8 +249,9 @@ def with_intervals(report: EvalReport) -> EvalReport:
 
 def check_per_test(report: EvalReport) -> None:
     """ValueError naming the file unless the report's per-test rows are whole: settings with the
-    methods, ks and seed; a Sag and Lag column per K; each (test, method) once; and every method
-    on the same tests (a file cut short leaves its last method with fewer)."""
+    methods, ks and seed; a Sag and Lag column per K; each (test, method) once, with its Sag and
+    Lag values (a row cut mid-way has none); and every method on the same tests (a file cut
+    short leaves its last method with fewer)."""
     rows, per_test = report.out_dir / FILES["per_test"], report.per_test
     settings = report.summary.get("settings", {})
     absent = [key for key in ("methods", "ks", "seed") if key not in settings]
