@@ -24,11 +24,10 @@ from .cli_options import (
     ray_options,
     ray_settings,
 )
-from .prepare_settings import PrepareSettings
+from .prepare_settings import PrepareSettings, preset_defaults
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-_DEMO = PrepareSettings()  # the defaults the help texts state
 
 
 # ------------------------------------------------------------------------------ prepare and index
@@ -49,20 +48,23 @@ def _prepare_parser(sub) -> None:
     p.add_argument("--data-seed", type=NON_NEGATIVE,
                    help="seed of the --train-limit/--eval-limit samples (default: --seed); fix it to train "
                         "classifiers of several seeds on one slice")
-    p.add_argument("--epochs", type=POSITIVE, help=f"training epochs (default {_DEMO.epochs}; paper preset 100)")
-    p.add_argument("--batch-size", type=POSITIVE,
-                   help=f"training mini-batch (default {_DEMO.batch_size}; paper preset 200 on MAMS, 100 on SentiHood)")
-    p.add_argument("--lr", type=POSITIVE_FLOAT, help=f"AdamW learning rate (default {_DEMO.lr:g}; paper preset 1e-4)")
-    p.add_argument("--trainable-layers", type=POSITIVE, help=f"last N encoder layers trained (plus pooler and head; default {_DEMO.trainable_layers})")
-    p.add_argument("--checkpoints", type=POSITIVE, help=f"last C epoch checkpoints kept for TracIn (default {_DEMO.checkpoints})")
-    p.add_argument("--variants", type=POSITIVE, help=f"number of variants theta + delta_i (default {_DEMO.variants})")
-    p.add_argument("--variant-lr", type=POSITIVE_FLOAT, help=f"learning rate of the variants' single step (default {_DEMO.variant_lr:g})")
+    p.add_argument("--epochs", type=POSITIVE, help=f"training epochs ({preset_defaults('epochs')})")
+    p.add_argument("--batch-size", type=POSITIVE, help=f"training mini-batch ({preset_defaults('batch_size')})")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, help=f"AdamW learning rate ({preset_defaults('lr')})")
+    p.add_argument("--trainable-layers", type=POSITIVE,
+                   help=f"last N encoder layers trained (plus pooler and head; {preset_defaults('trainable_layers')})")
+    p.add_argument("--checkpoints", type=POSITIVE,
+                   help=f"last C epoch checkpoints kept for TracIn ({preset_defaults('checkpoints')})")
+    p.add_argument("--variants", type=POSITIVE, help=f"number of variants theta + delta_i ({preset_defaults('variants')})")
+    p.add_argument("--variant-lr", type=POSITIVE_FLOAT,
+                   help=f"learning rate of the variants' single step ({preset_defaults('variant_lr')})")
     p.add_argument("--variant-optimizer", choices=["adamw", "sgd"],
                    help="the variants' single step: AdamW's first step (default) or plain SGD")
     p.add_argument("--models", type=POSITIVE,
                    help="classifiers trained independently (theta and N - 1 more with seeds seed+1 ...): TRAK's "
                         "ensemble (default 1: TRAK runs over the checkpoints); build their rows with --with trak")
-    p.add_argument("--max-length", type=number(int, 8, name="a whole number"), help=f"max tokens per (aspect, text) pair (default {_DEMO.max_length}; paper preset 256)")
+    p.add_argument("--max-length", type=number(int, 8, name="a whole number"),
+                   help=f"max tokens per (aspect, text) pair ({preset_defaults('max_length')})")
     _span_options(p)
     _build_options(p)
 
@@ -108,8 +110,9 @@ def _import_parser(sub) -> None:
     p.add_argument("--train-limit", type=POSITIVE, help="use a seeded random subset of this many training instances")
     p.add_argument("--eval-limit", type=POSITIVE, help="likewise for dev and test")
     p.add_argument("--batch-size", type=POSITIVE, help="the variants' mini-batch (default 32)")
-    p.add_argument("--variants", type=POSITIVE, help=f"number of variants theta + delta_i (default {_DEMO.variants})")
-    p.add_argument("--variant-lr", type=POSITIVE_FLOAT, help=f"learning rate of the variants' single step (default {_DEMO.variant_lr:g})")
+    p.add_argument("--variants", type=POSITIVE, help=f"number of variants theta + delta_i ({preset_defaults('variants')})")
+    p.add_argument("--variant-lr", type=POSITIVE_FLOAT,
+                   help=f"learning rate of the variants' single step ({preset_defaults('variant_lr')})")
     p.add_argument("--variant-optimizer", choices=["adamw", "sgd"])
     p.add_argument("--max-length", type=number(int, 8, name="a whole number"), help="max tokens per input")
     _span_options(p)
@@ -154,7 +157,6 @@ def _index_settings(args, *, rebuild: bool = False):
 
 def cmd_prepare(args) -> int:
     from .prepare import prepare
-    from .prepare_settings import PrepareSettings
 
     settings = PrepareSettings.from_preset(
         args.preset, dataset=args.dataset, data_dir=args.data_dir, model=args.model, rc_model=args.rc_model,

@@ -117,8 +117,19 @@ def check_settings(settings: object) -> None:
         raise ValueError(RC_NEEDS_ASPECTS)
 
 
+def preset_defaults(name: str) -> str:
+    """A setting's default and, where it has its own, the paper preset's value (for help texts)."""
+    paper = PRESETS["paper"].get(name)
+    if isinstance(paper, dict):  # per dataset
+        paper = ", ".join(f"{v:g} on {k}" for k, v in paper.items())
+    elif paper is not None:
+        paper = f"{paper:g}"
+    return f"default {getattr(PrepareSettings(), name):g}" + (f"; paper preset {paper}" if paper else "")
+
+
 def changed_settings(before: dict, now: dict) -> str:
     """The settings that differ between a workspace's recorded run and this one, as ``name old ->
     new`` (the device, which changes no result, left out); empty for a new workspace."""
-    keys = [k for k in now if k != "device" and before and before.get(k) != now[k]]
-    return ", ".join(f"{k} {before.get(k)} -> {now[k]}" for k in keys)
+    if not before:
+        return ""
+    return ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in now.items() if k != "device" and before.get(k) != v)

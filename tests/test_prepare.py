@@ -10,7 +10,7 @@ import torch
 from core.model import load_params
 from core.prepare import prepare
 from core.importing import ImportSettings
-from core.prepare_settings import PrepareSettings, sample_seed
+from core.prepare_settings import PrepareSettings, preset_defaults, sample_seed
 from core.workspace import Workspace, load_model
 from tests.conftest import tiny_settings
 
@@ -130,6 +130,10 @@ def test_presets_and_overrides():
     assert PrepareSettings.from_preset("paper", dataset="mams", batch_size=16, lr=None).batch_size == 16
     demo = PrepareSettings.from_preset("demo")
     assert demo.model == "minilm" and demo.trainable_layers == 2 and demo.variants == 3
+    # the help texts state the defaults from the presets themselves
+    assert preset_defaults("epochs") == "default 6; paper preset 100"
+    assert preset_defaults("batch_size") == "default 32; paper preset 200 on mams, 100 on sentihood"
+    assert preset_defaults("variants") == "default 3"
     with pytest.raises(ValueError, match="unknown preset"):
         PrepareSettings.from_preset("fast")
 

@@ -118,10 +118,11 @@ def _same_classifier(a: EvalReport, b: EvalReport) -> bool:
         return False
     keys = ["test_id", "method"]
     values = [c for c in a.per_test.columns if c.startswith(("sag@", "lag@"))]
+    if values != [c for c in b.per_test.columns if c.startswith(("sag@", "lag@"))]:
+        return False
     left, right = (r.per_test.sort_values(keys).reset_index(drop=True) for r in (a, b))
-    return (list(left[keys].itertuples(index=False)) == list(right[keys].itertuples(index=False))
-            and values == [c for c in b.per_test.columns if c.startswith(("sag@", "lag@"))]
-            and np.allclose(left[values].to_numpy(float), right[values].to_numpy(float), equal_nan=True))
+    return left[keys].equals(right[keys]) and np.allclose(left[values].to_numpy(float), right[values].to_numpy(float),
+                                                          equal_nan=True)
 
 
 def _methods_detail(methods: list[str] | None, first: list[str] | None) -> str:
