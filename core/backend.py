@@ -149,9 +149,7 @@ class Backend:
     def test_input(self, test_id: str, label: str = "predicted") -> TestInput:
         """A stored instance as a test input (its span in use) explaining ``label``."""
         record = self.record(test_id)
-        if label not in ("predicted", "gold") and label not in self.manifest.labels:
-            raise ValueError(f"unknown label {label!r}; use predicted, gold or one of {', '.join(self.manifest.labels)}")
-        return record.test_input(label)
+        return record.test_input(self._explained_label(label, new=False) or "predicted")
 
     @property
     def input_format(self) -> str:
@@ -167,16 +165,51 @@ class Backend:
         if not text.strip() or (fmt != "single" and not aspect.strip()):
             raise ValueError({"aspect": "both a text and an aspect are needed", "single": "a text is needed",
                               "pair": "both texts of the pair are needed"}[fmt])
-        if fmt == "aspect" and find_aspect(text, aspect) is None:
-            raise ValueError(f"the aspect {aspect!r} does not occur in the review; give a word or phrase of it")
+        target = self._category_target(text, aspect) if fmt == "aspect" else None
+        if fmt == "aspect" and target is None and find_aspect(text, aspect) is None:
+            raise ValueError(f"the aspect {aspect!r} does not occur in the review; give a word or phrase of it"
+                             + self._category_hint())
         self.loaded.encode(aspect, text)  # ValueError when the aspect alone exceeds the token limit
-        if label == "gold":
-            raise ValueError("a new review has no gold label: explain the predicted label or name one")
-        if label != "predicted" and label not in self.manifest.labels:
-            raise ValueError(f"unknown label {label!r}; use predicted or one of {', '.join(self.manifest.labels)}")
-        explained = None if label == "predicted" else label
-        span = clause_span(text, None, None, aspect) if fmt == "aspect" else self.important_span(aspect, text)
+        explained = self._explained_label(label, new=True)
+        if target is not None:  # a category aspect: the span prepare would choose for it
+            span = (self.important_span(aspect, text) if self.manifest.settings.get("category_spans") != "anchored"
+                    else clause_span(text, *target, aspect))
+        else:
+            span = clause_span(text, None, None, aspect) if fmt == "aspect" else self.important_span(aspect, text)
         return TestInput(aspect, text, explained, span, None)
+
+    def _explained_label(self, label: str, *, new: bool) -> str | None:
+        """``label`` as the workspace names it (case-insensitive); ``None`` for the predicted label."""
+        names = {n.lower(): n for n in ("predicted", *(() if new else ("gold",)), *self.manifest.labels)}
+        if label.lower() == "gold" and new:
+            raise ValueError("a new review has no gold label: explain the predicted label or name one")
+        if label.lower() not in names:
+            raise ValueError(f"unknown label {label!r}; use {'predicted' if new else 'predicted, gold'} or one of "
+                             f"{', '.join(self.manifest.labels)}")
+        name = names[label.lower()]
+        return None if name == "predicted" else name
+
+    def _categories(self) -> set[str]:
+        """The aspect categories of the workspace's training instances (SentiHood's "price"), lowercase."""
+        return {str(r["meta"]["category"]).lower() for r in self._rows
+                if r["split"] == "train" and isinstance(r.get("meta"), dict) and r["meta"].get("category")}
+
+    def _category_target(self, text: str, aspect: str) -> tuple[int, int] | None:
+        """For an aspect written as the dataset writes category aspects, "TARGET CATEGORY" with a
+        category of the training set (SentiHood: "location1 price"): the target's offsets in
+        ``text``; ``None`` for any other aspect or when the target does not occur."""
+        words = aspect.split()
+        for cut in range(1, len(words)):
+            if " ".join(words[cut:]).lower() in self._categories():
+                return find_aspect(text, " ".join(words[:cut]))
+        return None
+
+    def _category_hint(self) -> str:
+        categories = sorted(self._categories())
+        if not categories:
+            return ""
+        return (f", or a target of the review and one of this workspace's categories ({', '.join(categories)}), "
+                f"e.g. 'LOCATION1 {categories[0]}'")
 
     def important_span(self, aspect: str, text: str) -> tuple[int, int]:
         """The clause or sentence of ``text`` whose masking lowers theta's predicted logit most

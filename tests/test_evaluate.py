@@ -220,6 +220,8 @@ def test_equal_removals_share_one_retrain(workspace, tmp_path, monkeypatch):
 
 def test_cli_writes_report(workspace, tmp_path, capsys):
     out = tmp_path / "report"
+    out.mkdir()
+    (out / "lds.csv").write_text(",lds\nTracIn,0.5\n")  # an earlier evaluation's, with --lds, into the same folder
     rc = main(["evaluate", "--workspace", str(workspace), "--methods", "TracIn++,TracIn", "--k", "5,10", "--kmax", "12",
                "--test-limit", "6", "--out", str(out), "--ral", "none", "--faithfulness-runs", "1", "--quiet",
                "--device", "cpu"])
@@ -229,8 +231,10 @@ def test_cli_writes_report(workspace, tmp_path, capsys):
     for name in ("per_test.csv", "per_test_curves.csv", "k_curves.csv", "faithfulness.csv", "table3.csv",
                  "table4.csv", "summary.json", "report.md", "k_curves.html", "k_curves.png"):
         assert (out / name).stat().st_size > 0, name
+    for name in ("ral.csv", "lds.csv", "lds_per_test.csv", "lds_pairs.csv"):  # not computed: no file, the stale one gone
+        assert not (out / name).exists(), name
     report = load_report(out)
-    assert report.ral.empty and list(report.table3.columns) == ["TracIn++", "TracIn", "random"]
+    assert report.ral.empty and report.lds.empty and list(report.table3.columns) == ["TracIn++", "TracIn", "random"]
     md = (out / "report.md").read_text()
     assert "78.03" in md and "Zhang et al. 2021, table 3" in md and "60.14" in md  # the paper's numbers
     ours = report.table3.loc["Lag@10", "TracIn++"]

@@ -141,8 +141,9 @@ def test_presets_and_overrides():
 def test_category_aspects_get_spans_chosen_by_importance(tmp_path, data_dir, tiny_backbone):
     """SentiHood's aspects are categories: their spans are the most important clause or sentence of
     the text for that aspect, and the manifest compares them with the target-anchored ones."""
+    from core.backend import Backend
     from core.prepare import prepare
-    from core.spans import category_candidates
+    from core.spans import category_candidates, clause_span
     from core.workspace import Workspace
     from tests.conftest import tiny_settings
 
@@ -161,7 +162,18 @@ def test_category_aspects_get_spans_chosen_by_importance(tmp_path, data_dir, tin
         assert row["span"]["source"] in ("importance", "heuristic", "whole")
         if row["span"]["source"] == "importance":
             assert span in category_candidates(row["text"])
+    # a new text with a category aspect, written as the dataset writes them, gets the span prepare would give it
+    text = "LOCATION1 is very cheap, but the streets of LOCATION1 are dangerous at night."
+    backend = Backend(tmp_path / "ws", device="cpu")
+    chosen = backend.new_input(text, "location1 price", label="POSITIVE")
+    assert chosen.span == backend.important_span("location1 price", text) and chosen.span in category_candidates(text)
+    assert chosen.label == "positive"  # label names are matched whatever their case
+    with pytest.raises(ValueError, match=r"does not occur in the review.*categories \(.*price.*\)"):
+        backend.new_input(text, "location1 weather")
+    with pytest.raises(ValueError, match="a new review has no gold label"):
+        backend.new_input(text, "location1 price", label="Gold")
     anchored = prepare(dataclasses.replace(settings, category_spans="anchored"), tmp_path / "ws", progress=False,
                        log=lambda _: None)
     assert anchored.stages["importance"]["category"] == {}
     assert all(r["span"]["source"] != "importance" for r in Workspace(tmp_path / "ws").load_instances())
+    assert Backend(tmp_path / "ws", device="cpu").new_input(text, "LOCATION1 price").span == clause_span(text, 0, 9)

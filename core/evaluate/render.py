@@ -24,10 +24,17 @@ def write_report(report: EvalReport) -> None:
 
 
 def write_frames(report: EvalReport, attrs: Iterable[str]) -> None:
-    """Write the report's tables named by ``attrs`` (keys of :data:`FILES`), each atomically."""
+    """Write the report's tables named by ``attrs`` (keys of :data:`FILES`), each atomically. A
+    table the evaluation did not compute (empty: no ``--lds``, no Ral, no faithfulness run) is not
+    written, and its file from an earlier evaluation into the same folder is removed, so that every
+    CSV in the folder belongs to this report."""
     for attr in attrs:
         frame: pd.DataFrame = getattr(report, attr)
-        write_text_atomic(report.out_dir / FILES[attr], frame.to_csv(index=attr in INDEXED))
+        path = report.out_dir / FILES[attr]
+        if frame.empty:
+            path.unlink(missing_ok=True)
+        else:
+            write_text_atomic(path, frame.to_csv(index=attr in INDEXED))
 
 
 def curve_figures(report: EvalReport) -> dict:
