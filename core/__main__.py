@@ -500,15 +500,15 @@ def cmd_combine(args) -> int:
 
 def cmd_intervals(args) -> int:
     from .evaluate.render import pairs_summary, write_frames
-    from .evaluate.report import load_report, with_intervals
+    from .evaluate.report import FILES, load_report, with_intervals
 
-    report = with_intervals(load_report(args.report))
-    write_frames(report, ("table3_ci", "table3_pairs", "paper_sign"))
+    report, names = with_intervals(load_report(args.report)), ("table3_ci", "table3_pairs", "paper_sign")
+    write_frames(report, names)
     absent = sorted(set(report.summary["settings"]["methods"]) - set(report.per_test.method))
     if absent:
         print(f"left out (no per-test rows): {', '.join(absent)}")
     print(pairs_summary(report) or "no pair of methods to test")
-    print(f"written: table3_ci.csv, table3_pairs.csv, paper_sign.csv in {report.out_dir}")
+    print(f"written: {', '.join(FILES[a] for a in names if len(getattr(report, a)))} in {report.out_dir}")
     return 0
 
 

@@ -46,12 +46,12 @@ from .index import (
 from .index_build import build_index, patch_spans
 from .instances import InstanceRecord, Instances
 from .model import HiddenCache, compute_prefix, logit_drops, mask_span, predict
+from .new_inputs import CategoryAspects, new_span, resolve_aspect
 from .parallel import Mapper
 from .points import LoadedModel, PointSet, load_workspace_model
 from .prefixes import TrainPrefixes
 from .registry import METHODS, MethodSpec
 from .scoring import ScoreSettings, result_key
-from .spans import category_candidates, choose_by_importance, clause_span, find_aspect
 from .store import Store
 from .training_sides import IndexedSide, StreamedSide
 from .workspace import Workspace, fingerprint
@@ -157,25 +157,26 @@ class Backend:
         return self.manifest.stages.get("data", {}).get("input_format", "aspect")
 
     def new_input(self, text: str, aspect: str = "", label: str = "predicted") -> TestInput:
-        """A text not in the dataset. (aspect, text): its span from the heuristic around the aspect,
-        which must occur in the text. A single text (``aspect`` ignored) or a pair (``aspect``: its
-        first text): its span by the importance rule over the text's clauses and sentences."""
+        """A text not in the dataset, with the span ``prepare`` would give it (:mod:`core.new_inputs`).
+        (aspect, text): the aspect a word or phrase of the text, or "TARGET CATEGORY" for a
+        workspace of category aspects (SentiHood). A single text (``aspect`` ignored) or a pair
+        (``aspect``: its first text)."""
         fmt = self.input_format
         aspect = "" if fmt == "single" else aspect
         if not text.strip() or (fmt != "single" and not aspect.strip()):
             raise ValueError({"aspect": "both a text and an aspect are needed", "single": "a text is needed",
                               "pair": "both texts of the pair are needed"}[fmt])
-        target = self._category_target(text, aspect) if fmt == "aspect" else None
-        if fmt == "aspect" and target is None and find_aspect(text, aspect) is None:
-            raise ValueError(f"the aspect {aspect!r} does not occur in the review; give a word or phrase of it"
-                             + self._category_hint())
+        resolved = resolve_aspect(text, aspect, CategoryAspects.of(self._rows)) if fmt == "aspect" else None
+        aspect = resolved.aspect if resolved else aspect
         self.loaded.encode(aspect, text)  # ValueError when the aspect alone exceeds the token limit
         explained = self._explained_label(label, new=True)
-        if target is not None:  # a category aspect: the span prepare would choose for it
-            span = (self.important_span(aspect, text) if self.manifest.settings.get("category_spans") != "anchored"
-                    else clause_span(text, *target, aspect))
-        else:
-            span = clause_span(text, None, None, aspect) if fmt == "aspect" else self.important_span(aspect, text)
+
+        def logit_drop(first: str, spans: list[tuple[int, int]]) -> list[float]:
+            with self.lock, self.loaded.at("final"):
+                return logit_drops(self.loaded.split, self.loaded.tokenizer, self.loaded.encode(first, text), spans,
+                                   device=self.loaded.device)
+
+        span = new_span(text, resolved, self.manifest.settings, logit_drop)
         return TestInput(aspect, text, explained, span, None)
 
     def _explained_label(self, label: str, *, new: bool) -> str | None:
@@ -188,36 +189,6 @@ class Backend:
                              f"{', '.join(self.manifest.labels)}")
         name = names[label.lower()]
         return None if name == "predicted" else name
-
-    def _categories(self) -> set[str]:
-        """The aspect categories of the workspace's training instances (SentiHood's "price"), lowercase."""
-        return {str(r["meta"]["category"]).lower() for r in self._rows
-                if r["split"] == "train" and isinstance(r.get("meta"), dict) and r["meta"].get("category")}
-
-    def _category_target(self, text: str, aspect: str) -> tuple[int, int] | None:
-        """For an aspect written as the dataset writes category aspects, "TARGET CATEGORY" with a
-        category of the training set (SentiHood: "location1 price"): the target's offsets in
-        ``text``; ``None`` for any other aspect or when the target does not occur."""
-        words = aspect.split()
-        for cut in range(1, len(words)):
-            if " ".join(words[cut:]).lower() in self._categories():
-                return find_aspect(text, " ".join(words[:cut]))
-        return None
-
-    def _category_hint(self) -> str:
-        categories = sorted(self._categories())
-        if not categories:
-            return ""
-        return (f", or a target of the review and one of this workspace's categories ({', '.join(categories)}), "
-                f"e.g. 'LOCATION1 {categories[0]}'")
-
-    def important_span(self, aspect: str, text: str) -> tuple[int, int]:
-        """The clause or sentence of ``text`` whose masking lowers theta's predicted logit most
-        (paper Eq. 3), as ``prepare`` and ``import`` choose the spans of single texts and pairs."""
-        enc = self.loaded.encode(aspect, text)
-        with self.lock, self.loaded.at("final"):
-            return choose_by_importance(category_candidates(text), lambda spans: logit_drops(
-                self.loaded.split, self.loaded.tokenizer, enc, spans, device=self.loaded.device))
 
     # the model and the index ---------------------------------------------------------------
     @property

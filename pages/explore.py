@@ -40,7 +40,9 @@ def new_review() -> TestInput | None:
         label = {"aspect": "Review text", "single": "Text", "pair": "Second text (its span is explained)"}[fmt]
         text = st.text_area(label, key="new_text", height=100)
         if fmt == "aspect":
-            aspect = st.text_input("Aspect (a word or phrase of the review)", key="new_aspect")
+            aspect = st.text_input("Aspect (a word or phrase of the review)", key="new_aspect",
+                                   help="On a workspace of category aspects (SentiHood): a target of the review and a "
+                                        "category, e.g. LOCATION1 price")
         if st.form_submit_button("Explain", type="primary"):
             try:
                 st.session_state["new_input"] = backend.new_input(text, aspect)

@@ -162,18 +162,29 @@ def test_category_aspects_get_spans_chosen_by_importance(tmp_path, data_dir, tin
         assert row["span"]["source"] in ("importance", "heuristic", "whole")
         if row["span"]["source"] == "importance":
             assert span in category_candidates(row["text"])
-    # a new text with a category aspect, written as the dataset writes them, gets the span prepare would give it
-    text = "LOCATION1 is very cheap, but the streets of LOCATION1 are dangerous at night."
+    # a new text with a category aspect, written as the dataset writes them (any case), gets the span prepare gave
     backend = Backend(tmp_path / "ws", device="cpu")
-    chosen = backend.new_input(text, "location1 price", label="POSITIVE")
-    assert chosen.span == backend.important_span("location1 price", text) and chosen.span in category_candidates(text)
-    assert chosen.label == "positive"  # label names are matched whatever their case
-    with pytest.raises(ValueError, match=r"does not occur in the review.*categories \(.*price.*\)"):
+    chosen = [r for r in rows if r["span"]["source"] == "importance"][:3]
+    assert chosen
+    for row in chosen:
+        new = backend.new_input(row["text"], row["aspect"].upper(), label="POSITIVE")
+        assert new.span == (row["span"]["start"], row["span"]["end"]) and new.aspect == row["aspect"]
+        assert new.label == "positive"  # label names are matched whatever their case
+    text = "LOCATION1 is very cheap, but the streets of LOCATION1 are dangerous at night."
+    with pytest.raises(ValueError, match=r"does not occur in the review.*a target \(location1, location2\) and a category \(.*price.*\)"):
         backend.new_input(text, "location1 weather")
+    with pytest.raises(ValueError, match="the target 'location2' of the aspect 'location2 price' does not occur"):
+        backend.new_input(text, "location2 price")
     with pytest.raises(ValueError, match="a new review has no gold label"):
         backend.new_input(text, "location1 price", label="Gold")
     anchored = prepare(dataclasses.replace(settings, category_spans="anchored"), tmp_path / "ws", progress=False,
                        log=lambda _: None)
     assert anchored.stages["importance"]["category"] == {}
     assert all(r["span"]["source"] != "importance" for r in Workspace(tmp_path / "ws").load_instances())
-    assert Backend(tmp_path / "ws", device="cpu").new_input(text, "LOCATION1 price").span == clause_span(text, 0, 9)
+    anchored_rows = {r["id"]: r for r in Workspace(tmp_path / "ws").load_instances()}
+    backend = Backend(tmp_path / "ws", device="cpu")
+    for row in chosen:  # the target's clause now, as prepare anchored them, not the span importance chose
+        again = anchored_rows[row["id"]]
+        span = backend.new_input(row["text"], row["aspect"]).span
+        assert span == (again["span"]["start"], again["span"]["end"]) == clause_span(row["text"], row["start"], row["end"])
+        assert span != (row["span"]["start"], row["span"]["end"])

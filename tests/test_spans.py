@@ -359,3 +359,41 @@ def test_category_span_quality_counts_spans_shared_by_opposite_labels() -> None:
     assert stats == {"instances": 2, "changed": 2, "mean_importance_anchored": 1.0, "mean_importance_chosen": 2.5,
                      "conflicting_pairs": 1, "conflicting_pairs_sharing_a_span_anchored": 1,
                      "conflicting_pairs_sharing_a_span_chosen": 0}
+
+
+def test_new_texts_read_category_aspects_as_the_dataset_writes_them():
+    from core.new_inputs import CategoryAspects, new_span, resolve_aspect
+    from core.spans import candidate_chunks, category_candidates, clause_span
+
+    rows = [{"split": "train", "meta": {"target": "LOCATION1", "category": "price"}},
+            {"split": "train", "meta": {"target": "LOCATION2", "category": "transit-location"}},
+            {"split": "test", "meta": {"target": "LOCATION3", "category": "safety"}}]  # not a training row
+    known = CategoryAspects.of(rows)
+    assert known == CategoryAspects(frozenset({"location1", "location2"}), frozenset({"price", "transit-location"}))
+    text = "LOCATION1 price is high, but the nightlife of LOCATION2 is great."
+    aspect = resolve_aspect(text, "LOCATION1 Price", known)  # occurs literally too: still the category aspect
+    assert (aspect.aspect, aspect.at, aspect.category) == ("location1 price", (0, 9), True)
+    plain = resolve_aspect(text, "the nightlife", known)  # an ordinary phrase: not split into target + category
+    assert not plain.category and text[slice(*plain.at)] == "the nightlife"
+    assert resolve_aspect(text, "location2  TRANSIT-location", known).aspect == "location2 transit-location"
+    with pytest.raises(ValueError, match="the target 'location2' of the aspect 'location2 price' does not occur"):
+        resolve_aspect("LOCATION1 is cheap", "location2 price", known)
+    with pytest.raises(ValueError, match=r"give a word or phrase of it, or a target \(location1, location2\)"):
+        resolve_aspect(text, "safety", known)
+    with pytest.raises(ValueError, match=r"give a word or phrase of it$"):
+        resolve_aspect(text, "safety", CategoryAspects(frozenset(), frozenset()))
+
+    seen: list[list[tuple[int, int]]] = []
+
+    def longest(first: str, spans: list[tuple[int, int]]) -> list[float]:  # importance = span length
+        seen.append(list(spans))
+        return [float(b - a) for a, b in spans]
+
+    importance, anchored = {"category_spans": "importance"}, {"category_spans": "anchored"}
+    assert new_span(text, aspect, importance, longest) in category_candidates(text) + [clause_span(text, 0, 9)]
+    assert set(category_candidates(text)) <= set(seen[-1])
+    assert new_span(text, aspect, anchored, longest) == clause_span(text, 0, 9)  # no model call
+    calls = len(seen)
+    assert new_span(text, plain, {}, longest) == clause_span(text, *plain.at, "the nightlife") and len(seen) == calls
+    chosen = new_span(text, plain, {"span_importance": True}, longest)  # --span-importance: the chunks around it
+    assert set(seen[-1]) >= set(candidate_chunks(text, *plain.at, "the nightlife")) and chosen in seen[-1]

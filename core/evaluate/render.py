@@ -26,8 +26,9 @@ def write_report(report: EvalReport) -> None:
 def write_frames(report: EvalReport, attrs: Iterable[str]) -> None:
     """Write the report's tables named by ``attrs`` (keys of :data:`FILES`), each atomically. A
     table the evaluation did not compute (empty: no ``--lds``, no Ral, no faithfulness run) is not
-    written, and its file from an earlier evaluation into the same folder is removed, so that every
-    CSV in the folder belongs to this report."""
+    written (nor is any other table with no rows: one method's pairs, no paper-sign rows), and its
+    file from an earlier evaluation into the same folder is removed, so that every CSV in the
+    folder belongs to this report."""
     for attr in attrs:
         frame: pd.DataFrame = getattr(report, attr)
         path = report.out_dir / FILES[attr]
