@@ -67,6 +67,7 @@ def test_cli_lds_options(workspace, tmp_path, capsys):
                  "--quiet", "--device", "cpu", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "LDS and span-LDS (x100" in printed and (out / "lds.csv").exists()
+    assert not (out / "lds-train").exists()  # the retrains' work folders go once every retrain has finished
     line = next(row for row in printed.splitlines() if row.startswith("TracIn "))
     lds = pd.read_csv(out / "lds.csv", index_col=0).loc["TracIn", "lds"]
     assert f"{100 * lds:.1f}" in line.split(), (line, lds)  # x100, as the report and the page show it

@@ -11,6 +11,7 @@ in the store by its subset, so an interrupted run resumes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -136,6 +137,9 @@ def lds(ev: Evaluation, tests: list) -> tuple[pd.DataFrame, pd.DataFrame, pd.Dat
         else:
             outputs[intervention] = _over_ray(ev, subsets, intervention, cache, key, tick)
         bar.close()
+    for folder in (retrainer.work_dir, retrainer.work_dir.parent):  # every retrain finished: drop the empty folders
+        with contextlib.suppress(OSError):
+            folder.rmdir()
     ev.timings["lds_seconds"] = round(time.perf_counter() - started, 1)
     rows, boot = [], {}
     draws = two_way_draws(len(tests), len(subsets), seed=ev.settings.seed)
