@@ -171,9 +171,9 @@ class Backend:
         self.loaded.encode(aspect, text)  # ValueError when the aspect alone exceeds the token limit
         explained = self._explained_label(label, new=True)
 
-        def logit_drop(first: str, spans: list[tuple[int, int]]) -> list[float]:
+        def logit_drop(spans: list[tuple[int, int]]) -> list[float]:
             with self.lock, self.loaded.at("final"):
-                return logit_drops(self.loaded.split, self.loaded.tokenizer, self.loaded.encode(first, text), spans,
+                return logit_drops(self.loaded.split, self.loaded.tokenizer, self.loaded.encode(aspect, text), spans,
                                    device=self.loaded.device)
 
         span = new_span(text, resolved, self.manifest.settings, logit_drop)

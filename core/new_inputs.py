@@ -25,8 +25,8 @@ from .spans import (
     whole_span,
 )
 
-LogitDrop = Callable[[str, list[tuple[int, int]]], Sequence[float]]
-"""Eq. 3's importance of candidate spans of a text for the (normalised) aspect: ``(aspect, spans) -> drops``."""
+LogitDrop = Callable[[list[tuple[int, int]]], Sequence[float]]
+"""Eq. 3's importance of candidate spans of the new input (as the model reads it): ``spans -> drops``."""
 
 
 def _norm(value: object) -> str:
@@ -87,7 +87,8 @@ def resolve_aspect(text: str, aspect: str, known: CategoryAspects) -> NewAspect:
 
 def new_span(text: str, aspect: NewAspect | None, settings: Mapping, logit_drop: LogitDrop) -> tuple[int, int]:
     """The span ``prepare`` would give this text (module docstring); ``aspect`` is None for single
-    texts and pairs, whose spans are chosen among the text's clauses and sentences."""
+    texts and pairs, whose spans are chosen among the text's clauses and sentences. ``logit_drop``
+    scores spans of the input as the model reads it (a pair with its first text)."""
     if aspect is None:
         inst = Instance("new", "test", text, "", "", None, None)
         start, by_category = whole_span(text), True
@@ -98,7 +99,7 @@ def new_span(text: str, aspect: NewAspect | None, settings: Mapping, logit_drop:
     if not (by_category or settings.get("span_importance")):
         return start.start, start.end
     chosen = refine_by_importance(
-        [inst], {"new": start}, lambda i, spans: logit_drop(i.aspect, spans), progress=False,
+        [inst], {"new": start}, lambda _, spans: logit_drop(spans), progress=False,
         candidates_for=lambda i: category_candidates(i.text) if by_category else candidate_chunks(
             i.text, i.start, i.end, i.aspect))["new"]
     return chosen.start, chosen.end

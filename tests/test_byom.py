@@ -228,7 +228,10 @@ def test_an_imported_workspace_explains_and_evaluates(imported, tmp_path):
 
     arch, ws = imported
     backend = Backend(ws, device="cpu")
-    test_id = backend.instances("test")[0].id
+    record = backend.instances("test")[0]
+    test_id = record.id
+    # typed in again as a new text (a pair with its first text), it gets the span import chose for it
+    assert backend.new_input(record.text, record.aspect).span == record.span_pair
     assert main(["explain", "--workspace", str(ws), "--test-id", test_id, "--method", "TracIn,IF++", "--k", "3",
                  "--device", "cpu"]) == 0
     extra = ["--text-a", "A pizza that was awful."] if backend.input_format == "pair" else []

@@ -385,7 +385,7 @@ def test_new_texts_read_category_aspects_as_the_dataset_writes_them():
 
     seen: list[list[tuple[int, int]]] = []
 
-    def longest(first: str, spans: list[tuple[int, int]]) -> list[float]:  # importance = span length
+    def longest(spans: list[tuple[int, int]]) -> list[float]:  # importance = span length
         seen.append(list(spans))
         return [float(b - a) for a, b in spans]
 
