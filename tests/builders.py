@@ -1,6 +1,7 @@
 """Tiny, randomly initialised models and tokenizers saved locally, for fast offline tests."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -130,3 +131,13 @@ def finetune(model, tok, pairs: list[tuple[str, str]], labels: list[int], out: P
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def finished(job, hang: float = 1800) -> None:
+    """Wait for an app background job to end and require that it succeeded; ``hang`` seconds only
+    guard against a hang, not a speed limit (the suite must pass on a starved machine)."""
+    assert job is not None
+    deadline = time.time() + hang
+    while job.running and time.time() < deadline:
+        time.sleep(0.5)
+    assert job.state == "done", (job.error, job.lines)

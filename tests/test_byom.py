@@ -4,7 +4,6 @@ brute-force autograd on the imported model - at a checkpoint, with that checkpoi
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from core.scoring import TRAK_RIDGE, ScoreSettings
 from core.training_sides import StreamedSide
 from core.workspace import Workspace, load_model
 from tests.brute import DAMPING, brute_trak, compute_gauss_newton, sides
-from tests.builders import ARCHITECTURES, finetune, tiny_classifier
+from tests.builders import ARCHITECTURES, finetune, finished, tiny_classifier
 from tests.test_app import navigation_only  # noqa: F401  (an autouse fixture: app.py's navigation in AppTest)
 
 LABELS = {"aspect": ["negative", "neutral", "positive"], "single": ["negative", "positive"],
@@ -281,15 +280,6 @@ def test_label_mismatch_and_unsupported_architectures_are_clear_errors(tmp_path)
         import_model(ImportSettings(model=str(albert), dataset=str(data), device="cpu"), tmp_path / "ws2", **QUIET)
 
 
-def finished(job, timeout: float) -> None:
-    """Wait for a background build job (at most ``timeout`` seconds); it must have succeeded."""
-    assert job is not None
-    deadline = time.time() + timeout
-    while job.running and time.time() < deadline:
-        time.sleep(0.5)
-    assert job.state == "done", (job.error, job.lines)
-
-
 # ----------------------------------------------------------------------------- the app
 
 @pytest.mark.parametrize("imported", ["roberta", "distilbert"], indirect=True)
@@ -355,7 +345,7 @@ def test_import_form_checks_paths_and_builds(tmp_path, monkeypatch):
     at.number_input(key="imp_layers").set_value(1)
     at.number_input(key="imp_proj").set_value(16)
     at.form_submit_button(key="FormSubmitter:import-Import and build").click().run()
-    finished(jobs.job_for("prepare", root / "imported"), 120)
+    finished(jobs.job_for("prepare", root / "imported"))
     at.run()
     listing = at.dataframe[0].value.set_index("workspace")
     assert listing.loc["imported", "status"] == "ready"
@@ -415,7 +405,7 @@ def test_rc_span_model_is_chosen_in_the_app_and_shown(tmp_path, monkeypatch):
     assert jobs.job_for("prepare", root / "created") is None
 
     assert not import_error(str(qa), "aspect")
-    finished(jobs.job_for("prepare", root / "rc"), 300)
+    finished(jobs.job_for("prepare", root / "rc"))
     source = f"reading comprehension with the QA model {qa.resolve()} (the clause heuristic where it fails)"
     assert Workspace(root / "rc").manifest().settings["rc_model"] == str(qa.resolve())
     at.run()
