@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 from .data import Instance
 from .spans import (
-    candidate_chunks,
-    category_candidates,
     find_aspect,
     heuristic_span,
+    importance_candidates,
     refine_by_importance,
     whole_span,
 )
@@ -91,15 +90,15 @@ def new_span(text: str, aspect: NewAspect | None, settings: Mapping, logit_drop:
     scores spans of the input as the model reads it (a pair with its first text)."""
     if aspect is None:
         inst = Instance("new", "test", text, "", "", None, None)
-        start, by_category = whole_span(text), True
+        start = whole_span(text)
     else:
-        inst = Instance("new", "test", text, aspect.aspect, "", *aspect.at)
+        inst = Instance("new", "test", text, aspect.aspect, "", *aspect.at, meta={"category": aspect.category})
         start = heuristic_span(inst)
-        by_category = aspect.category and settings.get("category_spans", "importance") == "importance"
-    if not (by_category or settings.get("span_importance")):
+    candidates = importance_candidates(inst, whole_text=aspect is None,
+                                       category_spans=settings.get("category_spans", "importance"),
+                                       span_importance=bool(settings.get("span_importance")))
+    if candidates is None:
         return start.start, start.end
-    chosen = refine_by_importance(
-        [inst], {"new": start}, lambda _, spans: logit_drop(spans), progress=False,
-        candidates_for=lambda i: category_candidates(i.text) if by_category else candidate_chunks(
-            i.text, i.start, i.end, i.aspect))["new"]
+    chosen = refine_by_importance([inst], {"new": start}, lambda _, spans: logit_drop(spans), progress=False,
+                                  candidates_for=lambda _: candidates)["new"]
     return chosen.start, chosen.end

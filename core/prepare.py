@@ -58,10 +58,10 @@ from .prepare_settings import (
 from .spans import (
     RCSpanFinder,
     Span,
-    candidate_chunks,
-    category_candidates,
+    among_clauses,
     category_span_quality,
     detect_spans,
+    importance_candidates,
     refine_by_importance,
     span_stats,
     whole_span,
@@ -404,16 +404,17 @@ class Preparer:
             return self._saved_spans()
         started = time.perf_counter()
         in_text = self.input_format != "aspect"  # single texts, pairs: among the text's clauses and sentences
-        category = {i.id for i in instances if in_text or (s.category_spans == "importance" and i.meta.get("category"))}
-        targets = [i for i in instances if s.span_importance or i.id in category]
+        rule = {"whole_text": in_text, "category_spans": s.category_spans, "span_importance": s.span_importance}
+        candidates = {i.id: c for i in instances if (c := importance_candidates(i, **rule)) is not None}
+        category = {i.id for i in instances if among_clauses(i, in_text, s.category_spans)}
+        targets = [i for i in instances if i.id in candidates]
         stats = {}
         if targets:
             drops: dict[tuple[str, tuple[int, int]], float] = {}
             logit_drop = self._logit_drop(split, tokenizer, drops)
             anchored = dict(spans)
-            spans = refine_by_importance(targets, spans, logit_drop, progress=self.progress, candidates_for=lambda i: (
-                category_candidates(i.text) if i.id in category else
-                candidate_chunks(i.text, i.start, i.end, i.aspect)))
+            spans = refine_by_importance(targets, spans, logit_drop, progress=self.progress,
+                                         candidates_for=lambda i: candidates[i.id])
             stats = category_span_quality([i for i in instances if i.id in category], anchored, spans, drops)
         if in_text:  # the spans stage only stood in the whole texts
             self.manifest.stages["spans"]["stats"] = span_stats([i for i in instances if i.split == "train"], spans,

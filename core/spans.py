@@ -414,6 +414,23 @@ def choose_by_importance(candidates: Sequence[tuple[int, int]], logit_drop: Call
     return spans[best]
 
 
+def among_clauses(inst: Instance, whole_text: bool, category_spans: str) -> bool:
+    """Whether ``prepare`` chooses ``inst``'s span by importance among every clause and sentence of
+    its text: single texts and pairs (``whole_text``), and category aspects (``meta["category"]``)
+    unless prepared with ``--category-spans anchored``."""
+    return whole_text or (category_spans == "importance" and bool(inst.meta.get("category")))
+
+
+def importance_candidates(inst: Instance, *, whole_text: bool, category_spans: str,
+                          span_importance: bool) -> list[tuple[int, int]] | None:
+    """The candidates among which ``prepare``'s importance rule (Eq. 3) picks ``inst``'s span:
+    its text's clauses and sentences (:func:`among_clauses`), else the chunks around its aspect
+    with ``--span-importance``; None where the detected span stays as it is."""
+    if among_clauses(inst, whole_text, category_spans):
+        return category_candidates(inst.text)
+    return candidate_chunks(inst.text, inst.start, inst.end, inst.aspect) if span_importance else None
+
+
 def refine_by_importance(
     instances: Sequence[Instance],
     spans: dict[str, Span],

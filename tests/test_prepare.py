@@ -138,6 +138,28 @@ def test_presets_and_overrides():
         PrepareSettings.from_preset("fast")
 
 
+def test_new_texts_get_the_spans_of_a_span_importance_workspace(tmp_path, data_dir, tiny_backbone):
+    """With --span-importance on MAMS, every span is chosen among the chunks around its aspect; the
+    same text typed in again (explain --test-text, the app's new review) gets the span prepare chose."""
+    from core.backend import Backend
+    from core.prepare import prepare
+    from core.spans import candidate_chunks
+    from core.workspace import Workspace
+    from tests.conftest import tiny_settings
+
+    settings = tiny_settings(data_dir, tiny_backbone, train_limit=24, eval_limit=8, epochs=1, checkpoints=1,
+                             span_importance=True)
+    prepare(settings, tmp_path / "ws", progress=False, log=lambda _: None)
+    rows = Workspace(tmp_path / "ws").load_instances()
+    chosen = [r for r in rows if r["span"]["source"] == "importance"]
+    assert len(chosen) >= 3
+    backend = Backend(tmp_path / "ws", device="cpu")
+    for row in chosen[:4]:
+        span = (row["span"]["start"], row["span"]["end"])
+        assert span in candidate_chunks(row["text"], row["start"], row["end"], row["aspect"])
+        assert backend.new_input(row["text"], row["aspect"]).span == span
+
+
 def test_category_aspects_get_spans_chosen_by_importance(tmp_path, data_dir, tiny_backbone):
     """SentiHood's aspects are categories: their spans are the most important clause or sentence of
     the text for that aspect, and the manifest compares them with the target-anchored ones."""
