@@ -60,6 +60,7 @@ import torch
 from common import Backend, current_rss_mib, gold_tests, peak_rss_mib
 
 from core.ekfac import Eigenbasis, fit_ekfac
+from core.engine import Engine
 from core.model import HiddenCache
 from core.registry import METHODS
 from core.scoring import ScoreSettings
@@ -67,6 +68,7 @@ from core.scoring import ScoreSettings
 BASELINE = "IF++"
 NEW = ["EKFAC", "EKFAC++", "TRAK", "TRAK++"]
 TARGET_RATIO = 2.0
+QUERY_TIME = " (inverse at query time)"
 
 
 def ekfac_fit(backend: Backend, sample: int | None, batch_size: int, seed: int) -> dict:
@@ -140,31 +142,54 @@ class StageClock:
         setattr(obj, attr, timed)
 
 
+class QueryTimeInverse:
+    """The index's side, claiming its TRAK rows are as computed: TRAK's inverse is then applied to
+    the test features at query time, the path before the rows were whitened. For timing only:
+    over the whitened rows the inverse is applied twice, so these scores are not TRAK's."""
+
+    def __init__(self, side):
+        self.side = side
+
+    def __getattr__(self, name: str):
+        return getattr(self.side, name)
+
+    def whitened(self, point: str) -> None:
+        return None
+
+
 def query_latency(backend: Backend, tests, methods: list[str]) -> dict:
     """p50 and max ms of one-test scores per method, measured side by side after warming each,
-    and the median ms per query of each stage."""
+    and the median ms per query of each stage. Where the index keeps TRAK's rows whitened, TRAK
+    and TRAK++ are also timed with the inverse applied at query time (``QUERY_TIME``, timing only:
+    :class:`QueryTimeInverse`), in the same rotation."""
     engine = backend.engine()
-    specs = [METHODS.resolve(m) for m in methods]
+    runs = [(m, engine, METHODS.resolve(m)) for m in methods]
+    trak_points = backend.index.group_points.get("trak", [])
+    if trak_points and all(backend.index.whitened(p) is not None for p in trak_points):
+        slow = Engine(engine.loaded, QueryTimeInverse(engine.side), engine.projector, points=engine.points)
+        runs += [(m + QUERY_TIME, slow, METHODS.resolve(m)) for m in methods if METHODS.resolve(m).inverse == "trak"]
     warm = {}
-    for spec in specs:  # inverses factorised or loaded, index matrices read
+    for name, eng, spec in runs:  # inverses factorised or loaded, index matrices read
         started = time.perf_counter()
-        engine.scores(tests[:1], spec)
-        warm[spec.name] = round(1000 * (time.perf_counter() - started), 1)
+        eng.scores(tests[:1], spec)
+        warm[name] = round(1000 * (time.perf_counter() - started), 1)
     clock = StageClock()
-    for obj, attr, stage in ((engine, "test_batch", "test_prefix"), (engine, "test_vectors", "test_vectors"),
-                             (engine.side, "dot_many", "inner_products")):
-        clock.wrap(obj, attr, stage)
-    for inverse in {id(i): i for i in (engine.inverse(s, ScoreSettings()) for s in specs if s.inverse)}.values():
-        clock.wrap(inverse, "apply", "inverse")
-    times: dict[str, list[float]] = {s.name: [] for s in specs}
-    stages: dict[str, list[dict[str, float]]] = {s.name: [] for s in specs}
+    for eng in dict.fromkeys(e for _, e, _ in runs):
+        for attr, stage in (("test_batch", "test_prefix"), ("test_vectors", "test_vectors")):
+            clock.wrap(eng, attr, stage)
+        for inverse in {id(i): i for i in (eng.inverse(s, ScoreSettings()) for _, e, s in runs
+                                           if e is eng and s.inverse)}.values():
+            clock.wrap(inverse, "apply", "inverse")
+    clock.wrap(engine.side, "dot_many", "inner_products")  # the query-time path's side reads it too
+    times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    stages: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in runs}
     for q, test in enumerate(tests):
-        for spec in specs[q % len(specs):] + specs[: q % len(specs)]:
+        for name, eng, spec in runs[q % len(runs):] + runs[: q % len(runs)]:
             clock.spent.clear()
             started = time.perf_counter()
-            engine.scores([test], spec)
-            times[spec.name].append(time.perf_counter() - started)
-            stages[spec.name].append(dict(clock.spent, other=times[spec.name][-1] - sum(clock.spent.values())))
+            eng.scores([test], spec)
+            times[name].append(time.perf_counter() - started)
+            stages[name].append(dict(clock.spent, other=times[name][-1] - sum(clock.spent.values())))
     base = statistics.median(times[BASELINE])
     out: dict = {"queries": len(tests), "baseline": BASELINE, "ihvp": "fast", "target_ratio": TARGET_RATIO}
     for name, values in times.items():
@@ -245,16 +270,18 @@ def index_growth(backend: Backend, fitted_bytes: int | None) -> dict:
     index = backend.index
     root, points = index.root, index.points
     size = lambda names: sum((root / n).stat().st_size for n in names if (root / n).exists())  # noqa: E731
-    missing = [n for n in [f"{p}.{k}.npy" for p in points for k in ("trak", "trak-diff")] if not (root / n).exists()]
+    trak_points = index.group_points.get("trak", [])
+    trak_files = [index.file_of(p, k) for p in trak_points for k in ("trak", "trak-diff")]
+    missing = [n for n in trak_files if not (root / n).exists()] if trak_points else ["no trak group"]
     grad = size([f"{p}.{k}.npy" for p in points for k in ("full", "diff")] + ["ggn.npz"]
                 + [f"patch.grad.{p}.npz" for p in points])
-    trak_rows = size([f"{p}.{k}.npy" for p in points for k in ("trak", "trak-diff")]
-                     + [f"patch.trak.{p}.npz" for p in points])
-    trak_grams = size([f"{p}.trak-gram.npz" for p in points])
+    trak_rows = size(trak_files + [f"patch.trak.{p}.npz" for p in trak_points])
+    trak_grams = size([f"{p}.trak-gram.npz" for p in trak_points])
     factors = backend.ws.root / "ekfac" / "factors.safetensors"
     ekfac = factors.stat().st_size if factors.exists() else None
     ekfac_rows = size(["final.ekfac.npy", "final.ekfac-diff.npy", "patch.ekfac.final.npz"])
     out = {"points": len(points), "d": index.meta["dim"], "train": len(index.ids), "grad_bytes": grad,
+           "trak_whitened": [p for p in trak_points if index.whitened(p) is not None],
            "trak_bytes": trak_rows + trak_grams, "trak_rows_bytes": trak_rows, "trak_gram_bytes": trak_grams,
            "trak_over_grad": round((trak_rows + trak_grams) / grad, 3),
            "trak_rows_over_grad": round(trak_rows / grad, 3),

@@ -85,14 +85,15 @@ def ann_record(index: GradientIndex, point: str, kind: str) -> dict:
     return json.loads(_record_path(index, point, kind).read_text())
 
 
-def _matrix_state(index: GradientIndex, kind: str) -> dict:
+def _matrix_state(index: GradientIndex, point: str, kind: str) -> dict:
     """What a FAISS file must match: the index's fingerprint and rows, for a span kind the
-    corrected spans (they change its rows), and for a kind formed in a basis its factors."""
+    corrected spans (they change its rows), for a kind formed in a basis its factors, and whether
+    the rows are whitened (TRAK's, :mod:`core.whitening`)."""
     rep = REPRESENTATIONS[kind]
     spans = index.meta.get("overrides", {}) if rep.span else None
     basis = index.meta.get("basis_fps", {}).get(rep.basis) if rep.basis else None
     return {"fingerprint": index.meta.get("fingerprint"), "spans": fingerprint(spans), "rows": len(index.ids),
-            "basis": basis}
+            "basis": basis, "whitened": index.keeps_whitened(point, kind)}
 
 
 def stale_reason(index: GradientIndex, point: str, kind: str) -> str | None:
@@ -101,13 +102,15 @@ def stale_reason(index: GradientIndex, point: str, kind: str) -> str | None:
     record = _record_path(index, point, kind)
     if not ann_path(index, point, kind).exists() or not record.exists():
         return "missing"
-    state, built = _matrix_state(index, kind), ann_record(index, point, kind)
+    state, built = _matrix_state(index, point, kind), ann_record(index, point, kind)
     if built.get("layout") != LAYOUT:
         return "it has an earlier FAISS layout"
-    if {k: built.get(k) for k in state} == state:
+    if {k: built.get(k) for k in state} | {"whitened": built.get("whitened", False)} == state:
         return None
     if built.get("fingerprint") != state["fingerprint"]:
         return "the index was rebuilt since it was built"
+    if built.get("whitened", False) != state["whitened"]:
+        return "the TRAK rows were whitened since it was built"
     return ("training spans were corrected" if built.get("spans") != state["spans"] else
             "the EK-FAC factors were fitted again") + " since it was built"
 
@@ -180,7 +183,7 @@ def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings
     tmp = path.with_name(path.name + ".tmp")
     faiss.write_index(ann, str(tmp))
     tmp.replace(path)
-    write_json_atomic(_record_path(index, point, kind), _matrix_state(index, kind) | {
+    write_json_atomic(_record_path(index, point, kind), _matrix_state(index, point, kind) | {
         "layout": LAYOUT, "rank_asked": settings.rank, "rank": rank, "energy_kept": round(kept, 4),
         "sample_rows": min(n, SAMPLE_ROWS)})
     return path
@@ -188,7 +191,7 @@ def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings
 
 def _rows(index: GradientIndex, point: str, kind: str, positions: np.ndarray) -> np.ndarray:
     """The current rows (overlay applied) at ``positions`` (sorted), float32 (Q, d)."""
-    mapped = index._map(f"{point}.{kind}.npy")
+    mapped = index._map(index.file_of(point, kind))
     out = np.asarray(mapped[positions], dtype=np.float32)
     patched = index.overlay(point, kind)
     if patched is not None:

@@ -40,6 +40,8 @@ KIND_GROUPS: dict[str, tuple[str, ...]] = {"grad": ("full", "diff"), "trak": ("t
 ``trak`` (TRAK's features, with their second-moment matrix per point) and ``ekfac`` (the
 gradients in the EK-FAC eigenbasis, at theta; built after the factors) are built when asked."""
 KINDS = KIND_GROUPS["grad"]
+WHITENED_GROUP = "trak"
+"""The group whose rows the index keeps whitened, multiplied by TRAK's inverse (:mod:`core.whitening`)."""
 BLOCK_BYTES = 64 << 20  # a query streams a matrix in blocks of about this size
 FORMAT = 2  # 2: Gauss-Newton sum saved with its batch count (ggn.npz)
 
@@ -156,10 +158,25 @@ class GradientIndex:
         self.kinds: list[str] = [k for g in self.groups for k in KIND_GROUPS[g]]
         self.group_points: dict[str, list[str]] = self.meta.get("group_points") or {g: self.points for g in self.groups}
         self.settings = saved_settings(meta_path) or IndexSettings()
+        self._whitened: dict[str, dict] = {p: w for p, w in self.meta.get("whitened", {}).items()
+                                           if p in self.group_points.get(WHITENED_GROUP, [])}
         self._maps: dict[str, np.ndarray] = {}
         self._overlays = {(g, p): _load_overlay(root, g, p) for g in self.groups for p in self.group_points[g]}
-        for name in [f"{p}.{k}.npy" for g in self.groups for p in self.group_points[g] for k in KIND_GROUPS[g]]:
-            self._map(name)  # every file mapped now: a rebuild replaces files, never these mappings
+        for p, k in [(p, k) for g in self.groups for p in self.group_points[g] for k in KIND_GROUPS[g]]:
+            self._map(self.file_of(p, k))  # every file mapped now: a rebuild replaces files, never these mappings
+
+    def keeps_whitened(self, point: str, kind: str) -> bool:
+        """Whether the index keeps a point's rows of a kind whitened."""
+        return point in self._whitened and group_of(kind) == WHITENED_GROUP
+
+    def file_of(self, point: str, kind: str) -> str:
+        """The file name of a point's rows of a kind (the whitened rows where the index keeps them)."""
+        return rows_file(point, kind, self.keeps_whitened(point, kind))
+
+    def whitened(self, point: str) -> dict | None:
+        """How the TRAK rows at ``point`` were whitened (``ridge``, ``lambda``), or None where they
+        are kept as computed (an index built before whitening, until ``index`` runs again)."""
+        return self._whitened.get(point)
 
     def _map(self, name: str) -> np.ndarray:
         """A matrix file, memory-mapped read-only (once)."""
@@ -181,7 +198,7 @@ class GradientIndex:
         """The (N, d) matrix of a point and kind in blocks of ``rows`` rows (start, block), read
         from the mapped file without the overlay (see :meth:`overlay`)."""
         self._check(kind, point)
-        mapped = self._map(f"{point}.{kind}.npy")
+        mapped = self._map(self.file_of(point, kind))
         row_bytes = max(1, mapped.shape[1] * mapped.itemsize)
         rows = rows or max(1, BLOCK_BYTES // row_bytes)
         for start in range(0, mapped.shape[0], rows):
@@ -191,10 +208,11 @@ class GradientIndex:
             _release(mapped, start * row_bytes, rows * row_bytes)
 
     def overlay(self, point: str, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(positions, rows) of the corrected training spans that replace base rows, or None."""
+        """(positions, rows) of the corrected training spans that replace base rows (whitened
+        where the base rows are), or None."""
         self._check(kind, point)
-        found = self._overlays[group_of(kind), point]
-        return None if found is None or kind not in found[1] else (found[0], found[1][kind])
+        found, key = self._overlays[group_of(kind), point], white_key(kind) if self.keeps_whitened(point, kind) else kind
+        return None if found is None or key not in found[1] else (found[0], found[1][key])
 
     def matrix(self, point: str, kind: str) -> torch.Tensor:
         """The whole (N, d) matrix of a point and kind, overlay applied (a copy: small indexes,
@@ -276,6 +294,16 @@ def group_points(group: str, points: PointSet) -> list[str]:
     ensemble; ``ekfac``: theta)."""
     sets = {s.points for s in METHODS if group_of(s.train) == group or group_of(s.test) == group}
     return [p for p in points.names() if any(p in points.groups.get(name, ()) for name in sets)]
+
+
+def rows_file(point: str, kind: str, white: bool = False) -> str:
+    """The file name of a point's rows of a kind (``white``: whitened, :mod:`core.whitening`)."""
+    return f"{point}.{kind}.white.npy" if white else f"{point}.{kind}.npy"
+
+
+def white_key(kind: str) -> str:
+    """The key of a kind's whitened rows in a patch overlay (beside its rows as computed)."""
+    return f"{kind}.white"
 
 
 def group_of(kind: str) -> str:

@@ -28,6 +28,7 @@ from .gradients import Basis, Projector
 from .index import (
     FORMAT,
     KIND_GROUPS,
+    WHITENED_GROUP,
     GradientIndex,
     IndexSettings,
     IndexUnavailable,
@@ -47,6 +48,7 @@ from .index import (
     group_points,
     index_fingerprint,
     open_index,
+    rows_file,
 )
 from .index_shards import (
     Chunk,
@@ -69,6 +71,7 @@ from .points import LoadedModel, PointSet, load_workspace_model
 from .prefixes import TrainPrefixes
 from .representations import REPRESENTATIONS, bases_of
 from .training_rows import training_gradients
+from .whitening import point_inverse, white_overlay, whiten_index
 from .workspace import Workspace, write_json_atomic
 
 FLUSH_EVERY = 25  # batches between progress records
@@ -160,6 +163,8 @@ def _current(ws: Workspace, root: Path, whole: str, overrides: Overrides | None,
         return None
     if not formed_with_current_factors(ws, index):
         return None
+    if any(index.whitened(p) is None for p in index.group_points.get(WHITENED_GROUP, [])):
+        return None  # TRAK's rows not whitened yet (an index built before whitening, or interrupted)
     return index if overrides is None or index.spans_match(overrides) else None
 
 
@@ -246,7 +251,10 @@ def _rewrite_overlay(root: Path, meta: dict, group: str, point: str, rows: list[
     for n in positions:
         for kind in kinds:
             out[kind].append(computed[n][f"{point}.{kind}"] if n in computed else old[1][kind][old_at[n]].numpy())
-    _save_overlay(_overlay_path(root, group, point), positions, {k: np.stack(v) for k, v in out.items() if v})
+    rows = {k: np.stack(v) for k, v in out.items() if v}
+    if rows and point in meta.get("whitened", {}) and group == WHITENED_GROUP:
+        rows |= white_overlay(point_inverse(root, point), rows)
+    _save_overlay(_overlay_path(root, group, point), positions, rows)
 
 
 def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str, ...], *, loaded: LoadedModel | None,
@@ -296,14 +304,21 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
                     progress=progress, report=report)
     shutil.rmtree(root / "shards", ignore_errors=True)
     loaded.use("final")
+    passes = time.perf_counter() - started
+    whitened = whiten_index(root, meta, len(batches), progress)
     elapsed = time.perf_counter() - started
     n = len(rows)
     # seconds add up over the runs that built this index (an interrupted run is not counted)
     meta.update(done=True, seconds=round(meta.get("seconds", 0.0) + elapsed, 1), dim=projector.dim,
-                points_built=[f"{g}:{p}" for g, p in todo], examples_per_second=round(n * len(todo) / max(elapsed, 1e-9), 1))
+                points_built=[f"{g}:{p}" for g, p in todo])
+    if todo:
+        meta["examples_per_second"] = round(n * len(todo) / max(passes, 1e-9), 1)
+    if whitened:
+        meta["whiten_seconds"] = round(elapsed - passes, 1)
     write_json_atomic(meta_path, meta)
     log(f"[index] built: {n} training instances x {len(todo)} passes ({', '.join(meta['points_built']) or 'none'}), "
-        f"d={projector.dim}, in {elapsed:.1f}s ({meta['seconds']:.1f}s over every run of this index)")
+        f"d={projector.dim}, in {elapsed:.1f}s ({meta['seconds']:.1f}s over every run of this index)"
+        + (f"; TRAK rows whitened at {', '.join(whitened)} in {elapsed - passes:.1f}s" if whitened else ""))
     return GradientIndex(root)
 
 
@@ -345,9 +360,12 @@ def _prepare_files(root: Path, meta: dict, rows: list[dict], settings: IndexSett
         fresh = meta["point_fps"].get(point) != point_fps[point]
         for group in [g for g in meta["groups"] if point in wanted[g] and (fresh or (g, point) not in built
                                                                              or g in rebased)]:
+            if group == WHITENED_GROUP:
+                meta.setdefault("whitened", {}).pop(point, None)
             for kind in KIND_GROUPS[group]:
-                (root / f"{point}.{kind}.npy").unlink(missing_ok=True)  # a new file: a reader's mapping keeps the old
-                open_memmap(root / f"{point}.{kind}.npy", mode="w+", dtype=np.float32, shape=(n, d)).flush()
+                (root / rows_file(point, kind, white=True)).unlink(missing_ok=True)
+                (root / rows_file(point, kind)).unlink(missing_ok=True)  # a new file: a reader's mapping keeps the old
+                open_memmap(root / rows_file(point, kind), mode="w+", dtype=np.float32, shape=(n, d)).flush()
             meta["progress"][f"{group}:{point}"] = 0
             meta["base_overrides"][f"{group}:{point}"] = meta["overrides"]  # the spans its rows will hold
             _overlay_path(root, group, point).unlink(missing_ok=True)
@@ -360,7 +378,10 @@ def _prepare_files(root: Path, meta: dict, rows: list[dict], settings: IndexSett
 def _drop(root: Path, meta: dict, group: str, point: str) -> None:
     """Remove a (group, point) pass's files and progress."""
     for kind in KIND_GROUPS[group]:
-        (root / f"{point}.{kind}.npy").unlink(missing_ok=True)
+        (root / rows_file(point, kind)).unlink(missing_ok=True)
+        (root / rows_file(point, kind, white=True)).unlink(missing_ok=True)
+    if group == WHITENED_GROUP:
+        meta.get("whitened", {}).pop(point, None)
     if (path := _sum_path(root, group, point)) is not None:
         path.unlink(missing_ok=True)
     _overlay_path(root, group, point).unlink(missing_ok=True)
@@ -380,7 +401,7 @@ def _write_pass(root: Path, meta: dict, group: str, point: str, n_batches: int,
     if sum_path is not None:
         saved, n_rows, done = _load_sum(root, group, point)
         total = torch.from_numpy(saved)
-    mats = {kind: np.load(root / f"{point}.{kind}.npy", mmap_mode="r+") for kind in kinds}
+    mats = {kind: np.load(root / rows_file(point, kind), mmap_mode="r+") for kind in kinds}
     emb = ({k: np.load(root / f"emb.{k}.npy", mmap_mode="r+") for k in ("full", "masked")}
            if pass_sums(group, point)[0] else {})
     bar = tqdm(total=n_batches, initial=done, desc=f"index {key}", unit="batch", disable=not progress)

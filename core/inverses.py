@@ -12,7 +12,8 @@ into an inverse curvature matrix times them:
   the training rows of its kinds are kept, a division of the test side's gradient, entry by
   entry, before it is sketched;
 * ``trak`` kind: :class:`FeatureInverse`, TRAK's ``(Phi^T Phi + lambda I)^-1`` of the point's
-  sketched margin-gradient features, with lambda = :data:`TRAK_RIDGE` x their mean eigenvalue.
+  sketched margin-gradient features, with lambda = :data:`TRAK_RIDGE` x their mean eigenvalue
+  (:func:`trak_inverse`); the index applies it to its training rows once (:mod:`core.whitening`).
 
 :func:`make_inverse` picks the strategy a spec's inverse kind and the run's settings ask for.
 """
@@ -95,8 +96,16 @@ class EkfacInverse:
         return engine.test_vectors(None, point, rep, batch, basis=self.basis), self.info
 
 
+def trak_inverse(gram: torch.Tensor, ridge: float = TRAK_RIDGE) -> DampedInverse:
+    """TRAK's (Phi^T Phi + lambda I)^-1 of a point's feature Gram matrix, lambda = ``ridge`` x its
+    mean eigenvalue (``ridge`` itself when the features are zero)."""
+    return DampedInverse(gram, ridge * float(torch.diagonal(gram).mean()) or ridge)
+
+
 class FeatureInverse:
-    """TRAK's (Phi_p^T Phi_p + lambda I)^-1 at each point p, factorised once per point."""
+    """TRAK's (Phi_p^T Phi_p + lambda I)^-1 at each point p: applied to the test features, factorised
+    once per point, or, where the training side keeps its rows whitened (the index does: already
+    multiplied by it, :mod:`core.whitening`), nothing left to apply at query time."""
 
     reads_vectors = True
 
@@ -106,9 +115,14 @@ class FeatureInverse:
 
     def apply(self, engine: "Engine", batch: "TestBatch", point: str, rep: str,
               vecs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        whitened = self.side.whitened(point)
+        if whitened is not None:
+            if whitened["ridge"] != self.ridge:
+                raise ValueError(f"the TRAK rows at {point} were whitened with ridge {whitened['ridge']}, not "
+                                 f"{self.ridge}; rebuild them with `python -m core index --with trak`")
+            return vecs, {"mode": "trak", "ridge": self.ridge, "lambda": whitened["lambda"], "applied": "training rows"}
         if point not in self._inverses:
-            gram = self.side.feature_gram(point)
-            self._inverses[point] = DampedInverse(gram, self.ridge * float(torch.diagonal(gram).mean()) or self.ridge)
+            self._inverses[point] = trak_inverse(self.side.feature_gram(point), self.ridge)
         inverse = self._inverses[point]
         return (inverse.solve(vecs.double().cpu()).float().to(vecs.device),
                 {"mode": "trak", "ridge": self.ridge, "lambda": inverse.lam})

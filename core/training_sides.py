@@ -3,7 +3,8 @@
 Every side answers :meth:`TrainingSide.dot_many`: the (Q, N) inner products of test-side
 vectors with every training instance's vector of some representation kinds at one parameter
 point, :meth:`TrainingSide.gauss_newton`, the mean Gauss-Newton matrix at theta in its space
-(the fast inverse), and :meth:`TrainingSide.feature_gram`, TRAK's Phi^T Phi at a point. Three
+(the fast inverse), :meth:`TrainingSide.feature_gram`, TRAK's Phi^T Phi at a point, and
+:meth:`TrainingSide.whitened`, whether its TRAK rows already carry TRAK's inverse. Three
 strategies:
 
 * :class:`IndexedSide`: the sketched rows of the on-disk gradient index (the default);
@@ -47,6 +48,10 @@ class TrainingSide(Protocol):
     def feature_gram(self, point: str) -> torch.Tensor:
         """Sum over training instances of phi(z) phi(z)^T (d x d, float64), phi the margin gradient at ``point``."""
 
+    def whitened(self, point: str) -> dict | None:
+        """How the TRAK rows at ``point`` were whitened (``ridge``, ``lambda``) when this side keeps
+        them multiplied by TRAK's inverse (:mod:`core.whitening`); None when it keeps them as they are."""
+
 
 class IndexedSide:
     """Training rows from the gradient index, streamed block by block from its memory-mapped
@@ -77,6 +82,9 @@ class IndexedSide:
 
     def feature_gram(self, point: str) -> torch.Tensor:
         return self.index.feature_gram(point)
+
+    def whitened(self, point: str) -> dict | None:
+        return self.index.whitened(point)
 
 
 class StreamedSide:
@@ -143,6 +151,9 @@ class StreamedSide:
             self._features[point] = gram
         return self._features[point]
 
+    def whitened(self, point: str) -> None:
+        return None
+
 
 class InMemorySide:
     """Training rows held in memory: ``rows[(point, kind)]`` is (N, d)."""
@@ -167,6 +178,9 @@ class InMemorySide:
             raise ValueError(f"this in-memory training side has no TRAK features at {point}")
         return self.features[point]
 
+    def whitened(self, point: str) -> None:
+        return None
+
 
 class RoutedSide:
     """``default`` for every point but those in ``routes`` (point -> side)."""
@@ -184,6 +198,9 @@ class RoutedSide:
 
     def feature_gram(self, point: str) -> torch.Tensor:
         return self.routes.get(point, self.default).feature_gram(point)
+
+    def whitened(self, point: str) -> dict | None:
+        return self.routes.get(point, self.default).whitened(point)
 
 
 SHARD_ROWS = 1_000
@@ -223,6 +240,9 @@ class ShardedSide:
 
     def feature_gram(self, point: str) -> torch.Tensor:
         raise ValueError("a sharded side streams points the index lacks; TRAK's features are the index's")
+
+    def whitened(self, point: str) -> None:
+        return None
 
 
 def _shard_dots(shard: tuple[int, int], workspace: tuple[str, str], point: str, params: Params,

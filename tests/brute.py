@@ -98,10 +98,11 @@ def margin_grad(model, tok, row, label: int, span, masked: bool) -> tuple[torch.
 
 
 def brute_trak(backend, test_id: str, span_form: bool, train_rows, ridge: float, dtype=torch.float64,
-               points: Sequence[str] | None = None) -> torch.Tensor:
+               points: Sequence[str] | None = None, spans: dict | None = None) -> torch.Tensor:
     """TRAK's definition, point by point over ``points`` (default: the checkpoints), with every
     feature from autograd: mean_p phi_p(z')^T (Phi_p^T Phi_p + lambda_p I)^-1 phi_p(z) Q_p(z),
-    lambda_p = ridge x mean eigenvalue; span_form: phi(x) - phi(x_-ij) on both sides."""
+    lambda_p = ridge x mean eigenvalue; span_form: phi(x) - phi(x_-ij) on both sides; ``spans``:
+    training spans by id in place of the rows' own."""
     ws, labels = backend.ws, backend.manifest.labels
     test, rows = backend.by_id[test_id], backend.instances("train")
     points = list(points or ws.points("checkpoint"))
@@ -111,9 +112,10 @@ def brute_trak(backend, test_id: str, span_form: bool, train_rows, ridge: float,
         tok = model.spanlens_tokenizer
 
         def side(row, masked_too: bool) -> tuple[torch.Tensor, float]:
-            g, q = margin_grad(model, tok, row, labels.index(row.label), row.span_pair, False)
+            span = (spans or {}).get(row.id, row.span_pair)
+            g, q = margin_grad(model, tok, row, labels.index(row.label), span, False)
             if masked_too:
-                g = g - margin_grad(model, tok, row, labels.index(row.label), row.span_pair, True)[0]
+                g = g - margin_grad(model, tok, row, labels.index(row.label), span, True)[0]
             return g.double(), q
 
         phi = torch.stack([side(r, False)[0] for r in rows])

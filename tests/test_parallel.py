@@ -96,7 +96,8 @@ def test_a_sharded_side_equals_a_streamed_side(tiny_workspace):
     assert len(side.shards) >= 3 and sum(done) == len(full) == got["full"].shape[1]
     for kind in requests:
         assert expected[kind].abs().max() > 0
-        torch.testing.assert_close(got[kind], expected[kind], rtol=1e-5, atol=1e-6 * float(expected[kind].abs().max()))
+        # float32 sums over batches of other lengths (other padding): rounding of a few 1e-6 of the largest
+        torch.testing.assert_close(got[kind], expected[kind], rtol=1e-4, atol=1e-5 * float(expected[kind].abs().max()))
     with pytest.raises(ValueError, match="Gauss-Newton"):
         side.gauss_newton()
 
