@@ -26,9 +26,14 @@ Needs a workspace indexed with ``--with trak,ekfac``. Three parts, in one run:
   ratio to IF++'s (the issue's target: within 2x), and per method the median ms per query of
   its stages (``stages_p50_ms``): the test inputs' frozen prefix, the test vectors (one backward
   pass per point; EK-FAC's, formed in its eigenbasis, counted here and not in its inverse), the
-  inverse, the inner products with the index rows, and the rest (each median on its own).
-* ``index_growth``: bytes on disk of the TRAK group (``<point>.trak.npy``,
-  ``<point>.trak-diff.npy``, ``<point>.trak-gram.npz`` over the index's points) against the
+  inverse, the inner products with the index rows, and the rest (each median on its own). Where
+  the index keeps TRAK's rows whitened (:mod:`core.whitening`), TRAK and TRAK++ are also timed
+  with the inverse applied to the test side at query time, in the same rotation (the path
+  before whitening; ``... (inverse at query time)``, a timing only: its scores apply the inverse
+  twice).
+* ``index_growth``: bytes on disk of the TRAK group (its rows, whitened or not, and
+  ``<point>.trak-gram.npz`` over TRAK's points; ``trak_whitened`` lists the points whose rows
+  are whitened: they replace the rows as computed, so whitening adds nothing) against the
   default ``grad`` group (``<point>.full.npy``, ``<point>.diff.npy`` and ``ggn.npz``), as a
   ratio, each with its span-patch overlays (``patch.<group>.<point>.npz``) where present; the
   TRAK rows and TRAK's d x d float64 Gram matrices are also given apart (at large d the Gram

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .points import PointSet
+from .points import PointSet, unprepared
 from .registry import METHODS
 from .workspace import Workspace, fingerprint
 
@@ -268,6 +268,8 @@ def open_index(ws: Workspace) -> GradientIndex:
     try:
         index = GradientIndex(root)
     except IndexUnavailable as err:
+        if not ws.manifest().prepared():  # `index` would refuse too: prepare first
+            raise IndexUnavailable(f"{err}; {unprepared(ws)}") from None
         raise IndexUnavailable(f"{err}; build it with `{index_command(ws, saved)}`") from None
     if index.meta.get("format") != FORMAT:
         raise IndexUnavailable(f"{root} was built by an earlier version of SpanLens; rebuild it with "

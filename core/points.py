@@ -195,12 +195,17 @@ def _own_bottoms(manifest: Manifest, split: SplitModel, device: torch.device) ->
     return frozen
 
 
+def unprepared(ws: Workspace) -> str:
+    """What to do with a workspace whose ``prepare`` did not finish."""
+    return (f"{ws.root} is not fully prepared (its prepare was interrupted or failed): run the same "
+            "`python -m core prepare` command again; it resumes where it stopped")
+
+
 def load_workspace_model(ws: Workspace, device: str | None = None) -> LoadedModel:
     """Load the classifier and every parameter point the manifest lists."""
     manifest = ws.manifest()
-    for stage in ("variants", *(["models"] if "models" in manifest.stages else [])):
-        if not manifest.stage_done(stage, manifest.stages.get(stage, {}).get("fingerprint", "")):
-            raise FileNotFoundError(f"{ws.root} is not fully prepared: run `python -m core prepare` first")
+    if not manifest.prepared():
+        raise FileNotFoundError(unprepared(ws))
     settings = manifest.settings
     dev = pick_device(device)
     model, tokenizer = load_backbone(settings["model"], manifest.labels, settings["seed"])

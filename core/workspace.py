@@ -97,6 +97,12 @@ class Manifest:
         rec = self.stages.get(stage)
         return bool(rec and rec.get("fingerprint") == fp and rec.get("done"))
 
+    def prepared(self) -> bool:
+        """Whether ``prepare`` finished: its last stages (the variants, and the models where it
+        trains more) are done."""
+        last = ("variants", *(["models"] if "models" in self.stages else []))
+        return all(bool(self.stages.get(s, {}).get("done")) for s in last)
+
 
 class Workspace:
     """Paths and manifest of one prepared run."""

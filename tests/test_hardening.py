@@ -310,6 +310,21 @@ def test_a_missing_index_meta_makes_explain_refuse_with_the_index_command(tiny_w
     assert not (ws / "index" / "meta.json").exists(), "explain built nothing"
 
 
+def test_explain_after_an_interrupted_prepare_says_to_run_prepare_again(tiny_workspace, tmp_path, capsys):
+    """A prepare stopped before its variants (no index yet): explain sends the user to prepare,
+    which resumes, not to `index`, which would refuse."""
+    ws = copy_workspace(tiny_workspace, tmp_path / "ws")
+    shutil.rmtree(ws / "index")
+    manifest = json.loads((ws / "manifest.json").read_text())
+    manifest["stages"]["variants"]["done"] = False
+    (ws / "manifest.json").write_text(json.dumps(manifest))
+    test_id = next(r["id"] for r in Workspace(ws).load_instances() if r["split"] == "test")
+    err = one_line_error(capsys, ["explain", "--workspace", str(ws), "--test-id", test_id, "--method", "TracIn",
+                                  "--device", "cpu"])
+    assert "is not fully prepared" in err and "run the same `python -m core prepare` command again" in err
+    assert "core index" not in err
+
+
 def _reorder_training_rows(ws: Path) -> None:
     lines = (ws / "instances.jsonl").read_text().splitlines()
     train = [n for n, line in enumerate(lines) if json.loads(line)["split"] == "train"]
