@@ -89,8 +89,8 @@ def main() -> None:
     for point in points:
         rows = backend.index.matrix(point, "trak").double()
         gram = backend.index.feature_gram(point).double()
-        if (whitened := backend.index.whitened(point)) is not None:  # the rows as computed, from the whitened ones
-            rows = rows @ (gram + whitened["lambda"] * torch.eye(len(gram), dtype=gram.dtype))
+        if (white := backend.index.whitened(point)) is not None:  # the rows as computed, from the whitened ones
+            rows = rows @ (gram + white["lambda"] * torch.eye(len(gram), dtype=gram.dtype))
         phi = engine.test_vectors(tests, point, "trak").double().cpu()
         evals, evecs = torch.linalg.eigh(gram)
         mean_eig = float(evals.mean())

@@ -212,6 +212,9 @@ class GradientIndex:
         where the base rows are), or None."""
         self._check(kind, point)
         found, key = self._overlays[group_of(kind), point], white_key(kind) if self.keeps_whitened(point, kind) else kind
+        if found is not None and kind in found[1] and key not in found[1]:
+            raise ValueError(f"{_overlay_path(self.root, group_of(kind), point)}: no whitened {kind!r} rows; "
+                             "rebuild the index with `python -m core index`")
         return None if found is None or key not in found[1] else (found[0], found[1][key])
 
     def matrix(self, point: str, kind: str) -> torch.Tensor:

@@ -70,6 +70,7 @@ from .parallel import Mapper
 from .points import LoadedModel, PointSet, load_workspace_model
 from .prefixes import TrainPrefixes
 from .representations import REPRESENTATIONS, bases_of
+from .scoring import TRAK_RIDGE
 from .training_rows import training_gradients
 from .whitening import point_inverse, white_overlay, whiten_index
 from .workspace import Workspace, write_json_atomic
@@ -108,12 +109,14 @@ def build_index(
     on_progress: Progress | None = None,
     groups: tuple[str, ...] = ("grad",),
     mapper: Mapper | None = None,
+    whiten: bool = True,
 ) -> GradientIndex:
     """Build (or resume, or reuse) the workspace's gradient index and return it. ``overrides``
     (corrected training spans) are patched in; ``None`` keeps the spans the index holds.
     ``groups`` (:data:`KIND_GROUPS`) are added to those the index holds. With a ``mapper``
     (:mod:`core.parallel`: Ray) the passes are computed as shard tasks (:mod:`core.index_shards`),
-    their rows the same as in one process.
+    their rows the same as in one process. ``whiten=False`` (a span patch) takes an index whose
+    TRAK rows are not whitened yet as it is (:mod:`core.whitening`: a build whitens them).
 
     An index that is up to date is returned under a shared lock, so any number of processes
     may check at once; building takes the lock exclusively, and another builder gets a clear
@@ -127,7 +130,7 @@ def build_index(
     if unknown:
         raise ValueError(f"unknown index kinds {sorted(unknown)}; choose from {', '.join(KIND_GROUPS)}")
     with _shared_lock(root):
-        current = _current(ws, root, whole, overrides, groups)
+        current = _current(ws, root, whole, overrides, groups, whiten)
     if current is not None:
         log(f"[index] up to date ({whole})")
         return current
@@ -139,7 +142,7 @@ def build_index(
             if lock.read() == "build":
                 raise RuntimeError(f"{root} is being built by another process; wait for it to finish") from None
             fcntl.flock(lock, fcntl.LOCK_EX)
-        index = _current(ws, root, whole, None, groups)
+        index = _current(ws, root, whole, None, groups, whiten)
         if index is None:
             _declare(lock, "build")
             index = _build(ws, settings, root, groups, loaded=loaded, device=device, progress=progress, log=log,
@@ -152,9 +155,10 @@ def build_index(
 
 
 def _current(ws: Workspace, root: Path, whole: str, overrides: Overrides | None,
-             groups: tuple[str, ...]) -> GradientIndex | None:
+             groups: tuple[str, ...], whiten: bool = True) -> GradientIndex | None:
     """The index at ``root`` when it is finished, has this fingerprint, these groups, rows formed
-    with the workspace's factors (EK-FAC's) and these spans."""
+    with the workspace's factors (EK-FAC's), TRAK's rows whitened with TRAK's ridge (``whiten``;
+    whitened with another ridge in any case) and these spans."""
     try:
         index = GradientIndex(root)
     except (IndexUnavailable, ValueError):
@@ -163,8 +167,9 @@ def _current(ws: Workspace, root: Path, whole: str, overrides: Overrides | None,
         return None
     if not formed_with_current_factors(ws, index):
         return None
-    if any(index.whitened(p) is None for p in index.group_points.get(WHITENED_GROUP, [])):
-        return None  # TRAK's rows not whitened yet (an index built before whitening, or interrupted)
+    whitened = [index.whitened(p) for p in index.group_points.get(WHITENED_GROUP, [])]
+    if any(w is not None and w["ridge"] != TRAK_RIDGE for w in whitened) or (whiten and None in whitened):
+        return None  # TRAK's rows whitened with another ridge, or not yet (built before whitening, or interrupted)
     return index if overrides is None or index.spans_match(overrides) else None
 
 
@@ -175,7 +180,7 @@ def patch_spans(ws: Workspace, overrides: Overrides, loaded: LoadedModel, log: C
     if index.spans_match(overrides):
         return index
     return build_index(ws, index.settings, loaded=loaded, log=log, overrides=overrides, progress=False,
-                       groups=tuple(index.groups))
+                       groups=tuple(index.groups), whiten=False)
 
 
 def _declare(lock, intent: str) -> None:
@@ -311,10 +316,8 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
     # seconds add up over the runs that built this index (an interrupted run is not counted)
     meta.update(done=True, seconds=round(meta.get("seconds", 0.0) + elapsed, 1), dim=projector.dim,
                 points_built=[f"{g}:{p}" for g, p in todo])
-    if todo:
+    if todo or "examples_per_second" not in meta:  # a run that only whitened keeps the passes' rate
         meta["examples_per_second"] = round(n * len(todo) / max(passes, 1e-9), 1)
-    if whitened:
-        meta["whiten_seconds"] = round(elapsed - passes, 1)
     write_json_atomic(meta_path, meta)
     log(f"[index] built: {n} training instances x {len(todo)} passes ({', '.join(meta['points_built']) or 'none'}), "
         f"d={projector.dim}, in {elapsed:.1f}s ({meta['seconds']:.1f}s over every run of this index)"
@@ -356,10 +359,11 @@ def _prepare_files(root: Path, meta: dict, rows: list[dict], settings: IndexSett
     rebased = {g for g in meta["groups"]
                if any(meta.get("basis_fps", {}).get(b) != basis_fps[b] for b in bases_of(KIND_GROUPS[g]))}
     meta["basis_fps"] = {b: basis_fps[b] for g in meta["groups"] for b in sorted(bases_of(KIND_GROUPS[g]))}
+    reridged = {(WHITENED_GROUP, p) for p, w in meta.get("whitened", {}).items() if w.get("ridge") != TRAK_RIDGE}
     for point in points:  # new points, points whose parameters changed, new groups and new factors start afresh
         fresh = meta["point_fps"].get(point) != point_fps[point]
         for group in [g for g in meta["groups"] if point in wanted[g] and (fresh or (g, point) not in built
-                                                                             or g in rebased)]:
+                                                                             or g in rebased or (g, point) in reridged)]:
             if group == WHITENED_GROUP:
                 meta.setdefault("whitened", {}).pop(point, None)
             for kind in KIND_GROUPS[group]:

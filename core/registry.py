@@ -72,6 +72,9 @@ class MethodSpec:
         if (self.inverse == "ekfac") != (bases == {"ekfac"}):
             raise ValueError(f"method {self.name!r}: the ekfac inverse is a division in the EK-FAC eigenbasis: "
                              "it goes with the ekfac representations on both sides, and they with it")
+        if (self.inverse == "trak") != (REPRESENTATIONS[self.train].train_scale == "q"):
+            raise ValueError(f"method {self.name!r}: the index keeps TRAK's training rows whitened (multiplied by "
+                             "its inverse): the trak inverse goes with the trak representations, and they with it")
         if self.inverse in ("hessian", "ekfac") and self.points != "final":
             raise ValueError(f"method {self.name!r}: the {self.inverse} inverse is the curvature at theta; "
                              "its points must be 'final'")

@@ -39,7 +39,7 @@ from .inverses import trak_inverse
 from .scoring import TRAK_RIDGE
 from .workspace import write_json_atomic
 
-KINDS = KIND_GROUPS[WHITENED_GROUP]
+TRAK_KINDS = KIND_GROUPS[WHITENED_GROUP]
 
 
 def point_inverse(root: Path, point: str) -> DampedInverse:
@@ -54,7 +54,7 @@ def whiten_rows(inverse: DampedInverse, rows: np.ndarray) -> np.ndarray:
 
 def white_overlay(inverse: DampedInverse, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A TRAK overlay's whitened rows: one entry per kind it holds, keyed by :func:`white_key`."""
-    return {white_key(k): whiten_rows(inverse, rows[k]) for k in KINDS if k in rows}
+    return {white_key(k): whiten_rows(inverse, rows[k]) for k in TRAK_KINDS if k in rows}
 
 
 def whiten_index(root: Path, meta: dict, n_batches: int, progress: bool = True) -> list[str]:
@@ -69,7 +69,7 @@ def whiten_index(root: Path, meta: dict, n_batches: int, progress: bool = True) 
             _whiten_point(root, meta, point, progress)
             done.append(point)
         if point in meta.get("whitened", {}):
-            for kind in KINDS:
+            for kind in TRAK_KINDS:
                 (root / rows_file(point, kind)).unlink(missing_ok=True)
     return done
 
@@ -77,7 +77,7 @@ def whiten_index(root: Path, meta: dict, n_batches: int, progress: bool = True) 
 def _whiten_point(root: Path, meta: dict, point: str, progress: bool) -> None:
     """Write a point's whitened rows and overlay, then record them in the meta."""
     inverse = point_inverse(root, point)
-    for kind in KINDS:
+    for kind in TRAK_KINDS:
         computed = np.load(root / rows_file(point, kind), mmap_mode="r")
         final = root / rows_file(point, kind, white=True)
         tmp = final.with_name(final.name.removesuffix(".npy") + ".tmp.npy")
@@ -91,7 +91,7 @@ def _whiten_point(root: Path, meta: dict, point: str, progress: bool) -> None:
         os.replace(tmp, final)
     found = _load_overlay(root, WHITENED_GROUP, point)
     if found is not None:
-        rows = {k: v.numpy() for k, v in found[1].items() if k in KINDS}
+        rows = {k: v.numpy() for k, v in found[1].items() if k in TRAK_KINDS}
         _save_overlay(_overlay_path(root, WHITENED_GROUP, point), found[0].tolist(), rows | white_overlay(inverse, rows))
     meta.setdefault("whitened", {})[point] = {"ridge": TRAK_RIDGE, "lambda": float(f"{inverse.lam:.12g}")}
     write_json_atomic(root / "meta.json", meta)

@@ -99,6 +99,10 @@ def test_specs_are_checked_when_registered():
         MethodSpec("Bad", "final", "full", "full", "#123456", inverse="ekfac")
     with pytest.raises(ValueError, match="division in the EK-FAC eigenbasis"):
         MethodSpec("Bad", "final", "ekfac", "ekfac", "#123456", inverse="hessian")
+    with pytest.raises(ValueError, match="keeps TRAK's training rows whitened"):  # those rows carry the inverse
+        MethodSpec("Bad", "ensemble", "trak", "trak", "#123456")
+    with pytest.raises(ValueError, match="keeps TRAK's training rows whitened"):
+        MethodSpec("Bad", "final", "full", "full", "#123456", inverse="trak")
     with pytest.raises(ValueError, match="taken by 'GroundTruth'"):
         METHODS.register(MethodSpec("Other", "final", "full", "full", "#123456", aliases=("gt",)))
     with pytest.raises(ValueError, match="unknown method 'nope'; choose from IF, IF\\+"):

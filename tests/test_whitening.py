@@ -59,6 +59,7 @@ def _unwhiten(root: Path) -> None:
             np.save(index / rows_file(point, kind), (torch.from_numpy(np.load(white)).double() @ matrix).float().numpy())
             white.unlink()
     meta.pop("whitened")
+    meta.pop("examples_per_second")  # as a first build killed while whitening leaves it
     (index / "meta.json").write_text(json.dumps(meta))
 
 
@@ -93,20 +94,51 @@ def test_an_index_built_before_whitening_scores_the_same_and_the_next_build_whit
     for name, (values, ihvp) in before.items():
         assert "applied" not in ihvp  # the inverse applied to the test side instead
         assert float((values - whitened[name][0]).norm() / values.norm()) < 1e-5, name
+    # a span correction patches such an index as it is: no build (no whitening) on the way
+    backend = Backend(root, device="cpu")
+    row = backend.instances("train")[2]
+    backend.annotate_span(row.id, "fix", "tester", (0, 4) if row.span_pair != (0, 4) else (2, 9))
+    meta = json.loads((index / "meta.json").read_text())
+    assert "whitened" not in meta and (index / rows_file(point, "trak")).exists()
+    with np.load(index / f"patch.trak.{point}.npz") as overlay:
+        assert set(overlay.files) == {"positions", "trak-diff"}
+    patched = _scores(root)
+    assert "applied" not in patched["TRAK++"][1]
     lines: list[str] = []
-    build_index(Workspace(root), IndexSettings(dim=None, batch_size=8), groups=("trak",), progress=False,
-                log=lines.append)
+    index_workspace(Workspace(root), IndexSettings(dim=None, batch_size=8), extras=["trak"], progress=False,
+                    log=lines.append)
     assert any("TRAK rows whitened at" in line for line in lines)
     meta = json.loads((index / "meta.json").read_text())
     assert set(meta["whitened"]) == set(meta["group_points"]["trak"])
-    assert not list(index.glob("*.trak.npy")) and not list(index.glob("*.tmp.npy"))
+    assert meta["examples_per_second"] == 0.0 and Workspace(root).manifest().results["index"]["examples_per_second"] == 0.0
+    assert not [p for p in index.glob("*.npy") if ".trak" in p.name and ".white." not in p.name]
+    assert not list(index.glob("*.tmp.npy"))
     for name, (values, ihvp) in _scores(root).items():
         assert ihvp["applied"] == "training rows"
-        assert float((values - whitened[name][0]).norm() / values.norm()) < 1e-5, name
+        assert float((values - patched[name][0]).norm() / values.norm()) < 1e-5, name
     lines.clear()
     build_index(Workspace(root), IndexSettings(dim=None, batch_size=8), groups=("trak",), progress=False,
                 log=lines.append)
     assert lines == [f"[index] up to date ({meta['fingerprint']})"]
+
+
+def test_rows_whitened_with_another_ridge_are_refused_and_built_again(workspace, tmp_path):
+    root = _copy(workspace, tmp_path)
+    whitened = _scores(root)
+    meta_path = root / "index" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    point = meta["group_points"]["trak"][-1]
+    meta["whitened"][point]["ridge"] = 0.5  # as if TRAK_RIDGE had been 0.5 when they were whitened
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=rf"the TRAK rows at {point} were whitened with ridge 0.5"):
+        _scores(root)
+    lines: list[str] = []
+    build_index(Workspace(root), IndexSettings(dim=None, batch_size=8), groups=("trak",), progress=False,
+                log=lines.append)
+    assert any(f"trak:{point})" in line and f"TRAK rows whitened at {point} in" in line for line in lines), lines
+    assert json.loads(meta_path.read_text())["whitened"][point]["ridge"] == TRAK_RIDGE
+    for name, (values, _) in _scores(root).items():
+        assert float((values - whitened[name][0]).norm() / values.norm()) < 1e-5, name
 
 
 def test_a_corrected_training_span_whitens_its_trak_overlay(workspace, tmp_path):
