@@ -23,7 +23,8 @@ Needs a workspace indexed with ``--with trak,ekfac``. Three parts, in one run:
   pages in the OS cache, as on a machine serving queries); then each test is timed
   for every method in turn, the method order rotating from test to test, so that a slow spell
   of a shared machine falls on all methods alike. Reports p50 and max in ms and the p50 as a
-  ratio to IF++'s (the issue's target: within 2x), and per method the median ms per query of
+  ratio to IF++'s (the issue's target: within 2x) with a 95 % interval (the queries resampled, the
+  same draw for the method and IF++), and per method the median ms per query of
   its stages (``stages_p50_ms``): the test inputs' frozen prefix, the test vectors (one backward
   pass per point; EK-FAC's, formed in its eigenbasis, counted here and not in its inverse), the
   inverse, the inner products with the index rows, and the rest (each median on its own). Where
@@ -74,6 +75,7 @@ BASELINE = "IF++"
 NEW = ["EKFAC", "EKFAC++", "TRAK", "TRAK++"]
 TARGET_RATIO = 2.0
 QUERY_TIME = " (inverse at query time)"
+DRAWS = 2000
 
 
 def ekfac_fit(backend: Backend, sample: int | None, batch_size: int, seed: int) -> dict:
@@ -196,12 +198,17 @@ def query_latency(backend: Backend, tests, methods: list[str]) -> dict:
             times[name].append(time.perf_counter() - started)
             stages[name].append(dict(clock.spent, other=times[name][-1] - sum(clock.spent.values())))
     base = statistics.median(times[BASELINE])
-    out: dict = {"queries": len(tests), "baseline": BASELINE, "ihvp": "fast", "target_ratio": TARGET_RATIO}
+    out: dict = {"queries": len(tests), "baseline": BASELINE, "ihvp": "fast", "target_ratio": TARGET_RATIO,
+                 "ratio_interval": f"95 % percentile bootstrap over the queries ({DRAWS} draws, paired)"}
+    draws = [[random.Random(d).randrange(len(tests)) for _ in tests] for d in range(DRAWS)]
     for name, values in times.items():
         p50 = statistics.median(values)
         names = dict.fromkeys(k for record in stages[name] for k in record)
+        ratios = sorted(statistics.median(values[i] for i in draw) / statistics.median(times[BASELINE][i] for i in draw)
+                        for draw in draws)
         out[name] = {"p50_ms": round(1000 * p50, 2), "max_ms": round(1000 * max(values), 2),
                      "first_call_ms": warm[name], "p50_ratio_to_if_pp": round(p50 / base, 2),
+                     "p50_ratio_ci95": [round(ratios[int(0.025 * DRAWS)], 2), round(ratios[int(0.975 * DRAWS) - 1], 2)],
                      "stages_p50_ms": {k: round(1000 * statistics.median(r.get(k, 0.0) for r in stages[name]), 2)
                                        for k in names}}
     return out

@@ -311,18 +311,22 @@ def _build(ws: Workspace, settings: IndexSettings, root: Path, groups: tuple[str
     loaded.use("final")
     passes = time.perf_counter() - started
     whitened = whiten_index(root, meta, len(batches), progress)
-    elapsed = time.perf_counter() - started
-    n = len(rows)
+    _finish(root, meta, todo, len(rows), projector.dim, passes, time.perf_counter() - started, whitened, log)
+    return GradientIndex(root)
+
+
+def _finish(root: Path, meta: dict, todo: list[tuple[str, str]], n: int, dim: int, passes: float, elapsed: float,
+            whitened: list[str], log) -> None:
+    """Record a finished build (its passes, their rate, the seconds of every run) and say what it did."""
     # seconds add up over the runs that built this index (an interrupted run is not counted)
-    meta.update(done=True, seconds=round(meta.get("seconds", 0.0) + elapsed, 1), dim=projector.dim,
+    meta.update(done=True, seconds=round(meta.get("seconds", 0.0) + elapsed, 1), dim=dim,
                 points_built=[f"{g}:{p}" for g, p in todo])
     if todo or "examples_per_second" not in meta:  # a run that only whitened keeps the passes' rate
         meta["examples_per_second"] = round(n * len(todo) / max(passes, 1e-9), 1)
-    write_json_atomic(meta_path, meta)
+    write_json_atomic(root / "meta.json", meta)
     log(f"[index] built: {n} training instances x {len(todo)} passes ({', '.join(meta['points_built']) or 'none'}), "
-        f"d={projector.dim}, in {elapsed:.1f}s ({meta['seconds']:.1f}s over every run of this index)"
+        f"d={dim}, in {elapsed:.1f}s ({meta['seconds']:.1f}s over every run of this index)"
         + (f"; TRAK rows whitened at {', '.join(whitened)} in {elapsed - passes:.1f}s" if whitened else ""))
-    return GradientIndex(root)
 
 
 def _pairs(meta: dict) -> list[tuple[str, str]]:
