@@ -70,9 +70,8 @@ from .parallel import Mapper
 from .points import LoadedModel, PointSet, load_workspace_model
 from .prefixes import TrainPrefixes
 from .representations import REPRESENTATIONS, bases_of
-from .scoring import TRAK_RIDGE
 from .training_rows import training_gradients
-from .whitening import point_inverse, white_overlay, whiten_index
+from .whitening import other_ridge, point_inverse, white_overlay, whiten_index
 from .workspace import Workspace, write_json_atomic
 
 FLUSH_EVERY = 25  # batches between progress records
@@ -167,8 +166,9 @@ def _current(ws: Workspace, root: Path, whole: str, overrides: Overrides | None,
         return None
     if not formed_with_current_factors(ws, index):
         return None
-    whitened = [index.whitened(p) for p in index.group_points.get(WHITENED_GROUP, [])]
-    if any(w is not None and w["ridge"] != TRAK_RIDGE for w in whitened) or (whiten and None in whitened):
+    points = index.group_points.get(WHITENED_GROUP, [])
+    whitened = {p: w for p in points if (w := index.whitened(p)) is not None}
+    if other_ridge(whitened) or (whiten and len(whitened) < len(points)):
         return None  # TRAK's rows whitened with another ridge, or not yet (built before whitening, or interrupted)
     return index if overrides is None or index.spans_match(overrides) else None
 
@@ -363,7 +363,7 @@ def _prepare_files(root: Path, meta: dict, rows: list[dict], settings: IndexSett
     rebased = {g for g in meta["groups"]
                if any(meta.get("basis_fps", {}).get(b) != basis_fps[b] for b in bases_of(KIND_GROUPS[g]))}
     meta["basis_fps"] = {b: basis_fps[b] for g in meta["groups"] for b in sorted(bases_of(KIND_GROUPS[g]))}
-    reridged = {(WHITENED_GROUP, p) for p, w in meta.get("whitened", {}).items() if w.get("ridge") != TRAK_RIDGE}
+    reridged = {(WHITENED_GROUP, p) for p in other_ridge(meta.get("whitened", {}))}
     for point in points:  # new points, points whose parameters changed, new groups and new factors start afresh
         fresh = meta["point_fps"].get(point) != point_fps[point]
         for group in [g for g in meta["groups"] if point in wanted[g] and (fresh or (g, point) not in built

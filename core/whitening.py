@@ -16,6 +16,7 @@ whitened copies (:func:`core.index.white_key`), the latter always formed from th
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,12 @@ TRAK_KINDS = KIND_GROUPS[WHITENED_GROUP]
 def point_inverse(root: Path, point: str) -> DampedInverse:
     """TRAK's inverse at a point, from the Gram matrix its pass accumulated."""
     return trak_inverse(torch.from_numpy(_load_sum(root, WHITENED_GROUP, point)[0]), TRAK_RIDGE)
+
+
+def other_ridge(whitened: Mapping[str, dict]) -> set[str]:
+    """The points of a ``whitened`` record (point -> ridge and lambda) whitened with a ridge other
+    than TRAK's: their rows must be built again (the rows as computed are gone)."""
+    return {p for p, w in whitened.items() if w.get("ridge") != TRAK_RIDGE}
 
 
 def whiten_rows(inverse: DampedInverse, rows: np.ndarray) -> np.ndarray:
