@@ -24,17 +24,32 @@ Needs a workspace indexed with ``--with trak,ekfac``. Three parts, in one run:
   for every method in turn, the method order rotating from test to test, so that a slow spell
   of a shared machine falls on all methods alike. Reports p50 and max in ms and the p50 as a
   ratio to IF++'s (the issue's target: within 2x) with a 95 % interval (the queries resampled, the
-  same draw for the method and IF++), and per method the median ms per query of
+  same draw for the method and IF++); the median over the queries of each query's own ratio to
+  IF++'s time on that query (``paired_ratio_median``, with its interval from the same draws: the
+  queries' own lengths cancel in it); each query's ms (``per_query_ms``, in the order of the
+  queries); and per method the median ms per query of
   its stages (``stages_p50_ms``): the test inputs' frozen prefix, the test vectors (one backward
   pass per point; EK-FAC's, formed in its eigenbasis, counted here and not in its inverse), the
   inverse, the inner products with the index rows, and the rest (each median on its own). Where
   the index keeps TRAK's rows whitened (:mod:`core.whitening`), TRAK and TRAK++ are also timed
   with the inverse applied to the test side at query time, in the same rotation (the path
-  before whitening; ``... (inverse at query time)``, a timing only: its scores apply the inverse
-  twice).
+  before whitening, but over the rows as the index keeps them, float16 or float32; ``... (inverse
+  at query time)``, a timing only: its scores apply the inverse twice). Where it keeps them in float16 (:func:`core.index.half_rows`), TRAK and TRAK++ are also
+  timed over float32 whitened rows, the rows before they were kept in float16 (``... (float32
+  rows)``): those of ``--float32-rows DIR`` when given, else the float16 rows widened (the same
+  bytes read, so the same timing), in a temporary copy of the index (links to its other files).
+* ``batched_latency`` (where the index keeps TRAK's rows in float16): median seconds of one call
+  scoring the first 32 latency tests at once with TRAK and TRAK++, over the float16 rows and over
+  the float32 rows, and their ratio (past 8 tests the float16 rows are widened in the product).
+* ``half_rows`` (with ``--float32-rows DIR``, a folder of float32 whitened TRAK rows
+  ``<point>.<kind>.white.npy`` copied from an index whitened before the rows were kept in float16,
+  before ``index`` converted them): per latency test, how TRAK's and TRAK++'s scores over the
+  float16 rows differ from those over the float32 rows: relative L2 error, Spearman correlation
+  and the share of the top 10 kept; median and worst over the tests.
 * ``index_growth``: bytes on disk of the TRAK group (its rows, whitened or not, and
   ``<point>.trak-gram.npz`` over TRAK's points; ``trak_whitened`` lists the points whose rows
-  are whitened: they replace the rows as computed, so whitening adds nothing) against the
+  are whitened: they replace the rows as computed, in float16 with a float32 scale per row, so
+  whitening halves them) against the
   default ``grad`` group (``<point>.full.npy``, ``<point>.diff.npy`` and ``ggn.npz``), as a
   ratio, each with its span-patch overlays (``patch.<group>.<point>.npz``) where present; the
   TRAK rows and TRAK's d x d float64 Gram matrices are also given apart (at large d the Gram
@@ -62,19 +77,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from common import Backend, current_rss_mib, gold_tests, peak_rss_mib
 
 from core.ekfac import Eigenbasis, fit_ekfac
 from core.engine import Engine
+from core.index import GradientIndex, rows_file, scales_file
 from core.model import HiddenCache
 from core.registry import METHODS
 from core.scoring import ScoreSettings
+from core.stats import draws_summary
+from core.training_sides import IndexedSide
 
 BASELINE = "IF++"
 NEW = ["EKFAC", "EKFAC++", "TRAK", "TRAK++"]
 TARGET_RATIO = 2.0
 QUERY_TIME = " (inverse at query time)"
+WIDE = " (float32 rows)"
 DRAWS = 2000
 
 
@@ -164,17 +184,51 @@ class QueryTimeInverse:
         return None
 
 
-def query_latency(backend: Backend, tests, methods: list[str]) -> dict:
+def half_points(index: GradientIndex) -> list[str]:
+    """TRAK's points whose whitened rows the index keeps in float16."""
+    return [p for p in index.group_points.get("trak", [])
+            if index._map(index.file_of(p, "trak")).dtype == np.float16]
+
+
+def wide_index(index: GradientIndex, folder: Path, source: Path | None) -> GradientIndex:
+    """A copy of the index in ``folder`` whose float16 TRAK rows are float32: those in ``source``,
+    else the float16 rows widened; links to its other files."""
+    wide = {rows_file(p, k, white=True): (p, k) for p in half_points(index) for k in ("trak", "trak-diff")}
+    scales = {scales_file(p, k) for p, k in wide.values()}
+    for path in index.root.iterdir():
+        if path.is_file() and path.name not in scales and not path.name.startswith("ann."):
+            if path.name not in wide:
+                (folder / path.name).symlink_to(path)
+            elif source is not None:
+                given = np.load(source / path.name, mmap_mode="r")
+                if given.shape != (len(index.ids), index.meta["dim"]) or given.dtype != np.float32:
+                    raise SystemExit(f"{source / path.name}: {given.dtype} {given.shape}, not this index's "
+                                     f"float32 ({len(index.ids)}, {index.meta['dim']}) rows")
+                (folder / path.name).symlink_to((source / path.name).resolve(strict=True))
+            else:
+                rows = np.lib.format.open_memmap(folder / path.name, mode="w+", dtype=np.float32,
+                                                 shape=(len(index.ids), index.meta["dim"]))
+                for start, block in index.blocks(*wide[path.name]):
+                    rows[start : start + len(block)] = block.numpy()
+                rows.flush()
+    return GradientIndex(folder)
+
+
+def query_latency(backend: Backend, tests, methods: list[str], wide: GradientIndex | None) -> dict:
     """p50 and max ms of one-test scores per method, measured side by side after warming each,
     and the median ms per query of each stage. Where the index keeps TRAK's rows whitened, TRAK
     and TRAK++ are also timed with the inverse applied at query time (``QUERY_TIME``, timing only:
-    :class:`QueryTimeInverse`), in the same rotation."""
+    :class:`QueryTimeInverse`), and over ``wide``'s float32 rows (``WIDE``), in the same rotation."""
     engine = backend.engine()
     runs = [(m, engine, METHODS.resolve(m)) for m in methods]
+    trak = [m for m in methods if METHODS.resolve(m).inverse == "trak"]
     trak_points = backend.index.group_points.get("trak", [])
     if trak_points and all(backend.index.whitened(p) is not None for p in trak_points):
         slow = Engine(engine.loaded, QueryTimeInverse(engine.side), engine.projector, points=engine.points)
-        runs += [(m + QUERY_TIME, slow, METHODS.resolve(m)) for m in methods if METHODS.resolve(m).inverse == "trak"]
+        runs += [(m + QUERY_TIME, slow, METHODS.resolve(m)) for m in trak]
+    if wide is not None:
+        runs += [(m + WIDE, Engine(engine.loaded, IndexedSide(wide), engine.projector, points=engine.points),
+                  METHODS.resolve(m)) for m in trak]
     warm = {}
     for name, eng, spec in runs:  # inverses factorised or loaded, index matrices read
         started = time.perf_counter()
@@ -187,7 +241,8 @@ def query_latency(backend: Backend, tests, methods: list[str]) -> dict:
         for inverse in {id(i): i for i in (eng.inverse(s, ScoreSettings()) for _, e, s in runs
                                            if e is eng and s.inverse)}.values():
             clock.wrap(inverse, "apply", "inverse")
-    clock.wrap(engine.side, "dot_many", "inner_products")  # the query-time path's side reads it too
+    for side in dict.fromkeys(e.side for _, e, _ in runs if not isinstance(e.side, QueryTimeInverse)):
+        clock.wrap(side, "dot_many", "inner_products")  # the query-time path's side reads the index's
     times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     stages: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in runs}
     for q, test in enumerate(tests):
@@ -200,17 +255,68 @@ def query_latency(backend: Backend, tests, methods: list[str]) -> dict:
     base = statistics.median(times[BASELINE])
     out: dict = {"queries": len(tests), "baseline": BASELINE, "ihvp": "fast", "target_ratio": TARGET_RATIO,
                  "ratio_interval": f"95 % percentile bootstrap over the queries ({DRAWS} draws, paired)"}
-    draws = [[random.Random(d).randrange(len(tests)) for _ in tests] for d in range(DRAWS)]
+    draws = np.random.default_rng(0).integers(0, len(tests), size=(DRAWS, len(tests)))  # the same draws for all
+    baseline = np.array(times[BASELINE])
     for name, values in times.items():
         p50 = statistics.median(values)
         names = dict.fromkeys(k for record in stages[name] for k in record)
-        ratios = sorted(statistics.median(values[i] for i in draw) / statistics.median(times[BASELINE][i] for i in draw)
-                        for draw in draws)
+        mine = np.array(values)
+        low, high, _ = draws_summary(np.median(mine[draws], axis=1) / np.median(baseline[draws], axis=1))
+        paired = mine / baseline
+        paired_low, paired_high, _ = draws_summary(np.median(paired[draws], axis=1))
         out[name] = {"p50_ms": round(1000 * p50, 2), "max_ms": round(1000 * max(values), 2),
                      "first_call_ms": warm[name], "p50_ratio_to_if_pp": round(p50 / base, 2),
-                     "p50_ratio_ci95": [round(ratios[int(0.025 * DRAWS)], 2), round(ratios[int(0.975 * DRAWS) - 1], 2)],
+                     "p50_ratio_ci95": [round(low, 2), round(high, 2)],
+                     "paired_ratio_median": round(float(np.median(paired)), 2),
+                     "paired_ratio_ci95": [round(paired_low, 2), round(paired_high, 2)],
+                     "per_query_ms": [round(1000 * t, 2) for t in values],
                      "stages_p50_ms": {k: round(1000 * statistics.median(r.get(k, 0.0) for r in stages[name]), 2)
                                        for k in names}}
+    return out
+
+
+def batched_latency(backend: Backend, wide: GradientIndex, tests, repeats: int = 5) -> dict:
+    """Median seconds of one ``scores_many`` call over all ``tests`` for TRAK and TRAK++ over the
+    float16 rows and over ``wide``'s float32 rows, in turn (past ``HALF_GEMM_MAX`` tests a call
+    widens the float16 rows: it should cost what the float32 rows cost)."""
+    engine = backend.engine()
+    engines = {"float16 rows": engine,
+               "float32 rows": Engine(engine.loaded, IndexedSide(wide), engine.projector, points=engine.points)}
+    specs = [METHODS.resolve(m) for m in NEW if METHODS.resolve(m).inverse == "trak"]
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for e in engines.values():
+        e.scores_many(tests, specs)  # warm
+    for _ in range(repeats):
+        for name, e in engines.items():
+            started = time.perf_counter()
+            e.scores_many(tests, specs)
+            times[name].append(time.perf_counter() - started)
+    out = {"tests_per_call": len(tests), "methods": [s.name for s in specs], "repeats": repeats,
+           **{f"{name} s": round(statistics.median(v), 2) for name, v in times.items()}}
+    out["ratio"] = round(out["float16 rows s"] / out["float32 rows s"], 2)
+    return out
+
+
+def half_rows_agreement(backend: Backend, wide: GradientIndex, tests, top: int = 10) -> dict:
+    """Per test, TRAK's and TRAK++'s scores over the float16 rows against those over the float32
+    rows: relative L2 error, Spearman correlation, share of the top ``top`` kept (median, worst)."""
+    from scipy.stats import spearmanr
+
+    engine = backend.engine()
+    wide_engine = Engine(engine.loaded, IndexedSide(wide), engine.projector, points=engine.points)
+    out: dict = {"tests": len(tests), "top": top}
+    for name in [m for m in NEW if METHODS.resolve(m).inverse == "trak"]:
+        spec, errors, rhos, kept = METHODS.resolve(name), [], [], []
+        for test in tests:
+            half = engine.scores([test], spec).values[0].double()
+            full = wide_engine.scores([test], spec).values[0].double()
+            errors.append(float((half - full).norm() / full.norm()))
+            rhos.append(float(spearmanr(half.numpy(), full.numpy()).statistic))
+            kept.append(len(set(half.topk(top).indices.tolist()) & set(full.topk(top).indices.tolist())) / top)
+        out[name] = {"relative_l2_median": float(f"{statistics.median(errors):.3g}"),
+                     "relative_l2_max": float(f"{max(errors):.3g}"),
+                     "spearman_median": round(statistics.median(rhos), 6), "spearman_min": round(min(rhos), 6),
+                     f"top{top}_kept_median": statistics.median(kept), f"top{top}_kept_min": min(kept)}
     return out
 
 
@@ -284,10 +390,11 @@ def index_growth(backend: Backend, fitted_bytes: int | None) -> dict:
     size = lambda names: sum((root / n).stat().st_size for n in names if (root / n).exists())  # noqa: E731
     trak_points = index.group_points.get("trak", [])
     trak_files = [index.file_of(p, k) for p in trak_points for k in ("trak", "trak-diff")]
+    scale_files = [scales_file(p, k) for p in trak_points for k in ("trak", "trak-diff")]  # float16 rows' scales
     missing = [n for n in trak_files if not (root / n).exists()] if trak_points else ["no trak group"]
     grad = size([f"{p}.{k}.npy" for p in points for k in ("full", "diff")] + ["ggn.npz"]
                 + [f"patch.grad.{p}.npz" for p in points])
-    trak_rows = size(trak_files + [f"patch.trak.{p}.npz" for p in trak_points])
+    trak_rows = size(trak_files + scale_files + [f"patch.trak.{p}.npz" for p in trak_points])
     trak_grams = size([f"{p}.trak-gram.npz" for p in trak_points])
     factors = backend.ws.root / "ekfac" / "factors.safetensors"
     ekfac = factors.stat().st_size if factors.exists() else None
@@ -313,6 +420,10 @@ def main() -> None:
                         help="fit EK-FAC on this many seeded training instances (default: all)")
     parser.add_argument("--ekfac-batch-size", type=int, default=None, help="default: the index's batch size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--float32-rows", type=Path, default=None,
+                        help="a folder of float32 whitened TRAK rows (<point>.<kind>.white.npy) copied from the "
+                             "index before it kept them in float16: the latency's float32 timing reads them, "
+                             "and half_rows compares the scores")
     parser.add_argument("--skip", nargs="*", default=[], choices=["ekfac", "latency", "precision", "growth"])
     args = parser.parse_args()
     backend = Backend(args.workspace)
@@ -328,7 +439,15 @@ def main() -> None:
     if "latency" not in args.skip:
         records = backend.instances("test")
         tests = gold_tests(backend, random.Random(args.seed).sample(records, min(args.queries, len(records))))
-        out["query_latency"] = query_latency(backend, tests, methods)
+        with tempfile.TemporaryDirectory(prefix="wide-index-") as folder:
+            wide = wide_index(backend.index, Path(folder), args.float32_rows) if half_points(backend.index) else None
+            out["query_latency"] = query_latency(backend, tests, methods, wide)
+            if wide is not None:
+                out["batched_latency"] = batched_latency(backend, wide, tests[:32])
+            if wide is not None and args.float32_rows is not None:
+                out["half_rows"] = half_rows_agreement(backend, wide, tests)
+            elif args.float32_rows is not None:
+                out["half_rows"] = "not measured: the index keeps no TRAK rows in float16"
     if "precision" not in args.skip:
         records = backend.instances("test")
         sample = random.Random(args.seed).sample(records, min(10, len(records)))

@@ -24,7 +24,10 @@ core/representations.py ``trak``). This prints, for ``--tests`` test instances c
 What would make it misleading: ``--tests`` small (the shares are means over tests, printed
 without intervals); a workspace with few training instances against the sketch dimension (the
 kernel is then singular and the ridge decides); Lag is a label check, not a counterfactual one
-(LDS is, ``evaluate --lds``).
+(LDS is, ``evaluate --lds``); an index that keeps TRAK's rows whitened in float16
+(:func:`core.index.half_rows`): the rows as computed are recovered from them through
+Phi^T Phi + lambda I, which magnifies their rounding (about 2^-12 of each row's largest entry) in
+the other ridges, the "none" baseline and the norms.
 
     python benchmarks/trak_diagnostics.py --workspace workspaces/sentihood-1k-s0 --tests 100
 """

@@ -191,8 +191,7 @@ def build_ann(index: GradientIndex, point: str, kind: str, settings: AnnSettings
 
 def _rows(index: GradientIndex, point: str, kind: str, positions: np.ndarray) -> np.ndarray:
     """The current rows (overlay applied) at ``positions`` (sorted), float32 (Q, d)."""
-    mapped = index._map(index.file_of(point, kind))
-    out = np.asarray(mapped[positions], dtype=np.float32)
+    out = index.rows_at(point, kind, positions)
     patched = index.overlay(point, kind)
     if patched is not None:
         where = {int(p): j for j, p in enumerate(patched[0].tolist())}

@@ -9,7 +9,8 @@ sum_n J_n^T (diag p_n - p_n p_n^T) J_n in the sketched space (the fast inverse H
 Lifecycle: only :mod:`core.index_build` builds (the ``prepare`` and ``index`` commands, the
 app's build job) and patches corrected spans in; :func:`open_index` reads a finished index and
 refuses, with the command to run, one that is missing, unfinished or out of date. Matrices are
-memory-mapped, never held whole: a query streams them in blocks (:meth:`GradientIndex.blocks`).
+memory-mapped, never held whole: a query streams them in blocks (:meth:`GradientIndex.products`).
+TRAK's whitened rows are kept in float16 over a float32 scale per row (:func:`half_rows`).
 
 Training spans a person corrected (``overrides``: id -> (start, end)) replace the workspace's
 spans. The base matrices never change once built: the rows of corrected spans live in small
@@ -43,6 +44,9 @@ KINDS = KIND_GROUPS["grad"]
 WHITENED_GROUP = "trak"
 """The group whose rows the index keeps whitened, multiplied by TRAK's inverse (:mod:`core.whitening`)."""
 BLOCK_BYTES = 64 << 20  # a query streams a matrix in blocks of about this size
+HALF_GEMM_MAX = 8  # past this many vectors torch's float16 product on a CPU is slower than float32's
+WIDEN_ROWS = 512  # half rows widened to float32 this many at a time, into one buffer (it stays in cache)
+FLOAT16_MAX = 65504  # a float16 product of vectors of at most 1 in magnitude holds sums up to d
 FORMAT = 2  # 2: Gauss-Newton sum saved with its batch count (ggn.npz)
 
 Overrides = dict[str, tuple[int, int]]
@@ -162,8 +166,10 @@ class GradientIndex:
                                            if p in self.group_points.get(WHITENED_GROUP, [])}
         self._maps: dict[str, np.ndarray] = {}
         self._overlays = {(g, p): _load_overlay(root, g, p) for g in self.groups for p in self.group_points[g]}
+        self._scales: dict[tuple[str, str], torch.Tensor] = {}  # half rows' scales, read with their mapping
         for p, k in [(p, k) for g in self.groups for p in self.group_points[g] for k in KIND_GROUPS[g]]:
-            self._map(self.file_of(p, k))  # every file mapped now: a rebuild replaces files, never these mappings
+            if self._map(self.file_of(p, k)).dtype == np.float16:  # every file mapped now: a rebuild replaces
+                self._scales[p, k] = self._row_scales(p, k)       # files, never these mappings
 
     def keeps_whitened(self, point: str, kind: str) -> bool:
         """Whether the index keeps a point's rows of a kind whitened."""
@@ -174,8 +180,8 @@ class GradientIndex:
         return rows_file(point, kind, self.keeps_whitened(point, kind))
 
     def whitened(self, point: str) -> dict | None:
-        """How the TRAK rows at ``point`` were whitened (``ridge``, ``lambda``), or None where they
-        are kept as computed (an index built before whitening, until ``index`` runs again)."""
+        """How the TRAK rows at ``point`` were whitened (``ridge``, ``lambda``, ``storage``), or None
+        where they are kept as computed (an index built before whitening, until ``index`` runs again)."""
         return self._whitened.get(point)
 
     def _map(self, name: str) -> np.ndarray:
@@ -194,9 +200,21 @@ class GradientIndex:
                                    f"{', '.join(self.kinds)}); add them with "
                                    f"`python -m core index --workspace {self.root.parent} --with {group_of(kind)}`")
 
-    def blocks(self, point: str, kind: str, rows: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-        """The (N, d) matrix of a point and kind in blocks of ``rows`` rows (start, block), read
-        from the mapped file without the overlay (see :meth:`overlay`)."""
+    def _row_scales(self, point: str, kind: str) -> torch.Tensor:
+        """The float32 scale of each of a point's half rows of a kind (:func:`half_rows`)."""
+        path = self.root / scales_file(point, kind)
+        try:
+            scales = np.load(path)
+        except (OSError, ValueError, EOFError) as err:
+            raise ValueError(f"{path}: unreadable ({err}); rebuild the index with `python -m core index`") from None
+        if scales.shape != (len(self.ids),):
+            raise ValueError(f"{path}: {scales.shape} scales for {len(self.ids)} rows; rebuild the index with "
+                             "`python -m core index`")
+        return torch.from_numpy(scales.astype(np.float32))
+
+    def _stored(self, point: str, kind: str, rows: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """A point's rows of a kind as the file stores them (float32, or half rows over their
+        scales), in blocks of ``rows`` rows (start, block)."""
         self._check(kind, point)
         mapped = self._map(self.file_of(point, kind))
         row_bytes = max(1, mapped.shape[1] * mapped.itemsize)
@@ -206,6 +224,48 @@ class GradientIndex:
                 warnings.simplefilter("ignore", UserWarning)
                 yield start, torch.from_numpy(mapped[start : start + rows])
             _release(mapped, start * row_bytes, rows * row_bytes)
+
+    def blocks(self, point: str, kind: str, rows: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """The (N, d) float32 matrix of a point and kind in blocks of ``rows`` rows (start, block),
+        read from the mapped file without the overlay (see :meth:`overlay`)."""
+        scales = self._scales.get((point, kind))
+        for start, block in self._stored(point, kind, rows):
+            yield start, block if scales is None else block.float() * scales[start : start + len(block), None]
+
+    def products(self, point: str, kind: str, vecs: torch.Tensor) -> torch.Tensor:
+        """Inner products (Q, N) of float32 vectors (Q, d) with a point's rows of a kind, without
+        the overlay. Half rows (:func:`half_rows`) are multiplied in float16 on the CPU when there
+        are at most ``HALF_GEMM_MAX`` vectors, scaled to at most 1 in magnitude so that no sum
+        passes d (torch sums the float16 products in float32 there); otherwise (more vectors, a
+        GPU, or d past float16's largest value) they are widened to float32 ``WIDEN_ROWS`` rows at
+        a time."""
+        out = torch.empty(vecs.shape[0], len(self.ids), device=vecs.device)
+        scales = self._scales.get((point, kind))
+        half = (scales is not None and vecs.device.type == "cpu" and vecs.shape[0] <= HALF_GEMM_MAX
+                and vecs.shape[1] <= FLOAT16_MAX)
+        size = vecs.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) if half else None
+        shrunk = (vecs / size).half() if half else vecs
+        wide = None if half or scales is None else vecs.new_empty(WIDEN_ROWS, vecs.shape[1])  # reused: no allocations
+        for start, block in self._stored(point, kind):
+            block = block.to(vecs.device, non_blocking=True)
+            if half:
+                out[:, start : start + len(block)] = (block @ shrunk.T).T
+            elif wide is None:
+                out[:, start : start + len(block)] = vecs @ block.T
+            else:
+                for at in range(0, len(block), WIDEN_ROWS):
+                    rows = wide[: min(WIDEN_ROWS, len(block) - at)].copy_(block[at : at + WIDEN_ROWS])
+                    out[:, start + at : start + at + len(rows)] = vecs @ rows.T
+        if scales is None:
+            return out
+        return (out * size if half else out) * scales.to(vecs.device)[None]
+
+    def rows_at(self, point: str, kind: str, positions: np.ndarray) -> np.ndarray:
+        """A point's float32 rows of a kind at ``positions`` (Q, d), without the overlay."""
+        self._check(kind, point)
+        out = np.asarray(self._map(self.file_of(point, kind))[positions], dtype=np.float32)
+        scales = self._scales.get((point, kind))
+        return out if scales is None else out * scales.numpy()[positions, None]
 
     def overlay(self, point: str, kind: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(positions, rows) of the corrected training spans that replace base rows (whitened
@@ -219,7 +279,7 @@ class GradientIndex:
 
     def matrix(self, point: str, kind: str) -> torch.Tensor:
         """The whole (N, d) matrix of a point and kind, overlay applied (a copy: small indexes,
-        tests and benchmarks; queries stream :meth:`blocks`)."""
+        tests and benchmarks; queries stream :meth:`products`)."""
         out = torch.cat([block.clone() for _, block in self.blocks(point, kind)])
         if (patched := self.overlay(point, kind)) is not None:
             out[patched[0]] = patched[1]
@@ -304,6 +364,21 @@ def group_points(group: str, points: PointSet) -> list[str]:
 def rows_file(point: str, kind: str, white: bool = False) -> str:
     """The file name of a point's rows of a kind (``white``: whitened, :mod:`core.whitening`)."""
     return f"{point}.{kind}.white.npy" if white else f"{point}.{kind}.npy"
+
+
+def scales_file(point: str, kind: str) -> str:
+    """The file name of the scales of a point's half rows of a kind (:func:`half_rows`)."""
+    return f"{point}.{kind}.white.scales.npy"
+
+
+def half_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (n, d) as float16 rows over a float32 scale per row, each row's largest magnitude: each
+    entry is kept to within 2^-12 of its row's largest, whatever the row's size (entries under
+    2^-24 of it become 0; a row of zeros has scale 0). TRAK's reference implementation keeps its
+    features in float16 too."""
+    wide = np.asarray(rows, dtype=np.float64)
+    scales = np.abs(wide).max(axis=1)
+    return (wide / np.where(scales > 0, scales, 1.0)[:, None]).astype(np.float16), scales.astype(np.float32)
 
 
 def white_key(kind: str) -> str:

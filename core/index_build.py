@@ -49,6 +49,7 @@ from .index import (
     index_fingerprint,
     open_index,
     rows_file,
+    scales_file,
 )
 from .index_shards import (
     Chunk,
@@ -71,7 +72,14 @@ from .points import LoadedModel, PointSet, load_workspace_model
 from .prefixes import TrainPrefixes
 from .representations import REPRESENTATIONS, bases_of
 from .training_rows import training_gradients
-from .whitening import other_ridge, point_inverse, white_overlay, whiten_index
+from .whitening import (
+    other_ridge,
+    point_inverse,
+    unreadable,
+    white_overlay,
+    whiten_index,
+    wide_storage,
+)
 from .workspace import Workspace, write_json_atomic
 
 FLUSH_EVERY = 25  # batches between progress records
@@ -168,8 +176,10 @@ def _current(ws: Workspace, root: Path, whole: str, overrides: Overrides | None,
         return None
     points = index.group_points.get(WHITENED_GROUP, [])
     whitened = {p: w for p in points if (w := index.whitened(p)) is not None}
-    if other_ridge(whitened) or (whiten and len(whitened) < len(points)):
-        return None  # TRAK's rows whitened with another ridge, or not yet (built before whitening, or interrupted)
+    # TRAK's rows whitened with another ridge, not yet (built before whitening, or interrupted), or
+    # kept in float32 (whitened before they were kept in float16): a build brings them up to date
+    if other_ridge(whitened) or (whiten and (len(whitened) < len(points) or wide_storage(whitened))):
+        return None
     return index if overrides is None or index.spans_match(overrides) else None
 
 
@@ -363,16 +373,18 @@ def _prepare_files(root: Path, meta: dict, rows: list[dict], settings: IndexSett
     rebased = {g for g in meta["groups"]
                if any(meta.get("basis_fps", {}).get(b) != basis_fps[b] for b in bases_of(KIND_GROUPS[g]))}
     meta["basis_fps"] = {b: basis_fps[b] for g in meta["groups"] for b in sorted(bases_of(KIND_GROUPS[g]))}
-    reridged = {(WHITENED_GROUP, p) for p in other_ridge(meta.get("whitened", {}))}
-    for point in points:  # new points, points whose parameters changed, new groups and new factors start afresh
+    whitened = meta.get("whitened", {})
+    redone = {(WHITENED_GROUP, p) for p in other_ridge(whitened) | unreadable(root, whitened, n)}
+    # new points, points whose parameters changed, new groups, new factors and TRAK rows whitened
+    # with another ridge or damaged start afresh
+    for point in points:
         fresh = meta["point_fps"].get(point) != point_fps[point]
         for group in [g for g in meta["groups"] if point in wanted[g] and (fresh or (g, point) not in built
-                                                                             or g in rebased or (g, point) in reridged)]:
+                                                                             or g in rebased or (g, point) in redone)]:
             if group == WHITENED_GROUP:
                 meta.setdefault("whitened", {}).pop(point, None)
             for kind in KIND_GROUPS[group]:
-                (root / rows_file(point, kind, white=True)).unlink(missing_ok=True)
-                (root / rows_file(point, kind)).unlink(missing_ok=True)  # a new file: a reader's mapping keeps the old
+                _remove_rows(root, point, kind)  # a new file: a reader's mapping keeps the old
                 open_memmap(root / rows_file(point, kind), mode="w+", dtype=np.float32, shape=(n, d)).flush()
             meta["progress"][f"{group}:{point}"] = 0
             meta["base_overrides"][f"{group}:{point}"] = meta["overrides"]  # the spans its rows will hold
@@ -383,11 +395,16 @@ def _prepare_files(root: Path, meta: dict, rows: list[dict], settings: IndexSett
     return meta
 
 
+def _remove_rows(root: Path, point: str, kind: str) -> None:
+    """Remove a point's rows of a kind: as computed, whitened, and the whitened rows' scales."""
+    for name in (rows_file(point, kind), rows_file(point, kind, white=True), scales_file(point, kind)):
+        (root / name).unlink(missing_ok=True)
+
+
 def _drop(root: Path, meta: dict, group: str, point: str) -> None:
     """Remove a (group, point) pass's files and progress."""
     for kind in KIND_GROUPS[group]:
-        (root / rows_file(point, kind)).unlink(missing_ok=True)
-        (root / rows_file(point, kind, white=True)).unlink(missing_ok=True)
+        _remove_rows(root, point, kind)
     if group == WHITENED_GROUP:
         meta.get("whitened", {}).pop(point, None)
     if (path := _sum_path(root, group, point)) is not None:

@@ -68,9 +68,7 @@ class IndexedSide:
         for kind in dict.fromkeys(kind for kind, _ in requests.values()):
             keys = [key for key, (k, _) in requests.items() if k == kind]
             vecs = torch.cat([requests[key][1].float() for key in keys])  # every request of a kind: one pass
-            dots = torch.empty(vecs.shape[0], self.n, device=vecs.device)
-            for start, block in self.index.blocks(point, kind):
-                dots[:, start : start + block.shape[0]] = vecs @ block.to(vecs.device, non_blocking=True).T
+            dots = self.index.products(point, kind, vecs)
             if (patched := self.index.overlay(point, kind)) is not None:
                 dots[:, patched[0].to(vecs.device)] = vecs @ patched[1].to(vecs.device).T
             sizes = [requests[key][1].shape[0] for key in keys]

@@ -196,7 +196,8 @@ def test_every_method_equals_brute_force_on_the_imported_model(imported):
         assert rel < 1e-6, (arch, spec.name, rel)
         index = stored[spec.name].values[0].double()
         rel = float((index - got[spec.name].values[0].double()).norm() / index.norm())
-        assert rel < (1e-2 if spec.uses_spans else 1e-4), (arch, spec.name, rel)  # x - x_masked cancels in float32
+        # x - x_masked cancels in float32; TRAK's whitened rows are kept in float16 (core.index.half_rows)
+        assert rel < (1e-2 if spec.uses_spans else 5e-3 if spec.inverse == "trak" else 1e-4), (arch, spec.name, rel)
 
 
 def test_a_checkpoints_own_bottom_matters(imported):
