@@ -333,6 +333,7 @@ def _explain_parser(sub) -> None:
 def cmd_explain(args) -> int:
     from .ann import AnnSettings, list_recall
     from .backend import Backend
+    from .explain_output import json_view, print_table
     from .registry import METHODS
 
     methods = [METHODS.resolve(m).name for value in args.method for m in parse_list(value)]  # checked before loading
@@ -366,7 +367,7 @@ def cmd_explain(args) -> int:
             "predicted": profile["label"], "explained": explanations[0].label, "probability": max(profile["probs"]),
             "span_masks_nothing": profile["span_masks_nothing"]}
     if args.json:
-        print(json.dumps([{"test": view, **_json_view(backend, e, args.opponents)}
+        print(json.dumps([{"test": view, **json_view(backend, e, args.opponents)}
                           | recall.get(e.method, {}) for e in explanations],
                          indent=2, ensure_ascii=False))
         return 0
@@ -375,48 +376,11 @@ def cmd_explain(args) -> int:
     if view["span_masks_nothing"]:
         print("  warning: the test span masks no token (past the token limit?): span methods score 0 for it")
     for exp in explanations:
-        _print_table(backend, test, exp, args.opponents)
+        print_table(backend, test, exp, args.opponents)
         if exp.method in recall:
             print(f"  recall@{args.k} of the approximate lists against the exact ones: proponents "
                   f"{recall[exp.method]['recall']:.2f}, opponents {recall[exp.method]['recall_opponents']:.2f}")
     return 0
-
-
-def _json_view(backend, exp, opponents: bool) -> dict:
-    data = exp.to_dict()
-    data.pop("scores")
-    if not opponents:
-        data.pop("opponents")
-    by_id = backend.by_id
-    for key in ("top", "opponents"):
-        for hit in data.get(key, []):
-            r = by_id[hit["train_id"]]
-            hit.update(text=r.text, aspect=r.aspect, label=r.label, span=list(r.span_pair) if r.span else None,
-                       span_source=r.span_source)
-    return data
-
-
-def _print_table(backend, test, exp, opponents: bool) -> None:
-    span = test.text[test.span[0]:test.span[1]] if test.span else "-"
-    print(f"\n{exp.method}  test {test.id or '(new review)'}  aspect {test.aspect!r}  span {span!r}")
-    approx = dict(exp.approx)
-    ihvp = approx.get("ihvp")
-    if isinstance(ihvp, dict):
-        approx["ihvp"] = {k: v for k, v in ihvp.items() if k != "trace"}  # the trace: in --json
-    print(f"  {json.dumps(approx)}")
-    if isinstance(ihvp, dict) and ihvp.get("mode") == "lissa" and (ihvp.get("diverged") or not ihvp.get("converged")):
-        state = "diverged" if ihvp.get("diverged") else f"did not converge in {ihvp.get('steps')} steps (raise --lissa-depth)"
-        print(f"  warning: LiSSA {state}; these scores are not reliable")
-    by_id = backend.by_id
-    for title, hits in (("proponents", exp.top), ("opponents", exp.opponents if opponents else [])):
-        if not hits:
-            continue
-        print(f"  {title}:")
-        for hit in hits:
-            r = by_id[hit.train_id]
-            text = r.text if not r.span else f"{r.text[:r.span.start]}[{r.text[r.span.start:r.span.end]}]{r.text[r.span.end:]}"
-            first = f"{r.aspect!r}: " if r.aspect else ""  # a single text has no aspect
-            print(f"  {hit.rank:>3} {hit.score:>+11.4g}  {r.label:<8} {first}{text[:140]}")
 
 
 # ------------------------------------------------------------------------------ evaluate

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import torch
 
-from .ann import AnnSearch, AnnSettings, ann_record, build_ann, built_as, check_ann
+from .ann import (
+    AnnSearch,
+    AnnSettings,
+    ann_record,
+    build_ann,
+    built_as,
+    check_ann,
+    energy_warning,
+)
 from .artifacts import (
     bases_for,
     build_ekfac,
@@ -381,9 +389,11 @@ class Backend:
         hits = lambda found, sign: [Hit(r + 1, ids[int(p)], sign * float(v))  # noqa: E731
                                     for r, (p, v) in enumerate(zip(found[0][0], found[1][0]))]
         label = test_input.label or self.profile(test_input)["label"]
-        ranks = sorted({ann_record(index, *t)["rank"] for t in terms})
-        approx |= {"top_k": {"mode": "faiss candidates (projected rows, 8 bits), exact rescoring", "rank": ranks,
-                             "candidates": search.candidates}}
+        records = [ann_record(index, *t) for t in terms]
+        kept = min(r["energy_kept"] for r in records)
+        approx |= {"top_k": {"mode": "faiss candidates (projected rows, 8 bits), exact rescoring",
+                             "rank": sorted({r["rank"] for r in records}), "candidates": search.candidates,
+                             "energy_kept": kept} | ({"warning": w} if (w := energy_warning(kept)) else {})}
         return Explanation(spec.name, test_input.id, test_input.span, k, hits(top, 1.0), hits(low, -1.0), [],
                            approx, round(seconds, 4), label)
 

@@ -111,7 +111,7 @@ def whiten_index(root: Path, meta: dict, n_batches: int, progress: bool = True) 
             for kind in TRAK_KINDS:
                 white = np.load(root / rows_file(point, kind, white=True), mmap_mode="r")
                 if white.dtype != np.float16:  # a conversion interrupted after this kind keeps it
-                    _write_half(root, point, kind, white.shape, lambda block: block, white, progress)
+                    _write_half(root, point, kind, white, lambda block: block, progress)
             meta["whitened"][point]["storage"] = STORAGE
             write_json_atomic(root / "meta.json", meta)
             done.append(f"{point} (float32 rows converted to float16)")
@@ -126,7 +126,7 @@ def _whiten_point(root: Path, meta: dict, point: str, progress: bool) -> None:
     inverse = point_inverse(root, point)
     for kind in TRAK_KINDS:
         computed = np.load(root / rows_file(point, kind), mmap_mode="r")
-        _write_half(root, point, kind, computed.shape, lambda block: whiten_rows(inverse, block), computed, progress)
+        _write_half(root, point, kind, computed, lambda block: whiten_rows(inverse, block), progress)
     found = _load_overlay(root, WHITENED_GROUP, point)
     if found is not None:
         rows = {k: v.numpy() for k, v in found[1].items() if k in TRAK_KINDS}
@@ -136,10 +136,11 @@ def _whiten_point(root: Path, meta: dict, point: str, progress: bool) -> None:
     write_json_atomic(root / "meta.json", meta)
 
 
-def _write_half(root: Path, point: str, kind: str, shape: tuple[int, int], form: Callable[[np.ndarray], np.ndarray],
-                source: np.ndarray, progress: bool) -> None:
-    """Write ``form`` of the source rows, block by block, as a point's half whitened rows of a kind
-    and their scales: each file renamed into place once complete, the scales first."""
+def _write_half(root: Path, point: str, kind: str, source: np.ndarray, form: Callable[[np.ndarray], np.ndarray],
+                progress: bool) -> None:
+    """Write ``form`` of the source rows (n, d), block by block, as a point's half whitened rows of a
+    kind and their scales: each file renamed into place once complete, the scales first."""
+    shape = source.shape
     final, scales_path = root / rows_file(point, kind, white=True), root / scales_file(point, kind)
     tmp = final.with_name(final.name.removesuffix(".npy") + ".tmp.npy")
     out = open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -101,11 +102,25 @@ def test_ann_all_means_the_methods_the_workspace_can_run(sketched):
     assert available == [n for n in METHODS.names() if n not in ("TRAK", "TRAK++", "EKFAC", "EKFAC++")]
 
 
+def test_a_projection_that_keeps_little_of_the_rows_energy_is_flagged(capsys):
+    """Below a third of the rows' energy the explanation carries a warning, which explain prints."""
+    from core.ann import LOW_ENERGY, energy_warning
+    from core.explain_output import print_table
+    from core.explanations import Explanation
+
+    assert energy_warning(LOW_ENERGY) is None and energy_warning(0.9) is None
+    low = energy_warning(0.18)
+    assert "keeps 18% of these rows' energy" in low and "--check-recall" in low
+    exp = Explanation("TRAK", "t1", None, 10, [], [], [], {"top_k": {"energy_kept": 0.18, "warning": low}}, 0.1, "pos")
+    print_table(SimpleNamespace(by_id={}), SimpleNamespace(span=None, id="t1", aspect="food", text="x"), exp, False)
+    assert f"  warning: {low}" in capsys.readouterr().out
+
+
 def test_the_projection_rank_reaches_the_faiss_files_and_another_rank_rebuilds_them(sketched, tmp_path, capsys):
     """`index --ann M --ann-rank R` builds rank-R files (reported by explain), a second run with the
     same rank builds nothing, another rank rebuilds them; --ann-rank alone is refused; a file of
     an earlier FAISS layout is refused by explain with the command that rebuilds it."""
-    from core.ann import ann_record
+    from core.ann import ann_record, energy_warning
 
     root = Path(shutil.copytree(sketched, tmp_path / "ws"))
     terms = Backend(root, device="cpu").ann_terms(["TracIn"])
@@ -115,7 +130,10 @@ def test_the_projection_rank_reaches_the_faiss_files_and_another_rank_rebuilds_t
         assert ("full: up to date" in out) != built and all(ann_record(GradientIndex(root / "index"), *t)["rank"] == rank
                                                       for t in terms)
     code, got = explain(root, Backend(root, device="cpu").instances("test")[0].id, "TracIn", "--approximate")
-    assert code == 0 and got[0]["approx"]["top_k"]["rank"] == [8]
+    top_k = got[0]["approx"]["top_k"]
+    assert code == 0 and top_k["rank"] == [8]
+    kept = min(ann_record(GradientIndex(root / "index"), *t)["energy_kept"] for t in terms)  # the matrices' least
+    assert top_k["energy_kept"] == kept and top_k.get("warning") == energy_warning(kept)
     assert main(["index", "--workspace", str(root), "--device", "cpu", "--ann-rank", "8"]) == 2
     assert "--ann-rank goes with --ann" in capsys.readouterr().err
     record = root / "index" / f"ann.{terms[0][0]}.{terms[0][1]}.json"
