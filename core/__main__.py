@@ -314,7 +314,8 @@ def _explain_parser(sub) -> None:
                    help=f"repeatable, or comma-separated: {METHODS.help_text()}")
     p.add_argument("--label", default="predicted",
                    help="the label explained: predicted (default: what the model predicted), gold, or a label name")
-    p.add_argument("--k", type=POSITIVE, default=10, help="training instances listed per method (default 10)")
+    p.add_argument("--k", type=POSITIVE, default=10,
+                   help="training instances listed per method (default 10; past the training set, all, with a note)")
     p.add_argument("--opponents", action="store_true", help="also list the most negative scores")
     p.add_argument("--exact", action="store_true", help="exact gradients, no projection (slow; small workspaces)")
     p.add_argument("--approximate", action="store_true",
@@ -343,6 +344,9 @@ def cmd_explain(args) -> int:
         raise ValueError("give either --test-id ID or --test-text TEXT (with --aspect ASPECT for aspects)")
     settings = _scoring(args, args.exact)
     backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
+    if args.k > len(backend.train_ids):
+        print(f"note: --k {args.k} is past the workspace's {len(backend.train_ids)} training instances: all of them "
+              "are listed", file=sys.stderr)
     if args.test_text is not None:
         if not args.aspect and backend.input_format != "single":
             raise ValueError("--test-text needs --aspect" if backend.input_format == "aspect" else

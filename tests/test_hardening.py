@@ -548,6 +548,18 @@ def test_the_workspaces_page_shows_the_data_report(workspaces_app, tmp_path, tin
     assert len(report) == 1 and "train.xml [train]: 11186 instances from 4297 sentences" in report[0]
 
 
+def test_explain_says_when_k_is_past_the_training_set(tiny_workspace, tmp_path, capsys):
+    """--k larger than the training set lists every training instance, and says so."""
+    ws = copy_workspace(tiny_workspace, tmp_path / "ws")
+    rows = Workspace(ws).load_instances()
+    test_id, n = next(r["id"] for r in rows if r["split"] == "test"), sum(r["split"] == "train" for r in rows)
+    assert main(["explain", "--workspace", str(ws), "--test-id", test_id, "--method", "TracIn", "--device", "cpu",
+                 "--k", str(n + 50), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(json.loads(out)[0]["top"]) == n
+    assert f"note: --k {n + 50} is past the workspace's {n} training instances: all of them are listed" in err
+
+
 def test_a_deleted_parameter_point_is_an_error_naming_the_file(tiny_workspace, tmp_path, capsys):
     """Points come from the manifest: a missing variant file stops explain with the file and the
     command that rebuilds it (it never runs on fewer variants than the workspace was built with)."""
