@@ -344,9 +344,10 @@ def cmd_explain(args) -> int:
         raise ValueError("give either --test-id ID or --test-text TEXT (with --aspect ASPECT for aspects)")
     settings = _scoring(args, args.exact)
     backend = Backend(args.workspace, device=args.device, index_settings=_index_settings(args))
-    if args.k > len(backend.train_ids):
-        print(f"note: --k {args.k} is past the workspace's {len(backend.train_ids)} training instances: all of them "
-              "are listed", file=sys.stderr)
+    k = min(args.k, len(backend.train_ids))
+    if k < args.k:
+        print(f"note: --k {args.k} is past the workspace's {k} training instances: all of them are listed",
+              file=sys.stderr)
     if args.test_text is not None:
         if not args.aspect and backend.input_format != "single":
             raise ValueError("--test-text needs --aspect" if backend.input_format == "aspect" else
@@ -357,15 +358,15 @@ def cmd_explain(args) -> int:
     recall: dict[str, dict[str, float]] = {}
     if args.approximate:
         search = AnnSettings(candidates=args.candidates)
-        explanations = [backend.explain_approximate(test, m, k=args.k, settings=settings, search=search) for m in methods]
+        explanations = [backend.explain_approximate(test, m, k=k, settings=settings, search=search) for m in methods]
         if args.check_recall:
-            for approx, exact in zip(explanations, backend.explain_many(test, methods, k=args.k, settings=settings)):
+            for approx, exact in zip(explanations, backend.explain_many(test, methods, k=k, settings=settings)):
                 recall[approx.method] = {"recall": list_recall(approx.top, exact.top),
                                          "recall_opponents": list_recall(approx.opponents, exact.opponents)}
     elif args.check_recall:
         raise ValueError("--check-recall goes with --approximate")
     else:
-        explanations = backend.explain_many(test, methods, k=args.k, settings=settings)
+        explanations = backend.explain_many(test, methods, k=k, settings=settings)
     profile = backend.profile(test)
     view = {"id": test.id, "aspect": test.aspect, "text": test.text, "span": test.span, "gold": test.gold,
             "predicted": profile["label"], "explained": explanations[0].label, "probability": max(profile["probs"]),
@@ -382,7 +383,7 @@ def cmd_explain(args) -> int:
     for exp in explanations:
         print_table(backend, test, exp, args.opponents)
         if exp.method in recall:
-            print(f"  recall@{args.k} of the approximate lists against the exact ones: proponents "
+            print(f"  recall@{k} of the approximate lists against the exact ones: proponents "
                   f"{recall[exp.method]['recall']:.2f}, opponents {recall[exp.method]['recall_opponents']:.2f}")
     return 0
 

@@ -40,8 +40,8 @@ from .workspace import fingerprint, write_json_atomic
 SAMPLE_ROWS = 20_000  # rows the projection is fitted on
 ADD_ROWS = 65_536  # projected rows added to FAISS at a time
 LAYOUT = "projection-sq8"
-LOW_ENERGY = 1 / 3  # a projection keeping less of the rows' energy is flagged (energy_warning)
 """The layout this code builds and reads; a FAISS file of another layout is stale."""
+LOW_ENERGY = 1 / 3  # a projection keeping less of the rows' energy is flagged (energy_warning)
 
 
 @dataclass(frozen=True)

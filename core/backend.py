@@ -385,11 +385,11 @@ class Backend:
             top = found.top_k(vectors, weights, k)
             low = found.top_k(vectors, {t: -w for t, w in weights.items()}, k)
             seconds = time.perf_counter() - started
+            records = [ann_record(index, *t) for t in terms]  # those of the files searched
         ids = self.train_ids
         hits = lambda found, sign: [Hit(r + 1, ids[int(p)], sign * float(v))  # noqa: E731
                                     for r, (p, v) in enumerate(zip(found[0][0], found[1][0]))]
         label = test_input.label or self.profile(test_input)["label"]
-        records = [ann_record(index, *t) for t in terms]
         kept = min(r["energy_kept"] for r in records)
         approx |= {"top_k": {"mode": "faiss candidates (projected rows, 8 bits), exact rescoring",
                              "rank": sorted({r["rank"] for r in records}), "candidates": search.candidates,

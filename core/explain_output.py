@@ -1,5 +1,5 @@
 """What `python -m core explain` prints: a table per method, or a JSON view of each explanation.
-Training text is printed as plain text to a terminal, never rendered."""
+Review text is untrusted: it is printed as plain text, its unprintable characters escaped."""
 from __future__ import annotations
 
 import json
@@ -31,15 +31,17 @@ def print_table(backend: Backend, test: TestInput, exp: Explanation, opponents: 
     span = test.text[test.span[0]:test.span[1]] if test.span else "-"
     print(f"\n{exp.method}  test {test.id or '(new review)'}  aspect {test.aspect!r}  span {span!r}")
     approx = dict(exp.approx)
-    ihvp = approx.get("ihvp")
+    ihvp, top_k = approx.get("ihvp"), approx.get("top_k", {})
     if isinstance(ihvp, dict):
         approx["ihvp"] = {k: v for k, v in ihvp.items() if k != "trace"}  # the trace: in --json
+    if "warning" in top_k:
+        approx["top_k"] = {k: v for k, v in top_k.items() if k != "warning"}  # printed below as a warning
     print(f"  {json.dumps(approx)}")
     if isinstance(ihvp, dict) and ihvp.get("mode") == "lissa" and (ihvp.get("diverged") or not ihvp.get("converged")):
         state = "diverged" if ihvp.get("diverged") else f"did not converge in {ihvp.get('steps')} steps (raise --lissa-depth)"
         print(f"  warning: LiSSA {state}; these scores are not reliable")
-    if (low := approx.get("top_k", {}).get("warning")) is not None:
-        print(f"  warning: {low}")
+    if "warning" in top_k:
+        print(f"  warning: {top_k['warning']}")
     by_id = backend.by_id
     for title, hits in (("proponents", exp.top), ("opponents", exp.opponents if opponents else [])):
         if not hits:
@@ -49,4 +51,10 @@ def print_table(backend: Backend, test: TestInput, exp: Explanation, opponents: 
             r = by_id[hit.train_id]
             text = r.text if not r.span else f"{r.text[:r.span.start]}[{r.text[r.span.start:r.span.end]}]{r.text[r.span.end:]}"
             first = f"{r.aspect!r}: " if r.aspect else ""  # a single text has no aspect
-            print(f"  {hit.rank:>3} {hit.score:>+11.4g}  {r.label:<8} {first}{text[:140]}")
+            print(f"  {hit.rank:>3} {hit.score:>+11.4g}  {r.label:<8} {first}{printable(text[:140])}")
+
+
+def printable(text: str) -> str:
+    """Review text for a terminal: characters that are not printable (control characters, the
+    escape that starts a terminal sequence) are shown escaped, never sent as they are."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

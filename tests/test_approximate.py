@@ -106,17 +106,24 @@ def test_a_projection_that_keeps_little_of_the_rows_energy_is_flagged(capsys):
     """Below a third of the rows' energy the explanation carries a warning, which explain prints."""
     from core.ann import LOW_ENERGY, energy_warning
     from core.explain_output import print_table
-    from core.explanations import Explanation
+    from core.explanations import Explanation, Hit
 
     assert energy_warning(LOW_ENERGY) is None and energy_warning(0.9) is None
     low = energy_warning(0.18)
     assert "keeps 18% of these rows' energy" in low and "--check-recall" in low
-    exp = Explanation("TRAK", "t1", None, 10, [], [], [], {"top_k": {"energy_kept": 0.18, "warning": low}}, 0.1, "pos")
-    print_table(SimpleNamespace(by_id={}), SimpleNamespace(span=None, id="t1", aspect="food", text="x"), exp, False)
-    assert f"  warning: {low}" in capsys.readouterr().out
+    test = SimpleNamespace(span=None, id="t1", aspect="food", text="x")
+    backend = SimpleNamespace(by_id={"r1": SimpleNamespace(text="Good\x1b[2J food", span=None, aspect="food",
+                                                           label="positive")})
+    for top_k, warned in (({"energy_kept": 0.18, "warning": low}, True), ({"energy_kept": 0.9}, False)):
+        exp = Explanation("TRAK", "t1", None, 10, [Hit(1, "r1", 0.5)], [], [], {"top_k": top_k}, 0.1, "positive")
+        print_table(backend, test, exp, False)
+        out = capsys.readouterr().out
+        assert (f"  warning: {low}" in out) == warned and out.count("warning") == warned  # once, not in the JSON too
+        assert "\x1b" not in out and "Good\\x1b[2J food" in out  # the terminal escape shown, never sent
 
 
-def test_the_projection_rank_reaches_the_faiss_files_and_another_rank_rebuilds_them(sketched, tmp_path, capsys):
+def test_the_projection_rank_reaches_the_faiss_files_and_another_rank_rebuilds_them(sketched, tmp_path, capsys,
+                                                                                    monkeypatch):
     """`index --ann M --ann-rank R` builds rank-R files (reported by explain), a second run with the
     same rank builds nothing, another rank rebuilds them; --ann-rank alone is refused; a file of
     an earlier FAISS layout is refused by explain with the command that rebuilds it."""
@@ -134,6 +141,9 @@ def test_the_projection_rank_reaches_the_faiss_files_and_another_rank_rebuilds_t
     assert code == 0 and top_k["rank"] == [8]
     kept = min(ann_record(GradientIndex(root / "index"), *t)["energy_kept"] for t in terms)  # the matrices' least
     assert top_k["energy_kept"] == kept and top_k.get("warning") == energy_warning(kept)
+    monkeypatch.setattr("core.ann.LOW_ENERGY", 1.01)  # every projection flagged: the warning reaches explain
+    code, got = explain(root, Backend(root, device="cpu").instances("test")[0].id, "TracIn", "--approximate")
+    assert code == 0 and got[0]["approx"]["top_k"]["warning"] == energy_warning(kept)
     assert main(["index", "--workspace", str(root), "--device", "cpu", "--ann-rank", "8"]) == 2
     assert "--ann-rank goes with --ann" in capsys.readouterr().err
     record = root / "index" / f"ann.{terms[0][0]}.{terms[0][1]}.json"

@@ -556,8 +556,11 @@ def test_explain_says_when_k_is_past_the_training_set(tiny_workspace, tmp_path, 
     assert main(["explain", "--workspace", str(ws), "--test-id", test_id, "--method", "TracIn", "--device", "cpu",
                  "--k", str(n + 50), "--json"]) == 0
     out, err = capsys.readouterr()
-    assert len(json.loads(out)[0]["top"]) == n
+    assert len(json.loads(out)[0]["top"]) == json.loads(out)[0]["k"] == n
     assert f"note: --k {n + 50} is past the workspace's {n} training instances: all of them are listed" in err
+    assert main(["explain", "--workspace", str(ws), "--test-id", test_id, "--method", "TracIn", "--device", "cpu",
+                 "--k", str(n), "--json"]) == 0
+    assert "note:" not in capsys.readouterr().err  # the whole training set asked for: nothing to say
 
 
 def test_a_deleted_parameter_point_is_an_error_naming_the_file(tiny_workspace, tmp_path, capsys):
