@@ -184,6 +184,11 @@ class QueryTimeInverse:
         return None
 
 
+def over(engine: Engine, side) -> Engine:
+    """The engine's model, sketch and points over another training side."""
+    return Engine(engine.loaded, side, engine.projector, points=engine.points)
+
+
 def half_points(index: GradientIndex) -> list[str]:
     """TRAK's points whose whitened rows the index keeps in float16."""
     return [p for p in index.group_points.get("trak", [])
@@ -224,11 +229,10 @@ def query_latency(backend: Backend, tests, methods: list[str], wide: GradientInd
     trak = [m for m in methods if METHODS.resolve(m).inverse == "trak"]
     trak_points = backend.index.group_points.get("trak", [])
     if trak_points and all(backend.index.whitened(p) is not None for p in trak_points):
-        slow = Engine(engine.loaded, QueryTimeInverse(engine.side), engine.projector, points=engine.points)
+        slow = over(engine, QueryTimeInverse(engine.side))
         runs += [(m + QUERY_TIME, slow, METHODS.resolve(m)) for m in trak]
     if wide is not None:
-        runs += [(m + WIDE, Engine(engine.loaded, IndexedSide(wide), engine.projector, points=engine.points),
-                  METHODS.resolve(m)) for m in trak]
+        runs += [(m + WIDE, over(engine, IndexedSide(wide)), METHODS.resolve(m)) for m in trak]
     warm = {}
     for name, eng, spec in runs:  # inverses factorised or loaded, index matrices read
         started = time.perf_counter()
@@ -281,7 +285,7 @@ def batched_latency(backend: Backend, wide: GradientIndex, tests, repeats: int =
     widens the float16 rows: it should cost what the float32 rows cost)."""
     engine = backend.engine()
     engines = {"float16 rows": engine,
-               "float32 rows": Engine(engine.loaded, IndexedSide(wide), engine.projector, points=engine.points)}
+               "float32 rows": over(engine, IndexedSide(wide))}
     specs = [METHODS.resolve(m) for m in NEW if METHODS.resolve(m).inverse == "trak"]
     times: dict[str, list[float]] = {name: [] for name in engines}
     for e in engines.values():
@@ -303,7 +307,7 @@ def half_rows_agreement(backend: Backend, wide: GradientIndex, tests, top: int =
     from scipy.stats import spearmanr
 
     engine = backend.engine()
-    wide_engine = Engine(engine.loaded, IndexedSide(wide), engine.projector, points=engine.points)
+    wide_engine = over(engine, IndexedSide(wide))
     out: dict = {"tests": len(tests), "top": top}
     for name in [m for m in NEW if METHODS.resolve(m).inverse == "trak"]:
         spec, errors, rhos, kept = METHODS.resolve(name), [], [], []

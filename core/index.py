@@ -167,9 +167,10 @@ class GradientIndex:
         self._maps: dict[str, np.ndarray] = {}
         self._overlays = {(g, p): _load_overlay(root, g, p) for g in self.groups for p in self.group_points[g]}
         self._scales: dict[tuple[str, str], torch.Tensor] = {}  # half rows' scales, read with their mapping
+        # every file mapped now, half rows' scales read now: a rebuild replaces files, never these mappings
         for p, k in [(p, k) for g in self.groups for p in self.group_points[g] for k in KIND_GROUPS[g]]:
-            if self._map(self.file_of(p, k)).dtype == np.float16:  # every file mapped now: a rebuild replaces
-                self._scales[p, k] = self._row_scales(p, k)       # files, never these mappings
+            if self._map(self.file_of(p, k)).dtype == np.float16:
+                self._scales[p, k] = torch.from_numpy(load_scales(root, p, k, len(self.ids)))
 
     def keeps_whitened(self, point: str, kind: str) -> bool:
         """Whether the index keeps a point's rows of a kind whitened."""
@@ -199,18 +200,6 @@ class GradientIndex:
             raise IndexUnavailable(f"the index holds no {kind!r} rows{f' at {point}' if point else ''} (it has "
                                    f"{', '.join(self.kinds)}); add them with "
                                    f"`python -m core index --workspace {self.root.parent} --with {group_of(kind)}`")
-
-    def _row_scales(self, point: str, kind: str) -> torch.Tensor:
-        """The float32 scale of each of a point's half rows of a kind (:func:`half_rows`)."""
-        path = self.root / scales_file(point, kind)
-        try:
-            scales = np.load(path)
-        except (OSError, ValueError, EOFError) as err:
-            raise ValueError(f"{path}: unreadable ({err}); rebuild the index with `python -m core index`") from None
-        if scales.shape != (len(self.ids),):
-            raise ValueError(f"{path}: {scales.shape} scales for {len(self.ids)} rows; rebuild the index with "
-                             "`python -m core index`")
-        return torch.from_numpy(scales.astype(np.float32))
 
     def _stored(self, point: str, kind: str, rows: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """A point's rows of a kind as the file stores them (float32, or half rows over their
@@ -369,6 +358,19 @@ def rows_file(point: str, kind: str, white: bool = False) -> str:
 def scales_file(point: str, kind: str) -> str:
     """The file name of the scales of a point's half rows of a kind (:func:`half_rows`)."""
     return f"{point}.{kind}.white.scales.npy"
+
+
+def load_scales(root: Path, point: str, kind: str, n: int) -> np.ndarray:
+    """The float32 scales of a point's ``n`` half rows of a kind (:func:`half_rows`); ValueError,
+    with the command that rebuilds them, when the file is missing, unreadable or of another size."""
+    path = root / scales_file(point, kind)
+    try:
+        scales = np.load(path)
+    except (OSError, ValueError, EOFError) as err:
+        raise ValueError(f"{path}: unreadable ({err}); rebuild the index with `python -m core index`") from None
+    if scales.shape != (n,):
+        raise ValueError(f"{path}: {scales.shape} scales for {n} rows; rebuild the index with `python -m core index`")
+    return scales.astype(np.float32)
 
 
 def half_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

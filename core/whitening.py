@@ -38,6 +38,7 @@ from .index import (
     _overlay_path,
     _save_overlay,
     half_rows,
+    load_scales,
     rows_file,
     scales_file,
     white_key,
@@ -70,11 +71,11 @@ def unreadable(root: Path, whitened: Mapping[str, dict], n: int) -> set[str]:
         for kind in TRAK_KINDS:
             try:
                 rows = np.load(root / rows_file(point, kind, white=True), mmap_mode="r")
-                scales = np.load(root / scales_file(point, kind), mmap_mode="r")
+                load_scales(root, point, kind, n)
             except (OSError, ValueError, EOFError):
                 broken.add(point)
                 continue
-            if rows.dtype != np.float16 or rows.shape[0] != n or scales.shape != (n,):
+            if rows.dtype != np.float16 or rows.shape[0] != n:
                 broken.add(point)
     return broken
 
@@ -102,12 +103,12 @@ def whiten_index(root: Path, meta: dict, n_batches: int, progress: bool = True) 
     (named so)."""
     if WHITENED_GROUP not in meta.get("groups", []):
         return []
-    done = []
+    done, wide = [], wide_storage(meta.get("whitened", {}))
     for point in meta["group_points"][WHITENED_GROUP]:
         if point not in meta.get("whitened", {}) and meta["progress"].get(f"{WHITENED_GROUP}:{point}", 0) >= n_batches:
             _whiten_point(root, meta, point, progress)
             done.append(point)
-        elif point in wide_storage(meta.get("whitened", {})):
+        elif point in wide:
             for kind in TRAK_KINDS:
                 white = np.load(root / rows_file(point, kind, white=True), mmap_mode="r")
                 if white.dtype != np.float16:  # a conversion interrupted after this kind keeps it
